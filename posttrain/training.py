@@ -1,0 +1,167 @@
+"""What the training stages (rm, sft, dpo) share: settings, trainer arguments, checkpoints.
+
+A checkpoint counts as complete only once its `COMPLETE` marker exists: the marker is
+written after the trainer has saved everything (model, optimizer, scheduler, RNG, state,
+tokenizer), so a run killed while saving never resumes from a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from posttrain.files import atomic_write_text
+from posttrain.schema import StrictModel
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+class LoraSettings(StrictModel):
+    """LoRA (peft). Off by default: full fine-tuning."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights; they are merged before the stage records its output."""
+    r: int = Field(16, gt=0)
+    """Adapter rank."""
+    alpha: int = Field(32, gt=0)
+    """LoRA alpha (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or 'all-linear'."""
+
+
+class Variant(StrictModel):
+    """One run of a stage. Several variants are averaged into the stage's output (model soup)."""
+
+    name: str | None = None
+    """Folder name of the variant (default: v0, v1, ...)."""
+    seed: int | None = None
+    """Seed for this variant (default: the recipe seed + the variant's index)."""
+    learning_rate: float | None = Field(None, gt=0)
+    """Learning rate for this variant (default: the stage's)."""
+    epochs: float | None = Field(None, gt=0)
+    """Epochs for this variant (default: the stage's)."""
+    data_fraction: float | None = Field(None, gt=0, le=1)
+    """Train on this share of the stage's data, drawn with the variant's seed (a data version)."""
+
+
+class TrainingSettings(StrictModel):
+    """Hyperparameters shared by the training stages."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    """Peak learning rate (the paper: 1e-5 for SFT and DPO on 405B; small models need more)."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the stage's data."""
+    batch_size: int = Field(8, gt=0)
+    """Per-device batch size."""
+    grad_accum: int = Field(1, gt=0)
+    """Gradient accumulation steps."""
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Share of steps spent warming the learning rate up."""
+    lr_scheduler: str = "linear"
+    """transformers scheduler name (linear, cosine, constant, ...)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    max_length: int = Field(2048, gt=0)
+    """Longest tokenized example (prompt + response); longer ones are truncated or reported."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory (worth it on big models, noise on tiny ones)."""
+    save_steps: int = Field(200, gt=0)
+    """Save a resumable checkpoint every this many optimizer steps."""
+    logging_steps: int = Field(10, gt=0)
+    """Log metrics every this many steps."""
+    lora: LoraSettings = LoraSettings()
+    """LoRA settings."""
+    variants: list[Variant] = Field(default_factory=lambda: [Variant()])
+    """Runs of this stage; with more than one, their weights are averaged into the output."""
+
+
+def variant_name(variant: Variant, index: int) -> str:
+    return variant.name or f"v{index}"
+
+
+def trainer_common_args(settings: TrainingSettings, variant: Variant, *, output_dir: str | os.PathLike,
+                        seed: int, report_to: list[str] | str = "none") -> dict:
+    """Keyword arguments every TRL config (RewardConfig, SFTConfig, DPOConfig) takes."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=variant.learning_rate or settings.learning_rate,
+        num_train_epochs=variant.epochs or settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        warmup_ratio=settings.warmup_ratio,
+        lr_scheduler_type=settings.lr_scheduler,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not on_gpu,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_steps=settings.logging_steps,
+        report_to=report_to,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not os.environ.get("POSTTRAIN_PROGRESS", "1") == "1",
+    )
+
+
+def complete_marker_callback():
+    """A TrainerCallback that marks each checkpoint complete once the trainer has saved it."""
+    from transformers import TrainerCallback
+
+    class _MarkComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    atomic_write_text(ckpt / COMPLETE_MARKER, f"{state.global_step}\n")
+            return control
+
+    return _MarkComplete()
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder under `output_dir` that carries the COMPLETE marker."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    found = []
+    for p in output_dir.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / COMPLETE_MARKER).exists():
+            found.append((int(m.group(1)), p))
+    return str(max(found)[1]) if found else None
+
+
+def peft_config(lora: LoraSettings, task_type: str = "CAUSAL_LM"):
+    """A peft LoraConfig from recipe settings, or None when LoRA is off."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type=task_type)
+
+
+def merge_if_peft(model):
+    """Merge LoRA adapters into the base weights so later stages get a plain checkpoint."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency, but a merged model needs no peft
+        return model
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model

@@ -1,0 +1,1 @@
+"""The embedded world: a tiny base model, a verifiable synthetic task, simulated annotators."""

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny in-process models, no network, few threads."""
+
+from __future__ import annotations
+
+import os
+
+# No model hub, ever: a hub lookup would hang for about a minute before failing.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("POSTTRAIN_PROGRESS", "0")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    os.environ.setdefault("HF_HOME", str(root / "hf"))
+    os.environ.setdefault("POSTTRAIN_CACHE", str(root / "posttrain"))
+    import torch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from posttrain.world.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved random tiny Llama (safetensors + tokenizer). Treat as read-only."""
+    from posttrain.modeling import save_checkpoint
+    from posttrain.world.tiny import make_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    save_checkpoint(make_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer, out)
+    return out
