@@ -1,0 +1,149 @@
+"""`posttrain` command line: a thin layer over the Python API (posttrain.api)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+posttrain runs the Llama 3 post-training loop. One round is five stages:
+  rm       train a reward model on preference rankings (edited > chosen > rejected)
+  sample   rejection sampling: K responses per prompt, scored by the reward, top-1 kept
+  sft      fine-tune on the top-1 samples (prompt tokens masked)
+  dpo      DPO with formatting tokens masked, plus an NLL term on chosen
+  average  average the weights of the stage's variants (model soup)
+
+Start with `posttrain demo` (six rounds on a tiny embedded model, no download), then
+`posttrain validate RECIPE` and `posttrain run-round 1 --recipe RECIPE --run-dir DIR`.
+"""
+
+
+def _add_common_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="recipe YAML path, or the name of a shipped recipe (e.g. general)")
+    p.add_argument("--run-dir", required=True, type=Path, help="run folder (created if missing)")
+    p.add_argument("--force", action="store_true",
+                   help="rerun stages whose inputs changed since they finished (default: refuse)")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after each round")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="six rounds on the embedded world, then the report (no download)",
+                       description="Build the embedded world (tiny model, synthetic task, simulated annotators) "
+                                   "and run the loop on it, then write the report.")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
+    p.add_argument("--rounds", default=None, help="rounds to run (default: the recipe's, six)")
+    p.add_argument("--recipe", default="demo", help="recipe (default: the shipped demo recipe)")
+
+    p = sub.add_parser("run-round", help="run one round's five stages (skipping finished ones)",
+                       description="Run round N: rm, sample, sft, dpo, average, then evaluation. Finished stages "
+                                   "are skipped; an interrupted stage resumes; changed inputs are refused.")
+    p.add_argument("round", type=int, help="round number (1-based)")
+    _add_common_run_args(p)
+
+    p = sub.add_parser("run", help="run several rounds, e.g. --rounds 1-6")
+    p.add_argument("--rounds", default=None, help="rounds, e.g. 1-6 or 3 (default: 1 to the recipe's rounds)")
+    _add_common_run_args(p)
+
+    p = sub.add_parser("validate", help="check a recipe and print it resolved for a round",
+                       description="Validate a recipe before any model loads; print the recipe a round runs with.")
+    p.add_argument("recipe", help="recipe YAML path or shipped recipe name")
+    p.add_argument("--round", type=int, default=1, help="round to resolve overrides for (default: 1)")
+
+    p = sub.add_parser("validate-data", help="check a data file; report every problem with file, row and field")
+    p.add_argument("file", type=Path)
+    p.add_argument("--kind", required=True, choices=["preference", "sft", "prompts"])
+    p.add_argument("--tokenizer", default=None, help="model or tokenizer folder, to check prompt lengths")
+    p.add_argument("--max-prompt-tokens", type=int, default=None)
+
+    p = sub.add_parser("status", help="rounds x stages: state, key metrics, time")
+    p.add_argument("run_dir", type=Path)
+
+    p = sub.add_parser("eval", help="evaluate a round's final model (also runs after every round)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--force", action="store_true", help="evaluate again even if a record exists")
+
+    p = sub.add_parser("report", help="write RUN_DIR/report/report.md and plots")
+    p.add_argument("run_dir", type=Path)
+
+    p = sub.add_parser("average", help="average the weights of checkpoints (model soup)",
+                       description="Average checkpoints of one architecture, streaming one tensor at a time.")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("inputs", type=Path, nargs="+", help="checkpoint folders (safetensors; LoRA folders are merged first)")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per input (normalised)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from posttrain import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 0
+    from posttrain import api
+
+    try:
+        return _dispatch(args, api)
+    except api.USER_ERRORS as err:
+        print(f"posttrain {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args, api) -> int:
+    cmd = args.command
+    if cmd == "demo":
+        return api.demo(run_dir=args.run_dir, rounds=args.rounds, recipe=args.recipe)
+    if cmd == "run-round":
+        api.run_round(args.round, args.recipe, args.run_dir, force=args.force,
+                      evaluate=False if args.no_eval else None)
+        print(api.status_table(args.run_dir))
+        return 0
+    if cmd == "run":
+        api.run(args.recipe, args.run_dir, rounds=args.rounds, force=args.force,
+                evaluate=False if args.no_eval else None)
+        print(api.status_table(args.run_dir))
+        return 0
+    if cmd == "validate":
+        print(api.validate(args.recipe, round=args.round), end="")
+        return 0
+    if cmd == "validate-data":
+        ok, text = api.validate_data(args.file, args.kind, tokenizer=args.tokenizer,
+                                     max_prompt_tokens=args.max_prompt_tokens)
+        print(text)
+        return 0 if ok else 1
+    if cmd == "status":
+        print(api.status_table(args.run_dir))
+        return 0
+    if cmd == "eval":
+        record = api.evaluate(args.run_dir, args.round, force=args.force)
+        print(api.format_metrics(record["metrics"]))
+        return 0
+    if cmd == "report":
+        path = api.report(args.run_dir)
+        print(f"report written to {path}")
+        return 0
+    if cmd == "average":
+        out = api.average(args.out, args.inputs, weights=args.weights)
+        print(f"averaged {len(args.inputs)} checkpoints into {out}")
+        return 0
+    raise AssertionError(cmd)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""The recipe: one YAML file that says everything about a run, validated before any model loads.
+
+A recipe has a base part and per-round `overrides`; `load_recipe(path).for_round(n)` gives
+the recipe that round n runs with. Unknown keys are errors, and every error names the key
+path and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from posttrain.schema import StrictModel
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the key path."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class Models(StrictModel):
+    """Where the models come from."""
+
+    base: str
+    """The pre-trained checkpoint: the reward model and (by default) every round's SFT start
+    from it. A local folder, `world:base_model` for the embedded world, or a hub id."""
+    initial_policy: str | None = None
+    """The model round 1 samples from (default: `base`)."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with a checkpoint to run. Off: only transformers' own code runs."""
+
+
+class PreferenceBatch(StrictModel):
+    """One batch of human (or simulated) preference annotations."""
+
+    path: str
+    """File (JSONL, Parquet) or `datasets` folder in TRL's preference format."""
+    round: int = Field(ge=1)
+    """The round in which this batch becomes available (the paper annotates each round's models)."""
+
+
+class PromptSet(StrictModel):
+    """Prompts for rejection sampling or evaluation."""
+
+    path: str
+    """File or folder of prompt rows (`prompt` as text or messages; optional `id`, `capability`, `system`)."""
+    capability: str | None = None
+    """Capability of every prompt in the set (overrides the rows' own `capability`)."""
+
+
+class DataSources(StrictModel):
+    """The data each stage reads."""
+
+    preference_batches: list[PreferenceBatch] = Field(default_factory=list)
+    """Preference batches by round. `rm` trains on every batch up to the round (cumulative),
+    `dpo` on the latest round's batch by default."""
+    heldout_preferences: list[str] = Field(default_factory=list)
+    """Preference files never trained on: the reward model's held-out accuracy."""
+    sft: list[str] = Field(default_factory=list)
+    """Human or synthetic SFT data (messages or prompt/completion rows) used every round."""
+    prompts: list[PromptSet] = Field(default_factory=list)
+    """Prompts for rejection sampling."""
+    eval_prompts: list[PromptSet] = Field(default_factory=list)
+    """Held-out prompts for evaluation after each round."""
+
+
+class ChatSettings(StrictModel):
+    """Chat format."""
+
+    formatting_tokens: list[str] | None = None
+    """Token strings masked out of the DPO log-probabilities (default: derived from the
+    tokenizer and its chat template: header tokens, role names, termination tokens, BOS)."""
+
+
+class RewardSpec(StrictModel):
+    """A reward named by import path; never a file to execute."""
+
+    target: str
+    """`package.module:ClassName`; the class follows posttrain.reward.Reward."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the class."""
+
+    @field_validator("target")
+    @classmethod
+    def _import_path(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
+            raise ValueError(f"expected 'package.module:Name', got {v!r}")
+        return v
+
+
+class Capability(StrictModel):
+    """Settings of one capability (prompts tagged with its name)."""
+
+    system_prompt: str | None = None
+    """System prompt added to this capability's prompts during sampling (the paper steers
+    tone, format and verbosity this way in later rounds)."""
+    k: int | None = Field(None, ge=1)
+    """Samples per prompt (default: sample.k)."""
+    temperature: float | None = Field(None, ge=0)
+    """Sampling temperature (default: sample.temperature)."""
+    top_p: float | None = Field(None, gt=0, le=1)
+    """Nucleus sampling (default: sample.top_p)."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Longest response (default: sample.max_new_tokens)."""
+    sample: bool = True
+    """Run rejection sampling for this capability (the paper saw no gain for tool use)."""
+
+
+class RunSettings(StrictModel):
+    """How the run executes."""
+
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu` or `cuda`."""
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    """Where training metrics also go (besides the run folder's records and log)."""
+    launcher: list[str] | None = None
+    """Command prefix that starts training stages, e.g. `[accelerate, launch, --config_file,
+    fsdp.yaml]`; default: the current Python."""
+
+
+class EvalSettings(StrictModel):
+    """Evaluation after each round (held-out prompts)."""
+
+    enabled: bool = True
+    """Evaluate the round's final model after the round."""
+    samples_per_prompt: int = Field(1, ge=1)
+    """Responses per held-out prompt."""
+    temperature: float = Field(0.0, ge=0)
+    """0 is greedy decoding."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Longest response."""
+    max_prompts: int | None = Field(None, ge=1)
+    """Evaluate on at most this many held-out prompts (the first ones)."""
+    checker: RewardSpec | None = None
+    """A programmatic checker giving the task score (e.g. unit tests, answer match)."""
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """Generation backend."""
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def _stage_configs():
+    # Imported here so each stage owns its config (next to its trainer, as TRL does).
+    from posttrain.average import AverageConfig
+    from posttrain.dpo import DPOStageConfig
+    from posttrain.rm import RMConfig
+    from posttrain.sample import SampleConfig
+    from posttrain.sft import SFTStageConfig
+
+    return RMConfig, SampleConfig, SFTStageConfig, DPOStageConfig, AverageConfig
+
+
+RMConfig, SampleConfig, SFTStageConfig, DPOStageConfig, AverageConfig = _stage_configs()
+
+
+class Recipe(StrictModel):
+    """A posttrain recipe. Top-level keys are the sections below."""
+
+    name: str
+    """Short name of the recipe."""
+    description: str = ""
+    """What the recipe is for."""
+    rounds: int = Field(6, ge=1)
+    """Rounds `posttrain run` runs by default (the paper: six)."""
+    seed: int = 0
+    """Seed of everything (variants add their index)."""
+    models: Models
+    """Model paths."""
+    data: DataSources = DataSources()
+    """Data sources."""
+    chat: ChatSettings = ChatSettings()
+    """Chat format."""
+    reward: Literal["rm"] | RewardSpec = "rm"
+    """Reward for rejection sampling and evaluation: `rm` (the round's trained reward model)
+    or an import path, e.g. a checker combined with the RM."""
+    capabilities: dict[str, Capability] = Field(default_factory=dict)
+    """Per-capability sampling settings, keyed by the prompts' `capability` tag."""
+    run: RunSettings = RunSettings()
+    """Execution settings."""
+    rm: RMConfig = RMConfig()
+    """Stage 1: reward model."""
+    sample: SampleConfig = SampleConfig()
+    """Stage 2: rejection sampling."""
+    sft: SFTStageConfig = SFTStageConfig()
+    """Stage 3: supervised fine-tuning."""
+    dpo: DPOStageConfig = DPOStageConfig()
+    """Stage 4: direct preference optimisation."""
+    average: AverageConfig = AverageConfig()
+    """Stage 5: averaging the DPO variants into the round's model."""
+    eval: EvalSettings = EvalSettings()
+    """Evaluation after each round."""
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-round changes: keys are a round (`"3"`), a range (`"2-4"`) or an open range
+    (`"4-"`); values are recipe sections, merged over the base for those rounds."""
+
+    @field_validator("overrides")
+    @classmethod
+    def _round_keys(cls, v: dict[str, dict]) -> dict[str, dict]:
+        for key, value in v.items():
+            if _round_range(key) is None:
+                raise ValueError(f"key {key!r}: expected a round like '3', '2-4' or '4-'")
+            if "overrides" in value:
+                raise ValueError(f"key {key!r}: overrides cannot nest")
+        return v
+
+    @model_validator(mode="after")
+    def _batches_per_round(self) -> "Recipe":
+        for cap in (p.capability for p in self.data.prompts if p.capability):
+            if self.capabilities and cap not in self.capabilities:
+                raise ValueError(
+                    f"data.prompts names capability {cap!r}, which is not in capabilities "
+                    f"({', '.join(sorted(self.capabilities))})"
+                )
+        return self
+
+
+def _round_range(key: str) -> tuple[int, int | None] | None:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:(-)\s*(\d+)?)?\s*", str(key))
+    if not m:
+        return None
+    lo = int(m.group(1))
+    if m.group(2) is None:
+        return lo, lo
+    return lo, int(m.group(3)) if m.group(3) else None
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
+    lines = [f"{source}: invalid recipe"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after[_round_keys(), dict[str,dict[str,any]]]",))
+        path = ".".join(x for x in (prefix, loc) if x)
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key (not part of the recipe schema)"
+        elif kind == "missing":
+            msg = "required key is missing"
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = f"{e['msg']}{shown}"
+        lines.append(f"  {path or '<top>'}: {msg}")
+    return "\n".join(lines)
+
+
+class LoadedRecipe:
+    """A validated recipe file: the raw mapping, its folder, and per-round resolution."""
+
+    def __init__(self, raw: dict, path: Path):
+        self.raw = raw
+        self.path = path
+        self.base = self._validate(raw, prefix="")
+        # Validate every override against the schema now, not when its round comes.
+        for key in self.base.overrides:
+            lo, hi = _round_range(key)
+            self.for_round(lo)
+            if hi is not None:
+                self.for_round(hi)
+
+    def _validate(self, raw: dict, prefix: str) -> Recipe:
+        try:
+            return Recipe.model_validate(raw)
+        except ValidationError as err:
+            raise RecipeError(_format_validation_error(err, str(self.path), prefix)) from None
+
+    def for_round(self, n: int) -> Recipe:
+        """The recipe round `n` runs with: the base with every override that covers `n`."""
+        if n < 1:
+            raise RecipeError(f"{self.path}: rounds start at 1, got {n}")
+        merged = {k: v for k, v in self.raw.items() if k != "overrides"}
+        applied = []
+        for key, over in sorted(self.base.overrides.items(), key=lambda kv: _round_range(kv[0])):
+            lo, hi = _round_range(key)
+            if lo <= n and (hi is None or n <= hi):
+                merged = _deep_merge(merged, over)
+                applied.append(key)
+        try:
+            recipe = Recipe.model_validate(merged)
+        except ValidationError as err:
+            which = ", ".join(f"overrides.{k}" for k in applied) or "the base recipe"
+            raise RecipeError(_format_validation_error(err, f"{self.path} (round {n}, with {which})")) from None
+        return recipe
+
+    def resolve_path(self, value: str) -> str:
+        """A data or model path from the recipe: `world:` names, absolute paths, paths
+        relative to the recipe's folder, or (models only) a hub id passed through."""
+        if value.startswith("world:"):
+            from posttrain.world.build import resolve_world_path
+
+            return str(resolve_world_path(value))
+        p = Path(os.path.expanduser(value))
+        if p.is_absolute():
+            return str(p)
+        beside = (self.path.parent / p).resolve()
+        if beside.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+            return str(beside)
+        return value  # a hub id such as meta-llama/Llama-3.1-8B
+
+
+def find_recipe(name_or_path: str | os.PathLike) -> Path:
+    """A recipe file by path, or by name among the recipes shipped with posttrain."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p.resolve()
+    name = p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml"
+    candidates = [Path(__file__).resolve().parent.parent / "recipes" / name]
+    try:
+        candidates.append(Path(str(resources.files("posttrain.recipes").joinpath(name))))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    for c in candidates:
+        if c.exists():
+            return c
+    raise RecipeError(f"no recipe file {str(name_or_path)!r}, and no shipped recipe named {p.stem!r} "
+                      f"(shipped: {', '.join(shipped_recipes())})")
+
+
+def shipped_recipes() -> list[str]:
+    folder = Path(__file__).resolve().parent.parent / "recipes"
+    if not folder.is_dir():
+        try:
+            folder = Path(str(resources.files("posttrain.recipes")))
+        except ModuleNotFoundError:
+            return []
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | os.PathLike) -> LoadedRecipe:
+    path = find_recipe(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    return LoadedRecipe(raw, path)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    data = recipe.model_dump(mode="json", exclude={"overrides"})
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,151 @@
+"""The run folder and its stage records.
+
+`RUN_DIR/round_NN/<stage>/record.json` is written last and atomically, so its presence means
+the stage finished. It holds the hash of every input; the orchestrator compares them to
+decide: record present and inputs unchanged -> skip; record absent -> run (continuing from
+complete work in the stage folder); record present but inputs changed -> refuse unless
+forced.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from posttrain.files import atomic_write_json, hash_json, hash_path, read_json
+
+RECORD = "record.json"
+STEPS = ("rm", "sample", "sft", "dpo", "average", "eval")
+
+
+class InputsChanged(RuntimeError):
+    """A finished stage's inputs differ from its record; rerunning would overwrite its outputs."""
+
+
+def round_dir(run_dir: str | Path, n: int) -> Path:
+    return Path(run_dir) / f"round_{n:02d}"
+
+
+def stage_dir(run_dir: str | Path, n: int, stage: str) -> Path:
+    return round_dir(run_dir, n) / stage
+
+
+def read_record(run_dir: str | Path, n: int, stage: str) -> dict | None:
+    path = stage_dir(run_dir, n, stage) / RECORD
+    return read_json(path) if path.exists() else None
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("posttrain", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "vllm"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+class InputHasher:
+    """Hashes a stage's inputs. Outputs of earlier stages are not re-read: their hash comes
+    from the record that produced them."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.known: dict[str, str] = {}
+
+    def learn(self, record: dict) -> None:
+        for name, out in record.get("outputs", {}).items():
+            for rel, digest in zip(_as_list(out["path"]), _as_list(out["sha256"])):
+                self.known[str((self.run_dir / rel).resolve())] = digest
+
+    def hash_paths(self, value: Any) -> Any:
+        """Replace every path in `value` (a path, or lists/dicts of them) by its content hash."""
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)):
+            return [self.hash_paths(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.hash_paths(v) for k, v in value.items()}
+        p = Path(value)
+        if p.exists():
+            key = str(p.resolve())
+            if key not in self.known:
+                self.known[key] = hash_path(p)
+            return {"path": str(value), "sha256": self.known[key]}
+        if not p.is_absolute() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(value)):
+            return {"hub_id": str(value)}  # the name is all that can be pinned without a download
+        raise FileNotFoundError(f"input {value} does not exist")
+
+
+def _as_list(x):
+    return x if isinstance(x, list) else [x]
+
+
+@dataclass
+class Plan:
+    action: str  # "skip" | "run"
+    record: dict | None
+    input_hash: str
+    inputs: dict
+
+
+def plan_stage(run_dir: str | Path, n: int, stage: str, hashed_inputs: dict, *, force: bool = False) -> Plan:
+    """Decide what to do with a stage, given its hashed inputs (see the module docstring)."""
+    digest = hash_json(hashed_inputs)
+    record = read_record(run_dir, n, stage)
+    if record is None:
+        return Plan("run", None, digest, hashed_inputs)
+    if record.get("input_hash") == digest:
+        return Plan("skip", record, digest, hashed_inputs)
+    if force:
+        return Plan("run", record, digest, hashed_inputs)
+    changed = sorted(
+        k for k in set(hashed_inputs) | set(record.get("inputs", {}))
+        if hashed_inputs.get(k) != record.get("inputs", {}).get(k)
+    )
+    raise InputsChanged(
+        f"round {n} stage {stage!r} already finished with other inputs (changed: {', '.join(changed)}). "
+        f"Rerunning it would replace its outputs and invalidate later stages. "
+        f"Use --force to rerun it, or a new run folder."
+    )
+
+
+def write_record(run_dir: str | Path, n: int, stage: str, *, plan: Plan, outputs: dict[str, Any],
+                 metrics: dict, started: float) -> dict:
+    """Hash the outputs and write the record last, atomically."""
+    run_dir = Path(run_dir)
+    hashed_outputs = {}
+    for name, rel in outputs.items():
+        rels = _as_list(rel)
+        digests = [hash_path(run_dir / r) for r in rels]
+        hashed_outputs[name] = {"path": rel, "sha256": digests if isinstance(rel, list) else digests[0]}
+    record = {
+        "stage": stage,
+        "round": n,
+        "input_hash": plan.input_hash,
+        "inputs": plan.inputs,
+        "outputs": hashed_outputs,
+        "metrics": metrics,
+        "versions": versions(),
+        "timing": {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 2)},
+        "command": " ".join(sys.argv),
+    }
+    atomic_write_json(stage_dir(run_dir, n, stage) / RECORD, record)
+    return record
+
+
+def output_path(run_dir: str | Path, record: dict, name: str) -> Path | list[Path]:
+    """An output of a finished stage, as an absolute path (a list for list outputs)."""
+    out = record["outputs"].get(name)
+    if out is None:
+        raise KeyError(f"round {record['round']} stage {record['stage']!r} recorded no output {name!r}")
+    rel = out["path"]
+    if isinstance(rel, list):
+        return [Path(run_dir) / r for r in rel]
+    return Path(run_dir) / rel

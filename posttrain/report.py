@@ -1,0 +1,146 @@
+"""`posttrain report RUN_DIR`: a Markdown report and PNG plots from the run's records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.files import atomic_write_text, iter_jsonl
+from posttrain.records import output_path, read_record
+from posttrain.rounds.orchestrator import list_rounds
+
+EVAL_METRICS = [
+    ("task_score", "task score (checker)"),
+    ("mean_reward", "mean reward"),
+    ("win_rate_vs_previous", "win rate vs previous round"),
+    ("win_rate_vs_initial", "win rate vs initial policy"),
+    ("eot_rate", "ends with end-of-turn"),
+    ("mean_length", "mean length (tokens)"),
+    ("rm_heldout_accuracy", "RM held-out accuracy"),
+]
+
+
+def collect(run_dir: Path) -> dict[int, dict[str, dict]]:
+    """round -> step -> record, for every record present."""
+    out: dict[int, dict[str, dict]] = {}
+    for n in list_rounds(run_dir):
+        recs = {s: read_record(run_dir, n, s) for s in ("rm", "sample", "sft", "dpo", "average", "eval")}
+        out[n] = {s: r for s, r in recs.items() if r is not None}
+    return out
+
+
+def sample_score_distributions(run_dir: Path, records: dict[int, dict[str, dict]]) -> dict[int, dict[str, list[float]]]:
+    """Per round: per-prompt best, mean and worst reward of the K sampled responses."""
+    out = {}
+    for n, recs in records.items():
+        if "sample" not in recs:
+            continue
+        best, mean, worst = [], [], []
+        for shard in sorted(Path(output_path(run_dir, recs["sample"], "samples")).glob("shard_*.jsonl")):
+            for row in iter_jsonl(shard):
+                scores = [s for s in row.get("scores", []) if s is not None]
+                if scores:
+                    best.append(max(scores))
+                    mean.append(sum(scores) / len(scores))
+                    worst.append(min(scores))
+        out[n] = {"best": best, "mean": mean, "worst": worst}
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "-" if v is None else str(v)
+
+
+def _plots(folder: Path, records, dists) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    rounds = [n for n in records if "eval" in records[n]]
+    if rounds:
+        shown = [(k, label) for k, label in EVAL_METRICS if k != "mean_length"
+                 and any(isinstance(records[n]["eval"]["metrics"].get(k), (int, float)) for n in rounds)]
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for k, label in shown:
+            ys = [records[n]["eval"]["metrics"].get(k) for n in rounds]
+            pts = [(x, y) for x, y in zip(rounds, ys) if isinstance(y, (int, float))]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        base = records[rounds[0]]["eval"]["metrics"].get("initial_task_score")
+        if isinstance(base, (int, float)):
+            ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="task score, initial policy")
+        ax.set_xlabel("round")
+        ax.set_xticks(rounds)
+        ax.set_ylim(0, 1.02)
+        ax.set_title("held-out evaluation per round")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(folder / "metrics.png", dpi=110)
+        plt.close(fig)
+        made.append("metrics.png")
+    if dists:
+        ns = sorted(dists)
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        data, labels = [], []
+        for n in ns:
+            for kind in ("worst", "mean", "best"):
+                data.append(dists[n][kind] or [0.0])
+                labels.append(f"{n}\n{kind}")
+        ax.boxplot(data, tick_labels=labels, showfliers=False)
+        ax.set_title("reward of sampled responses per prompt (worst / mean / best of K), by round")
+        ax.tick_params(axis="x", labelsize=6)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        fig.savefig(folder / "sample_scores.png", dpi=110)
+        plt.close(fig)
+        made.append("sample_scores.png")
+    return made
+
+
+def write_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    records = collect(run_dir)
+    if not records:
+        raise FileNotFoundError(f"{run_dir} holds no rounds: nothing to report")
+    folder = run_dir / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    dists = sample_score_distributions(run_dir, records)
+    plots = _plots(folder, records, dists)
+
+    lines = [f"# posttrain report: {run_dir.name}", ""]
+    first_eval = next((records[n]["eval"] for n in sorted(records) if "eval" in records[n]), None)
+    if first_eval:
+        m = first_eval["metrics"]
+        lines += [f"Initial policy on the held-out prompts: task score {_fmt(m.get('initial_task_score'))}, "
+                  f"mean reward {_fmt(m.get('initial_mean_reward'))}, ends with end-of-turn "
+                  f"{_fmt(m.get('initial_eot_rate'))}.", ""]
+    lines += ["## Evaluation per round", "", "| round | " + " | ".join(l for _, l in EVAL_METRICS) + " |",
+              "|---|" + "---|" * len(EVAL_METRICS)]
+    for n, recs in sorted(records.items()):
+        m = recs.get("eval", {}).get("metrics", {})
+        lines.append(f"| {n} | " + " | ".join(_fmt(m.get(k)) for k, _ in EVAL_METRICS) + " |")
+    lines += ["", "## Stages", "", "| round | stage | seconds | key metrics |", "|---|---|---|---|"]
+    for n, recs in sorted(records.items()):
+        for stage, rec in recs.items():
+            if stage == "eval":
+                continue
+            m = rec.get("metrics", {})
+            keys = [k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)][:6]
+            lines.append(f"| {n} | {stage} | {rec['timing']['seconds']:.0f} | "
+                         + ", ".join(f"{k}={_fmt(m[k])}" for k in keys) + " |")
+    if dists:
+        lines += ["", "## Sampled responses", "", "| round | prompts | best (mean) | mean (mean) | worst (mean) |",
+                  "|---|---|---|---|---|"]
+        for n, d in sorted(dists.items()):
+            avg = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+            lines.append(f"| {n} | {len(d['best'])} | {_fmt(avg(d['best']))} | {_fmt(avg(d['mean']))} | "
+                         f"{_fmt(avg(d['worst']))} |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    path = folder / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,339 @@
+"""The round orchestrator: rm -> sample -> sft -> dpo -> average, then evaluation.
+
+Each stage reads the outputs that earlier stages and rounds recorded (never a guessed
+path), is skipped when its record matches its inputs, resumed when it has no record, and
+refused when its inputs changed (unless forced). Training stages and `average` run in their
+own process (`posttrain.rounds.worker`); `sample` and `eval` run their generation in a
+child process and score in this one, so a reward object passed from Python works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from posttrain.files import atomic_write_json, atomic_write_text, read_json
+from posttrain.recipe import LoadedRecipe, Recipe, load_recipe
+from posttrain.records import (
+    InputHasher,
+    output_path,
+    plan_stage,
+    read_record,
+    round_dir,
+    stage_dir,
+    write_record,
+)
+
+log = logging.getLogger("posttrain")
+
+
+class RoundError(RuntimeError):
+    """A round cannot run (an earlier round is unfinished, a stage failed, ...)."""
+
+
+def setup_logging(run_dir: Path) -> None:
+    """Log to the terminal and to RUN_DIR/posttrain.log (appending across runs)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logfile = str((run_dir / "posttrain.log").resolve())
+    if any(getattr(h, "baseFilename", None) == logfile for h in log.handlers):
+        return
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    fh = logging.FileHandler(logfile)
+    fh.setFormatter(fmt)
+    log.addHandler(fh)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        log.addHandler(sh)
+    log.setLevel(logging.INFO)
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+class Round:
+    """One round of one run: resolves inputs, plans and runs each stage, writes records."""
+
+    def __init__(self, n: int, recipe: LoadedRecipe, run_dir: Path, *, reward=None, force: bool = False):
+        self.n = n
+        self.loaded = recipe
+        self.recipe: Recipe = recipe.for_round(n)
+        self.run_dir = run_dir
+        self.reward_override = reward
+        self.force = force
+        self.hasher = InputHasher(run_dir)
+        self.records: dict[str, dict] = {}
+        for m in range(1, n):
+            for stage in ("rm", "sample", "sft", "dpo", "average"):
+                rec = read_record(run_dir, m, stage)
+                if rec:
+                    self.hasher.learn(rec)
+
+    # ------------------------------------------------------------------ inputs
+
+    def path(self, value: str) -> str:
+        return self.loaded.resolve_path(value)
+
+    def _batches(self, upto: int, only_latest: bool = False) -> list[str]:
+        batches = [b for b in self.recipe.data.preference_batches if b.round <= upto]
+        if only_latest and batches:
+            latest = max(b.round for b in batches)
+            batches = [b for b in batches if b.round == latest]
+        return [self.path(b.path) for b in batches]
+
+    def previous_model(self) -> Path | None:
+        if self.n == 1:
+            return None
+        rec = read_record(self.run_dir, self.n - 1, "average")
+        return output_path(self.run_dir, rec, "model")
+
+    def inputs_for(self, stage: str) -> dict[str, Any]:
+        r = self.recipe
+        if stage == "rm":
+            return {
+                "base_model": self.path(r.models.base),
+                "preference_files": self._batches(self.n, only_latest=not r.rm.cumulative),
+                "heldout_preference_files": [self.path(p) for p in r.data.heldout_preferences],
+            }
+        if stage == "sample":
+            policy = r.sample.policy
+            if policy:
+                policy_model = self.path(policy)
+            elif self.n == 1:
+                policy_model = self.path(r.models.initial_policy or r.models.base)
+            else:
+                policy_model = str(self.previous_model())
+            return {
+                "policy_model": policy_model,
+                "prompt_files": [self.path(p.path) for p in r.data.prompts],
+                "reward_model": str(output_path(self.run_dir, self.records["rm"], "model")),
+            }
+        if stage == "sft":
+            rounds = range(1, self.n + 1) if r.sft.cumulative else [self.n]
+            top1 = []
+            for m in rounds:
+                rec = self.records["sample"] if m == self.n else read_record(self.run_dir, m, "sample")
+                if rec is None:
+                    raise RoundError(f"round {m} has no finished sample stage, needed by round {self.n} sft")
+                top1.append(str(output_path(self.run_dir, rec, "top1")))
+            init = r.models.base
+            if r.sft.init == "previous" and self.n > 1:
+                init_model = str(self.previous_model())
+            else:
+                init_model = self.path(init)
+            return {"init_model": init_model, "sft_files": top1 + [self.path(p) for p in r.data.sft]}
+        if stage == "dpo":
+            return {
+                "sft_model": str(output_path(self.run_dir, self.records["sft"], "model")),
+                "preference_files": self._batches(self.n, only_latest=r.dpo.latest_batch_only),
+                "samples": str(output_path(self.run_dir, self.records["sample"], "samples")),
+            }
+        if stage == "average":
+            return {"models": [str(p) for p in output_path(self.run_dir, self.records["dpo"], "variants")]}
+        raise ValueError(stage)
+
+    def extra_for(self, stage: str) -> dict[str, Any]:
+        if stage != "sample":
+            return {}
+        caps = {name: c.model_dump() for name, c in self.recipe.capabilities.items()}
+        prompt_caps = {self.path(p.path): p.capability for p in self.recipe.data.prompts if p.capability}
+        return {"capabilities": caps, "prompt_capabilities": prompt_caps}
+
+    # ------------------------------------------------------------------ running
+
+    def stage_seed(self) -> int:
+        return self.recipe.seed + 1000 * self.n
+
+    def _spec(self, stage: str, inputs: dict, extra: dict) -> dict:
+        out_dir = stage_dir(self.run_dir, self.n, stage)
+        return {
+            "stage": stage,
+            "round": self.n,
+            "run_dir": str(self.run_dir.resolve()),
+            "out_dir": str(out_dir.resolve()),
+            "inputs": inputs,
+            "extra": extra,
+            "seed": self.stage_seed(),
+            "recipe": self.recipe.model_dump(mode="json"),
+            "result": str((out_dir / ".result.json").resolve()),
+        }
+
+    def _reward_identity(self) -> Any:
+        if self.reward_override is not None:
+            obj = self.reward_override
+            ident = f"{type(obj).__module__}:{type(obj).__qualname__}"
+            fp = getattr(obj, "fingerprint", None)
+            return {"object": ident, "fingerprint": fp() if callable(fp) else None}
+        spec = self.recipe.reward
+        return spec if isinstance(spec, str) else spec.model_dump()
+
+    def build_reward(self, reward_model: str | None):
+        """The reward for sampling and evaluation: a Python object, an import path, or the RM."""
+        from posttrain.reward import load_reward
+
+        if self.reward_override is not None:
+            return load_reward(self.reward_override)
+        spec = self.recipe.reward
+        if spec == "rm":
+            from posttrain.reward import RMReward
+
+            return RMReward(reward_model, device=self.recipe.run.device,
+                            trust_remote_code=self.recipe.models.trust_remote_code)
+        return load_reward(spec.model_dump())
+
+    def run_stage(self, stage: str) -> dict:
+        config = getattr(self.recipe, stage)
+        inputs = self.inputs_for(stage)
+        extra = self.extra_for(stage)
+        hashed = {
+            "inputs": self.hasher.hash_paths(inputs),
+            "config": config.model_dump(mode="json"),
+            "seed": self.stage_seed(),
+            "chat": self.recipe.chat.model_dump(mode="json"),
+            "extra": extra,
+        }
+        if stage == "sample":
+            hashed["reward"] = self._reward_identity()
+        plan = plan_stage(self.run_dir, self.n, stage, hashed, force=self.force)
+        if plan.action == "skip":
+            log.info("round %d %s: finished earlier, skipped", self.n, stage)
+            self.hasher.learn(plan.record)
+            return plan.record
+        out_dir = stage_dir(self.run_dir, self.n, stage)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        resumed = any(p.name != ".result.json" for p in out_dir.iterdir())
+        log.info("round %d %s: %s", self.n, stage, "resuming from the work already in " + str(out_dir)
+                 if resumed else "starting")
+        started = time.time()
+        spec = self._spec(stage, inputs, extra)
+        if stage == "sample":
+            result = self._run_in_process(spec, reward_model=inputs["reward_model"])
+        else:
+            result = self._run_in_worker(stage, spec)
+        record = write_record(self.run_dir, self.n, stage, plan=plan, outputs=result["outputs"],
+                              metrics=result["metrics"], started=started)
+        self.hasher.learn(record)
+        log.info("round %d %s: done in %.0f s%s", self.n, stage, record["timing"]["seconds"],
+                 _summary(result["metrics"]))
+        return record
+
+    def _run_in_process(self, spec: dict, reward_model: str) -> dict:
+        from posttrain.rounds.worker import run_spec
+
+        reward = self.build_reward(reward_model)
+        result = run_spec(spec, reward=reward)
+        return {"outputs": result.outputs, "metrics": result.metrics}
+
+    def _run_in_worker(self, stage: str, spec: dict) -> dict:
+        out_dir = Path(spec["out_dir"])
+        spec_path = out_dir / ".spec.json"
+        atomic_write_json(spec_path, spec)
+        result_path = Path(spec["result"])
+        result_path.unlink(missing_ok=True)
+        launcher = self.recipe.run.launcher if stage in ("rm", "sft", "dpo") and self.recipe.run.launcher else [sys.executable]
+        cmd = [*launcher, "-m", "posttrain.rounds.worker", str(spec_path)]
+        log.info("round %d %s: %s", self.n, stage, " ".join(cmd))
+        with open(self.run_dir / "posttrain.log", "ab") as logf:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env())
+            assert proc.stdout is not None
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                logf.write(chunk)
+            code = proc.wait()
+        if code != 0 or not result_path.exists():
+            raise RoundError(f"round {self.n} stage {stage!r} failed (exit code {code}); "
+                             f"its output is in {self.run_dir / 'posttrain.log'}. Fix the cause and run the "
+                             f"same command again: finished stages are skipped and this one resumes.")
+        result = read_json(result_path)
+        result_path.unlink()
+        return result
+
+    def run(self, stages: tuple[str, ...] = ("rm", "sample", "sft", "dpo", "average")) -> dict[str, dict]:
+        for stage in stages:
+            self.records[stage] = self.run_stage(stage)
+        return self.records
+
+
+def _summary(metrics: dict) -> str:
+    keys = ("heldout_accuracy", "best_mean", "score_best_mean", "train_loss", "reward_accuracy", "n_inputs")
+    shown = [f"{k}={metrics[k]:.3g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
+             for k in keys if k in metrics]
+    return (": " + ", ".join(shown)) if shown else ""
+
+
+def check_previous_round(run_dir: Path, n: int) -> None:
+    if n == 1:
+        return
+    missing = [s for s in ("rm", "sample", "sft", "dpo", "average") if read_record(run_dir, n - 1, s) is None]
+    if missing:
+        raise RoundError(f"round {n} needs round {n - 1} finished, but round {n - 1} has no record for: "
+                         f"{', '.join(missing)}. Run `posttrain run-round {n - 1}` first.")
+
+
+def _snapshot_recipe(loaded: LoadedRecipe, run_dir: Path) -> None:
+    snap = run_dir / "recipe.yaml"
+    text = loaded.path.read_text(encoding="utf-8")
+    if not snap.exists() or snap.read_text(encoding="utf-8") != text:
+        atomic_write_text(snap, text)
+
+
+def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | os.PathLike, *,
+              reward=None, force: bool = False, evaluate: bool | None = None) -> dict[str, dict]:
+    """Run round `n` of `recipe` in `run_dir`. Returns the stage records (and `eval`).
+
+    `reward` may be a reward object (posttrain.reward.Reward) or an import-path spec; it
+    replaces the recipe's reward for sampling and evaluation.
+    """
+    loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
+    run_dir = Path(run_dir)
+    setup_logging(run_dir)
+    check_previous_round(run_dir, n)
+    _snapshot_recipe(loaded, run_dir)
+    log.info("round %d of %s in %s", n, loaded.path.name, run_dir)
+    rnd = Round(n, loaded, run_dir, reward=reward, force=force)
+    records = rnd.run()
+    if evaluate if evaluate is not None else rnd.recipe.eval.enabled:
+        from posttrain.eval import evaluate_round
+
+        records["eval"] = evaluate_round(rnd, force=force)
+    return records
+
+
+def parse_rounds(spec: str) -> list[int]:
+    """`3` -> [3]; `1-6` -> [1..6]; `1,3-4` -> [1, 3, 4]."""
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            out.extend(range(int(lo), int(hi) + 1))
+        elif part:
+            out.append(int(part))
+    if not out or min(out) < 1:
+        raise ValueError(f"rounds {spec!r}: expected numbers from 1, like '3' or '1-6'")
+    return out
+
+
+def run_rounds(rounds: list[int], recipe, run_dir, **kwargs) -> dict[int, dict[str, dict]]:
+    loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
+    return {n: run_round(n, loaded, run_dir, **kwargs) for n in rounds}
+
+
+def round_finished(run_dir: Path, n: int) -> bool:
+    return read_record(run_dir, n, "average") is not None
+
+
+def list_rounds(run_dir: Path) -> list[int]:
+    return sorted(int(p.name[6:]) for p in Path(run_dir).glob("round_*") if p.name[6:].isdigit())
+
+
+__all__ = ["run_round", "run_rounds", "parse_rounds", "RoundError", "Round", "round_dir", "list_rounds"]

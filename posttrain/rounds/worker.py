@@ -1,0 +1,63 @@
+"""The process a stage runs in: `python -m posttrain.rounds.worker SPEC.json`.
+
+One process per stage, so GPU memory is released between stages (vLLM and training never
+share a process), and so a training stage can be started with `accelerate launch -m
+posttrain.rounds.worker SPEC.json` across GPUs and nodes without changing the orchestrator.
+The spec is written by the orchestrator; the result is written atomically by rank 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from posttrain.files import atomic_write_json, read_json
+
+
+def build_context(spec: dict):
+    from posttrain.recipe import Recipe
+    from posttrain.stage import StageContext
+
+    recipe = Recipe.model_validate(spec["recipe"])
+    return StageContext(
+        stage=spec["stage"],
+        round=spec["round"],
+        run_dir=Path(spec["run_dir"]),
+        out_dir=Path(spec["out_dir"]),
+        config=getattr(recipe, spec["stage"]),
+        inputs=spec["inputs"],
+        recipe=recipe,
+        seed=spec["seed"],
+        trust_remote_code=recipe.models.trust_remote_code,
+        formatting_tokens=recipe.chat.formatting_tokens,
+        report_to=list(recipe.run.report_to) or "none",
+        extra=spec.get("extra", {}),
+    )
+
+
+def run_spec(spec: dict, reward=None):
+    ctx = build_context(spec)
+    ctx.reward = reward
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    module = importlib.import_module(f"posttrain.{spec['stage']}")
+    return module.run(ctx)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m posttrain.rounds.worker SPEC.json", file=sys.stderr)
+        return 2
+    spec = read_json(argv[0])
+    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    result = run_spec(spec)
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic_write_json(spec["result"], {"outputs": result.outputs, "metrics": result.metrics})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
