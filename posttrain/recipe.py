@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from posttrain.reward.base import RewardSpec
 from posttrain.schema import StrictModel
 
 
@@ -79,22 +80,6 @@ class ChatSettings(StrictModel):
     formatting_tokens: list[str] | None = None
     """Token strings masked out of the DPO log-probabilities (default: derived from the
     tokenizer and its chat template: header tokens, role names, termination tokens, BOS)."""
-
-
-class RewardSpec(StrictModel):
-    """A reward named by import path; never a file to execute."""
-
-    target: str
-    """`package.module:ClassName`; the class follows posttrain.reward.Reward."""
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments for the class."""
-
-    @field_validator("target")
-    @classmethod
-    def _import_path(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v):
-            raise ValueError(f"expected 'package.module:Name', got {v!r}")
-        return v
 
 
 class Capability(StrictModel):
@@ -247,7 +232,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 def _format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
     lines = [f"{source}: invalid recipe"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after[_round_keys(), dict[str,dict[str,any]]]",))
+        loc = ".".join(str(p) for p in e["loc"])
         path = ".".join(x for x in (prefix, loc) if x)
         kind = e["type"]
         if kind == "extra_forbidden":

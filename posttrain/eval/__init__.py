@@ -89,18 +89,6 @@ def _score(reward, prompts: list, rows: list[dict]) -> list[float | None]:
     return checked_score(reward, convs, [r["text"] for r in rows])
 
 
-def _with_reward(reward, fn):
-    setup = getattr(reward, "setup", None)
-    if callable(setup):
-        setup()
-    try:
-        return fn()
-    finally:
-        teardown = getattr(reward, "teardown", None)
-        if callable(teardown):
-            teardown()
-
-
 def _summaries(rows: list[dict], rewards, checks) -> dict:
     return {
         "mean_reward": _mean(rewards),
@@ -113,7 +101,7 @@ def _summaries(rows: list[dict], rewards, checks) -> dict:
 
 def evaluate_round(rnd, *, force: bool = False) -> dict:
     """Evaluate round `rnd.n`'s final model and write `round_NN/eval/record.json`."""
-    from posttrain.reward import load_reward
+    from posttrain.reward import active, load_reward
 
     run_dir, n, r = rnd.run_dir, rnd.n, rnd.recipe
     final_model = output_path(run_dir, rnd.records["average"], "model")
@@ -151,17 +139,15 @@ def evaluate_round(rnd, *, force: bool = False) -> dict:
                 prev_rows = None  # evaluated on other prompts: no paired comparison
 
     reward = rnd.build_reward(str(rm_model))
-    def score_all():
-        s = {"ours": _score(reward, prompts, rows), "initial": _score(reward, prompts, initial_rows)}
+    with active(reward):
+        rewards = {"ours": _score(reward, prompts, rows), "initial": _score(reward, prompts, initial_rows)}
         if prev_rows is not None:
-            s["previous"] = _score(reward, prompts, prev_rows)
-        return s
-    rewards = _with_reward(reward, score_all)
+            rewards["previous"] = _score(reward, prompts, prev_rows)
     checks = checks_initial = None
     if r.eval.checker is not None:
         checker = load_reward(r.eval.checker.model_dump())
-        checks, checks_initial = _with_reward(
-            checker, lambda: (_score(checker, prompts, rows), _score(checker, prompts, initial_rows)))
+        with active(checker):
+            checks, checks_initial = _score(checker, prompts, rows), _score(checker, prompts, initial_rows)
 
     metrics = _summaries(rows, rewards["ours"], checks)
     initial = _summaries(initial_rows, rewards["initial"], checks_initial)

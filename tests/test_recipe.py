@@ -1,0 +1,123 @@
+"""Recipe validation: unknown keys, wrong types and missing keys are errors naming the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.recipe import RecipeError, find_recipe, load_recipe, shipped_recipes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, data) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+MINIMAL = {"name": "t", "models": {"base": "some/model"}}
+
+
+def test_minimal_recipe_gets_the_papers_defaults(tmp_path):
+    r = load_recipe(write(tmp_path, MINIMAL)).for_round(1)
+    assert r.rounds == 6
+    assert r.dpo.beta == pytest.approx(0.1)
+    assert r.reward == "rm"
+    assert r.rm.margin is False
+    assert r.rm.keep_strengths == ["significantly_better", "better"]
+
+
+def test_unknown_key_is_named_with_its_path(tmp_path):
+    with pytest.raises(RecipeError, match=r"dpo\.betta: unknown key"):
+        load_recipe(write(tmp_path, {**MINIMAL, "dpo": {"betta": 0.2}}))
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(RecipeError, match=r"modles: unknown key"):
+        load_recipe(write(tmp_path, {**MINIMAL, "modles": {}}))
+
+
+def test_wrong_type_names_path_and_expectation(tmp_path):
+    with pytest.raises(RecipeError, match=r"(?s)sample\.k: Input should be a valid integer.*'many'"):
+        load_recipe(write(tmp_path, {**MINIMAL, "sample": {"k": "many"}}))
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(RecipeError, match=r"models\.base: required key is missing"):
+        load_recipe(write(tmp_path, {"name": "t", "models": {}}))
+
+
+def test_bad_override_is_caught_at_load_time_naming_the_round(tmp_path):
+    data = {**MINIMAL, "overrides": {"3": {"sample": {"k": -1}}}}
+    with pytest.raises(RecipeError, match=r"(?s)round 3, with overrides\.3.*sample\.k"):
+        load_recipe(write(tmp_path, data))
+
+
+def test_bad_override_key(tmp_path):
+    with pytest.raises(RecipeError, match=r"overrides.*expected a round like"):
+        load_recipe(write(tmp_path, {**MINIMAL, "overrides": {"third": {}}}))
+
+
+def test_per_round_overrides_single_range_and_open(tmp_path):
+    data = {**MINIMAL, "sample": {"k": 8}, "overrides": {
+        "3": {"sample": {"k": 20}},
+        "2-4": {"dpo": {"beta": 0.2}},
+        "5-": {"capabilities": {"general": {"system_prompt": "Be concise."}}},
+    }}
+    loaded = load_recipe(write(tmp_path, data))
+    assert [loaded.for_round(n).sample.k for n in (1, 2, 3, 4)] == [8, 8, 20, 8]
+    assert [loaded.for_round(n).dpo.beta for n in (1, 2, 4, 5)] == [0.1, 0.2, 0.2, 0.1]
+    assert loaded.for_round(4).capabilities == {}
+    assert loaded.for_round(6).capabilities["general"].system_prompt == "Be concise."
+    # Overrides merge key by key: the rest of the section keeps the base values.
+    assert loaded.for_round(3).sample.temperature == loaded.for_round(1).sample.temperature
+
+
+def test_reward_spec_is_an_import_path_never_a_file(tmp_path):
+    with pytest.raises(RecipeError, match=r"reward"):
+        load_recipe(write(tmp_path, {**MINIMAL, "reward": {"target": "rewards.py"}}))
+    ok = load_recipe(write(tmp_path, {**MINIMAL, "reward": {"target": "pkg.mod:Name", "kwargs": {"a": 1}}}))
+    assert ok.for_round(1).reward.target == "pkg.mod:Name"
+
+
+def test_relative_paths_resolve_beside_the_recipe(tmp_path):
+    (tmp_path / "prefs.jsonl").write_text("")
+    loaded = load_recipe(write(tmp_path, MINIMAL))
+    assert loaded.resolve_path("prefs.jsonl") == str(tmp_path / "prefs.jsonl")
+    assert loaded.resolve_path("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+
+
+def test_recipes_are_found_by_name():
+    assert "demo" in shipped_recipes() and "general" in shipped_recipes()
+    assert find_recipe("general") == ROOT / "recipes" / "general.yaml"
+    with pytest.raises(RecipeError, match="no shipped recipe named 'nope'"):
+        find_recipe("nope")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_for_every_round(path):
+    text = path.read_text()
+    assert text.startswith("# posttrain "), f"{path.name} must open with the command that runs it"
+    loaded = load_recipe(path)
+    for n in range(1, loaded.base.rounds + 1):
+        loaded.for_round(n)
+
+
+def test_validate_command_prints_the_resolved_recipe(capsys):
+    from posttrain.cli import main
+
+    assert main(["validate", "general", "--round", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "resolved for round 2: valid" in out
+    assert yaml.safe_load(out)["dpo"]["beta"] == 0.1
+
+
+def test_validate_command_reports_errors_with_exit_code(tmp_path, capsys):
+    from posttrain.cli import main
+
+    bad = write(tmp_path, {**MINIMAL, "sft": {"epochz": 1}})
+    assert main(["validate", str(bad)]) == 1
+    assert "sft.epochz: unknown key" in capsys.readouterr().err
