@@ -8,6 +8,7 @@ path and what was expected.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from importlib import resources
@@ -186,7 +187,8 @@ class Recipe(StrictModel):
     """Evaluation after each round."""
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per-round changes: keys are a round (`"3"`), a range (`"2-4"`) or an open range
-    (`"4-"`); values are recipe sections, merged over the base for those rounds."""
+    (`"4-"`); values are recipe sections, merged over the base for those rounds. Where
+    several cover a round, the narrower range is applied last and wins."""
 
     @field_validator("overrides")
     @classmethod
@@ -273,7 +275,12 @@ class LoadedRecipe:
             raise RecipeError(f"{self.path}: rounds start at 1, got {n}")
         merged = {k: v for k, v in self.raw.items() if k != "overrides"}
         applied = []
-        for key, over in sorted(self.base.overrides.items(), key=lambda kv: _round_range(kv[0])):
+        # Narrower ranges apply last, so "5" beats "5-" and "2-6" for round 5.
+        def width(kv):
+            lo, hi = _round_range(kv[0])
+            return (-(hi - lo) if hi is not None else -math.inf, lo)
+
+        for key, over in sorted(self.base.overrides.items(), key=width):
             lo, hi = _round_range(key)
             if lo <= n and (hi is None or n <= hi):
                 merged = _deep_merge(merged, over)

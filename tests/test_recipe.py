@@ -121,3 +121,11 @@ def test_validate_command_reports_errors_with_exit_code(tmp_path, capsys):
     bad = write(tmp_path, {**MINIMAL, "sft": {"epochz": 1}})
     assert main(["validate", str(bad)]) == 1
     assert "sft.epochz: unknown key" in capsys.readouterr().err
+
+
+def test_narrower_overrides_win_whatever_their_order(tmp_path):
+    data = {**MINIMAL, "overrides": {"5": {"sample": {"k": 5}}, "5-": {"sample": {"k": 50}},
+                                     "2-6": {"sample": {"k": 26}}}}
+    loaded = load_recipe(write(tmp_path, data))
+    # Narrower ranges win: "5" over everything in round 5; "2-6" over the open "5-" in round 6.
+    assert [loaded.for_round(n).sample.k for n in (1, 2, 5, 6)] == [8, 26, 5, 26]
