@@ -99,7 +99,8 @@ def trainer_common_args(settings: TrainingSettings, variant: Variant, *, output_
         num_train_epochs=variant.epochs or settings.epochs,
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
-        warmup_ratio=settings.warmup_ratio,
+        # transformers 5 dropped `warmup_ratio`; a float in [0, 1) for warmup_steps is a ratio.
+        warmup_steps=settings.warmup_ratio,
         lr_scheduler_type=settings.lr_scheduler,
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,

@@ -1,0 +1,182 @@
+"""The reward protocol, loading a reward by import path, and checked scoring.
+
+A reward is anything with a `name` and a `score(prompts, responses)` method:
+
+    prompts:   list[list[message]]   B prompt conversations ({"role", "content"} dicts)
+    responses: list[str]             B assistant responses, one per prompt
+    returns:   list[float | None]    B scores; None means "this reward abstains on that sample"
+
+`setup()` and `teardown()` are optional: callers use `active(reward)` (a context manager)
+around a batch of work so a reward that holds a model loads it once and frees it afterwards.
+
+Callers never call `reward.score` directly: `checked_score` validates the answer and fails
+loudly, naming the reward, on a wrong length, a NaN/inf, a non-number, or an exception
+raised inside the reward (chained, so its traceback stays visible). What abstention means is
+the caller's decision (skip the sample, count it as zero, ...), never the reward's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import Field
+
+from posttrain.schema import StrictModel
+
+Message = dict[str, Any]
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """What posttrain calls a reward. `setup`/`teardown` are optional (see module docstring)."""
+
+    name: str
+
+    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float | None]: ...
+
+
+class RewardError(RuntimeError):
+    """A reward broke its contract or raised; the message names the reward."""
+
+
+class RewardSpec(StrictModel):
+    """A reward named in a recipe: an import path and keyword arguments, never a file to execute."""
+
+    target: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    """Import path `package.module:Name`; Name is a class or factory called with `kwargs`."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the class or factory."""
+
+
+def reward_name(reward: Any) -> str:
+    """The name to put in error messages: the reward's `name`, else its class name."""
+    name = getattr(reward, "name", None)
+    return name if isinstance(name, str) and name else type(reward).__name__
+
+
+def _import_target(target: str) -> Any:
+    module_name, _, attr_path = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardError(f"reward target {target!r}: cannot import module {module_name!r}: {e}") from e
+    obj: Any = module
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise RewardError(f"reward target {target!r}: module {module_name!r} has no attribute "
+                              f"{attr_path!r}") from e
+    return obj
+
+
+def load_reward(spec: RewardSpec | dict | Any) -> Reward:
+    """A ready reward object from a recipe spec (`{"target": "pkg.mod:Name", "kwargs": {...}}`),
+    a `RewardSpec`, or an object that already follows the protocol (returned as is).
+
+    The target is imported (a module on the Python path), never executed from a file path.
+    """
+    if isinstance(spec, str):
+        raise RewardError(f"reward {spec!r}: name a reward as {{'target': 'package.module:Name', 'kwargs': {{...}}}} "
+                          "(or pass a reward object)")
+    if isinstance(spec, dict):
+        spec = RewardSpec.model_validate(spec)
+    if not isinstance(spec, RewardSpec):
+        if not callable(getattr(spec, "score", None)):
+            raise RewardError(f"{reward_name(spec)!r} is not a reward: it has no score(prompts, responses) method")
+        return spec
+    factory = _import_target(spec.target)
+    if not callable(factory):
+        raise RewardError(f"reward target {spec.target!r} is not a class or factory (got {type(factory).__name__})")
+    try:
+        reward = factory(**spec.kwargs)
+    except TypeError as e:
+        raise RewardError(f"reward target {spec.target!r} rejected kwargs {sorted(spec.kwargs)}: {e}") from e
+    if not callable(getattr(reward, "score", None)):
+        raise RewardError(f"reward target {spec.target!r} built a {type(reward).__name__}, "
+                          "which has no score(prompts, responses) method")
+    if not isinstance(getattr(reward, "name", None), str):
+        # A reward without a name still works; errors and records then use the target.
+        try:
+            reward.name = spec.target
+        except AttributeError as e:
+            raise RewardError(f"reward target {spec.target!r}: its object has no `name` and none can be set") from e
+    return reward
+
+
+def check_scores(name: str, scores: Any, n: int) -> list[float | None]:
+    """Validate a reward's answer for a batch of `n` samples; returns plain floats / None."""
+    if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence) and not hasattr(scores, "tolist"):
+        raise RewardError(f"reward {name!r} returned {type(scores).__name__}, expected a list of {n} floats or None")
+    if hasattr(scores, "tolist") and not isinstance(scores, Sequence):
+        scores = scores.tolist()  # numpy array / torch tensor
+    if len(scores) != n:
+        raise RewardError(f"reward {name!r} returned {len(scores)} scores for {n} samples")
+    out: list[float | None] = []
+    for i, s in enumerate(scores):
+        if s is None:
+            out.append(None)
+            continue
+        if isinstance(s, bool) or not isinstance(s, numbers.Real):
+            if hasattr(s, "item") and getattr(s, "ndim", 1) == 0:
+                s = s.item()  # numpy / torch scalar
+            if isinstance(s, bool) or not isinstance(s, numbers.Real):
+                raise RewardError(f"reward {name!r} returned a non-number for sample {i}: {s!r}")
+        f = float(s)
+        if not math.isfinite(f):
+            raise RewardError(f"reward {name!r} returned {f} for sample {i}")
+        out.append(f)
+    return out
+
+
+def checked_score(reward: Reward, prompts: list[list[Message]], responses: list[str]) -> list[float | None]:
+    """`reward.score(prompts, responses)`, validated; every failure raises RewardError naming the reward."""
+    name = reward_name(reward)
+    if len(prompts) != len(responses):
+        raise ValueError(f"checked_score({name!r}): {len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        return []
+    try:
+        scores = reward.score(prompts, responses)
+    except RewardError:
+        raise
+    except Exception as e:  # re-raised with the reward's name; the original stays chained
+        raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
+    return check_scores(name, scores, len(prompts))
+
+
+def _call_hook(reward: Any, hook: str) -> None:
+    fn = getattr(reward, hook, None)
+    if not callable(fn):
+        return
+    try:
+        fn()
+    except RewardError:
+        raise
+    except Exception as e:  # re-raised with the reward's name; the original stays chained
+        raise RewardError(f"reward {reward_name(reward)!r} failed in {hook}(): {type(e).__name__}: {e}") from e
+
+
+def setup(reward: Any) -> None:
+    """Call the reward's optional `setup()` (load a model, start a sandbox, ...)."""
+    _call_hook(reward, "setup")
+
+
+def teardown(reward: Any) -> None:
+    """Call the reward's optional `teardown()` (free what setup took)."""
+    _call_hook(reward, "teardown")
+
+
+@contextlib.contextmanager
+def active(reward: Any) -> Iterator[Any]:
+    """`setup()` the reward, yield it, and `teardown()` it even when the block fails."""
+    setup(reward)
+    try:
+        yield reward
+    finally:
+        teardown(reward)

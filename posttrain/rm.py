@@ -1,0 +1,674 @@
+"""Stage 1, `rm`: train a reward model on top of the pre-trained checkpoint.
+
+The reward model is a sequence classifier with one output. Its loss is Bradley-Terry
+(Llama 3 report, section 4.1.2), without the Llama 2 margin unless a recipe asks for it:
+
+    L = -log sigmoid(r(x, y_better) - r(x, y_worse) [- m(strength)])
+
+A ranking holds 2 or 3 responses (edited > chosen > rejected) and every ordered pair of it is a
+term. By default only pairs labelled `significantly_better` or `better` are kept.
+
+Two ways to train, chosen by `RMConfig.packing`:
+
+- packed (default, the paper's): one row per ranking, `prompt | resp_a | resp_b | resp_c` with
+  the responses in shuffled order. A block attention mask lets each response attend only to the
+  prompt and to itself, and each response's position ids continue from the prompt's
+  (P .. P+len-1), so every response is scored exactly as in a row of its own
+  (`tests/test_rm.py` checks this to 1e-4 in fp32), while the prompt is computed once and the row
+  holds about 3.6x fewer tokens than the 3 expanded pairs of a 3-way ranking.
+- pairs: TRL's RewardTrainer on the expanded (chosen, rejected) pairs, the baseline.
+
+Inputs (`ctx.inputs`): `base_model`, `preference_files` (cumulative over rounds),
+`heldout_preference_files` (may be empty: then a seeded share of the training rankings is held
+out). Output: `{"model": "round_NN/rm/model"}`.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from posttrain import training
+from posttrain.files import atomic_write_json, read_json
+from posttrain.stage import StageContext, StageResult
+
+STRENGTHS = ("significantly_better", "better", "slightly_better", "marginally_better")
+
+# Llama 2 report, table 28 ("margin small"): the margin grows with the annotated strength.
+LLAMA2_MARGINS = {"significantly_better": 1.0, "better": 2.0 / 3.0, "slightly_better": 1.0 / 3.0,
+                  "marginally_better": 0.0}
+
+
+class RMConfig(training.TrainingSettings):
+    """The `rm` stage: reward model training (Bradley-Terry on ranked responses)."""
+
+    packing: bool = True
+    """One row per ranking (prompt once, responses under a block mask: the paper's way); False
+    trains TRL's RewardTrainer on expanded (chosen, rejected) pairs (the baseline)."""
+    keep_strengths: list[str] = Field(default_factory=lambda: ["significantly_better", "better"])
+    """Preference strengths whose pairs are trained on; pairs of other strengths are dropped and counted."""
+    keep_unlabelled: bool = True
+    """Keep pairs whose row has no `strength` (data without strength labels)."""
+    use_edited: bool = True
+    """Rank the `edited` response above `chosen` when a row has one (edited > chosen > rejected)."""
+    edited_strength: str | None = None
+    """Strength given to pairs involving the edited response; None: the row's own strength."""
+    margin: bool = False
+    """Add the Llama 2 margin m(strength) inside the sigmoid (an ablation; the Llama 3 recipe has none)."""
+    margins: dict[str, float] = Field(default_factory=lambda: dict(LLAMA2_MARGINS))
+    """Margin per strength, used only when `margin` is on (unlabelled pairs get 0)."""
+    max_length: int = Field(2048, gt=0)
+    """Longest prompt + response in tokens; pairs with a longer response are dropped and counted
+    (a packed row may be longer: it holds the prompt once plus all kept responses)."""
+    eval_batch_size: int = Field(16, gt=0)
+    """Rankings per forward pass when scoring held-out data."""
+    heldout_fraction: float = Field(0.05, ge=0, lt=1)
+    """Share of training rankings held out (seeded) when no held-out files are given."""
+
+    @field_validator("keep_strengths")
+    @classmethod
+    def _known_strengths(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in STRENGTHS]
+        if bad:
+            raise ValueError(f"unknown strength(s) {bad}; known: {list(STRENGTHS)}")
+        return v
+
+    @field_validator("edited_strength")
+    @classmethod
+    def _known_edited_strength(cls, v: str | None) -> str | None:
+        if v is not None and v not in STRENGTHS:
+            raise ValueError(f"unknown strength {v!r}; known: {list(STRENGTHS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _margins_cover_kept(self):
+        if self.margin:
+            missing = [s for s in self.keep_strengths if s not in self.margins]
+            if missing:
+                raise ValueError(f"margin is on but `margins` has no value for {missing}")
+        return self
+
+
+# ----------------------------------------------------------------------------- rankings, pairs
+
+
+@dataclass
+class Ranking:
+    """The responses of one preference row, best first, and the pairs kept for training."""
+
+    id: str
+    source: str
+    prompt: list[dict]
+    responses: list[str]
+    """Best first: [edited,] chosen, rejected."""
+    pairs: list[tuple[int, int]]
+    """(better, worse) indices into `responses`."""
+    strengths: list[str | None]
+    """Strength of each pair."""
+
+
+def ranking_responses(pref: Any, use_edited: bool = True) -> list[str]:
+    """[edited, chosen, rejected] (edited only when present and used), best first."""
+    edited = getattr(pref, "edited", None)
+    out = [edited] if (use_edited and edited is not None) else []
+    return out + [pref.chosen, pref.rejected]
+
+
+def expand_ranking(pref: Any, *, keep_strengths: list[str], keep_unlabelled: bool = True,
+                   use_edited: bool = True, edited_strength: str | None = None,
+                   all_pairs: bool = False) -> tuple[Ranking | None, Counter]:
+    """Every ordered pair of a ranking, filtered by strength. Returns (ranking or None, drops).
+
+    `drops` counts dropped *pairs* by reason: `strength_<label>`, `unlabelled`,
+    `identical_responses`, `edited_unused`. With `all_pairs` no strength filter applies (held-out
+    metrics report every strength). Responses in no kept pair are removed from the ranking.
+    """
+    drops: Counter = Counter()
+    edited = getattr(pref, "edited", None)
+    if edited is not None and not use_edited:
+        drops["edited_unused"] += 2
+    responses = ranking_responses(pref, use_edited)
+    has_edit = len(responses) == 3
+    kept: list[tuple[int, int]] = []
+    strengths: list[str | None] = []
+    for i in range(len(responses)):
+        for j in range(i + 1, len(responses)):
+            s = pref.strength
+            if has_edit and i == 0:
+                s = edited_strength or pref.strength
+            if responses[i] == responses[j]:
+                drops["identical_responses"] += 1
+            elif not all_pairs and s is None and not keep_unlabelled:
+                drops["unlabelled"] += 1
+            elif not all_pairs and s is not None and s not in keep_strengths:
+                drops[f"strength_{s}"] += 1
+            else:
+                kept.append((i, j))
+                strengths.append(s)
+    if not kept:
+        return None, drops
+    used = sorted({k for p in kept for k in p})
+    remap = {old: new for new, old in enumerate(used)}
+    return Ranking(id=str(pref.id), source=str(getattr(pref, "source", pref.id)), prompt=list(pref.prompt),
+                   responses=[responses[k] for k in used], pairs=[(remap[a], remap[b]) for a, b in kept],
+                   strengths=strengths), drops
+
+
+def expand_rankings(prefs: list, cfg: RMConfig, all_pairs: bool = False) -> tuple[list[Ranking], Counter]:
+    rankings, drops = [], Counter()
+    for p in prefs:
+        r, d = expand_ranking(p, keep_strengths=cfg.keep_strengths, keep_unlabelled=cfg.keep_unlabelled,
+                              use_edited=cfg.use_edited, edited_strength=cfg.edited_strength, all_pairs=all_pairs)
+        drops.update(d)
+        if r is not None:
+            rankings.append(r)
+    return rankings, drops
+
+
+def pair_margins(strengths: list[str | None], margins: dict[str, float] | None) -> list[float] | None:
+    """m(strength) per pair, or None when the margin is off."""
+    if margins is None:
+        return None
+    return [float(margins.get(s, 0.0)) if s is not None else 0.0 for s in strengths]
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def bradley_terry_loss(better: torch.Tensor, worse: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley-Terry loss over P pairs, mean-reduced.
+
+        L = mean_p  -log sigmoid(r_better[p] - r_worse[p] - m[p])      (m = 0 without margin)
+
+    better, worse: [P] scores; margin: [P] or None (Llama 2 margin; Llama 3 drops it). Returns a scalar.
+    """
+    diff = better - worse  # [P]
+    if margin is not None:
+        diff = diff - margin.to(diff.dtype)
+    return -torch.nn.functional.logsigmoid(diff).mean()
+
+
+# ----------------------------------------------------------------------------- tokens, packing
+
+
+@dataclass
+class EncodedRanking:
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    """Each response's tokens after the prompt (its end-of-turn token included)."""
+    pairs: list[tuple[int, int]]
+    strengths: list[str | None]
+    source: str = ""
+
+
+def split_prompt_response(input_ids: list[int], response_mask: list[int]) -> tuple[list[int], list[int]]:
+    """(prompt part, response part) of one rendered example: the response starts at its first masked token."""
+    try:
+        start = response_mask.index(1)
+    except ValueError as e:
+        raise ValueError("encoded example has no response token") from e
+    return list(input_ids[:start]), list(input_ids[start:])
+
+
+def encode_ranking(tokenizer, ranking: Ranking, max_length: int) -> tuple[EncodedRanking | None, Counter]:
+    """Tokenize a ranking with the chat template; drop pairs whose response makes a row longer
+    than `max_length` (counted as `too_long`). The prompt must tokenize the same for every response."""
+    from posttrain import chat
+
+    drops: Counter = Counter()
+    prompt_ids: list[int] | None = None
+    responses: list[list[int]] = []
+    for text in ranking.responses:
+        enc = chat.encode_example(tokenizer, ranking.prompt, text, None)
+        p, r = split_prompt_response(enc.input_ids, enc.response_mask)
+        if prompt_ids is None:
+            prompt_ids = p
+        elif p != prompt_ids:
+            raise ValueError(f"{ranking.source}: the prompt tokenizes differently with different responses; "
+                             "the chat template must render the prompt as a prefix of prompt + response")
+        responses.append(r)
+    too_long = {k for k, r in enumerate(responses) if len(prompt_ids) + len(r) > max_length}
+    pairs, strengths = [], []
+    for (a, b), s in zip(ranking.pairs, ranking.strengths):
+        if a in too_long or b in too_long:
+            drops["too_long"] += 1
+        else:
+            pairs.append((a, b))
+            strengths.append(s)
+    if not pairs:
+        return None, drops
+    used = sorted({k for p in pairs for k in p})
+    remap = {old: new for new, old in enumerate(used)}
+    return EncodedRanking(prompt_ids=prompt_ids, response_ids=[responses[k] for k in used],
+                          pairs=[(remap[a], remap[b]) for a, b in pairs], strengths=strengths,
+                          source=ranking.source), drops
+
+
+def shuffle_responses(enc: EncodedRanking, rng: random.Random) -> EncodedRanking:
+    """The same ranking with its responses in a random order (pairs re-indexed), so that the
+    best response is not always first in the row."""
+    order = list(range(len(enc.response_ids)))
+    rng.shuffle(order)
+    new_index = {old: new for new, old in enumerate(order)}
+    return EncodedRanking(prompt_ids=enc.prompt_ids, response_ids=[enc.response_ids[k] for k in order],
+                          pairs=[(new_index[a], new_index[b]) for a, b in enc.pairs],
+                          strengths=list(enc.strengths), source=enc.source)
+
+
+def block_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Which key each query may attend to in packed rows.
+
+    segment_ids: [B, L] long; 0 = prompt, k >= 1 = the k-th response, -1 = padding.
+    Returns bool [B, 1, L, L] (True = attend): causal, and a key is visible if it is in the
+    prompt or in the query's own segment. A padding query sees only itself, so no softmax row is
+    empty (an all-masked row gives NaN in SDPA).
+    """
+    B, L = segment_ids.shape
+    q = segment_ids[:, :, None]  # [B, L, 1]
+    k = segment_ids[:, None, :]  # [B, 1, L]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril()  # [L, L]
+    visible = ((k == 0) | (k == q)) & (k >= 0) & (q >= 0) & causal  # [B, L, L]
+    eye = torch.eye(L, dtype=torch.bool, device=segment_ids.device)
+    visible = visible | (eye & (q < 0))
+    return visible[:, None]  # [B, 1, L, L]
+
+
+def pack_batch(items: list[EncodedRanking], pad_id: int, margins: dict[str, float] | None = None) -> dict:
+    """Right-padded packed rows for a batch of rankings.
+
+    Returns input_ids, position_ids, segment_ids [B, L]; last_index [B, N] (position of each
+    response's last token, N = most responses in a row, -1 where a row has fewer); better, worse
+    [P] (flat indices into a [B * N] score vector, one per kept pair); margin [P] when margins.
+    """
+    B = len(items)
+    N = max(len(it.response_ids) for it in items)
+    L = max(len(it.prompt_ids) + sum(len(r) for r in it.response_ids) for it in items)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    segment_ids = torch.full((B, L), -1, dtype=torch.long)
+    last_index = torch.full((B, N), -1, dtype=torch.long)
+    better, worse, strengths = [], [], []
+    for b, it in enumerate(items):
+        P = len(it.prompt_ids)
+        input_ids[b, :P] = torch.tensor(it.prompt_ids)
+        position_ids[b, :P] = torch.arange(P)
+        segment_ids[b, :P] = 0
+        start = P
+        for k, r in enumerate(it.response_ids):
+            n = len(r)
+            input_ids[b, start:start + n] = torch.tensor(r)
+            position_ids[b, start:start + n] = torch.arange(P, P + n)  # as if right after the prompt
+            segment_ids[b, start:start + n] = k + 1
+            last_index[b, k] = start + n - 1
+            start += n
+        better += [b * N + i for i, _ in it.pairs]
+        worse += [b * N + j for _, j in it.pairs]
+        strengths += it.strengths
+    out = dict(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids, last_index=last_index,
+               better=torch.tensor(better, dtype=torch.long), worse=torch.tensor(worse, dtype=torch.long))
+    m = pair_margins(strengths, margins)
+    if m is not None:
+        out["margin"] = torch.tensor(m, dtype=torch.float32)
+    return out
+
+
+def backbone_and_head(model):
+    """(transformer body, score head) of a sequence classifier, seen through a PEFT wrapper."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(inner, inner.base_model_prefix, None)
+    head = getattr(inner, "score", None)
+    if body is None or head is None:
+        raise TypeError(f"{type(inner).__name__} is not a *ForSequenceClassification model with a `score` head")
+    return body, head
+
+
+def model_attention_mask(visible: torch.Tensor, model, dtype: torch.dtype) -> torch.Tensor:
+    """The 4D mask in the form the model's attention takes: bool for SDPA, additive float for eager."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        return visible
+    if impl == "eager":
+        zero = torch.zeros((), dtype=dtype, device=visible.device)
+        return torch.where(visible, zero, torch.finfo(dtype).min)
+    raise ValueError(f"packed reward-model rows need attn_implementation 'sdpa' or 'eager' (a custom 4D mask); "
+                     f"the model uses {impl!r}. Load it with attn_implementation='sdpa' or set packing: false")
+
+
+def packed_scores(model, batch: dict) -> torch.Tensor:
+    """Scores of every response in packed rows: [B, N] (entries where last_index < 0 are junk)."""
+    body, head = backbone_and_head(model)
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    visible = block_attention_mask(batch["segment_ids"].to(device))
+    mask = model_attention_mask(visible, model, next(model.parameters()).dtype)
+    hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"].to(device),
+                  use_cache=False).last_hidden_state  # [B, L, H]
+    last = batch["last_index"].to(device).clamp(min=0)  # [B, N]
+    rows = torch.arange(hidden.shape[0], device=device)[:, None]  # [B, 1]
+    return head(hidden[rows, last]).squeeze(-1).float()  # [B, N, H] -> [B, N]
+
+
+def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scores of right-padded separate rows read at each row's last real token: [B]."""
+    body, head = backbone_and_head(model)
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B, L, H]
+    last = attention_mask.long().sum(-1) - 1  # [B]
+    return head(hidden[torch.arange(hidden.shape[0], device=device), last]).squeeze(-1).float()  # [B]
+
+
+def packed_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Bradley-Terry loss over every kept pair of the batch, scores [B, N])."""
+    scores = packed_scores(model, batch)
+    flat = scores.reshape(-1)  # [B * N]
+    better, worse = flat[batch["better"].to(flat.device)], flat[batch["worse"].to(flat.device)]
+    margin = batch.get("margin")
+    loss = bradley_terry_loss(better, worse, None if margin is None else margin.to(flat.device))
+    return loss, scores
+
+
+# ----------------------------------------------------------------------------- held-out metrics
+
+
+def heldout_metrics(scored: list[tuple[list[float], list[tuple[int, int]], list[str | None]]],
+                    keep_strengths: list[str]) -> dict:
+    """Pairwise accuracy and margins of a reward model on held-out rankings.
+
+    scored: per ranking (scores of its responses, best first; its (better, worse) pairs; their
+    strengths). A pair is right when r_better > r_worse (ties count as wrong).
+    Returns accuracy and mean_margin over pairs of the kept strengths (and unlabelled ones),
+    accuracy_all over every pair, accuracy per strength, and for rankings of 3 responses the
+    full-order accuracy (r_0 > r_1 > r_2).
+    """
+    right_by: dict[str, list[int]] = {}
+    kept_right, kept_margin, all_right = [], [], []
+    full = []
+    for scores, pairs, strengths in scored:
+        for (a, b), s in zip(pairs, strengths):
+            ok = int(scores[a] > scores[b])
+            all_right.append(ok)
+            right_by.setdefault(s or "unlabelled", []).append(ok)
+            if s is None or s in keep_strengths:
+                kept_right.append(ok)
+                kept_margin.append(scores[a] - scores[b])
+        if len(scores) == 3 and len(pairs) == 3:
+            full.append(int(scores[0] > scores[1] > scores[2]))
+
+    def mean(x):
+        return sum(x) / len(x) if x else None
+
+    return {
+        "accuracy": mean(kept_right),
+        "mean_margin": mean(kept_margin),
+        "accuracy_all": mean(all_right),
+        "accuracy_by_strength": {s: mean(v) for s, v in sorted(right_by.items())},
+        "pairs_by_strength": {s: len(v) for s, v in sorted(right_by.items())},
+        "full_order_accuracy": mean(full),
+        "full_order_rankings": len(full),
+        "pairs": len(all_right),
+    }
+
+
+@torch.no_grad()
+def score_encoded(model, items: list[EncodedRanking], pad_id: int, batch_size: int) -> list[list[float]]:
+    """Score every response of every ranking with packed rows (equal to separate rows, see tests)."""
+    was_training = model.training
+    model.eval()
+    out: list[list[float]] = []
+    try:
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            scores = packed_scores(model, pack_batch(chunk, pad_id)).cpu()
+            out += [scores[b, :len(it.response_ids)].tolist() for b, it in enumerate(chunk)]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def evaluate_rankings(model, items: list[EncodedRanking], pad_id: int, cfg: RMConfig) -> dict:
+    scores = score_encoded(model, items, pad_id, cfg.eval_batch_size)
+    return heldout_metrics([(s, it.pairs, it.strengths) for s, it in zip(scores, items)], cfg.keep_strengths)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def split_heldout(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded share of `items`, at least one when fraction > 0 and 2+ items."""
+    if fraction <= 0 or len(items) < 2:
+        return list(items), []
+    idx = list(range(len(items)))
+    random.Random(seed).shuffle(idx)
+    n = min(len(items) - 1, max(1, round(fraction * len(items))))
+    held = set(idx[:n])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _packed_trainer_class():
+    from transformers import Trainer
+
+    class PackedRewardTrainer(Trainer):
+        """A Trainer whose batches are packed rankings and whose loss is Bradley-Terry over all pairs."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, scores = packed_loss(model, inputs)
+            return (loss, {"scores": scores}) if return_outputs else loss
+
+    return PackedRewardTrainer
+
+
+def load_reward_model(path, *, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+    """The base checkpoint as a fp32 sequence classifier with one output (a fresh score head)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.modeling import _check_safetensors
+
+    _check_safetensors(Path(path))
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code,
+        use_safetensors=True, attn_implementation=attn_implementation)
+
+
+def train_packed(model, tokenizer, items: list[EncodedRanking], cfg: RMConfig, variant: training.Variant, *,
+                 work_dir: Path, seed: int, report_to="none", extra_args: dict | None = None, callbacks=()):
+    """Train `model` on packed rankings; resumes from the last COMPLETE checkpoint in `work_dir`."""
+    from transformers import TrainingArguments
+
+    margins = cfg.margins if cfg.margin else None
+    pad_id = tokenizer.pad_token_id
+    args = TrainingArguments(**training.trainer_common_args(cfg, variant, output_dir=work_dir, seed=seed,
+                                                            report_to=report_to),
+                             remove_unused_columns=False, label_names=[], **(extra_args or {}))
+    trainer = _packed_trainer_class()(
+        model=model, args=args, train_dataset=_ListDataset(items), processing_class=tokenizer,
+        data_collator=lambda chunk: pack_batch(chunk, pad_id, margins),
+        callbacks=[training.complete_marker_callback(), *callbacks],
+    )
+    result = trainer.train(resume_from_checkpoint=training.last_complete_checkpoint(work_dir))
+    return trainer, result
+
+
+def pairs_rows(items: list[EncodedRanking], margins: dict[str, float] | None) -> list[dict]:
+    """The expanded-pairs dataset for TRL's RewardTrainer, pre-tokenized exactly like the packed rows.
+
+    A `margin` column exists only when the margin is on: TRL applies a margin whenever it sees one.
+    """
+    rows = []
+    for it in items:
+        m = pair_margins(it.strengths, margins)
+        for p, (a, b) in enumerate(it.pairs):
+            row = {"chosen_ids": it.prompt_ids + it.response_ids[a], "rejected_ids": it.prompt_ids + it.response_ids[b]}
+            if m is not None:
+                row["margin"] = m[p]
+            rows.append(row)
+    return rows
+
+
+def train_pairs(model, tokenizer, items: list[EncodedRanking], cfg: RMConfig, variant: training.Variant, *,
+                work_dir: Path, seed: int, report_to="none", extra_args: dict | None = None, callbacks=()):
+    """Train `model` with TRL's RewardTrainer on expanded pairs (the baseline); resumable."""
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    pad_id = tokenizer.pad_token_id
+    # The HF classifier reads the score at the last token that is not the pad token, so a pad id
+    # that also ends responses (pad = eos = end-of-turn) would move the score one token left.
+    for it in items:
+        if any(r and r[-1] == pad_id for r in it.response_ids):
+            raise ValueError(f"{it.source}: a response ends with the pad token id {pad_id}; the pairs path "
+                             "(TRL RewardTrainer) would read its score at the wrong token. Give the tokenizer "
+                             "a distinct pad token or use packing: true")
+    margins = cfg.margins if cfg.margin else None
+    args = RewardConfig(**training.trainer_common_args(cfg, variant, output_dir=work_dir, seed=seed,
+                                                       report_to=report_to),
+                        max_length=None, center_rewards_coefficient=None, **(extra_args or {}))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs_rows(items, margins)),
+                            processing_class=tokenizer, callbacks=[training.complete_marker_callback(), *callbacks],
+                            peft_config=training.peft_config(cfg.lora, task_type="SEQ_CLS"))
+    result = trainer.train(resume_from_checkpoint=training.last_complete_checkpoint(work_dir))
+    return trainer, result
+
+
+def _encode_all(tokenizer, rankings: list[Ranking], max_length: int) -> tuple[list[EncodedRanking], Counter]:
+    items, drops = [], Counter()
+    for r in rankings:
+        enc, d = encode_ranking(tokenizer, r, max_length)
+        drops.update(d)
+        if enc is not None:
+            items.append(enc)
+    return items, drops
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Train the reward model (each variant), average variants, evaluate on held-out rankings."""
+    from transformers import set_seed
+
+    from posttrain import data
+    from posttrain.modeling import load_tokenizer, pick_device, save_checkpoint
+
+    cfg: RMConfig = ctx.config
+    t0 = time.time()
+    out_dir = Path(ctx.out_dir)
+    base = Path(ctx.inputs["base_model"])
+    tokenizer = load_tokenizer(base, trust_remote_code=ctx.trust_remote_code)
+
+    prefs = data.load_preferences([Path(p) for p in ctx.inputs["preference_files"]])
+    heldout_files = [Path(p) for p in ctx.inputs.get("heldout_preference_files") or []]
+    rankings, drops = expand_rankings(prefs, cfg)
+    items, long_drops = _encode_all(tokenizer, rankings, cfg.max_length)
+    drops.update(long_drops)
+    if heldout_files:
+        held_rankings, held_drops = expand_rankings(data.load_preferences(heldout_files), cfg, all_pairs=True)
+        held_items, held_long = _encode_all(tokenizer, held_rankings, cfg.max_length)
+        held_drops.update(held_long)
+        train_items = items
+        heldout_source = "files"
+    else:
+        # Split after filtering, so the held-out rankings come from the training distribution;
+        # per-strength accuracy then covers only the kept strengths (held-out files cover all).
+        train_items, held_items = split_heldout(items, cfg.heldout_fraction, ctx.seed)
+        heldout_source = f"split({cfg.heldout_fraction})"
+        held_drops = Counter()
+    if not train_items:
+        raise ValueError(f"rm: no training pairs left after filtering {len(prefs)} preference rows "
+                         f"(dropped pairs by reason: {dict(drops)})")
+
+    pair_filter = data.FilterCounts("rm pairs")
+    pair_filter.keep(sum(len(it.pairs) for it in items))
+    for reason, n in drops.items():
+        pair_filter.drop(reason, n)
+    metrics: dict[str, Any] = {
+        "rows": len(prefs), "rankings": len(train_items),
+        "pairs": sum(len(it.pairs) for it in train_items),
+        "responses_per_ranking": {str(k): v for k, v in sorted(Counter(
+            len(it.response_ids) for it in train_items).items())},
+        "filter": pair_filter.summary(),
+        "heldout": {"source": heldout_source, "rankings": len(held_items),
+                    "dropped_pairs": dict(sorted(held_drops.items()))},
+        "packing": cfg.packing, "margin": cfg.margin, "variants": {},
+    }
+    variant_dirs = []
+    n_var = len(cfg.variants)
+    for index, variant in enumerate(cfg.variants):
+        name = training.variant_name(variant, index)
+        seed = variant.seed if variant.seed is not None else ctx.seed + index
+        final = out_dir / "model" if n_var == 1 else out_dir / name / "model"
+        variant_dirs.append(final)
+        vm_file = out_dir / name / "metrics.json"
+        if final.is_dir() and vm_file.is_file():  # both written atomically: this variant is done
+            metrics["variants"][name] = read_json(vm_file)
+            continue
+        vitems = train_items
+        if variant.data_fraction is not None and variant.data_fraction < 1:
+            vitems = random.Random(seed).sample(train_items, max(1, round(variant.data_fraction * len(train_items))))
+        rng = random.Random(seed)
+        vitems = [shuffle_responses(it, rng) for it in vitems]
+        set_seed(seed)  # the fresh score head is drawn here
+        model = load_reward_model(base, trust_remote_code=ctx.trust_remote_code)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        tv = time.time()
+        work = out_dir / name / "checkpoints"
+        if cfg.packing:
+            if cfg.lora.enabled:
+                from peft import get_peft_model
+
+                model = get_peft_model(model, training.peft_config(cfg.lora, task_type="SEQ_CLS"))
+            trainer, result = train_packed(model, tokenizer, vitems, cfg, variant, work_dir=work, seed=seed,
+                                           report_to=ctx.report_to)
+        else:
+            trainer, result = train_pairs(model, tokenizer, vitems, cfg, variant, work_dir=work, seed=seed,
+                                          report_to=ctx.report_to)
+        model = training.merge_if_peft(trainer.model)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        vm = {"seed": seed, "train_loss": result.training_loss, "steps": result.global_step,
+              "seconds": round(time.time() - tv, 2), "rankings": len(vitems)}
+        if held_items and n_var > 1:
+            vm["heldout"] = evaluate_rankings(model, held_items, tokenizer.pad_token_id, cfg)
+        save_checkpoint(model, tokenizer, final)
+        atomic_write_json(vm_file, vm)
+        metrics["variants"][name] = vm
+        shutil.rmtree(work, ignore_errors=True)  # the final model supersedes the resumable checkpoints
+        del trainer, model
+        _free_memory()
+
+    if n_var > 1 and not (out_dir / "model").is_dir():
+        from posttrain.average import average_checkpoints
+
+        average_checkpoints([str(p) for p in variant_dirs], str(out_dir / "model"))
+    if held_items:
+        model = load_reward_model(out_dir / "model", trust_remote_code=ctx.trust_remote_code).to(pick_device())
+        metrics["heldout"].update(evaluate_rankings(model, held_items, tokenizer.pad_token_id, cfg))
+        del model
+        _free_memory()
+    losses = [v["train_loss"] for v in metrics["variants"].values()]
+    metrics["train_loss"] = sum(losses) / len(losses) if losses else None
+    metrics["seconds"] = round(time.time() - t0, 2)
+    model_rel = (out_dir / "model").resolve().relative_to(Path(ctx.run_dir).resolve())
+    return StageResult(outputs={"model": model_rel.as_posix()}, metrics=metrics)

@@ -1,0 +1,291 @@
+"""The reward API: loading by import path, abstention, loud failures, combinations, the RM reward."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+import torch
+
+from posttrain import reward as R
+
+PROMPTS = [[{"role": "user", "content": "sort 3 1 2"}], [{"role": "user", "content": "sort 5 4"}],
+           [{"role": "user", "content": "hello"}]]
+RESPONSES = ["1 2 3", "5 4", "hi there"]
+
+CUSTOM = textwrap.dedent('''
+    import math
+
+    class WordCount:
+        """Scores a response by its number of words; abstains on empty responses."""
+
+        def __init__(self, scale=1.0):
+            self.scale = scale
+            self.name = "word_count"
+            self.ready = False
+
+        def setup(self):
+            self.ready = True
+
+        def teardown(self):
+            self.ready = False
+
+        def score(self, prompts, responses):
+            return [self.scale * len(r.split()) if r.strip() else None for r in responses]
+
+    class Nameless:
+        def score(self, prompts, responses):
+            return [0.0] * len(responses)
+
+    def make(kind, value=None):
+        class Broken:
+            name = "broken_" + kind
+            def score(self, prompts, responses):
+                if kind == "short":
+                    return [1.0] * (len(responses) - 1)
+                if kind == "nan":
+                    return [1.0, math.nan] + [0.0] * (len(responses) - 2)
+                if kind == "inf":
+                    return [math.inf] * len(responses)
+                if kind == "string":
+                    return ["1.0"] * len(responses)
+                if kind == "raises":
+                    raise KeyError("no reference answer")
+                if kind == "scalar":
+                    return 1.0
+        return Broken()
+
+    NOT_CALLABLE = 3
+''')
+
+
+@pytest.fixture
+def custom_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(CUSTOM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_rewards"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_load_reward_by_import_path(custom_module):
+    r = R.load_reward({"target": "my_rewards:WordCount", "kwargs": {"scale": 2.0}})
+    assert r.name == "word_count" and r.scale == 2.0
+    assert R.checked_score(r, PROMPTS, RESPONSES) == [6.0, 4.0, 4.0]
+    spec = R.RewardSpec(target="my_rewards:WordCount")
+    assert R.load_reward(spec).scale == 1.0
+    nameless = R.load_reward({"target": "my_rewards:Nameless"})
+    assert nameless.name == "my_rewards:Nameless"  # errors and records need a name
+
+
+def test_load_reward_passes_instances_through(custom_module):
+    import my_rewards
+
+    inst = my_rewards.WordCount()
+    assert R.load_reward(inst) is inst
+    with pytest.raises(R.RewardError, match="not a reward"):
+        R.load_reward(object())
+    with pytest.raises(R.RewardError, match="name a reward as"):
+        R.load_reward("my_rewards:WordCount")
+
+
+def test_load_reward_errors_name_the_target(custom_module):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):  # a file path is not an import path
+        R.load_reward({"target": "/tmp/my_rewards.py:WordCount"})
+    with pytest.raises(ValidationError):  # unknown keys are errors
+        R.load_reward({"target": "my_rewards:WordCount", "kwarg": {}})
+    with pytest.raises(R.RewardError, match="cannot import module 'no_such_module'"):
+        R.load_reward({"target": "no_such_module:X"})
+    with pytest.raises(R.RewardError, match="has no attribute 'Missing'"):
+        R.load_reward({"target": "my_rewards:Missing"})
+    with pytest.raises(R.RewardError, match="rejected kwargs \\['bogus'\\]"):
+        R.load_reward({"target": "my_rewards:WordCount", "kwargs": {"bogus": 1}})
+    with pytest.raises(R.RewardError, match="not a class or factory"):
+        R.load_reward({"target": "my_rewards:NOT_CALLABLE"})
+
+
+def test_setup_and_teardown_through_active(custom_module):
+    r = R.load_reward({"target": "my_rewards:WordCount"})
+    with R.active(r):
+        assert r.ready
+    assert not r.ready
+    with pytest.raises(ZeroDivisionError), R.active(r):
+        assert r.ready
+        1 / 0
+    assert not r.ready  # torn down even when the block fails
+
+
+# ----------------------------------------------------------------------------- checked scoring
+
+
+def test_abstention_is_returned_as_none(custom_module):
+    r = R.load_reward({"target": "my_rewards:WordCount"})
+    assert R.checked_score(r, PROMPTS, ["a b", "   ", "c"]) == [2.0, None, 1.0]
+    assert R.checked_score(r, [], []) == []
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("short", "reward 'broken_short' returned 2 scores for 3 samples"),
+    ("nan", "reward 'broken_nan' returned nan for sample 1"),
+    ("inf", "reward 'broken_inf' returned inf for sample 0"),
+    ("string", "reward 'broken_string' returned a non-number for sample 0: '1.0'"),
+    ("raises", "reward 'broken_raises' raised KeyError: 'no reference answer'"),
+    ("scalar", "reward 'broken_scalar' returned float, expected a list of 3 floats or None"),
+])
+def test_each_failure_mode_fails_loudly_naming_the_reward(custom_module, kind, message):
+    r = R.load_reward({"target": "my_rewards:make", "kwargs": {"kind": kind}})
+    with pytest.raises(R.RewardError) as info:
+        R.checked_score(r, PROMPTS, RESPONSES)
+    assert str(info.value) == message
+    if kind == "raises":
+        assert isinstance(info.value.__cause__, KeyError)  # the original traceback stays chained
+
+
+def test_numpy_and_torch_scores_are_accepted():
+    class T:
+        name = "tensor"
+
+        def score(self, prompts, responses):
+            return torch.tensor([0.5, 1.5, -2.0])
+
+    class L:
+        name = "scalars"
+
+        def score(self, prompts, responses):
+            return [torch.tensor(1.0), 2, None]
+
+    assert R.checked_score(T(), PROMPTS, RESPONSES) == [0.5, 1.5, -2.0]
+    assert R.checked_score(L(), PROMPTS, RESPONSES) == [1.0, 2.0, None]
+    with pytest.raises(R.RewardError, match="non-number for sample 0: True"):
+        R.check_scores("b", [True], 1)
+
+
+def test_setup_failure_names_the_reward():
+    class Bad:
+        name = "sandbox"
+
+        def setup(self):
+            raise OSError("docker not running")
+
+        def score(self, prompts, responses):
+            return []
+
+    with pytest.raises(R.RewardError, match=r"reward 'sandbox' failed in setup\(\): OSError: docker not running"):
+        R.setup(Bad())
+
+
+# ----------------------------------------------------------------------------- combinations
+
+
+class Fixed:
+    def __init__(self, name, values):
+        self.name, self.values = name, values
+        self.events = []
+
+    def setup(self):
+        self.events.append("setup")
+
+    def teardown(self):
+        self.events.append("teardown")
+
+    def score(self, prompts, responses):
+        return list(self.values)
+
+
+def test_combine_scores_by_hand():
+    a = [1.0, None, None, 2.0]
+    b = [0.5, 0.5, None, None]
+    w = [1.0, 0.1]
+    assert R.combine_scores([a, b], w, "skip") == pytest.approx([1.05, 0.05, None, 2.0])
+    assert R.combine_scores([a, b], w, "zero") == pytest.approx([1.05, 0.05, 0.0, 2.0])
+    assert R.combine_scores([a, b], w, "all") == [pytest.approx(1.05), None, None, None]
+    with pytest.raises(ValueError, match="abstain must be"):
+        R.combine_scores([a], [1.0], "ignore")
+
+
+def test_checker_plus_rm_tie_break():
+    checker = Fixed("checker", [1.0, 1.0, 0.0])   # two responses pass the checker
+    rm_like = Fixed("rm", [-3.0, 2.0, 9.0])        # the RM prefers the failing one most
+    combo = R.WeightedReward([(checker, 1.0), (rm_like, 0.01)])
+    scores = R.checked_score(combo, PROMPTS, RESPONSES)
+    assert scores == pytest.approx([0.97, 1.02, 0.09])
+    # The checker decides; among those that pass it, the RM breaks the tie.
+    assert max(range(3), key=lambda i: scores[i]) == 1
+    assert combo.name == "weighted(1*checker + 0.01*rm)"
+    with R.active(combo):
+        pass
+    assert checker.events == ["setup", "teardown"] and rm_like.events == ["setup", "teardown"]
+
+
+def test_weighted_reward_from_specs_and_component_errors(custom_module):
+    combo = R.load_reward({"target": "posttrain.reward:WeightedReward",
+                           "kwargs": {"components": [[{"target": "my_rewards:WordCount"}, 1.0],
+                                                     [{"target": "my_rewards:Nameless"}, 2.0]],
+                                      "abstain": "all"}})
+    assert R.checked_score(combo, PROMPTS, ["a b", "", "c"]) == [2.0, None, 1.0]
+    broken = R.WeightedReward([(Fixed("ok", [1.0, 1.0, 1.0]), 1.0),
+                               (R.load_reward({"target": "my_rewards:make", "kwargs": {"kind": "nan"}}), 1.0)])
+    with pytest.raises(R.RewardError, match="reward 'broken_nan' returned nan"):
+        R.checked_score(broken, PROMPTS, RESPONSES)
+    with pytest.raises(ValueError, match="expected \\(reward, weight\\)"):
+        R.WeightedReward([Fixed("x", [])])
+    with pytest.raises(ValueError, match="at least one"):
+        R.WeightedReward([])
+
+
+# ----------------------------------------------------------------------------- the trained RM
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
+    from posttrain.modeling import save_checkpoint
+    from posttrain.rm import load_reward_model
+
+    torch.manual_seed(0)
+    model = load_reward_model(tiny_model_dir)
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    model.config.pad_token_id = tiny_tokenizer.pad_token_id
+    out = tmp_path_factory.mktemp("rm") / "model"
+    save_checkpoint(model, tiny_tokenizer, out)
+    return out
+
+
+def test_rm_reward_scores_equal_a_plain_forward(rm_dir, tiny_tokenizer):
+    from posttrain import chat
+    from posttrain.rm import load_reward_model
+
+    r = R.RMReward(rm_dir, batch_size=2, device="cpu", dtype="float32")
+    got = R.checked_score(r, PROMPTS, RESPONSES)
+    model = load_reward_model(rm_dir).eval()
+    with torch.no_grad():
+        want = [model(input_ids=torch.tensor([chat.encode_example(tiny_tokenizer, p, x).input_ids])).logits.item()
+                for p, x in zip(PROMPTS, RESPONSES)]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert len(set(round(g, 3) for g in got)) == 3
+    # The batch size changes padding, not scores.
+    assert R.checked_score(R.RMReward(rm_dir, batch_size=1, device="cpu", dtype="float32"),
+                           PROMPTS, RESPONSES) == pytest.approx(got, abs=1e-4)
+    r.teardown()
+    assert r.model is None
+
+
+def test_rm_reward_abstains_on_too_long_samples(rm_dir):
+    r = R.RMReward(rm_dir, device="cpu", dtype="float32", max_length=40)
+    with R.active(r):
+        scores = R.checked_score(r, PROMPTS, ["1 2 3", "word " * 50, "hi"])
+    assert scores[1] is None and all(math.isfinite(s) for s in (scores[0], scores[2]))
+    assert r.abstained == 1
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        R.RMReward(rm_dir.parent / "missing").setup()
+
+
+def test_rm_reward_dtype_is_honoured(rm_dir):
+    r = R.RMReward(rm_dir, device="cpu", dtype="bfloat16")
+    r.setup()
+    assert next(r.model.parameters()).dtype == torch.bfloat16
+    f32 = R.checked_score(R.RMReward(rm_dir, device="cpu", dtype="float32"), PROMPTS, RESPONSES)
+    assert R.checked_score(r, PROMPTS, RESPONSES) == pytest.approx(f32, abs=0.1 * max(map(abs, f32)) + 0.05)
