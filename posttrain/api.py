@@ -86,6 +86,8 @@ def _cell(run_dir: Path, n: int, step: str) -> str:
         "eval": ("task_score", "task"),
     }.get(step)
     shown = ""
+    if step == "rm":
+        m = {"heldout_accuracy": (m.get("heldout") or {}).get("accuracy")}
     if key and isinstance(m.get(key[0]), (int, float)):
         shown = f" {key[1]}={m[key[0]]:.3f}"
     return f"done {secs:.0f}s{shown}"

@@ -51,6 +51,8 @@ LLAMA2_MARGINS = {"significantly_better": 1.0, "better": 2.0 / 3.0, "slightly_be
 class RMConfig(training.TrainingSettings):
     """The `rm` stage: reward model training (Bradley-Terry on ranked responses)."""
 
+    cumulative: bool = True
+    """Train on every preference batch up to this round (the paper); False: the round's batch only."""
     packing: bool = True
     """One row per ranking (prompt once, responses under a block mask: the paper's way); False
     trains TRL's RewardTrainer on expanded (chosen, rejected) pairs (the baseline)."""

@@ -289,3 +289,34 @@ def test_rm_reward_dtype_is_honoured(rm_dir):
     assert next(r.model.parameters()).dtype == torch.bfloat16
     f32 = R.checked_score(R.RMReward(rm_dir, device="cpu", dtype="float32"), PROMPTS, RESPONSES)
     assert R.checked_score(r, PROMPTS, RESPONSES) == pytest.approx(f32, abs=0.1 * max(map(abs, f32)) + 0.05)
+
+
+class _NeedsReference:
+    """Scores 1.0 when the response equals the row's reference answer; abstains without one."""
+
+    name = "needs_reference"
+
+    def score(self, prompts, responses):
+        raise AssertionError("score() must not be called when metas are given")
+
+    def score_with_meta(self, prompts, responses, metas):
+        return [None if "answer" not in m else float(r == m["answer"]) for r, m in zip(responses, metas)]
+
+
+class _Const:
+    name = "const"
+
+    def score(self, prompts, responses):
+        return [0.5] * len(responses)
+
+
+def test_metas_reach_rewards_that_use_them_also_inside_a_combination():
+    from posttrain.reward import WeightedReward, checked_score
+
+    prompts = [[{"role": "user", "content": "2+2?"}]] * 3
+    metas = [{"answer": "4"}, {"answer": "5"}, {}]
+    assert checked_score(_NeedsReference(), prompts, ["4", "4", "4"], metas) == [1.0, 0.0, None]
+    combo = WeightedReward([(_NeedsReference(), 1.0), (_Const(), 0.1)])
+    assert checked_score(combo, prompts, ["4", "4", "4"], metas) == pytest.approx([1.05, 0.05, 0.05])
+    with pytest.raises(ValueError, match="3 prompts but 3 responses and 2 metas"):
+        checked_score(combo, prompts, ["4", "4", "4"], metas[:2])

@@ -39,7 +39,7 @@ def test_status_table_shows_states_metrics_and_partial_stages(tmp_path):
     from posttrain.api import status_table
 
     atomic_write_json(tmp_path / "round_01" / "rm" / "record.json",
-                      {"metrics": {"heldout_accuracy": 0.8125}, "timing": {"seconds": 12.4}})
+                      {"metrics": {"heldout": {"accuracy": 0.8125}}, "timing": {"seconds": 12.4}})
     (tmp_path / "round_01" / "sample" / "samples").mkdir(parents=True)
     table = status_table(tmp_path)
     lines = table.splitlines()

@@ -86,7 +86,8 @@ def _score(reward, prompts: list, rows: list[dict]) -> list[float | None]:
 
     by_id = {p.id: p for p in prompts}
     convs = [by_id[r["id"]].messages for r in rows]
-    return checked_score(reward, convs, [r["text"] for r in rows])
+    metas = [{**by_id[r["id"]].meta, "capability": by_id[r["id"]].capability} for r in rows]
+    return checked_score(reward, convs, [r["text"] for r in rows], metas)
 
 
 def _summaries(rows: list[dict], rewards, checks) -> dict:
@@ -155,7 +156,7 @@ def evaluate_round(rnd, *, force: bool = False) -> dict:
     metrics["win_rate_vs_initial"] = win_rate(rewards["ours"], rewards["initial"])
     metrics["win_rate_vs_previous"] = win_rate(rewards["ours"], rewards["previous"]) if "previous" in rewards else None
     rm_metrics = rnd.records["rm"].get("metrics", {})
-    metrics["rm_heldout_accuracy"] = rm_metrics.get("heldout_accuracy")
+    metrics["rm_heldout_accuracy"] = (rm_metrics.get("heldout") or {}).get("accuracy")
     metrics["prompts"] = len(prompts)
     metrics["responses"] = len(rows)
     for row, rew, chk in zip(rows, rewards["ours"], checks or [None] * len(rows)):

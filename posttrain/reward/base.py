@@ -134,15 +134,25 @@ def check_scores(name: str, scores: Any, n: int) -> list[float | None]:
     return out
 
 
-def checked_score(reward: Reward, prompts: list[list[Message]], responses: list[str]) -> list[float | None]:
-    """`reward.score(prompts, responses)`, validated; every failure raises RewardError naming the reward."""
+def checked_score(reward: Reward, prompts: list[list[Message]], responses: list[str],
+                  metas: list[dict] | None = None) -> list[float | None]:
+    """`reward.score(prompts, responses)`, validated; every failure raises RewardError naming the reward.
+
+    With `metas` (one dict per sample: the prompt row's other fields, such as unit tests or a
+    reference answer) a reward that has `score_with_meta(prompts, responses, metas)` gets them.
+    """
     name = reward_name(reward)
-    if len(prompts) != len(responses):
-        raise ValueError(f"checked_score({name!r}): {len(prompts)} prompts but {len(responses)} responses")
+    if len(prompts) != len(responses) or (metas is not None and len(metas) != len(prompts)):
+        raise ValueError(f"checked_score({name!r}): {len(prompts)} prompts but {len(responses)} responses"
+                         + ("" if metas is None else f" and {len(metas)} metas"))
     if not prompts:
         return []
+    with_meta = getattr(reward, "score_with_meta", None)
     try:
-        scores = reward.score(prompts, responses)
+        if metas is not None and callable(with_meta):
+            scores = with_meta(prompts, responses, metas)
+        else:
+            scores = reward.score(prompts, responses)
     except RewardError:
         raise
     except Exception as e:  # re-raised with the reward's name; the original stays chained

@@ -88,3 +88,9 @@ class WeightedReward:
     def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float | None]:
         columns = [checked_score(r, prompts, responses) for r in self.rewards]
         return combine_scores(columns, self.weights, self.abstain)
+
+    def score_with_meta(self, prompts: list[list[Message]], responses: list[str],
+                        metas: list[dict]) -> list[float | None]:
+        """As `score`, passing each prompt row's fields on to the parts that use them."""
+        columns = [checked_score(r, prompts, responses, metas) for r in self.rewards]
+        return combine_scores(columns, self.weights, self.abstain)
