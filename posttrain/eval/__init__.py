@@ -73,7 +73,7 @@ def generate_responses(model_dir: str | Path, prompts: list, rnd, workdir: Path)
     )
     options = EngineOptions(device=r.run.device, trust_remote_code=r.models.trust_remote_code)
     gens = generate(model_dir, ids, settings, backend=r.eval.backend, options=options,
-                    vllm_python=getattr(r.sample, "vllm_python", None), workdir=workdir)
+                    vllm_python=r.sample.vllm.python, workdir=workdir)
     rows = []
     for p, g in zip(prompts, gens, strict=True):
         for i, (text, n, fin) in enumerate(zip(g.texts, g.n_tokens, g.finished)):
