@@ -1,0 +1,657 @@
+"""The `dpo` stage: direct preference optimisation on top of this round's SFT model.
+
+Llama 3 report, section 4.1.4: DPO (beta 0.1) from the round's SFT model, which is also the
+reference, on the latest preference batch (`significantly_better`/`better` only), with two
+changes to plain DPO:
+
+- formatting tokens (chat headers, role names, end-of-turn tokens) are masked out of the
+  log-probabilities of chosen and rejected: they are common to both sides, so their
+  gradients conflict and cause tail repetition or abrupt termination;
+- an NLL term (coefficient 0.2) on the chosen response keeps its log-probability from
+  falling. It keeps the formatting tokens as targets by default, so the model keeps
+  learning to stop (`mask_formatting_in_nll` masks them there too).
+
+TRL's DPOTrainer derives every log-probability from one `completion_mask`, so masking
+tokens out of the DPO term would also mask them out of the NLL term. `MaskedDPOTrainer`
+(built by `masked_dpo_trainer_class`) therefore replaces the loss: the collator carries a
+second mask, `dpo_mask`, and the loss uses `completion_mask` for the NLL term and
+`dpo_mask` for the DPO term. The math is in the pure functions below.
+
+Reference log-probs are computed once per (model, pair, mask) and kept in a cache on disk
+(`RefLogpCache`) whose file key names the model's content hash, dtype and masking, and
+whose row key hashes the pair's tokens and its DPO mask: variants of one stage share it,
+and a changed mask can never reuse numbers computed under another one (TRL's own cache is
+keyed by dataset fingerprint and model, not by the collator).
+
+Inputs (`ctx.inputs`): `sft_model` (folder), `preference_files` (list, may be empty),
+`samples` (folder of sample shards, or None). Outputs: `variants` (list of model folders,
+relative to the run folder; the `average` stage averages them). Optional
+`ctx.extra["trainer_callbacks"]`: extra transformers TrainerCallbacks (tests, tooling).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from posttrain import files
+from posttrain.stage import StageContext, StageResult
+from posttrain.training import (
+    TrainingSettings,
+    complete_marker_callback,
+    last_complete_checkpoint,
+    merge_if_peft,
+    peft_config,
+    trainer_common_args,
+    variant_name,
+)
+
+
+STRENGTHS = ("significantly_better", "better", "slightly_better", "marginally_better")
+REF_CACHE_VERSION = 1
+# Logged by the trainer at every logging step; the record keeps each as a series.
+TRAINING_SERIES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+                   "logps/chosen", "logps/rejected", "nll")
+
+
+class DPOStageConfig(TrainingSettings):
+    """The `dpo` stage. Named so it does not clash with trl.DPOConfig."""
+
+    beta: float = Field(0.1, gt=0)
+    """DPO temperature beta (the paper: 0.1)."""
+    nll_coef: float = Field(0.2, ge=0)
+    """Weight of the NLL term on the chosen response (the paper: 0.2; 0 turns it off)."""
+    mask_formatting: bool = True
+    """Mask formatting tokens out of the DPO log-probabilities of chosen and rejected."""
+    mask_formatting_in_nll: bool = False
+    """Also mask formatting tokens out of the NLL term (off: the model keeps learning to stop)."""
+    latest_batch_only: bool = True
+    """Pairs from the latest round's preference batch only (the paper); False: every batch so far."""
+    pairs_from_preferences: bool = True
+    """Build pairs from the preference files."""
+    latest_batch_only: bool = True
+    """Use only this round's preference batch (the paper: mostly the latest batches); off: every batch
+    so far. The orchestrator turns this into inputs['preference_files']."""
+    keep_strengths: list[str] = Field(default_factory=lambda: ["significantly_better", "better"])
+    """Preference strengths kept as DPO pairs."""
+    keep_unlabelled: bool = True
+    """Keep preference rows that carry no strength label (TRL-format data without `strength`)."""
+    use_edited: bool = True
+    """Where a ranking has an `edited` response, use it as the chosen one (edited > chosen > rejected)."""
+    on_policy_pairs: bool = False
+    """Add on-policy pairs from the `sample` stage: the reward's best vs worst of the K samples."""
+    min_score_gap: float = Field(0.0, ge=0)
+    """On-policy pairs need score(best) - score(worst) above this gap (strictly; ties never make a pair)."""
+    on_policy_require_finished: bool = True
+    """Drop on-policy pairs whose best response never reached an end-of-turn token."""
+    precompute_ref: bool = True
+    """Compute reference log-probs once (cached on disk) instead of running a live reference model."""
+    ref_batch_size: int | None = Field(None, gt=0)
+    """Batch size for the reference pass (default: batch_size)."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        unknown = sorted(set(self.keep_strengths) - set(STRENGTHS))
+        if unknown:
+            raise ValueError(f"keep_strengths: unknown strength(s) {unknown}; known: {list(STRENGTHS)}")
+        if not (self.pairs_from_preferences or self.on_policy_pairs):
+            raise ValueError("pairs_from_preferences and on_policy_pairs are both off: DPO would have no data")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Math (pure functions). Shapes: B pairs, T = sequence length - 1 (next-token positions).
+
+
+def masked_logp_sum(per_token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log pi(y | x) restricted to masked tokens: sum_t mask[b, t] * logp[b, t].
+
+    per_token_logps: (N, T) log-prob of each next-token label; mask: (N, T) 0/1. Returns (N,).
+    """
+    return (per_token_logps * mask.to(per_token_logps.dtype)).sum(dim=1)
+
+
+def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                     ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-pair DPO loss (Rafailov et al. 2023, eq. 7).
+
+        L = -log sigma(beta * [(log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))])
+
+    All inputs (B,) sequence log-prob sums; returns (B,).
+    """
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin)
+
+
+def token_mean_nll(per_token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy over the masked tokens of a batch: -sum(mask * logp) / sum(mask).
+
+    per_token_logps: (B, T); mask: (B, T) 0/1. Returns a scalar (0 when nothing is masked in).
+    Matches TRL's "sft" loss term (mean over all chosen tokens of the batch, not per sequence).
+    """
+    mask = mask.to(per_token_logps.dtype)
+    return -(per_token_logps * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def dpo_objective(per_token_logps: torch.Tensor, dpo_mask: torch.Tensor, nll_mask: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+                  beta: float, nll_coef: float, dpo_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """The stage's loss: dpo_weight * mean DPO loss under `dpo_mask` + nll_coef * NLL of chosen under `nll_mask`.
+
+    per_token_logps: (2B, T), rows [chosen_1..chosen_B, rejected_1..rejected_B], zero outside the
+    response tokens; dpo_mask, nll_mask: (2B, T) 0/1 subsets of the response tokens (only the
+    chosen half of nll_mask is used); ref_chosen, ref_rejected: (B,) reference sums under dpo_mask.
+    """
+    logps = masked_logp_sum(per_token_logps, dpo_mask)  # (2B,)
+    chosen, rejected = logps.chunk(2, dim=0)
+    dpo = dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, beta)  # (B,)
+    chosen_tok, _ = per_token_logps.chunk(2, dim=0)
+    chosen_nll_mask, _ = nll_mask.chunk(2, dim=0)
+    nll = token_mean_nll(chosen_tok, chosen_nll_mask)
+    loss = dpo_weight * dpo.mean() + (nll_coef * nll if nll_coef > 0 else 0.0)
+    return {"loss": loss, "dpo": dpo.mean(), "nll": nll, "chosen_logps": chosen, "rejected_logps": rejected}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairs
+
+
+@dataclass
+class Pair:
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+    source: str
+    """"preferences" or "on_policy"."""
+    origin: str
+    """Where it came from ("file:row") for error messages."""
+
+
+def preference_pairs(prefs, cfg: DPOStageConfig) -> tuple[list[Pair], Counter]:
+    """DPO pairs from normalised preference rows, with a count per reason for every row."""
+    pairs, counts = [], Counter()
+    keep = set(cfg.keep_strengths)
+    for p in prefs:
+        if p.strength is None and not cfg.keep_unlabelled:
+            counts["preferences/dropped_unlabelled"] += 1
+            continue
+        if p.strength is not None and p.strength not in keep:
+            counts[f"preferences/dropped_strength_{p.strength}"] += 1
+            continue
+        chosen = p.chosen
+        if cfg.use_edited and p.edited is not None and p.edited.strip():
+            chosen = p.edited
+            counts["preferences/edited_as_chosen"] += 1
+        if chosen.strip() == p.rejected.strip():
+            counts["preferences/dropped_identical"] += 1
+            continue
+        counts["preferences/kept"] += 1
+        pairs.append(Pair(p.prompt, chosen, p.rejected, "preferences", p.source))
+    return pairs, counts
+
+
+def _sample_error(path, row: int, field: str, msg: str) -> ValueError:
+    return ValueError(f"{path}: row {row}: field '{field}': {msg}")
+
+
+def on_policy_pairs(samples_dir: str | Path, cfg: DPOStageConfig) -> tuple[list[Pair], Counter]:
+    """RM-best vs RM-worst of each prompt's K samples (rows as docs/design.md, "Sample shards").
+
+    A pair needs two scored, distinct responses with score(best) - score(worst) > min_score_gap.
+    """
+    pairs, counts = [], Counter()
+    shards = sorted(Path(samples_dir).glob("shard_*.jsonl"))
+    if not shards:
+        raise FileNotFoundError(f"{samples_dir}: no shard_*.jsonl sample shards")
+    for shard in shards:
+        for i, row in enumerate(files.iter_jsonl(shard), start=1):
+            for key in ("prompt", "responses", "scores", "best", "worst", "finished"):
+                if key not in row:
+                    raise _sample_error(shard, i, key, "missing")
+            k = len(row["responses"])
+            if len(row["scores"]) != k or len(row["finished"]) != k:
+                raise _sample_error(shard, i, "scores", f"{len(row['scores'])} scores and "
+                                    f"{len(row['finished'])} finished flags for {k} responses")
+            best, worst = row["best"], row["worst"]
+            for key, idx in (("best", best), ("worst", worst)):
+                if not isinstance(idx, int) or not 0 <= idx < k:
+                    raise _sample_error(shard, i, key, f"{idx!r} is not an index into {k} responses")
+            s_best, s_worst = row["scores"][best], row["scores"][worst]
+            if s_best is None or s_worst is None:
+                counts["on_policy/dropped_unscored"] += 1
+                continue
+            if best == worst or row["responses"][best].strip() == row["responses"][worst].strip():
+                counts["on_policy/dropped_identical"] += 1
+                continue
+            if not s_best - s_worst > cfg.min_score_gap:
+                counts["on_policy/dropped_small_gap"] += 1
+                continue
+            if cfg.on_policy_require_finished and not row["finished"][best]:
+                counts["on_policy/dropped_unfinished_best"] += 1
+                continue
+            counts["on_policy/kept"] += 1
+            pairs.append(Pair(row["prompt"], row["responses"][best], row["responses"][worst],
+                              "on_policy", f"{shard}:{i}"))
+    return pairs, counts
+
+
+def encode_pair(tokenizer, pair: Pair, max_length: int, mask_formatting: bool,
+                formatting_tokens: list[str] | None = None) -> dict | None:
+    """Token ids and masks of one pair, or None when the prompt leaves no room within max_length.
+
+    Returns prompt_ids, chosen_ids, rejected_ids and, per side, `*_loss_mask` (response tokens,
+    formatting included: the NLL term's targets) and `*_dpo_mask` (response tokens minus
+    formatting tokens when `mask_formatting`: the DPO term's).
+    """
+    from posttrain import chat
+
+    row = {}
+    prompt_ids = None
+    for side, text in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        try:
+            enc = chat.encode_example(tokenizer, pair.prompt, text, max_length,
+                                      formatting_tokens=formatting_tokens)
+        except chat.PromptTooLong:
+            return None
+        n_prompt = enc.prompt_length
+        ids = list(enc.input_ids)
+        if prompt_ids is None:
+            prompt_ids = ids[:n_prompt]
+        elif ids[:n_prompt] != prompt_ids:
+            raise ValueError(f"{pair.origin}: chosen and rejected encode the prompt differently")
+        loss_mask = [int(m) for m in enc.response_mask[n_prompt:]]
+        fmt = [int(m) for m in enc.formatting_mask[n_prompt:]]
+        if not any(loss_mask):
+            return None
+        row[f"{side}_ids"] = ids[n_prompt:]
+        row[f"{side}_loss_mask"] = loss_mask
+        row[f"{side}_dpo_mask"] = [m * (1 - f) if mask_formatting else m for m, f in zip(loss_mask, fmt)]
+    row["prompt_ids"] = prompt_ids
+    if not any(row["chosen_dpo_mask"]) or not any(row["rejected_dpo_mask"]):
+        return None
+    row["uid"] = pair_uid(row)
+    return row
+
+
+def pair_uid(row: dict) -> str:
+    """Hash of everything a reference log-prob sum depends on: the tokens and the DPO mask."""
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_dpo_mask", "rejected_dpo_mask")
+    return files.hash_json({k: row[k] for k in keys})
+
+
+@dataclass
+class PairCollator:
+    """Pads tokenized pairs into one batch of 2B rows: [chosen_1..chosen_B, rejected_1..rejected_B].
+
+    Emits input_ids, attention_mask, completion_mask (response tokens: the NLL term's targets),
+    dpo_mask (the DPO term's tokens) and the reference sums when the rows carry them. Right padding.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        seqs, attn, comp, dpo = [], [], [], []
+        for side in ("chosen", "rejected"):
+            for ex in examples:
+                n = len(ex["prompt_ids"])
+                seqs.append(list(ex["prompt_ids"]) + list(ex[f"{side}_ids"]))
+                attn.append([1] * len(seqs[-1]))
+                comp.append([0] * n + list(ex[f"{side}_loss_mask"]))
+                dpo.append([0] * n + list(ex[f"{side}_dpo_mask"]))
+        width = max(len(s) for s in seqs)
+
+        def padded(rows, value):
+            return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+        out = {"input_ids": padded(seqs, self.pad_token_id), "attention_mask": padded(attn, 0),
+               "completion_mask": padded(comp, 0), "dpo_mask": padded(dpo, 0)}
+        if "ref_chosen_logps" in examples[0]:
+            out["ref_chosen_logps"] = torch.tensor([float(ex["ref_chosen_logps"]) for ex in examples])
+            out["ref_rejected_logps"] = torch.tensor([float(ex["ref_rejected_logps"]) for ex in examples])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference log-prob cache
+
+
+def ref_cache_key(model_hash: str, dtype: str, mask_formatting: bool, formatting_ids) -> str:
+    """File key of a reference cache: the model's content, its dtype and the masking rule."""
+    return files.hash_json({"version": REF_CACHE_VERSION, "model": model_hash, "dtype": dtype,
+                            "mask_formatting": mask_formatting,
+                            "formatting_ids": sorted(int(i) for i in formatting_ids)})
+
+
+class RefLogpCache:
+    """Reference log-prob sums on disk: {pair uid: [chosen, rejected]} in `<dir>/<key>.json`.
+
+    The file key covers model, dtype and masking; each row's uid covers its tokens and DPO mask.
+    Written atomically; a process that finds the file reuses every row it holds.
+    """
+
+    def __init__(self, cache_dir: str | Path, key: str):
+        self.path = Path(cache_dir) / f"ref_logps-{key[:32]}.json"
+        self.key = key
+        self.rows: dict[str, list[float]] = {}
+        if self.path.exists():
+            data = files.read_json(self.path)
+            if data.get("key") != key:
+                raise ValueError(f"{self.path}: cache key {data.get('key')!r} does not match {key!r}")
+            self.rows = data["rows"]
+        self.hits = 0
+        self.computed = 0
+
+    def missing(self, uids: list[str]) -> list[int]:
+        return [i for i, u in enumerate(uids) if u not in self.rows]
+
+    def add(self, uids: list[str], chosen: list[float], rejected: list[float]) -> None:
+        for u, c, r in zip(uids, chosen, rejected, strict=True):
+            self.rows[u] = [float(c), float(r)]
+        self.computed += len(uids)
+
+    def save(self) -> None:
+        files.atomic_write_json(self.path, {"key": self.key, "rows": self.rows})
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+
+_TRAINER_CLASS = None
+
+
+def masked_dpo_trainer_class():
+    """trl.DPOTrainer with separate DPO / NLL masks and an on-disk reference cache (built lazily)."""
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is not None:
+        return _TRAINER_CLASS
+    import contextlib
+    from unittest import mock
+
+    import trl.trainer.dpo_trainer as trl_dpo_module
+    from accelerate.utils import is_peft_model
+    from torch.utils.data import DataLoader
+    from trl import DPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+
+    class MaskedDPOTrainer(DPOTrainer):
+        """DPOTrainer whose loss takes the DPO term over `dpo_mask` and the NLL term over
+        `completion_mask` (or `dpo_mask` when `mask_formatting_in_nll`).
+
+        Overrides: `_prepare_dataset` (rows come pre-tokenized by `encode_pair`),
+        `_set_signature_columns_if_needed` (keep the mask columns), `_precompute_ref_logps`
+        (our cache), `compute_ref_log_probs` and `_compute_loss` (the masks). Only the loss
+        types ["sigmoid"] and ["sigmoid", "sft"] are supported, with TRL's meaning.
+        """
+
+        def __init__(self, *args, ref_cache: RefLogpCache | None = None, mask_formatting_in_nll: bool = False,
+                     **kwargs):
+            self._ref_cache = ref_cache
+            self._mask_formatting_in_nll = mask_formatting_in_nll
+            targs = kwargs["args"]
+            if list(targs.loss_type) not in (["sigmoid"], ["sigmoid", "sft"]):
+                raise ValueError(f"MaskedDPOTrainer supports loss_type ['sigmoid'] or ['sigmoid', 'sft'], "
+                                 f"got {targs.loss_type}")
+            if targs.precompute_ref_log_probs and ref_cache is None:
+                raise ValueError("precompute_ref_log_probs needs a ref_cache")
+            # TRL hashes every weight (copied to CPU) for its own cache key; only its
+            # `_precompute_ref_logps` reads that hash and we replace that method, so skip the work.
+            with mock.patch.object(trl_dpo_module, "hash_module", lambda module: "unused"):
+                super().__init__(*args, **kwargs)
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def _set_signature_columns_if_needed(self):
+            if self._signature_columns is None:
+                self._signature_columns = [
+                    "prompt_ids", "chosen_ids", "rejected_ids", "chosen_loss_mask", "rejected_loss_mask",
+                    "chosen_dpo_mask", "rejected_dpo_mask", "ref_chosen_logps", "ref_rejected_logps",
+                ]
+
+        def _ref_context(self):
+            if self.ref_model is None and is_peft_model(self.model):
+                # LoRA: the reference is the base model, i.e. the adapters switched off.
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+            return contextlib.nullcontext()
+
+        def _per_token_logps(self, model, inputs):
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                        fused_lm_head=True, use_cache=False)
+            t = inputs["completion_mask"].size(1) - 1
+            return out.log_probs[:, -t:], out  # (2B, T), zero where the label is -100
+
+        def compute_ref_log_probs(self, model, inputs):
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                    self._ref_context(), self.accelerator.autocast():
+                ref_tok, _ = self._per_token_logps(model, inputs)
+            return masked_logp_sum(ref_tok, inputs["dpo_mask"][:, 1:]).chunk(2, dim=0)
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            cache = self._ref_cache
+            uids = dataset["uid"]
+            missing = cache.missing(uids)
+            cache.hits += len(uids) - len(missing)
+            if missing:
+                todo = dataset.select(missing)
+                loader = self.accelerator.prepare(DataLoader(todo, batch_size=batch_size,
+                                                             collate_fn=self.data_collator, shuffle=False))
+                model = self.ref_model or self.model
+                chosen, rejected = [], []
+                for batch in loader:
+                    c, r = self.compute_ref_log_probs(model, batch)
+                    c, r = self.accelerator.gather_for_metrics((c, r))
+                    chosen.append(c.float().cpu())
+                    rejected.append(r.float().cpu())
+                cache.add([uids[i] for i in missing], torch.cat(chosen).tolist(), torch.cat(rejected).tolist())
+                if self.accelerator.is_main_process:
+                    cache.save()
+                self.accelerator.wait_for_everyone()
+            ref = [cache.rows[u] for u in uids]
+            dataset = dataset.add_column("ref_chosen_logps", [r[0] for r in ref])
+            return dataset.add_column("ref_rejected_logps", [r[1] for r in ref])
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            if return_outputs:
+                raise NotImplementedError("MaskedDPOTrainer does not return logits")
+            mode = "train" if self.model.training else "eval"
+            per_tok, _ = self._per_token_logps(model, inputs)
+            shift = slice(1, None)
+            completion = inputs["completion_mask"][:, shift]
+            dpo_mask = inputs["dpo_mask"][:, shift]
+            nll_mask = dpo_mask if self._mask_formatting_in_nll else completion
+            if self.precompute_ref_logps:
+                ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                ref_c, ref_r = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+            nll_coef = self.loss_weights[1] if len(self.loss_types) == 2 else 0.0
+            res = dpo_objective(per_tok, dpo_mask, nll_mask, ref_c, ref_r, beta=self.beta,
+                                nll_coef=nll_coef, dpo_weight=self.loss_weights[0])
+            loss = res["loss"]
+            chosen_rewards = self.beta * (res["chosen_logps"] - ref_c).detach()
+            rejected_rewards = self.beta * (res["rejected_logps"] - ref_r).detach()
+            gather = self.accelerator.gather
+            m = self._metrics[mode]
+            m["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+            m["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+            m["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+            m["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+            m["logps/chosen"].append(gather(res["chosen_logps"].detach()).mean().item())
+            m["logps/rejected"].append(gather(res["rejected_logps"].detach()).mean().item())
+            m["nll"].append(gather(res["nll"].detach()).mean().item())
+            m["dpo_loss"].append(gather(res["dpo"].detach()).mean().item())
+            return loss
+
+    _TRAINER_CLASS = MaskedDPOTrainer
+    return MaskedDPOTrainer
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def build_pairs(cfg: DPOStageConfig, preference_files: list, samples_dir) -> tuple[list[Pair], dict]:
+    from posttrain import data
+
+    pairs, counts = [], Counter()
+    if cfg.pairs_from_preferences and preference_files:
+        prefs = data.load_preferences([str(p) for p in preference_files])
+        counts["preferences/read"] += len(prefs)
+        got, c = preference_pairs(prefs, cfg)
+        pairs += got
+        counts.update(c)
+    if cfg.on_policy_pairs:
+        if samples_dir is None:
+            raise ValueError("dpo: on_policy_pairs is on but the stage got no `samples` input")
+        got, c = on_policy_pairs(samples_dir, cfg)
+        pairs += got
+        counts.update(c)
+    return pairs, dict(sorted(counts.items()))
+
+
+def encode_pairs(tokenizer, pairs: list[Pair], cfg: DPOStageConfig,
+                 formatting_tokens: list[str] | None = None) -> tuple[list[dict], Counter]:
+    rows, counts = [], Counter()
+    for p in pairs:
+        row = encode_pair(tokenizer, p, cfg.max_length, cfg.mask_formatting, formatting_tokens)
+        if row is None:
+            counts[f"{p.source}/dropped_too_long"] += 1
+            continue
+        row["source"] = p.source
+        rows.append(row)
+    return rows, counts
+
+
+def _trainer_args(cfg: TrainingSettings, variant, work_dir: Path, seed: int, report_to) -> dict:
+    """training.trainer_common_args, adapted to transformers 5: `warmup_ratio` is gone and
+    `warmup_steps` takes a float in [0, 1) as a share of the steps."""
+    common = trainer_common_args(cfg, variant, output_dir=work_dir, seed=seed, report_to=report_to)
+    if "warmup_ratio" in common:
+        common["warmup_steps"] = common.pop("warmup_ratio")
+    return common
+
+
+def _series(log_history: list[dict]) -> dict[str, Any]:
+    """Per-logging-step series of the training metrics, plus first and last values."""
+    out = {}
+    for key in TRAINING_SERIES:
+        vals = [h[key] for h in log_history if key in h and "train_runtime" not in h]
+        if vals:
+            out[key] = {"series": vals, "first": vals[0], "last": vals[-1]}
+    return out
+
+
+def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, tokenizer, rows: list[dict],
+                  work_dir: Path, ref_cache: RefLogpCache | None, trust_remote_code: bool = False,
+                  report_to="none", callbacks=(), max_steps: int | None = None):
+    """Train one DPO variant; resumes from the last complete checkpoint in `work_dir`.
+
+    Returns (trainer, metrics). The trained model is `trainer.model` (LoRA not yet merged).
+    """
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    from posttrain.modeling import load_causal_lm
+
+    if variant.data_fraction is not None:
+        n = max(1, round(len(rows) * variant.data_fraction))
+        rows = random.Random(seed).sample(rows, n)
+    dataset = Dataset.from_list([{k: v for k, v in r.items() if k != "source"} for r in rows])
+    common = _trainer_args(cfg, variant, work_dir, seed, report_to)
+    if max_steps is not None:
+        common["max_steps"] = max_steps
+    args = DPOConfig(
+        **common,
+        beta=cfg.beta,
+        loss_type=["sigmoid", "sft"] if cfg.nll_coef > 0 else ["sigmoid"],
+        loss_weights=[1.0, cfg.nll_coef] if cfg.nll_coef > 0 else [1.0],
+        precompute_ref_log_probs=cfg.precompute_ref,
+        precompute_ref_batch_size=cfg.ref_batch_size or cfg.batch_size,
+        max_length=None,  # encode_pair truncated already
+    )
+    model = load_causal_lm(sft_model, trust_remote_code=trust_remote_code)
+    lora = peft_config(cfg.lora)
+    ref_model = None
+    if not cfg.precompute_ref and lora is None:
+        ref_model = load_causal_lm(sft_model, trust_remote_code=trust_remote_code).eval()
+    trainer_cls = masked_dpo_trainer_class()
+    trainer = trainer_cls(
+        model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        data_collator=PairCollator(tokenizer.pad_token_id), peft_config=lora,
+        callbacks=[complete_marker_callback(), *callbacks],
+        ref_cache=ref_cache if cfg.precompute_ref else None,
+        mask_formatting_in_nll=cfg.mask_formatting_in_nll,
+    )
+    resume = last_complete_checkpoint(work_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    metrics = {"pairs": len(rows), "steps": trainer.state.global_step,
+               "resumed_from": None if resume is None else Path(resume).name,
+               **_series(trainer.state.log_history)}
+    return trainer, metrics
+
+
+def run(ctx: StageContext) -> StageResult:
+    from posttrain import chat
+    from posttrain.modeling import load_tokenizer, save_checkpoint
+
+    cfg: DPOStageConfig = ctx.config
+    sft_model = Path(ctx.inputs["sft_model"])
+    tokenizer = load_tokenizer(sft_model, trust_remote_code=ctx.trust_remote_code)
+    fmt_ids = chat.formatting_token_ids(tokenizer, ctx.formatting_tokens)
+
+    pairs, counts = build_pairs(cfg, ctx.inputs.get("preference_files") or [], ctx.inputs.get("samples"))
+    rows, enc_counts = encode_pairs(tokenizer, pairs, cfg, ctx.formatting_tokens)
+    for k, v in enc_counts.items():
+        counts[k] = counts.get(k, 0) + v
+    if not rows:
+        raise ValueError(f"dpo: no training pairs left (counts: {counts})")
+    by_source = dict(Counter(r["source"] for r in rows))
+
+    ref_cache = None
+    if cfg.precompute_ref:
+        from posttrain.modeling import pick_device, pick_dtype
+
+        key = ref_cache_key(files.hash_path(sft_model), str(pick_dtype("auto", pick_device())),
+                            cfg.mask_formatting, fmt_ids)
+        ref_cache = RefLogpCache(ctx.out_dir / "work" / "ref_cache", key)
+
+    outputs, per_variant = [], {}
+    for i, variant in enumerate(cfg.variants):
+        name = variant_name(variant, i)
+        final = ctx.out_dir / name
+        rel = final.relative_to(ctx.run_dir).as_posix()
+        outputs.append(rel)
+        done_metrics = final / "dpo_metrics.json"
+        if done_metrics.exists():
+            per_variant[name] = files.read_json(done_metrics)
+            continue
+        seed = variant.seed if variant.seed is not None else ctx.seed + i
+        trainer, metrics = train_variant(
+            cfg=cfg, variant=variant, seed=seed, sft_model=sft_model, tokenizer=tokenizer, rows=rows,
+            work_dir=ctx.out_dir / "work" / name, ref_cache=ref_cache, trust_remote_code=ctx.trust_remote_code,
+            report_to=ctx.report_to, callbacks=ctx.extra.get("trainer_callbacks", ()),
+        )
+        model = merge_if_peft(trainer.model)
+        save_checkpoint(model, tokenizer, final)
+        # Written after the model: its presence means this variant is finished.
+        files.atomic_write_json(done_metrics, metrics)
+        per_variant[name] = metrics
+        del trainer, model
+
+    result_metrics = {
+        "pair_counts": counts,
+        "pairs_by_source": by_source,
+        "pairs": len(rows),
+        "ref_cache": None if ref_cache is None else {"file": str(ref_cache.path), "hits": ref_cache.hits,
+                                                     "computed": ref_cache.computed},
+        "variants": per_variant,
+    }
+    return StageResult(outputs={"variants": outputs}, metrics=result_metrics)

@@ -1,0 +1,157 @@
+"""The sft stage: labels mask exactly the prompt; TRL keeps our labels; variants, LoRA, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posttrain import sft
+from posttrain.data import SFTExample
+from posttrain.stage import StageContext
+from posttrain.training import Variant
+
+MULTI_TURN = [
+    {"role": "system", "content": "answer briefly"},
+    {"role": "user", "content": "sort 3 1 2"},
+    {"role": "assistant", "content": "1 2 3"},
+    {"role": "user", "content": "reverse 1 2"},
+    {"role": "assistant", "content": "2 1"},
+]
+
+
+def _segments(labels):
+    """Runs of consecutive target positions as (start, end) half-open ranges."""
+    segs, start = [], None
+    for i, t in enumerate(labels + [-100]):
+        if t != -100 and start is None:
+            start = i
+        elif t == -100 and start is not None:
+            segs.append((start, i))
+            start = None
+    return segs
+
+
+def test_labels_mask_exactly_the_prompt_on_a_multi_turn_example(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rows, counts = sft.encode_sft_examples(tok, [SFTExample("a", MULTI_TURN)], max_length=512)
+    assert dict(counts) == {"kept": 1}
+    ids, labels = rows[0]["input_ids"], rows[0]["labels"]
+    assert len(ids) == len(labels)
+    # By hand: the whole sequence is the template's rendering ...
+    assert tok.decode(ids) == tok.apply_chat_template(MULTI_TURN, tokenize=False)
+    # ... and exactly two target runs, each an assistant answer plus its <|eot_id|>
+    segs = _segments(labels)
+    assert [tok.decode(ids[s:e]) for s, e in segs] == ["1 2 3<|eot_id|>", "2 1<|eot_id|>"]
+    # everything before each run is the conversation so far with the generation prompt
+    for (s, _), upto in zip(segs, (2, 4)):
+        assert tok.decode(ids[:s]) == tok.apply_chat_template(MULTI_TURN[:upto], tokenize=False,
+                                                              add_generation_prompt=True)
+    # targets are the token ids themselves; the rest (headers, system, user turns) is -100
+    assert all(lab == i for lab, i in zip(labels, ids) if lab != -100)
+    masked = [i for i, lab in zip(ids, labels) if lab == -100]
+    assert tok.convert_tokens_to_ids("<|start_header_id|>") in masked
+    assert sum(1 for lab in labels if lab != -100) == sum(e - s for s, e in segs)
+
+
+def test_prompt_too_long_is_dropped_and_counted(tiny_tokenizer):
+    long = [{"role": "user", "content": "1 2 3 4 5 6 7 8 9 " * 20}, {"role": "assistant", "content": "ok"}]
+    rows, counts = sft.encode_sft_examples(tiny_tokenizer, [SFTExample("a", long), SFTExample("b", MULTI_TURN)],
+                                           max_length=40)
+    assert counts["dropped_prompt_too_long"] == 1 and counts["kept"] == 1 and counts["truncated"] == 1
+    assert len(rows[0]["input_ids"]) == 40
+
+
+def test_trl_keeps_our_labels_and_the_loss_is_token_mean_cross_entropy(tiny_tokenizer, tiny_model_dir, tmp_path):
+    from posttrain.modeling import load_causal_lm
+
+    examples = [SFTExample("a", MULTI_TURN), SFTExample("b", MULTI_TURN[1:3])]
+    rows, _ = sft.encode_sft_examples(tiny_tokenizer, examples, max_length=512)
+    cfg = sft.SFTStageConfig(batch_size=2)
+    trainer = sft.build_trainer(cfg=cfg, variant=Variant(), seed=0, init_model=Path(tiny_model_dir),
+                                tokenizer=tiny_tokenizer, rows=rows, work_dir=tmp_path / "w")
+    assert trainer.train_dataset["labels"] == [r["labels"] for r in rows]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    loss = trainer.compute_loss(trainer.model, batch).item()
+
+    hand = load_causal_lm(tiny_model_dir).eval()
+    num, den = 0.0, 0
+    for r in rows:
+        with torch.no_grad():
+            logits = hand(input_ids=torch.tensor([r["input_ids"]])).logits[0]
+        lab = torch.tensor(r["labels"][1:])
+        keep = lab != -100
+        num += F.cross_entropy(logits[:-1][keep], lab[keep], reduction="sum").item()
+        den += int(keep.sum())
+    assert loss == pytest.approx(num / den, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- stage
+
+
+def _ctx(tmp_path, model_dir, **cfg):
+    data = tmp_path / "sft.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"sort {i} {i + 3} 1"},
+                          {"role": "assistant", "content": f"1 {i} {i + 3}"}]} for i in range(2, 10)]
+    rows.append({"messages": MULTI_TURN})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = dict(batch_size=3, learning_rate=1e-3, epochs=2, save_steps=2, logging_steps=1, max_length=128)
+    settings.update(cfg)
+    run_dir = tmp_path / "run"
+    return StageContext(stage="sft", round=1, run_dir=run_dir, out_dir=run_dir / "round_01" / "sft",
+                        config=sft.SFTStageConfig(**settings),
+                        inputs={"init_model": str(model_dir), "sft_files": [str(data)]})
+
+
+@pytest.mark.slow
+def test_two_variants_are_averaged(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    ctx = _ctx(tmp_path, tiny_model_dir, variants=[{}, {"seed": 7, "learning_rate": 3e-3}])
+    res = sft.run(ctx)
+    assert res.outputs == {"model": "round_01/sft/model"}
+    assert res.metrics["examples"] == {"kept": 9}
+    v0 = load_file(ctx.out_dir / "variants" / "v0" / "model.safetensors")
+    v1 = load_file(ctx.out_dir / "variants" / "v1" / "model.safetensors")
+    avg = load_file(ctx.run_dir / res.outputs["model"] / "model.safetensors")
+    base = load_file(Path(tiny_model_dir) / "model.safetensors")
+    for k in base:
+        assert torch.allclose(avg[k], (v0[k] + v1[k]) / 2, atol=1e-6), k
+    assert any(not torch.equal(v0[k], base[k]) for k in base)
+    assert (ctx.run_dir / res.outputs["model"] / "tokenizer_config.json").exists()
+    loss = res.metrics["variants"]["v0"]["loss"]
+    assert len(loss["series"]) == res.metrics["variants"]["v0"]["steps"] == 6
+    assert loss["last"] < loss["first"]
+
+
+@pytest.mark.slow
+def test_lora_is_merged_and_a_killed_run_resumes(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    ctx = _ctx(tmp_path, tiny_model_dir, lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
+               learning_rate=1e-2)
+    ctx.extra["trainer_callbacks"] = [Kill()]
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(ctx)
+    ckpt = ctx.out_dir / "work" / "v0" / "checkpoint-2"
+    assert (ckpt / "COMPLETE").exists() and (ckpt / "tokenizer_config.json").exists()
+    ctx.extra["trainer_callbacks"] = []
+    res = sft.run(ctx)
+    assert res.metrics["variants"]["v0"]["resumed_from"] == "checkpoint-2"
+    assert res.metrics["variants"]["v0"]["steps"] == 6
+    out = ctx.run_dir / res.outputs["model"]
+    assert not (out / "adapter_config.json").exists()
+    merged, base = load_file(out / "model.safetensors"), load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert set(merged) == set(base)
+    assert any(not torch.equal(merged[k], base[k]) for k in base)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
