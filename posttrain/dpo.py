@@ -530,14 +530,6 @@ def encode_pairs(tokenizer, pairs: list[Pair], cfg: DPOStageConfig,
     return rows, counts
 
 
-def _trainer_args(cfg: TrainingSettings, variant, work_dir: Path, seed: int, report_to) -> dict:
-    """training.trainer_common_args, adapted to transformers 5: `warmup_ratio` is gone and
-    `warmup_steps` takes a float in [0, 1) as a share of the steps."""
-    common = trainer_common_args(cfg, variant, output_dir=work_dir, seed=seed, report_to=report_to)
-    if "warmup_ratio" in common:
-        common["warmup_steps"] = common.pop("warmup_ratio")
-    return common
-
 
 def _series(log_history: list[dict]) -> dict[str, Any]:
     """Per-logging-step series of the training metrics, plus first and last values."""
@@ -565,7 +557,7 @@ def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, t
         n = max(1, round(len(rows) * variant.data_fraction))
         rows = random.Random(seed).sample(rows, n)
     dataset = Dataset.from_list([{k: v for k, v in r.items() if k != "source"} for r in rows])
-    common = _trainer_args(cfg, variant, work_dir, seed, report_to)
+    common = trainer_common_args(cfg, variant, output_dir=work_dir, seed=seed, report_to=report_to)
     if max_steps is not None:
         common["max_steps"] = max_steps
     args = DPOConfig(

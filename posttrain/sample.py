@@ -332,7 +332,10 @@ def run(ctx: StageContext) -> StageResult:
         if [r["id"] for r in shard_rows] != ids:
             raise RuntimeError(f"sample: {shard_path(samples, s)} does not hold the prompts its manifest names")
         rows.extend(shard_rows)
-    top1 = [{"id": r["id"], "messages": r["prompt"] + [{"role": "assistant", "content": r["responses"][r["best"]]}],
+    # SFT data is cumulative over rounds and the same prompt is sampled again each round, so a
+    # top-1 row's id names its round: ids stay unique across the rounds' files.
+    top1 = [{"id": f"round_{ctx.round:02d}/{r['id']}", "prompt_id": r["id"],
+             "messages": r["prompt"] + [{"role": "assistant", "content": r["responses"][r["best"]]}],
              "score": r["scores"][r["best"]], "capability": r["capability"]}
             for r in rows if r["best"] is not None]
     files.write_jsonl(Path(ctx.out_dir) / "top1.jsonl", top1)

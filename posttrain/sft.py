@@ -79,14 +79,6 @@ def sft_labels(input_ids: list[int], response_mask: list[int], ignore_index: int
     return [t if m else ignore_index for t, m in zip(input_ids, response_mask)]
 
 
-def _trainer_args(cfg: TrainingSettings, variant, work_dir: Path, seed: int, report_to) -> dict:
-    """training.trainer_common_args, adapted to transformers 5: `warmup_ratio` is gone and
-    `warmup_steps` takes a float in [0, 1) as a share of the steps."""
-    common = trainer_common_args(cfg, variant, output_dir=work_dir, seed=seed, report_to=report_to)
-    if "warmup_ratio" in common:
-        common["warmup_steps"] = common.pop("warmup_ratio")
-    return common
-
 
 def build_trainer(*, cfg: SFTStageConfig, variant, seed: int, init_model: Path, tokenizer, rows: list[dict],
                   work_dir: Path, trust_remote_code: bool = False, report_to="none", callbacks=()):
@@ -101,7 +93,7 @@ def build_trainer(*, cfg: SFTStageConfig, variant, seed: int, init_model: Path, 
         n = max(1, round(len(rows) * variant.data_fraction))
         rows = random.Random(seed).sample(rows, n)
     args = TRLSFTConfig(
-        **_trainer_args(cfg, variant, work_dir, seed, report_to),
+        **trainer_common_args(cfg, variant, output_dir=work_dir, seed=seed, report_to=report_to),
         max_length=cfg.max_length,  # already truncated by encode_conversation; TRL's cut is a no-op
         packing=False,
         completion_only_loss=False,

@@ -157,7 +157,9 @@ def test_stage_writes_shards_top1_and_reports(tmp_path, eot_model_dir, tiny_toke
 
     top1 = list(files.iter_jsonl(ctx.out_dir / "top1.jsonl"))
     expected = [r for r in rows if r["best"] is not None]
-    assert [t["id"] for t in top1] == [r["id"] for r in expected]
+    assert [t["prompt_id"] for t in top1] == [r["id"] for r in expected]
+    # ids name the round, so the cumulative SFT data of several rounds keeps unique ids
+    assert [t["id"] for t in top1] == [f"round_{ctx.round:02d}/{r['id']}" for r in expected]
     for t, r in zip(top1, expected):
         assert t["messages"] == r["prompt"] + [{"role": "assistant", "content": r["responses"][r["best"]]}]
         assert t["score"] == r["scores"][r["best"]]
