@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from posttrain import files
+from posttrain.data import STRENGTHS
 from posttrain.stage import StageContext, StageResult
 from posttrain.training import (
     TrainingSettings,
@@ -54,7 +55,6 @@ from posttrain.training import (
 )
 
 
-STRENGTHS = ("significantly_better", "better", "slightly_better", "marginally_better")
 REF_CACHE_VERSION = 1
 # Logged by the trainer at every logging step; the record keeps each as a series.
 TRAINING_SERIES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",

@@ -168,7 +168,9 @@ class Recipe(StrictModel):
     """Chat format."""
     reward: Literal["rm"] | RewardSpec = "rm"
     """Reward for rejection sampling and evaluation: `rm` (the round's trained reward model)
-    or an import path, e.g. a checker combined with the RM."""
+    or an import path. Inside its kwargs the string "@rm" stands for the round's reward model,
+    e.g. a checker with the RM as tie-break: `{target: posttrain.reward:WeightedReward, kwargs:
+    {components: [[{target: posttrain.reward.math:MathAnswerReward}, 1.0], ["@rm", 0.01]]}}`."""
     capabilities: dict[str, Capability] = Field(default_factory=dict)
     """Per-capability sampling settings, keyed by the prompts' `capability` tag."""
     run: RunSettings = RunSettings()

@@ -61,23 +61,36 @@ def _plots(folder: Path, records, dists) -> list[str]:
     made = []
     rounds = [n for n in records if "eval" in records[n]]
     if rounds:
-        shown = [(k, label) for k, label in EVAL_METRICS if k != "mean_length"
-                 and any(isinstance(records[n]["eval"]["metrics"].get(k), (int, float)) for n in rounds)]
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for k, label in shown:
-            ys = [records[n]["eval"]["metrics"].get(k) for n in rounds]
-            pts = [(x, y) for x, y in zip(rounds, ys) if isinstance(y, (int, float))]
+        def series(key):
+            pts = [(n, records[n]["eval"]["metrics"].get(key)) for n in rounds]
+            return [(x, y) for x, y in pts if isinstance(y, (int, float))]
+
+        # Shares on the left (0..1); the reward, on the reward model's own scale, on the right.
+        fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+        for k, label in EVAL_METRICS:
+            if k in ("mean_length", "mean_reward"):
+                continue
+            pts = series(k)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         base = records[rounds[0]]["eval"]["metrics"].get("initial_task_score")
         if isinstance(base, (int, float)):
             ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="task score, initial policy")
-        ax.set_xlabel("round")
-        ax.set_xticks(rounds)
         ax.set_ylim(0, 1.02)
         ax.set_title("held-out evaluation per round")
-        ax.legend(fontsize=8, loc="lower right")
-        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        pts = series("mean_reward")
+        if pts:
+            ax_r.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="tab:orange")
+            init = records[rounds[0]]["eval"]["metrics"].get("initial_mean_reward")
+            if isinstance(init, (int, float)):
+                ax_r.axhline(init, color="grey", linestyle="--", linewidth=1, label="initial policy")
+                ax_r.legend(fontsize=7)
+        ax_r.set_title("mean reward (this round's RM)")
+        for a in (ax, ax_r):
+            a.set_xlabel("round")
+            a.set_xticks(rounds)
+            a.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(folder / "metrics.png", dpi=110)
         plt.close(fig)

@@ -38,10 +38,10 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from posttrain import training
+from posttrain.data import STRENGTHS
 from posttrain.files import atomic_write_json, read_json
 from posttrain.stage import StageContext, StageResult
 
-STRENGTHS = ("significantly_better", "better", "slightly_better", "marginally_better")
 
 # Llama 2 report, table 28 ("margin small"): the margin grows with the annotated strength.
 LLAMA2_MARGINS = {"significantly_better": 1.0, "better": 2.0 / 3.0, "slightly_better": 1.0 / 3.0,

@@ -166,7 +166,7 @@ def test_multilingual_temperature_schedule_and_language_check():
     assert temps[4:] == [0.6, 0.6]
     for n in range(1, 7):
         comps = loaded.for_round(n).reward.kwargs["components"]
-        assert comps[0][0]["kwargs"]["path"] == f"runs/multilingual/round_{n:02d}/rm/model"
+        assert comps[0] == ["@rm", 1.0]  # this round's reward model, whatever the run folder
         assert comps[1] == [{"target": "posttrain.reward.language:LanguageMatchReward"}, 100.0]
 
 

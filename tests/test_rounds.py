@@ -187,3 +187,23 @@ def test_sigkill_mid_stage_then_rerun_finishes_like_an_uninterrupted_run(tmp_pat
     assert len(rows) == 24 == len(set(rows))
     for stage in STAGES:
         assert read_record(killed, 1, stage) is not None
+
+
+def test_rm_placeholder_puts_the_rounds_reward_model_inside_a_combination():
+    from posttrain.reward import WeightedReward, checked_score, load_reward
+    from posttrain.rounds.orchestrator import fill_rm_placeholders
+
+    class FakeRM:
+        name = "rm"
+
+        def score(self, prompts, responses):
+            return [float(len(r)) for r in responses]
+
+    kwargs = {"components": [[{"target": "posttrain.world.task:TaskReward"}, 1.0], ["@rm", 0.01]]}
+    filled = fill_rm_placeholders(kwargs, FakeRM)
+    assert isinstance(filled["components"][1][0], FakeRM)
+    assert kwargs["components"][1][0] == "@rm"  # the recipe's value is left as it was
+    combo = load_reward({"target": "posttrain.reward:WeightedReward", "kwargs": filled})
+    assert isinstance(combo, WeightedReward)
+    prompts = [[{"role": "user", "content": "Sort these numbers: 3 1 2"}]] * 2
+    assert checked_score(combo, prompts, ["1 2 3", "3 1 2"]) == pytest.approx([1.05, 0.05])

@@ -176,18 +176,24 @@ class Round:
         return spec if isinstance(spec, str) else spec.model_dump()
 
     def build_reward(self, reward_model: str | None):
-        """The reward for sampling and evaluation: a Python object, an import path, or the RM."""
-        from posttrain.reward import load_reward
+        """The reward for sampling and evaluation: a Python object, an import path, or the RM.
+
+        Inside an import-path spec's kwargs, the string "@rm" stands for this round's trained
+        reward model, e.g. a checker with the RM as tie-break:
+        `{target: posttrain.reward:WeightedReward, kwargs: {components: [[{target: ...}, 1.0], ["@rm", 0.01]]}}`.
+        """
+        from posttrain.reward import RMReward, load_reward
+
+        def rm():
+            return RMReward(reward_model, device=self.recipe.run.device,
+                            trust_remote_code=self.recipe.models.trust_remote_code)
 
         if self.reward_override is not None:
             return load_reward(self.reward_override)
         spec = self.recipe.reward
         if spec == "rm":
-            from posttrain.reward import RMReward
-
-            return RMReward(reward_model, device=self.recipe.run.device,
-                            trust_remote_code=self.recipe.models.trust_remote_code)
-        return load_reward(spec.model_dump())
+            return rm()
+        return load_reward({"target": spec.target, "kwargs": fill_rm_placeholders(spec.kwargs, rm)})
 
     def run_stage(self, stage: str) -> dict:
         config = getattr(self.recipe, stage)
@@ -261,6 +267,17 @@ class Round:
         for stage in stages:
             self.records[stage] = self.run_stage(stage)
         return self.records
+
+
+def fill_rm_placeholders(value, make_rm):
+    """`value` with every "@rm" string replaced by `make_rm()` (the round's reward model)."""
+    if value == "@rm":
+        return make_rm()
+    if isinstance(value, list):
+        return [fill_rm_placeholders(v, make_rm) for v in value]
+    if isinstance(value, dict):
+        return {k: fill_rm_placeholders(v, make_rm) for k, v in value.items()}
+    return value
 
 
 def _summary(metrics: dict) -> str:

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import files
+from posttrain.data import STRENGTHS
 from posttrain.world import task
 
 WORLD_VERSION = "3"
 """Bump when anything that changes a built world changes (task, config defaults, build code)."""
 
-STRENGTHS = ("significantly_better", "better", "slightly_better", "marginally_better")
 
 
 @dataclass(frozen=True)
