@@ -215,7 +215,7 @@ class Round:
             return plan.record
         out_dir = stage_dir(self.run_dir, self.n, stage)
         out_dir.mkdir(parents=True, exist_ok=True)
-        resumed = any(p.name != ".result.json" for p in out_dir.iterdir())
+        resumed = any(p.name not in (".result.json", ".spec.json") for p in out_dir.iterdir())
         log.info("round %d %s: %s", self.n, stage, "resuming from the work already in " + str(out_dir)
                  if resumed else "starting")
         started = time.time()
