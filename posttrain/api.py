@@ -156,14 +156,15 @@ def demo(run_dir="runs/demo", rounds: str | None = None, recipe: str = "demo") -
     path = report(run_dir)
     print(status_table(run_dir))
     print()
-    base_score = world.base_score if hasattr(world, "base_score") else None
     scores = []
+    initial = None
     for n in list_rounds(run_dir):
         rec = read_record(run_dir, n, "eval")
-        if rec and "task_score" in rec["metrics"]:
+        if rec and isinstance(rec["metrics"].get("task_score"), float):
             scores.append(f"round {n}: {rec['metrics']['task_score']:.3f}")
-    if base_score is not None:
-        print(f"base model task score: {base_score:.3f}")
+            initial = initial if initial is not None else rec["metrics"].get("initial_task_score")
+    if initial is not None:
+        print(f"initial policy task score: {initial:.3f} (world {world.root.name})")
     print("task score after " + "; ".join(scores) if scores else "no evaluation recorded")
     print(f"report: {path}")
     return 0

@@ -86,7 +86,7 @@ def _plots(folder: Path, records, dists) -> list[str]:
             if isinstance(init, (int, float)):
                 ax_r.axhline(init, color="grey", linestyle="--", linewidth=1, label="initial policy")
                 ax_r.legend(fontsize=7)
-        ax_r.set_title("mean reward (this round's RM)")
+        ax_r.set_title("mean reward (this round's reward)")
         for a in (ax, ax_r):
             a.set_xlabel("round")
             a.set_xticks(rounds)
