@@ -72,6 +72,9 @@ class DPOStageConfig(TrainingSettings):
     """Mask formatting tokens out of the DPO log-probabilities of chosen and rejected."""
     mask_formatting_in_nll: bool = False
     """Also mask formatting tokens out of the NLL term (off: the model keeps learning to stop)."""
+    max_context_tokens: int | None = Field(None, gt=0)
+    """Drop pairs whose prompt + longer response exceeds this many tokens (the paper's DPO
+    sees short-context data only, 4.3.4); None keeps every pair that fits max_length."""
     latest_batch_only: bool = True
     """Pairs from the latest round's preference batch only (the paper); False: every batch so far."""
     pairs_from_preferences: bool = True
@@ -603,6 +606,13 @@ def run(ctx: StageContext) -> StageResult:
     rows, enc_counts = encode_pairs(tokenizer, pairs, cfg, ctx.formatting_tokens)
     for k, v in enc_counts.items():
         counts[k] = counts.get(k, 0) + v
+    if cfg.max_context_tokens is not None:
+        from posttrain.datamix import drop_long_examples
+
+        lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
+        rows, long_counts = drop_long_examples(rows, lengths, long_threshold_tokens=cfg.max_context_tokens)
+        for reason, n in long_counts.summary()["dropped_by_reason"].items():
+            counts[reason] = counts.get(reason, 0) + n
     if not rows:
         raise ValueError(f"dpo: no training pairs left (counts: {counts})")
     by_source = dict(Counter(r["source"] for r in rows))

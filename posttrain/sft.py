@@ -27,6 +27,7 @@ from typing import Literal
 from posttrain import files
 from posttrain.stage import StageContext, StageResult
 from posttrain.training import (
+    LongContextMix,
     TrainingSettings,
     complete_marker_callback,
     last_complete_checkpoint,
@@ -47,6 +48,8 @@ class SFTStageConfig(TrainingSettings):
     cumulative: bool = True
     """Train on the top-1 samples of this and all earlier rounds (off: this round's only).
     The orchestrator turns this into inputs['sft_files']."""
+    long_context: LongContextMix | None = None
+    """Keep all short examples and at most `share` of the mix as long ones (None: keep all)."""
 
 
 def encode_sft_examples(tokenizer, examples, max_length: int,
@@ -143,6 +146,13 @@ def run(ctx: StageContext) -> StageResult:
     loaded = data.load_sft(sft_files)
     by_file = Counter(ex.source.rsplit(":", 1)[0] for ex in loaded)
     rows, counts = encode_sft_examples(tokenizer, loaded, cfg.max_length, ctx.formatting_tokens)
+    mix = None
+    if cfg.long_context is not None:
+        from posttrain.datamix import mix_long_examples
+
+        rows, mix = mix_long_examples(rows, [len(r["input_ids"]) for r in rows],
+                                      long_threshold_tokens=cfg.long_context.threshold_tokens,
+                                      long_share=cfg.long_context.share, seed=ctx.seed)
     if not rows:
         raise ValueError(f"sft: no training examples left (counts: {dict(counts)})")
 
@@ -175,6 +185,7 @@ def run(ctx: StageContext) -> StageResult:
         outputs={"model": final.relative_to(ctx.run_dir).as_posix()},
         metrics={
             "examples": dict(counts),
+            "long_context_mix": mix.summary() if mix is not None else None,
             "examples_by_file": dict(by_file),
             "init": cfg.init,
             "init_model": str(init_model),

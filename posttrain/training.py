@@ -35,6 +35,15 @@ class LoraSettings(StrictModel):
     """Module names to adapt, or 'all-linear'."""
 
 
+class LongContextMix(StrictModel):
+    """How many long examples the SFT mix keeps (Llama 3 report 4.3.4: about 0.1%)."""
+
+    threshold_tokens: int = Field(gt=0)
+    """An example longer than this many tokens counts as long."""
+    share: float = Field(0.001, ge=0, le=1)
+    """Largest share of the final SFT mix that long examples may make up (seeded draw)."""
+
+
 class Variant(StrictModel):
     """One run of a stage. Several variants are averaged into the stage's output (model soup)."""
 

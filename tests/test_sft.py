@@ -155,3 +155,18 @@ def test_lora_is_merged_and_a_killed_run_resumes(tiny_model_dir, tmp_path):
     assert any(not torch.equal(merged[k], base[k]) for k in base)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_long_context_mix_keeps_at_most_its_share_of_long_examples(tiny_tokenizer, tiny_model_dir, tmp_path):
+    """Eight short examples and one long one at share 0.1%: the cap is floor(0.001*8/0.999) = 0."""
+    from posttrain import data
+
+    ctx = _ctx(tmp_path, tiny_model_dir, epochs=1)
+    rows, _ = sft.encode_sft_examples(tiny_tokenizer, data.load_sft(ctx.inputs["sft_files"]), 128)
+    lengths = sorted(len(r["input_ids"]) for r in rows)
+    assert lengths[-1] > lengths[-2]  # the multi-turn example is the one long example
+    ctx.config = sft.SFTStageConfig(**{**ctx.config.model_dump(),
+                                       "long_context": {"threshold_tokens": lengths[-2], "share": 0.001}})
+    res = sft.run(ctx)
+    mix = res.metrics["long_context_mix"]
+    assert (mix["kept"], mix["dropped_by_reason"]) == (8, {"long_over_share": 1})
