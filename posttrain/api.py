@@ -59,7 +59,8 @@ def validate(recipe, round: int = 1) -> str:
     return header + dump_recipe(resolved)
 
 
-def validate_data(path, kind: str, *, tokenizer=None, max_prompt_tokens: int | None = None) -> tuple[bool, str]:
+def validate_data(path, kind: str, *, tokenizer=None, max_prompt_tokens: int | None = None,
+                  show_all: bool = False) -> tuple[bool, str]:
     from posttrain import data
 
     tok = None
@@ -68,7 +69,7 @@ def validate_data(path, kind: str, *, tokenizer=None, max_prompt_tokens: int | N
 
         tok = load_tokenizer(tokenizer)
     report = data.validate_file(path, kind, tokenizer=tok, max_prompt_tokens=max_prompt_tokens)
-    return (not report.problems), data.format_report(report)
+    return (not report.problems), data.format_report(report, max_problems=None if show_all else 50)
 
 
 def _cell(run_dir: Path, n: int, step: str) -> str:

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", required=True, choices=["preference", "sft", "prompts"])
     p.add_argument("--tokenizer", default=None, help="model or tokenizer folder, to check prompt lengths")
     p.add_argument("--max-prompt-tokens", type=int, default=None)
+    p.add_argument("--all", action="store_true", help="list every problem (default: the first 50)")
 
     p = sub.add_parser("status", help="rounds x stages: state, key metrics, time")
     p.add_argument("run_dir", type=Path)
@@ -123,7 +124,7 @@ def _dispatch(args, api) -> int:
         return 0
     if cmd == "validate-data":
         ok, text = api.validate_data(args.file, args.kind, tokenizer=args.tokenizer,
-                                     max_prompt_tokens=args.max_prompt_tokens)
+                                     max_prompt_tokens=args.max_prompt_tokens, show_all=args.all)
         print(text)
         return 0 if ok else 1
     if cmd == "status":

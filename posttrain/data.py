@@ -583,12 +583,16 @@ def validate_file(path, kind: Kind, tokenizer=None, max_prompt_tokens: int | Non
     return ValidationReport(str(path), kind, rows, problems, dict(sorted(counts.items())))
 
 
-def format_report(report: ValidationReport) -> str:
-    """A human-readable report: a summary line, the counts, then every problem."""
+def format_report(report: ValidationReport, max_problems: int | None = 50) -> str:
+    """A human-readable report: a summary line, the counts, then the problems (the first
+    `max_problems`, and how many more; None lists every one)."""
     status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
     lines = [f"{report.file} ({report.kind}): {report.rows} rows, {status}"]
     lines += [f"  {k}: {v}" for k, v in report.counts.items()]
-    lines += [f"  {p}" for p in report.problems]
+    shown = report.problems if max_problems is None else report.problems[:max_problems]
+    lines += [f"  {p}" for p in shown]
+    if len(shown) < len(report.problems):
+        lines.append(f"  ... and {len(report.problems) - len(shown)} more (--all lists every one)")
     return "\n".join(lines)
 
 

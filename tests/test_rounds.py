@@ -207,3 +207,19 @@ def test_rm_placeholder_puts_the_rounds_reward_model_inside_a_combination():
     assert isinstance(combo, WeightedReward)
     prompts = [[{"role": "user", "content": "Sort these numbers: 3 1 2"}]] * 2
     assert checked_score(combo, prompts, ["1 2 3", "3 1 2"]) == pytest.approx([1.05, 0.05])
+
+
+def test_validate_data_command_names_file_row_field_and_exits_1(tmp_path, capsys):
+    from posttrain.cli import main
+
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "hi", "chosen": "", "rejected": "b"}\n'
+                   + "".join('{"prompt": "x", "chosen": "a", "rejected": "b", "strength": "huge"}\n' for _ in range(60)))
+    assert main(["validate-data", str(bad), "--kind", "preference"]) == 1
+    out = capsys.readouterr().out
+    assert "61 problem(s)" in out
+    assert "prefs.jsonl: row 2: field 'chosen': must be a non-empty string" in out
+    assert "field 'strength': unknown label 'huge'" in out
+    assert "... and 11 more" in out
+    assert main(["validate-data", str(bad), "--kind", "preference", "--all"]) == 1
+    assert "row 62: field 'strength'" in capsys.readouterr().out
