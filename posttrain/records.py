@@ -95,9 +95,19 @@ class Plan:
     inputs: dict
 
 
+def content_only(value: Any) -> Any:
+    """`value` without the paths of hashed files: a run folder or cache that moved, with the
+    same bytes in it, is the same input."""
+    if isinstance(value, list):
+        return [content_only(v) for v in value]
+    if isinstance(value, dict):
+        return {k: content_only(v) for k, v in value.items() if not (k == "path" and "sha256" in value)}
+    return value
+
+
 def plan_stage(run_dir: str | Path, n: int, stage: str, hashed_inputs: dict, *, force: bool = False) -> Plan:
     """Decide what to do with a stage, given its hashed inputs (see the module docstring)."""
-    digest = hash_json(hashed_inputs)
+    digest = hash_json(content_only(hashed_inputs))
     record = read_record(run_dir, n, stage)
     if record is None:
         return Plan("run", None, digest, hashed_inputs)
@@ -105,10 +115,9 @@ def plan_stage(run_dir: str | Path, n: int, stage: str, hashed_inputs: dict, *, 
         return Plan("skip", record, digest, hashed_inputs)
     if force:
         return Plan("run", record, digest, hashed_inputs)
-    changed = sorted(
-        k for k in set(hashed_inputs) | set(record.get("inputs", {}))
-        if hashed_inputs.get(k) != record.get("inputs", {}).get(k)
-    )
+    before = content_only(record.get("inputs", {}))
+    now = content_only(hashed_inputs)
+    changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
     raise InputsChanged(
         f"round {n} stage {stage!r} already finished with other inputs (changed: {', '.join(changed)}). "
         f"Rerunning it would replace its outputs and invalidate later stages. "

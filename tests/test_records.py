@@ -121,3 +121,13 @@ def test_atomic_write_json_roundtrip(tmp_path):
     atomic_write_json(tmp_path / "x.json", {"a": [1, 2]})
     assert read_json(tmp_path / "x.json") == {"a": [1, 2]}
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": [1, 2]}
+
+
+def test_same_bytes_at_another_path_is_the_same_input(tmp_path):
+    """A cache or data folder that moved (same content) must not make a finished stage 'changed'."""
+    a, b = tmp_path / "a" / "prefs.jsonl", tmp_path / "b" / "prefs.jsonl"
+    for p in (a, b):
+        write_jsonl(p, [{"prompt": "x", "chosen": "y", "rejected": "z"}])
+    _finish(tmp_path, 1, "rm", {"inputs": InputHasher(tmp_path).hash_paths({"prefs": str(a)})}, {})
+    moved = {"inputs": InputHasher(tmp_path).hash_paths({"prefs": str(b)})}
+    assert plan_stage(tmp_path, 1, "rm", moved).action == "skip"
