@@ -192,6 +192,8 @@ def plan_items(ctx: StageContext, tokenizer) -> tuple[list[Item], list[dict], li
 
 def _fingerprint(ctx: StageContext, items: list[Item], seed: int, stop_ids: list[int]) -> str:
     """Hash of everything that changes the samples: prompts as tokens, settings, seed, policy."""
+    from posttrain.reward import reward_fingerprint
+
     cfg: SampleConfig = ctx.config
     h = hashlib.sha256()
     for it in items:
@@ -199,14 +201,9 @@ def _fingerprint(ctx: StageContext, items: list[Item], seed: int, stop_ids: list
     return files.hash_json({
         "items": h.hexdigest(), "seed": seed, "stop": stop_ids, "require_finished": cfg.require_finished,
         "shard_size": cfg.shard_size, "policy": files.hash_path(ctx.inputs["policy_model"]),
-        "reward": _reward_name(ctx.reward), "version": MANIFEST_VERSION,
+        # The reward by content: a run folder that moved keeps its finished shards.
+        "reward": reward_fingerprint(ctx.reward), "version": MANIFEST_VERSION,
     })
-
-
-def _reward_name(reward: Any) -> str:
-    from posttrain.reward import reward_name
-
-    return reward_name(reward)
 
 
 def _load_or_write_manifest(samples: Path, fingerprint: str, items: list[Item], shard_size: int) -> list[list[str]]:

@@ -320,3 +320,20 @@ def test_metas_reach_rewards_that_use_them_also_inside_a_combination():
     assert checked_score(combo, prompts, ["4", "4", "4"], metas) == pytest.approx([1.05, 0.05, 0.05])
     with pytest.raises(ValueError, match="3 prompts but 3 responses and 2 metas"):
         checked_score(combo, prompts, ["4", "4", "4"], metas[:2])
+
+
+def test_fingerprint_follows_the_weights_not_the_folder(tiny_model_dir, tmp_path):
+    import shutil
+
+    from posttrain.reward import RMReward, WeightedReward, reward_fingerprint
+
+    copy = tmp_path / "elsewhere" / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    a, b = RMReward(tiny_model_dir), RMReward(copy)
+    assert a.name != b.name  # names say where, for error messages
+    assert reward_fingerprint(a) == reward_fingerprint(b)
+    combo_a = WeightedReward([(_Const(), 1.0), (a, 0.01)])
+    combo_b = WeightedReward([(_Const(), 1.0), (b, 0.01)])
+    assert reward_fingerprint(combo_a) == reward_fingerprint(combo_b)
+    assert reward_fingerprint(combo_a) != reward_fingerprint(WeightedReward([(_Const(), 1.0), (a, 0.02)]))
+    assert reward_fingerprint(_Const()) == "const"  # no fingerprint(): the name

@@ -110,7 +110,9 @@ def test_two_rounds_end_to_end_through_the_cli(tmp_path):
     ev = read_record(run_dir, 2, "eval")["metrics"]
     assert 0.0 <= ev["task_score"] <= 1.0
     assert 0.0 <= ev["eot_rate"] <= 1.0
-    assert ev["win_rate_vs_previous"] is not None and ev["responses"] == 16
+    per_prompt = yaml.safe_load(recipe.read_text())["eval"]["samples_per_prompt"]
+    assert ev["win_rate_vs_previous"] is not None
+    assert (ev["prompts"], ev["responses"]) == (16, 16 * per_prompt)
     # The sampled scores are recorded for every prompt.
     shards = sorted((run_dir / "round_01" / "sample" / "samples").glob("shard_*.jsonl"))
     rows = [r for s in shards for r in iter_jsonl(s)]

@@ -21,6 +21,7 @@ from posttrain.reward.base import (
     check_scores,
     checked_score,
     load_reward,
+    reward_fingerprint,
     reward_name,
     setup,
     teardown,
@@ -30,5 +31,5 @@ from posttrain.reward.rm_reward import RMReward
 
 __all__ = [
     "Reward", "RewardError", "RewardSpec", "RMReward", "WeightedReward", "active", "check_scores",
-    "checked_score", "combine_scores", "load_reward", "reward_name", "setup", "teardown",
+    "checked_score", "combine_scores", "load_reward", "reward_fingerprint", "reward_name", "setup", "teardown",
 ]

@@ -75,6 +75,13 @@ def _import_target(target: str) -> Any:
     return obj
 
 
+def reward_fingerprint(reward: Any) -> str:
+    """What identifies a reward's scores across runs: its `fingerprint()` when it has one (a
+    reward model hashes its weights, so a moved run folder is the same reward), else its name."""
+    fp = getattr(reward, "fingerprint", None)
+    return str(fp()) if callable(fp) else reward_name(reward)
+
+
 def load_reward(spec: RewardSpec | dict | Any) -> Reward:
     """A ready reward object from a recipe spec (`{"target": "pkg.mod:Name", "kwargs": {...}}`),
     a `RewardSpec`, or an object that already follows the protocol (returned as is).

@@ -19,7 +19,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from posttrain.reward.base import Message, checked_score, load_reward, reward_name, setup, teardown
+from posttrain.reward.base import (
+    Message,
+    checked_score,
+    load_reward,
+    reward_fingerprint,
+    reward_name,
+    setup,
+    teardown,
+)
 
 AbstainPolicy = Literal["skip", "zero", "all"]
 
@@ -76,6 +84,10 @@ class WeightedReward:
         self.abstain: AbstainPolicy = abstain
         self.name = name or "weighted(" + " + ".join(
             f"{w:g}*{reward_name(r)}" for r, w in zip(self.rewards, self.weights)) + ")"
+
+    def fingerprint(self) -> str:
+        parts = " + ".join(f"{w!r}*{reward_fingerprint(r)}" for r, w in zip(self.rewards, self.weights))
+        return f"weighted[{self.abstain}]({parts})"
 
     def setup(self) -> None:
         for r in self.rewards:

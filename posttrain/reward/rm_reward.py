@@ -42,6 +42,12 @@ class RMReward:
         self.abstained = 0
         """Samples abstained on (longer than max_length) since setup."""
 
+    def fingerprint(self) -> str:
+        """The reward model's content hash: the same weights score the same, wherever they lie."""
+        from posttrain.files import hash_path
+
+        return f"rm:{hash_path(self.path)}:{self.max_length}"
+
     def setup(self) -> None:
         if self.model is not None:
             return
