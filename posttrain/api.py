@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from posttrain.recipe import RecipeError, dump_recipe, load_recipe
-from posttrain.records import read_record, stage_dir
+from posttrain.records import STEPS, InputsChanged, read_record, stage_dir
 from posttrain.rounds.orchestrator import (
     RoundError,
     list_rounds,
@@ -14,10 +14,7 @@ from posttrain.rounds.orchestrator import (
     run_round,
     run_rounds,
 )
-from posttrain.records import InputsChanged
-
-STEPS = ("rm", "sample", "sft", "dpo", "average", "eval")
-
+from posttrain.stage import STAGES
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [RecipeError, RoundError, InputsChanged, FileNotFoundError]
@@ -119,7 +116,7 @@ def evaluate(run_dir, round: int, *, force: bool = False) -> dict:
     if read_record(run_dir, round, "average") is None:
         raise RoundError(f"round {round} has not finished in {run_dir}: nothing to evaluate")
     rnd = Round(round, loaded, run_dir)
-    for stage in ("rm", "sample", "sft", "dpo", "average"):
+    for stage in STAGES:
         rnd.records[stage] = read_record(run_dir, round, stage)
     return evaluate_round(rnd, force=force)
 

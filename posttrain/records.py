@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.files import atomic_write_json, hash_json, hash_path, read_json
+from posttrain.stage import STAGES
 
 RECORD = "record.json"
-STEPS = ("rm", "sample", "sft", "dpo", "average", "eval")
+STEPS = (*STAGES, "eval")
 
 
 class InputsChanged(RuntimeError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.files import atomic_write_text, iter_jsonl
-from posttrain.records import output_path, read_record
+from posttrain.records import STEPS, output_path, read_record
 from posttrain.rounds.orchestrator import list_rounds
 
 EVAL_METRICS = [
@@ -23,7 +23,7 @@ def collect(run_dir: Path) -> dict[int, dict[str, dict]]:
     """round -> step -> record, for every record present."""
     out: dict[int, dict[str, dict]] = {}
     for n in list_rounds(run_dir):
-        recs = {s: read_record(run_dir, n, s) for s in ("rm", "sample", "sft", "dpo", "average", "eval")}
+        recs = {s: read_record(run_dir, n, s) for s in STEPS}
         out[n] = {s: r for s, r in recs.items() if r is not None}
     return out
 

@@ -28,6 +28,7 @@ from posttrain.records import (
     stage_dir,
     write_record,
 )
+from posttrain.stage import STAGES
 
 log = logging.getLogger("posttrain")
 
@@ -72,7 +73,7 @@ class Round:
         self.hasher = InputHasher(run_dir)
         self.records: dict[str, dict] = {}
         for m in range(1, n):
-            for stage in ("rm", "sample", "sft", "dpo", "average"):
+            for stage in STAGES:
                 rec = read_record(run_dir, m, stage)
                 if rec:
                     self.hasher.learn(rec)
@@ -263,7 +264,7 @@ class Round:
         result_path.unlink()
         return result
 
-    def run(self, stages: tuple[str, ...] = ("rm", "sample", "sft", "dpo", "average")) -> dict[str, dict]:
+    def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, dict]:
         for stage in stages:
             self.records[stage] = self.run_stage(stage)
         return self.records
@@ -290,7 +291,7 @@ def _summary(metrics: dict) -> str:
 def check_previous_round(run_dir: Path, n: int) -> None:
     if n == 1:
         return
-    missing = [s for s in ("rm", "sample", "sft", "dpo", "average") if read_record(run_dir, n - 1, s) is None]
+    missing = [s for s in STAGES if read_record(run_dir, n - 1, s) is None]
     if missing:
         raise RoundError(f"round {n} needs round {n - 1} finished, but round {n - 1} has no record for: "
                          f"{', '.join(missing)}. Run `posttrain run-round {n - 1}` first.")
