@@ -169,10 +169,11 @@ class Round:
 
     def _reward_identity(self) -> Any:
         if self.reward_override is not None:
+            from posttrain.reward import reward_fingerprint
+
             obj = self.reward_override
-            ident = f"{type(obj).__module__}:{type(obj).__qualname__}"
-            fp = getattr(obj, "fingerprint", None)
-            return {"object": ident, "fingerprint": fp() if callable(fp) else None}
+            return {"object": f"{type(obj).__module__}:{type(obj).__qualname__}",
+                    "fingerprint": reward_fingerprint(obj)}
         spec = self.recipe.reward
         return spec if isinstance(spec, str) else spec.model_dump()
 
