@@ -61,17 +61,19 @@ def load_causal_lm(path: str | os.PathLike, *, dtype="auto", device: str = "auto
 
 
 def load_sequence_classifier(path: str | os.PathLike, *, dtype="auto", device: str = "auto",
-                             trust_remote_code: bool = False, num_labels: int = 1):
+                             trust_remote_code: bool = False, num_labels: int = 1,
+                             attn_implementation: str | None = None):
     """A reward model: a sequence classifier with one output (a fresh head on a causal LM)."""
     from transformers import AutoModelForSequenceClassification
 
     path = Path(path)
     _check_safetensors(path)
     device = pick_device(device)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=num_labels,
         dtype=pick_dtype(dtype, device) if isinstance(dtype, str) else dtype,
-        trust_remote_code=trust_remote_code, use_safetensors=True,
+        trust_remote_code=trust_remote_code, use_safetensors=True, **extra,
     )
     if model.config.pad_token_id is None:
         tok_pad = getattr(model.config, "eos_token_id", None)

@@ -481,15 +481,12 @@ def _packed_trainer_class():
 
 
 def load_reward_model(path, *, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-    """The base checkpoint as a fp32 sequence classifier with one output (a fresh score head)."""
-    from transformers import AutoModelForSequenceClassification
+    """The base checkpoint as a fp32 sequence classifier with one output (a fresh score head),
+    on the CPU: the trainer places it."""
+    from posttrain.modeling import load_sequence_classifier
 
-    from posttrain.modeling import _check_safetensors
-
-    _check_safetensors(Path(path))
-    return AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code,
-        use_safetensors=True, attn_implementation=attn_implementation)
+    return load_sequence_classifier(path, dtype="float32", device="cpu", trust_remote_code=trust_remote_code,
+                                    attn_implementation=attn_implementation)
 
 
 def train_packed(model, tokenizer, items: list[EncodedRanking], cfg: RMConfig, variant: training.Variant, *,
