@@ -155,6 +155,14 @@ def _capability_settings(cfg: SampleConfig, cap: dict | None) -> tuple[dict, str
     return settings, cap.get("system_prompt"), cap.get("sample", True) is not False
 
 
+def seen_conversation(prompt, capability_system: str | None) -> list[dict]:
+    """The conversation the policy sees for a prompt row: the row's own system prompt, else
+    its capability's. Sampling and evaluation both render and score this."""
+    from posttrain import chat
+
+    return chat.with_system(chat.with_system(prompt.messages, prompt.system), capability_system)
+
+
 def plan_items(ctx: StageContext, tokenizer) -> tuple[list[Item], list[dict], list[str], int]:
     """Load, render and tokenize the prompts. Returns (items to sample, too long, skipped by
     capability, prompts read)."""
@@ -179,7 +187,7 @@ def plan_items(ctx: StageContext, tokenizer) -> tuple[list[Item], list[dict], li
             if not enabled:
                 skipped.append(p.id)
                 continue
-            messages = chat.with_system(chat.with_system(p.messages, p.system), cap_system)
+            messages = seen_conversation(p, cap_system)
             text = chat.render_prompt(tokenizer, messages)
             # The template writes BOS itself: the tokenizer must not add a second one.
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]

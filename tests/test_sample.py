@@ -227,3 +227,15 @@ def test_config_rejects_unknown_keys():
         SampleConfig(kk=3)
     with pytest.raises(ValueError):
         SampleConfig(vllm={"engine": 2})
+
+
+def test_seen_conversation_row_system_wins_over_the_capabilitys():
+    from posttrain.data import Prompt
+    from posttrain.sample import seen_conversation
+
+    user = [{"role": "user", "content": "Sort these numbers: 3 1 2"}]
+    own = Prompt(id="a", messages=user, capability="math", system="Row prompt.", meta={}, source="f:1")
+    bare = Prompt(id="b", messages=user, capability="math", system=None, meta={}, source="f:2")
+    assert seen_conversation(own, "Capability prompt.")[0] == {"role": "system", "content": "Row prompt."}
+    assert seen_conversation(bare, "Capability prompt.") == [{"role": "system", "content": "Capability prompt."}, *user]
+    assert seen_conversation(bare, None) == user

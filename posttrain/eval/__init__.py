@@ -38,7 +38,10 @@ def _mean(xs) -> float | None:
 
 
 def load_eval_prompts(rnd) -> list:
+    """The held-out prompts, each holding the conversation the policy sees (system prompts
+    applied exactly as in sampling), which is what is rendered and scored."""
     from posttrain.data import load_prompts
+    from posttrain.sample import seen_conversation
 
     r = rnd.recipe
     prompts = []
@@ -47,6 +50,8 @@ def load_eval_prompts(rnd) -> list:
         for p in rows:
             if ps.capability:
                 p.capability = ps.capability
+            cap = r.capabilities.get(p.capability) if p.capability else None
+            p.messages = seen_conversation(p, cap.system_prompt if cap else None)
         prompts.extend(rows)
     if r.eval.max_prompts:
         prompts = prompts[: r.eval.max_prompts]
@@ -61,12 +66,8 @@ def generate_responses(model_dir: str | Path, prompts: list, rnd, workdir: Path)
 
     r = rnd.recipe
     tok = load_tokenizer(model_dir, trust_remote_code=r.models.trust_remote_code)
-    caps = r.capabilities
-    ids = []
-    for p in prompts:
-        system = p.system or (caps[p.capability].system_prompt if p.capability in caps else None)
-        text = chat.render_prompt(tok, p.messages, system=system)
-        ids.append(tok(text, add_special_tokens=False)["input_ids"])
+    # The template writes BOS itself: the tokenizer must not add a second one.
+    ids = [tok(chat.render_prompt(tok, p.messages), add_special_tokens=False)["input_ids"] for p in prompts]
     settings = SamplingSettings(
         k=r.eval.samples_per_prompt, temperature=r.eval.temperature, top_p=1.0,
         max_new_tokens=r.eval.max_new_tokens, seed=r.seed, stop_token_ids=tuple(chat.end_of_turn_ids(tok)),
