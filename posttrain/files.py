@@ -27,12 +27,32 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, hence the fallback only)
+    os.umask(mask)
+    return mask
+
+
+def _permissions_of_new(kind: str) -> int:
+    """Mode a plain open() / mkdir() would give a new file / folder: 0666 / 0777 minus the umask.
+    tempfile creates 0600 / 0700, which would keep a run's outputs from the rest of a team."""
+    return (0o666 if kind == "file" else 0o777) & ~current_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+    """Write `data` to `path` through a temporary file in the same folder and a rename.
+    The file ends with the permissions the umask gives new files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _permissions_of_new("file"))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -78,12 +98,14 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; rename it to `final` when the block succeeds.
 
     An existing `final` is replaced only after the new content is complete. A failed block
-    removes the temporary folder and leaves `final` untouched.
+    removes the temporary folder and leaves `final` untouched. The folder ends with the
+    permissions the umask gives new folders (what is written inside keeps its own).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
+        os.chmod(tmp, _permissions_of_new("dir"))
         yield tmp
         if final.exists():
             old = final.with_name(f".{final.name}.old")
