@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -93,20 +94,38 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
                 yield json.loads(line)
 
 
+def _apply_umask(folder: Path) -> None:
+    """Give `folder` and everything under it the modes a plain mkdir() / open() would
+    (executable files stay executable)."""
+    dir_mode, file_mode = _permissions_of_new("dir"), _permissions_of_new("file")
+    os.chmod(folder, dir_mode)
+    for root, dirs, names in os.walk(folder):
+        for d in dirs:
+            if not os.path.islink(os.path.join(root, d)):
+                os.chmod(os.path.join(root, d), dir_mode)
+        for n in names:
+            p = os.path.join(root, n)
+            if os.path.islink(p):
+                continue
+            executable = os.stat(p).st_mode & stat.S_IXUSR
+            os.chmod(p, dir_mode if executable else file_mode)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `final`; rename it to `final` when the block succeeds.
 
     An existing `final` is replaced only after the new content is complete. A failed block
-    removes the temporary folder and leaves `final` untouched. The folder ends with the
-    permissions the umask gives new folders (what is written inside keeps its own).
+    removes the temporary folder and leaves `final` untouched. The folder and everything in
+    it end with the permissions the umask gives new files and folders: safetensors writes
+    its weights 0600, which would keep a checkpoint from the rest of a team.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        os.chmod(tmp, _permissions_of_new("dir"))
         yield tmp
+        _apply_umask(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -6,6 +6,8 @@ import os
 import stat
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from posttrain.files import atomic_dir, atomic_write_json, atomic_write_text, current_umask, write_jsonl
 
@@ -33,13 +35,16 @@ def test_atomic_files_and_folders_follow_the_umask(tmp_path, umask, mask, file_m
     write_jsonl(tmp_path / "c.jsonl", [{"k": 1}])
     with atomic_dir(tmp_path / "model") as tmp:
         (tmp / "weights.bin").write_bytes(b"w")
+        save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")  # written 0600 by safetensors
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "f").write_text("x")
     # the same as files and folders made without a temporary name
     (tmp_path / "plain.txt").write_text("x")
     (tmp_path / "plain").mkdir()
     assert _mode(tmp_path / "plain.txt") == file_mode and _mode(tmp_path / "plain") == dir_mode
-    for name in ("a.txt", "b.json", "c.jsonl", "model/weights.bin"):
+    for name in ("a.txt", "b.json", "c.jsonl", "model/weights.bin", "model/model.safetensors", "model/sub/f"):
         assert _mode(tmp_path / name) == file_mode, name
-    assert _mode(tmp_path / "model") == dir_mode
+    assert _mode(tmp_path / "model") == dir_mode and _mode(tmp_path / "model" / "sub") == dir_mode
 
 
 def test_a_replaced_folder_follows_the_umask_too(tmp_path, umask):
