@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from posttrain import files
+from posttrain.world import build
 from posttrain.world import task
 from posttrain.world.build import (
     STRENGTHS,
@@ -198,7 +199,8 @@ def test_annotation_rows_are_consistent(small_worlds):
                 assert task.score(prompt, chosen) < 1.0
     counts = w.info()["sizes"]["preferences"]
     assert n_rows == sum(c["rows"] for c in counts.values())
-    assert all(c["rows"] + c["ties"] == (16 if k == "heldout" else 32) for k, c in counts.items())
+    assert all(c["rows"] + c["ties"] + c["empty"] + c["unfinished"] == (16 if k == "heldout" else 32)
+               for k, c in counts.items())
 
 
 def test_resolve_world_path_names(small_worlds, monkeypatch):
@@ -242,3 +244,83 @@ def test_default_world_base_model_is_between_random_and_perfect():
     assert base["sampled"]["eot_rate"] > 0.9
     for i in range(1, 7):
         assert Path(resolve_world_path(f"world:preferences/round_{i:02d}.jsonl")).exists()
+
+
+# ----------------------------------------------------------------------------- robustness of the build
+# Sampling's floats differ between machines (instruction sets, thread counts), so which
+# responses come out empty or unfinished differs too: the annotation must be valid whatever
+# the model samples, not only for the samples seen on the machine that wrote the test.
+
+
+def _annotate_to_file(model, tokenizer, items, seed, path):
+    rows, counts = build.annotate(model, tokenizer, items, SMALL, random.Random(seed), seed=seed,
+                                  id_prefix=f"s{seed}")
+    files.write_jsonl(path, rows)
+    return rows, counts
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_annotation_passes_validation_under_seeds_and_threads(small_worlds, tmp_path, threads):
+    import torch
+
+    from posttrain import data
+    from posttrain.modeling import load_causal_lm, load_tokenizer
+
+    w = small_worlds[0]
+    model, tokenizer = load_causal_lm(w.base_model, dtype="float32", device="cpu"), load_tokenizer(w.base_model)
+    items = task.sample_items(48, random.Random(7), set())
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dropped = 0
+        for seed in (0, 1, 2):
+            path = tmp_path / f"prefs_{seed}.jsonl"
+            rows, counts = _annotate_to_file(model, tokenizer, items, seed, path)
+            report = data.validate_file(path, "preference")
+            assert report.ok, data.format_report(report)
+            assert report.rows == len(rows) == 48 - counts["ties"] - counts["empty"] - counts["unfinished"]
+            dropped += counts["empty"] + counts["unfinished"]
+    finally:
+        torch.set_num_threads(prev)
+    # The small world's barely trained model does leave turns unfinished: the filter is exercised.
+    assert dropped > 0
+
+
+def test_injected_empty_responses_never_reach_a_file(small_worlds, tmp_path, monkeypatch):
+    from posttrain import data
+    from posttrain.modeling import load_causal_lm, load_tokenizer
+
+    real = build.generate_responses
+
+    def sabotaged(*args, **kwargs):
+        out = real(*args, **kwargs)
+        for i, gens in enumerate(out):
+            if i % 3 == 0:
+                gens[0] = {**gens[0], "text": " \n ", "finished": True}   # empty after strip
+            elif i % 3 == 1:
+                gens[0] = {**gens[0], "text": "", "finished": True}
+        return out
+
+    monkeypatch.setattr(build, "generate_responses", sabotaged)
+    w = small_worlds[0]
+    model, tokenizer = load_causal_lm(w.base_model, dtype="float32", device="cpu"), load_tokenizer(w.base_model)
+    items = task.sample_items(30, random.Random(3), set())
+    rows, counts = _annotate_to_file(model, tokenizer, items, 0, tmp_path / "p.jsonl")
+    assert counts["empty"] >= 20  # two prompts in three had an empty response
+    for row in rows:
+        assert row["chosen"][0]["content"].strip() and row["rejected"][0]["content"].strip()
+    assert data.validate_file(tmp_path / "p.jsonl", "preference").ok
+
+
+def test_a_world_that_fails_validation_is_never_published(tmp_path, monkeypatch):
+    real = build.annotate
+
+    def broken(*args, **kwargs):
+        rows, counts = real(*args, **kwargs)
+        rows.append({**rows[0], "id": "bad", "rejected": [{"role": "assistant", "content": ""}]})
+        return rows, counts
+
+    monkeypatch.setattr(build, "annotate", broken)
+    with pytest.raises(build.WorldBuildError, match=r"round_01.jsonl.*row \d+.*rejected.*bug in posttrain"):
+        ensure_world(tmp_path, seed=0, config=SMALL)
+    assert not build.world_dir(tmp_path, 0, SMALL).exists()
