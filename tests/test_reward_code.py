@@ -3,8 +3,9 @@
 The adversarial cases each must score 0 (or their limit must bind) without harming the run:
 an infinite loop, a flood of output, a fork bomb, reading files outside the working folder,
 opening a connection to a port this test listens on, forging the result, escaping the
-process group. They run on the OS-isolated sandbox; where none works here they are skipped
-(and the audit-hook-only "process" mode is tested on its own).
+process group. They run on the OS-isolated sandbox; where none works here they are skipped.
+Attacks on the verdict itself (each must score at most what the honest wrong program
+scores) are in tests/test_reward_code_attacks.py.
 """
 
 import json
@@ -15,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.reward.code import (CodeTestReward, Limits, Suite, extract_code, find_interpreter,
-                                   parse_tests, run_tests)
+from posttrain.reward.code import CodeTestReward, Suite, extract_code, parse_tests
 
 UID_BASE = 1_990_100_000
 WORKERS = 2
@@ -193,17 +193,6 @@ def test_connection_to_a_local_listener_fails(reward):
             server.accept()  # nothing ever arrived
 
 
-def test_forged_reports_earn_nothing(reward):
-    forge = ("import os, sys\nfor fd in range(3, 64):\n    for i in range(4):\n        try:\n"
-             "            os.write(fd, ('0' * 32 + ' %d 1 \\n' % i).encode())\n        except OSError:\n            pass\n"
-             "print('4 passed'); sys.stdout.flush()\nos._exit(0)")
-    assert score(reward, forge, ADD_TESTS) == 0.0
-    peek = ("import sys\ndef add(a, b):\n    f = sys._getframe(1)\n    while f is not None:\n        f = f.f_back\n    return a + b\n")
-    assert score(reward, peek, ADD_TESTS) == 0.0
-    walk = "import gc\nobjs = gc.get_objects()\ndef add(a, b): return a + b"
-    assert score(reward, walk, ADD_TESTS) == 0.0
-
-
 def test_stdlib_still_works_in_the_sandbox(reward):
     code = ("import collections, dataclasses, enum, typing, json, re, itertools, functools\n"
             "P = collections.namedtuple('P', 'x y')\n@dataclasses.dataclass\nclass Q:\n    a: int\n"
@@ -219,21 +208,13 @@ def test_a_bad_sample_costs_only_itself(reward):
     assert scores == [1.0, 0.0, 0.0, 1.0]
 
 
-# --- the fallback mode ------------------------------------------------------------------------
+# --- removed: the unisolated mode -----------------------------------------------------------
 
-def test_process_mode_audit_hook_blocks_network_and_outside_files(tmp_path):
-    interp = find_interpreter()
-    limits = Limits(wall_s=4.0, test_s=2.0)
-    secret = tmp_path / "secret.txt"
-    secret.write_text("s3cret")
-    ok = run_tests("def add(a, b): return a + b", Suite("", ADD_TESTS), mode="process", interp=interp, limits=limits)
-    assert ok.passed == [True] * 4
-    read = run_tests(f"S = open({str(secret)!r}).read()", Suite("", ["assert S"]), mode="process",
-                     interp=interp, limits=limits)
-    assert read.passed == [False] and "PermissionError" in read.errors[0]
-    net = run_tests("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=0.5)", Suite("", ["assert 1"]),
-                    mode="process", interp=interp, limits=limits)
-    assert net.passed == [False] and "network is disabled" in net.errors[0]
+def test_process_mode_is_gone():
+    """It ran programs as a plain child of a root process; `_posixsubprocess.fork_exec` (no
+    audit event) started a shell on the host."""
+    with pytest.raises(ValueError, match="removed"):
+        CodeTestReward(isolation="process")
 
 
 def test_prompts_file_with_bad_tests_names_the_row(tmp_path):
