@@ -16,6 +16,7 @@ RESPONSES = ["1 2 3", "5 4", "hi there"]
 
 CUSTOM = textwrap.dedent('''
     import math
+    from posttrain.reward import reward_factory
 
     class WordCount:
         """Scores a response by its number of words; abstains on empty responses."""
@@ -38,6 +39,7 @@ CUSTOM = textwrap.dedent('''
         def score(self, prompts, responses):
             return [0.0] * len(responses)
 
+    @reward_factory
     def make(kind, value=None):
         class Broken:
             name = "broken_" + kind
@@ -57,6 +59,9 @@ CUSTOM = textwrap.dedent('''
         return Broken()
 
     NOT_CALLABLE = 3
+
+    def unmarked(kind):
+        return make(kind)
 ''')
 
 
@@ -104,8 +109,45 @@ def test_load_reward_errors_name_the_target(custom_module):
         R.load_reward({"target": "my_rewards:Missing"})
     with pytest.raises(R.RewardError, match="rejected kwargs \\['bogus'\\]"):
         R.load_reward({"target": "my_rewards:WordCount", "kwargs": {"bogus": 1}})
-    with pytest.raises(R.RewardError, match="not a class or factory"):
+    with pytest.raises(R.RewardError, match="is a int, not a reward class"):
         R.load_reward({"target": "my_rewards:NOT_CALLABLE"})
+
+
+@pytest.mark.parametrize("target,kwargs", [
+    ("os:system", {"command": "touch {marker}"}),
+    ("subprocess:run", {"args": "touch {marker}", "shell": True}),
+    ("subprocess:Popen", {"args": ["touch", "{marker}"]}),
+    ("builtins:exec", {"source": "open({marker!r}, 'w')"}),
+    ("my_rewards:unmarked", {"kind": "short"}),
+    ("pathlib:Path", {}),
+])
+def test_a_recipe_cannot_call_what_is_not_a_reward(custom_module, tmp_path, target, kwargs):
+    """Issue 15: `os:system` and `subprocess:run` ran before the reward check. The target is
+    checked first (a class with `score`, or a @reward_factory function) and nothing is called."""
+    marker = tmp_path / "called"
+    kwargs = {k: v.format(marker=str(marker)) if isinstance(v, str) else
+              [x.format(marker=str(marker)) for x in v] if isinstance(v, list) else v for k, v in kwargs.items()}
+    with pytest.raises(R.RewardError, match="not a reward") as info:
+        R.load_reward({"target": target, "kwargs": kwargs})
+    assert "nothing was called" in str(info.value)
+    assert not marker.exists()
+    with pytest.raises(R.RewardError, match=r"^reward\.target: "):
+        R.check_reward_spec({"target": target, "kwargs": kwargs}, "reward")
+    assert not marker.exists()
+
+
+def test_nested_specs_are_checked_before_anything_is_built(custom_module, tmp_path):
+    marker = tmp_path / "called"
+    spec = {"target": "posttrain.reward:WeightedReward", "kwargs": {"components": [
+        [{"target": "my_rewards:WordCount"}, 1.0], [{"target": "os:system", "kwargs": {"command": f"touch {marker}"}}, 1.0]]}}
+    with pytest.raises(R.RewardError, match=r"^eval\.checker\.kwargs\.components\[1\]\[0\]\.target: .*os:system"):
+        R.check_reward_spec(spec, "eval.checker")
+    with pytest.raises(R.RewardError, match="not a reward"):
+        R.load_reward(spec)
+    assert not marker.exists()
+    R.check_reward_spec({"target": "my_rewards:make", "kwargs": {"kind": "nan"}}, "reward")  # marked: fine
+    with pytest.raises(TypeError, match="marks functions"):
+        R.reward_factory(print)
 
 
 def test_setup_and_teardown_through_active(custom_module):

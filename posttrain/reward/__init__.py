@@ -5,7 +5,8 @@ optionally `setup()` / `teardown()`. Recipes name one by import path:
 
     reward: {target: "my_pkg.rewards:LengthPenalty", kwargs: {max_words: 200}}
 
-and `load_reward(spec)` builds it; Python code may pass an instance instead. Callers score through
+and `load_reward(spec)` builds it (the target must be a reward class, or a function marked
+`@reward_factory`; anything else is refused before it is called); Python code may pass an instance instead. Callers score through
 `checked_score(reward, prompts, responses)`, which fails loudly, naming the reward, on a wrong
 number of scores, NaN/inf, a non-number, or an exception inside the reward.
 
@@ -18,9 +19,12 @@ from posttrain.reward.base import (
     RewardError,
     RewardSpec,
     active,
+    check_reward_spec,
     check_scores,
     checked_score,
     load_reward,
+    resolve_reward_target,
+    reward_factory,
     reward_fingerprint,
     reward_name,
     setup,
@@ -31,5 +35,6 @@ from posttrain.reward.rm_reward import RMReward
 
 __all__ = [
     "Reward", "RewardError", "RewardSpec", "RMReward", "WeightedReward", "active", "check_scores",
-    "checked_score", "combine_scores", "load_reward", "reward_fingerprint", "reward_name", "setup", "teardown",
+    "check_reward_spec", "checked_score", "combine_scores", "load_reward", "resolve_reward_target",
+    "reward_factory", "reward_fingerprint", "reward_name", "setup", "teardown",
 ]

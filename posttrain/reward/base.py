@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import math
 import numbers
 from collections.abc import Iterator, Sequence
@@ -48,7 +49,9 @@ class RewardSpec(StrictModel):
     """A reward named in a recipe: an import path and keyword arguments, never a file to execute."""
 
     target: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-    """Import path `package.module:Name`; Name is a class or factory called with `kwargs`."""
+    """Import path `package.module:Name`; Name is a reward class (one with a `score` method)
+    or a function marked `@reward_factory`, called with `kwargs`. Anything else is refused
+    before it is called."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the class or factory."""
 
@@ -75,6 +78,74 @@ def _import_target(target: str) -> Any:
     return obj
 
 
+_FACTORY_MARK = "__posttrain_reward_factory__"
+
+
+def reward_factory(fn):
+    """Mark a function as a reward factory, so that a recipe's `target` may name it:
+
+        @reward_factory
+        def make_reward(kind: str) -> Reward: ...
+
+    Without the mark a recipe can name only reward classes: `load_reward` refuses any other
+    callable (`os:system`, `subprocess:run`) before calling it."""
+    if not inspect.isfunction(fn):
+        raise TypeError(f"@reward_factory marks functions, got {type(fn).__name__}")
+    setattr(fn, _FACTORY_MARK, True)
+    return fn
+
+
+def resolve_reward_target(target: str) -> Any:
+    """The reward class or marked factory `target` names: imported and checked, never called.
+
+    A class must have a `score` method (the reward protocol); a function must carry the
+    `@reward_factory` mark. Raises RewardError otherwise."""
+    obj = _import_target(target)
+    if isinstance(obj, type):
+        if not callable(inspect.getattr_static(obj, "score", None)):
+            raise RewardError(f"reward target {target!r}: class {obj.__qualname__} has no score(prompts, responses) "
+                              "method, so it is not a reward (nothing was called)")
+        return obj
+    if inspect.isfunction(obj) and inspect.getattr_static(obj, _FACTORY_MARK, False) is True:
+        return obj
+    kind = "function" if inspect.isfunction(obj) or inspect.isbuiltin(obj) else type(obj).__name__
+    raise RewardError(f"reward target {target!r} is a {kind}, not a reward class or a function marked "
+                      "@posttrain.reward.reward_factory (nothing was called)")
+
+
+def nested_reward_specs(kwargs: Any, where: str) -> list[tuple[str, str]]:
+    """(key path, target) of every reward spec inside a reward's kwargs (e.g. the components
+    of a WeightedReward), so they can be checked before anything is built."""
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[str, Any, int]] = [(where, kwargs, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        if depth > 32:
+            raise RewardError(f"{path}: nested deeper than 32 levels")
+        if isinstance(value, dict):
+            if isinstance(value.get("target"), str) and set(value) <= {"target", "kwargs"}:
+                found.append((f"{path}.target", value["target"]))
+            stack.extend((f"{path}.{k}", v, depth + 1) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in enumerate(value))
+    return sorted(found)
+
+
+def check_reward_spec(spec: RewardSpec | dict, where: str) -> None:
+    """Check a recipe's reward spec and every spec nested in its kwargs without calling
+    anything; raises RewardError naming the recipe key (`where`, e.g. "eval.checker")."""
+    if isinstance(spec, dict):
+        spec = RewardSpec.model_validate(spec)
+    for path, target in [(f"{where}.target", spec.target)] + nested_reward_specs(spec.kwargs, f"{where}.kwargs"):
+        try:
+            RewardSpec(target=target)
+            resolve_reward_target(target)
+        except RewardError as e:
+            raise RewardError(f"{path}: {e}") from None
+        except ValueError as e:  # pydantic: not an import path
+            raise RewardError(f"{path}: {target!r} is not an import path 'package.module:Name'") from e
+
+
 def reward_fingerprint(reward: Any) -> str:
     """What identifies a reward's scores across runs: its `fingerprint()` when it has one (a
     reward model hashes its weights, so a moved run folder is the same reward), else its name."""
@@ -86,7 +157,9 @@ def load_reward(spec: RewardSpec | dict | Any) -> Reward:
     """A ready reward object from a recipe spec (`{"target": "pkg.mod:Name", "kwargs": {...}}`),
     a `RewardSpec`, or an object that already follows the protocol (returned as is).
 
-    The target is imported (a module on the Python path), never executed from a file path.
+    The target is imported (a module on the Python path), never executed from a file path,
+    and must be a reward class or a `@reward_factory` function (`resolve_reward_target`):
+    that is checked before it is called.
     """
     if isinstance(spec, str):
         raise RewardError(f"reward {spec!r}: name a reward as {{'target': 'package.module:Name', 'kwargs': {{...}}}} "
@@ -97,9 +170,7 @@ def load_reward(spec: RewardSpec | dict | Any) -> Reward:
         if not callable(getattr(spec, "score", None)):
             raise RewardError(f"{reward_name(spec)!r} is not a reward: it has no score(prompts, responses) method")
         return spec
-    factory = _import_target(spec.target)
-    if not callable(factory):
-        raise RewardError(f"reward target {spec.target!r} is not a class or factory (got {type(factory).__name__})")
+    factory = resolve_reward_target(spec.target)
     try:
         reward = factory(**spec.kwargs)
     except TypeError as e:
