@@ -1,19 +1,29 @@
 """The `sft` stage: supervised fine-tuning on this round's top-1 samples plus recipe SFT data.
 
-Llama 3 report, section 4.1.3: cross-entropy on target tokens only. Every assistant turn
-(its content and its end-of-turn token) is a target; everything else (system, user and tool
-turns, the chat headers) is context and gets label -100. The end-of-turn token stays a
+Llama 3 report, section 4.1.3: cross-entropy on target tokens only. Which assistant turns
+are targets (their content and end-of-turn token):
+
+- top-1 rows (this and earlier rounds' samples): the last turn only, the one the policy
+  sampled. Earlier assistant turns belong to the prompt: they came with the data, and the
+  policy did not write them.
+- the recipe's SFT data: every assistant turn (`targets: all_turns`, the default, as TRL's
+  `assistant_only_loss` does), or the last one only (`targets: last_turn`, for data whose
+  earlier assistant turns are context rather than answers to imitate).
+
+Everything else (system, user and tool turns, the chat headers, earlier assistant turns
+that are not targets) is context and gets label -100. The end-of-turn token stays a
 target: a model that never sees it as one forgets to stop.
 
-We tokenize ourselves with `chat.encode_conversation` (one rendering, one tokenization, the
-masks derived from the template) and hand TRL's SFTTrainer a dataset with `input_ids` and
+We tokenize ourselves with `chat.encode_conversation` / `chat.encode_example` (one rendering,
+one tokenization, the masks derived from the template) and hand TRL's SFTTrainer a dataset with `input_ids` and
 `labels`; TRL uses such labels as they are (trl/trainer/sft_trainer.py: "A dataset that
 already provides a 'labels' column is left as is"). No packing: examples stay separate.
 
 Inputs (`ctx.inputs`): `init_model` (the pre-trained checkpoint by default, as the paper does
 each round, or the previous round's model: the orchestrator resolves it from `init`),
-`sft_files` (this and, when `cumulative`, earlier rounds' top-1 files plus the recipe's SFT
-data). Output: `model` (variants averaged, LoRA merged). Optional
+`top1_files` (this and, when `cumulative`, earlier rounds' top-1 files), `sft_files` (the
+recipe's SFT data). Output: `model` (variants averaged, LoRA merged). Intermediate work
+(checkpoints, variant models before averaging) lies under `work/`. Optional
 `ctx.extra["trainer_callbacks"]`: extra transformers TrainerCallbacks (tests, tooling).
 """
 
@@ -27,16 +37,21 @@ from typing import Literal
 from posttrain import files
 from posttrain.stage import StageContext, StageResult
 from posttrain.training import (
+    WORK,
     LongContextMix,
     TrainingSettings,
     complete_marker_callback,
     last_complete_checkpoint,
     merge_if_peft,
     peft_config,
+    data_counts,
     trainer_common_args,
     variant_name,
 )
 
+
+
+Targets = Literal["all_turns", "last_turn"]
 
 
 class SFTStageConfig(TrainingSettings):
@@ -50,21 +65,36 @@ class SFTStageConfig(TrainingSettings):
     The orchestrator turns this into inputs['sft_files']."""
     long_context: LongContextMix | None = None
     """Keep all short examples and at most `share` of the mix as long ones (None: keep all)."""
+    targets: Targets = "all_turns"
+    """Which assistant turns of the recipe's SFT data (`data.sft`) are trained on: every one
+    ('all_turns', as TRL's assistant_only_loss) or the last one ('last_turn'). Top-1 rows from
+    sampling always train on their last turn only: the earlier ones are part of the prompt."""
 
 
-def encode_sft_examples(tokenizer, examples, max_length: int,
-                        formatting_tokens: list[str] | None = None) -> tuple[list[dict], Counter]:
-    """Rows {input_ids, labels} for SFTTrainer: labels = input_ids on response tokens, -100 elsewhere.
+def encode_sft_examples(tokenizer, examples, max_length: int, formatting_tokens: list[str] | None = None,
+                        targets: Targets = "all_turns") -> tuple[list[dict], Counter]:
+    """Rows {input_ids, labels} for SFTTrainer: labels = input_ids on target tokens, -100 elsewhere.
 
+    targets: 'all_turns' makes every assistant turn a target; 'last_turn' only the final one
+    (the conversation before it, earlier assistant turns included, is the prompt).
     Examples whose prompt leaves no room for a target within max_length are dropped and
     counted; truncated ones are kept and counted.
     """
     from posttrain import chat
 
+    if targets not in ("all_turns", "last_turn"):
+        raise ValueError(f"targets must be 'all_turns' or 'last_turn', got {targets!r}")
     rows, counts = [], Counter()
     for ex in examples:
         try:
-            enc = chat.encode_conversation(tokenizer, ex.messages, max_length, formatting_tokens=formatting_tokens)
+            if targets == "last_turn":
+                *prompt, last = ex.messages
+                if last.get("role") != "assistant":
+                    raise ValueError(f"{ex.source or ex.id}: the conversation does not end with an assistant turn")
+                enc = chat.encode_example(tokenizer, prompt, last["content"], max_length,
+                                          formatting_tokens=formatting_tokens)
+            else:
+                enc = chat.encode_conversation(tokenizer, ex.messages, max_length, formatting_tokens=formatting_tokens)
         except chat.PromptTooLong:
             counts["dropped_prompt_too_long"] += 1
             continue
@@ -73,6 +103,16 @@ def encode_sft_examples(tokenizer, examples, max_length: int,
         counts["kept"] += 1
         rows.append({"input_ids": enc.input_ids, "labels": sft_labels(enc.input_ids, enc.response_mask)})
     return rows, counts
+
+
+def training_rows(tokenizer, top1: list, recipe_data: list, cfg: SFTStageConfig,
+                  formatting_tokens: list[str] | None = None) -> tuple[list[dict], Counter]:
+    """The stage's rows: top-1 rows with their last (sampled) turn as the only target, then the
+    recipe's SFT data with the turns `cfg.targets` names."""
+    rows, counts = encode_sft_examples(tokenizer, top1, cfg.max_length, formatting_tokens, "last_turn")
+    more, more_counts = encode_sft_examples(tokenizer, recipe_data, cfg.max_length, formatting_tokens, cfg.targets)
+    counts.update(more_counts)
+    return rows + more, counts
 
 
 def sft_labels(input_ids: list[int], response_mask: list[int], ignore_index: int = -100) -> list[int]:
@@ -138,14 +178,16 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg: SFTStageConfig = ctx.config
     init_model = Path(ctx.inputs["init_model"])
+    top1_files = [str(p) for p in ctx.inputs.get("top1_files") or []]
     sft_files = [str(p) for p in ctx.inputs.get("sft_files") or []]
-    if not sft_files:
-        raise ValueError("sft: no sft_files given (no top-1 samples and no recipe SFT data)")
+    if not top1_files and not sft_files:
+        raise ValueError("sft: no top1_files and no sft_files given (no top-1 samples and no recipe SFT data)")
     tokenizer = load_tokenizer(init_model, trust_remote_code=ctx.trust_remote_code)
 
-    loaded = data.load_sft(sft_files)
-    by_file = Counter(ex.source.rsplit(":", 1)[0] for ex in loaded)
-    rows, counts = encode_sft_examples(tokenizer, loaded, cfg.max_length, ctx.formatting_tokens)
+    top1 = data.load_sft(top1_files) if top1_files else []
+    recipe_data = data.load_sft(sft_files) if sft_files else []
+    by_file = Counter(ex.source.rsplit(":", 1)[0] for ex in top1 + recipe_data)
+    rows, counts = training_rows(tokenizer, top1, recipe_data, cfg, ctx.formatting_tokens)
     mix = None
     if cfg.long_context is not None:
         from posttrain.datamix import mix_long_examples
@@ -156,22 +198,21 @@ def run(ctx: StageContext) -> StageResult:
     if not rows:
         raise ValueError(f"sft: no training examples left (counts: {dict(counts)})")
 
-    variants_dir = ctx.out_dir / "variants"
     final = ctx.out_dir / "model"
     single = len(cfg.variants) == 1
     per_variant, variant_dirs = {}, []
     for i, variant in enumerate(cfg.variants):
         name = variant_name(variant, i)
-        out = final if single else variants_dir / name
+        out = final if single else ctx.out_dir / WORK / name / "model"
         variant_dirs.append(out)
-        done = ctx.out_dir / "work" / name / "variant_metrics.json"
+        done = ctx.out_dir / WORK / name / "variant_metrics.json"
         if out.exists() and done.exists():  # written after the model: the variant is finished
             per_variant[name] = files.read_json(done)
             continue
         seed = variant.seed if variant.seed is not None else ctx.seed + i
         trainer, metrics = train_variant(
             cfg=cfg, variant=variant, seed=seed, init_model=init_model, tokenizer=tokenizer, rows=rows,
-            work_dir=ctx.out_dir / "work" / name, trust_remote_code=ctx.trust_remote_code,
+            work_dir=ctx.out_dir / WORK / name, trust_remote_code=ctx.trust_remote_code,
             report_to=ctx.report_to, callbacks=ctx.extra.get("trainer_callbacks", ()),
         )
         save_checkpoint(merge_if_peft(trainer.model), tokenizer, out)
@@ -181,10 +222,18 @@ def run(ctx: StageContext) -> StageResult:
     if not single:
         average_checkpoints(variant_dirs, final)
 
+    dropped = {"prompt_too_long": counts["dropped_prompt_too_long"]}
+    if mix is not None:
+        dropped.update(mix.summary()["dropped_by_reason"])
     return StageResult(
         outputs={"model": final.relative_to(ctx.run_dir).as_posix()},
         metrics={
+            **data_counts("examples", read=len(top1) + len(recipe_data), dropped=dropped,
+                          truncated=counts["truncated"],
+                          trained_by_variant={k: v.get("examples") for k, v in per_variant.items()}),
             "examples": dict(counts),
+            "examples_by_kind": {"top1": len(top1), "sft_data": len(recipe_data)},
+            "targets": {"top1": "last_turn", "sft_data": cfg.targets},
             "long_context_mix": mix.summary() if mix is not None else None,
             "examples_by_file": dict(by_file),
             "init": cfg.init,

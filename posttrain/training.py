@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping, TypedDict
 
 from pydantic import Field
 
@@ -18,6 +18,11 @@ from posttrain.files import atomic_write_text
 from posttrain.schema import StrictModel
 
 COMPLETE_MARKER = "COMPLETE"
+WORK = "work"
+"""A training stage keeps its intermediate work (trainer checkpoints, variant models before
+averaging, caches) under `<stage folder>/work`: what resume needs until the stage finishes.
+The orchestrator deletes it once the stage's record is written (`remove_work`), unless
+the recipe sets `run.keep_checkpoints`."""
 
 
 class LoraSettings(StrictModel):
@@ -175,3 +180,51 @@ def merge_if_peft(model):
     if isinstance(model, PeftModel):
         return model.merge_and_unload()
     return model
+
+
+class DataCounts(TypedDict):
+    """What a training stage trained on, at the top level of its metrics (one shape for rm,
+    sft and dpo, read by the orchestrator's end line, status and the report)."""
+
+    unit: str
+    """What a row is: 'examples' (sft), 'pairs' (rm, dpo)."""
+    rows_read: int
+    """Rows before any filter."""
+    rows_trained: int
+    """Rows a variant trained on after every filter and its `data_fraction` (the most of any
+    variant; `rows_trained_by_variant` has each)."""
+    rows_trained_by_variant: dict[str, int]
+    dropped: dict[str, int]
+    """Rows removed by a filter, by reason (reasons with none left out)."""
+    truncated: int
+    """Rows kept but cut at max_length."""
+
+
+def data_counts(unit: str, *, read: int, dropped: Mapping[str, int], truncated: int,
+                trained_by_variant: Mapping[str, int | None]) -> DataCounts:
+    trained = {k: int(v) for k, v in trained_by_variant.items() if v is not None}
+    return DataCounts(unit=unit, rows_read=int(read), rows_trained=max(trained.values(), default=0),
+                      rows_trained_by_variant=trained,
+                      dropped={k: int(v) for k, v in sorted(dropped.items()) if v},
+                      truncated=int(truncated))
+
+
+def remove_work(stage_dir: str | os.PathLike) -> int:
+    """Delete a finished stage's `work` folder; returns the bytes freed.
+
+    Only once the stage's record exists: before that, the work is what a killed stage
+    resumes from (and the record is what makes the orchestrator skip the stage instead).
+    """
+    import shutil
+
+    from posttrain.records import RECORD
+
+    stage_dir = Path(stage_dir)
+    if not (stage_dir / RECORD).is_file():
+        raise RuntimeError(f"{stage_dir}: no {RECORD} yet; its work folder is still needed to resume")
+    work = stage_dir / WORK
+    if not work.is_dir():
+        return 0
+    freed = sum(p.stat().st_size for p in work.rglob("*") if p.is_file() and not p.is_symlink())
+    shutil.rmtree(work)
+    return freed

@@ -57,6 +57,42 @@ def test_labels_mask_exactly_the_prompt_on_a_multi_turn_example(tiny_tokenizer):
     assert sum(1 for lab in labels if lab != -100) == sum(e - s for s, e in segs)
 
 
+def _expected_last_turn(tok, messages):
+    """By hand: the ids of the template's rendering up to the last turn's end-of-turn token, and
+    the labels that make only that turn (its content and <|eot_id|>) a target."""
+    prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt + messages[-1]["content"] + "<|eot_id|>", add_special_tokens=False)["input_ids"]
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    return ids, [-100] * n_prompt + ids[n_prompt:]
+
+
+def test_last_turn_makes_only_the_final_assistant_turn_a_target(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rows, counts = sft.encode_sft_examples(tok, [SFTExample("a", MULTI_TURN)], max_length=512,
+                                           targets="last_turn")
+    assert dict(counts) == {"kept": 1}
+    ids, labels = _expected_last_turn(tok, MULTI_TURN)
+    assert rows[0]["input_ids"] == ids
+    assert rows[0]["labels"] == labels
+    # the earlier assistant turn "1 2 3" is context: no target there
+    assert [tok.decode(ids[s:e]) for s, e in _segments(labels)] == ["2 1<|eot_id|>"]
+
+
+def test_top1_rows_train_on_the_sampled_turn_and_recipe_data_on_what_targets_says(tiny_tokenizer):
+    """A top-1 row's earlier assistant turns came with the prompt: never targets. The recipe's
+    SFT data: every assistant turn by default (all_turns), the last with last_turn."""
+    tok = tiny_tokenizer
+    top1, data = [SFTExample("t", MULTI_TURN)], [SFTExample("d", MULTI_TURN)]
+    rows, counts = sft.training_rows(tok, top1, data, sft.SFTStageConfig())
+    assert sft.SFTStageConfig().targets == "all_turns"
+    assert counts["kept"] == 2
+    assert rows[0]["labels"] == _expected_last_turn(tok, MULTI_TURN)[1]
+    assert [tok.decode(rows[1]["input_ids"][s:e]) for s, e in _segments(rows[1]["labels"])] == [
+        "1 2 3<|eot_id|>", "2 1<|eot_id|>"]
+    rows, _ = sft.training_rows(tok, top1, data, sft.SFTStageConfig(targets="last_turn"))
+    assert rows[0]["labels"] == rows[1]["labels"] == _expected_last_turn(tok, MULTI_TURN)[1]
+
+
 def test_prompt_too_long_is_dropped_and_counted(tiny_tokenizer):
     long = [{"role": "user", "content": "1 2 3 4 5 6 7 8 9 " * 20}, {"role": "assistant", "content": "ok"}]
     rows, counts = sft.encode_sft_examples(tiny_tokenizer, [SFTExample("a", long), SFTExample("b", MULTI_TURN)],
@@ -114,8 +150,8 @@ def test_two_variants_are_averaged(tiny_model_dir, tmp_path):
     res = sft.run(ctx)
     assert res.outputs == {"model": "round_01/sft/model"}
     assert res.metrics["examples"] == {"kept": 9}
-    v0 = load_file(ctx.out_dir / "variants" / "v0" / "model.safetensors")
-    v1 = load_file(ctx.out_dir / "variants" / "v1" / "model.safetensors")
+    v0 = load_file(ctx.out_dir / "work" / "v0" / "model" / "model.safetensors")
+    v1 = load_file(ctx.out_dir / "work" / "v1" / "model" / "model.safetensors")
     avg = load_file(ctx.run_dir / res.outputs["model"] / "model.safetensors")
     base = load_file(Path(tiny_model_dir) / "model.safetensors")
     for k in base:
@@ -170,3 +206,28 @@ def test_long_context_mix_keeps_at_most_its_share_of_long_examples(tiny_tokenize
     res = sft.run(ctx)
     mix = res.metrics["long_context_mix"]
     assert (mix["kept"], mix["dropped_by_reason"]) == (8, {"long_over_share": 1})
+    assert (res.metrics["rows_read"], res.metrics["rows_trained"]) == (9, 8)
+    assert res.metrics["dropped"] == {"long_over_share": 1}
+
+
+def test_the_stage_counts_what_it_trained_on_per_variant(tiny_model_dir, tmp_path):
+    """Top-1 rows and recipe data both count; a variant's data_fraction shows in rows_trained;
+    dropped and truncated examples are counted; variant models before averaging lie under work/.
+    At max_length 40 the top-1 row's prompt (49 tokens: its last turn is the only target) leaves
+    no room and is dropped, while the same conversation as recipe data (first target at token 28)
+    is truncated."""
+    ctx = _ctx(tmp_path, tiny_model_dir, epochs=1, max_length=40,
+               variants=[{}, {"data_fraction": 0.5, "seed": 3}])
+    top1 = tmp_path / "top1.jsonl"
+    top1.write_text(json.dumps({"id": "round_01/p", "messages": MULTI_TURN, "score": 1.0}) + "\n")
+    ctx.inputs["top1_files"] = [str(top1)]
+    res = sft.run(ctx)
+    m = res.metrics
+    assert m["examples_by_kind"] == {"top1": 1, "sft_data": 9}
+    assert m["targets"] == {"top1": "last_turn", "sft_data": "all_turns"}
+    assert (m["unit"], m["rows_read"], m["rows_trained"]) == ("examples", 10, 9)
+    assert m["rows_trained_by_variant"] == {"v0": 9, "v1": round(9 * 0.5)}
+    assert m["dropped"] == {"prompt_too_long": 1}
+    assert m["truncated"] == 1
+    assert (ctx.out_dir / "work" / "v1" / "model" / "model.safetensors").exists()
+    assert not (ctx.out_dir / "variants").exists()

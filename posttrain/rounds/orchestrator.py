@@ -130,7 +130,7 @@ class Round:
                 init_model = str(self.previous_model())
             else:
                 init_model = self.path(init)
-            return {"init_model": init_model, "sft_files": top1 + [self.path(p) for p in r.data.sft]}
+            return {"init_model": init_model, "top1_files": top1, "sft_files": [self.path(p) for p in r.data.sft]}
         if stage == "dpo":
             return {
                 "sft_model": str(output_path(self.run_dir, self.records["sft"], "model")),
@@ -214,6 +214,7 @@ class Round:
         if plan.action == "skip":
             log.info("round %d %s: finished earlier, skipped", self.n, stage)
             self.hasher.learn(plan.record)
+            self._remove_work(stage)  # left behind when a run stopped right after the record
             return plan.record
         out_dir = stage_dir(self.run_dir, self.n, stage)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,9 +230,19 @@ class Round:
         record = write_record(self.run_dir, self.n, stage, plan=plan, outputs=result["outputs"],
                               metrics=result["metrics"], started=started)
         self.hasher.learn(record)
+        self._remove_work(stage)
         log.info("round %d %s: done in %.0f s%s", self.n, stage, record["timing"]["seconds"],
                  _summary(result["metrics"]))
         return record
+
+    def _remove_work(self, stage: str) -> None:
+        """A finished stage's checkpoints go once its record exists (run.keep_checkpoints keeps them)."""
+        from posttrain.training import remove_work
+
+        if not self.recipe.run.keep_checkpoints:
+            freed = remove_work(stage_dir(self.run_dir, self.n, stage))
+            if freed:
+                log.debug("round %d %s: removed its work folder (%.2f GB)", self.n, stage, freed / 1e9)
 
     def _run_in_process(self, spec: dict, reward_model: str) -> dict:
         from posttrain.rounds.worker import run_spec
