@@ -75,6 +75,10 @@ class RMConfig(training.TrainingSettings):
     """Rankings per forward pass when scoring held-out data."""
     heldout_fraction: float = Field(0.05, ge=0, lt=1)
     """Share of training rankings held out (seeded) when no held-out files are given."""
+    min_heldout_accuracy: float = Field(0.55, ge=0, le=1)
+    """Stop the round after `rm` when the reward model's held-out accuracy is below this (chance
+    is 0.5): a reward model that cannot rank held-out pairs would only rank samples by noise or
+    length. 0 turns the check off. With no held-out pairs there is nothing to check."""
 
     @field_validator("keep_strengths")
     @classmethod
@@ -439,7 +443,92 @@ def score_encoded(model, items: list[EncodedRanking], pad_id: int, batch_size: i
 
 def evaluate_rankings(model, items: list[EncodedRanking], pad_id: int, cfg: RMConfig) -> dict:
     scores = score_encoded(model, items, pad_id, cfg.eval_batch_size)
-    return heldout_metrics([(s, it.pairs, it.strengths) for s, it in zip(scores, items)], cfg.keep_strengths)
+    out = heldout_metrics([(s, it.pairs, it.strengths) for s, it in zip(scores, items)], cfg.keep_strengths)
+    out.update(length_health([(s, [len(r) for r in it.response_ids], it.pairs, it.strengths)
+                              for s, it in zip(scores, items)], cfg.keep_strengths))
+    return out
+
+
+def length_health(scored: list[tuple[list[float], list[int], list[tuple[int, int]], list[str | None]]],
+                  keep_strengths: list[str]) -> dict:
+    """How much a reward model's judgement follows response length, on held-out rankings.
+
+    scored: per ranking (scores of its responses; their lengths in tokens; its (better, worse)
+    pairs; their strengths). Pairs count as in `heldout_metrics`' accuracy (kept strengths and
+    unlabelled ones); a pair is right when r_better > r_worse.
+    Returns
+      accuracy_chosen_shorter: accuracy on the pairs whose better response is the shorter one
+        (an RM that ranks by length gets these wrong), over `pairs_chosen_shorter` pairs;
+      prefers_longer: over pairs of unequal length, the share where the longer response scores
+        higher (0.5: no length preference);
+      score_length_correlation: Pearson correlation of score and length over every response
+        (None with fewer than two responses or no spread).
+    """
+    shorter_right, longer_wins = [], []
+    all_scores, all_lengths = [], []
+    for scores, lengths, pairs, strengths in scored:
+        all_scores += list(scores)
+        all_lengths += list(lengths)
+        for (a, b), s in zip(pairs, strengths):
+            if s is not None and s not in keep_strengths:
+                continue
+            if lengths[a] < lengths[b]:
+                shorter_right.append(int(scores[a] > scores[b]))
+            if lengths[a] != lengths[b]:
+                longer, shorter = (a, b) if lengths[a] > lengths[b] else (b, a)
+                longer_wins.append(int(scores[longer] > scores[shorter]))
+
+    def mean(x):
+        return sum(x) / len(x) if x else None
+
+    return {
+        "accuracy_chosen_shorter": mean(shorter_right),
+        "pairs_chosen_shorter": len(shorter_right),
+        "prefers_longer": mean(longer_wins),
+        "score_length_correlation": pearson(all_scores, all_lengths),
+    }
+
+
+def pearson(x: list[float], y: list[float]) -> float | None:
+    """r = sum((x - mean x)(y - mean y)) / sqrt(sum((x - mean x)^2) sum((y - mean y)^2))."""
+    n = len(x)
+    if n != len(y):
+        raise ValueError(f"pearson: {n} x values but {len(y)} y values")
+    if n < 2:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / (sxx * syy) ** 0.5
+
+
+class RewardModelTooWeak(RuntimeError):
+    """The reward model's held-out accuracy is below `rm.min_heldout_accuracy`."""
+
+
+def check_heldout_accuracy(heldout: dict, min_accuracy: float) -> None:
+    """Raise RewardModelTooWeak when held-out accuracy is below `min_accuracy` (0: never)."""
+    acc = heldout.get("accuracy")
+    if acc is None or min_accuracy <= 0 or acc >= min_accuracy:
+        return
+    hints = []
+    if heldout.get("prefers_longer") is not None:
+        hints.append(f"it scores the longer response higher in {heldout['prefers_longer']:.0%} of pairs")
+    if heldout.get("accuracy_chosen_shorter") is not None:
+        hints.append(f"its accuracy where the better response is shorter is {heldout['accuracy_chosen_shorter']:.3f}")
+    if heldout.get("score_length_correlation") is not None:
+        hints.append(f"score and length correlate {heldout['score_length_correlation']:.2f}")
+    raise RewardModelTooWeak(
+        f"the reward model's held-out accuracy is {acc:.3f} over {heldout.get('pairs')} pairs, below "
+        f"rm.min_heldout_accuracy={min_accuracy} (chance is 0.5), so it would rank samples by noise"
+        + (f" ({'; '.join(hints)})" if hints else "") + ". The round stops before sampling. "
+        "Add preference data or check the held-out data and rm settings; or set rm.min_heldout_accuracy "
+        "lower in the recipe to go on with this reward model (the same command then continues without "
+        "training it again)."
+    )
 
 
 # ----------------------------------------------------------------------------- training
@@ -647,7 +736,8 @@ def run(ctx: StageContext) -> StageResult:
         model = training.merge_if_peft(trainer.model)
         model.config.pad_token_id = tokenizer.pad_token_id
         vm = {"seed": seed, "train_loss": result.training_loss, "steps": result.global_step,
-              "seconds": round(time.time() - tv, 2), "rankings": len(vitems)}
+              "seconds": round(time.time() - tv, 2), "rankings": len(vitems),
+              "pairs": sum(len(it.pairs) for it in vitems)}
         if held_items and n_var > 1:
             vm["heldout"] = evaluate_rankings(model, held_items, tokenizer.pad_token_id, cfg)
         save_checkpoint(model, tokenizer, final)
@@ -669,5 +759,11 @@ def run(ctx: StageContext) -> StageResult:
     losses = [v["train_loss"] for v in metrics["variants"].values()]
     metrics["train_loss"] = sum(losses) / len(losses) if losses else None
     metrics["seconds"] = round(time.time() - t0, 2)
+    held_out_of_training = {} if heldout_files else {"held_out": sum(len(it.pairs) for it in held_items)}
+    metrics.update(training.data_counts(
+        "pairs", read=pair_filter.total, dropped={**drops, **held_out_of_training}, truncated=0,
+        trained_by_variant={k: v.get("pairs") for k, v in metrics["variants"].items()}))
+    metrics["heldout"]["min_accuracy"] = cfg.min_heldout_accuracy
+    check_heldout_accuracy(metrics["heldout"], cfg.min_heldout_accuracy)  # rank 0 alone has the accuracy
     model_rel = (out_dir / "model").resolve().relative_to(Path(ctx.run_dir).resolve())
     return StageResult(outputs={"model": model_rel.as_posix()}, metrics=metrics)

@@ -392,12 +392,19 @@ def _metrics(rows: list[dict], top1: list[dict], too_long: list[dict], skipped: 
     lengths = [n for r in rows for n in r["n_tokens"]]
     finished = [f for r in rows for f in r["finished"]]
     abstained = sum(s is None for r in rows for s in r["scores"])
+    without = [r["id"] for r in rows if r["best"] is None]
+    scored = [(s, n) for r in rows for s, n in zip(r["scores"], r["n_tokens"]) if s is not None]
+    from posttrain.rm import pearson
+
     return {
         "prompts_read": n_read,
         "prompts": len(rows),
         "samples": n_samples,
         "top1": len(top1),
-        "prompts_without_top1": [r["id"] for r in rows if r["best"] is None],
+        "prompts_without_top1": len(without),
+        "prompts_without_top1_ids": without,
+        # A reward that follows length ranks long responses first (see rm's held-out health).
+        "score_length_correlation": pearson([s for s, _ in scored], [float(n) for _, n in scored]),
         "too_long": {"count": len(too_long), "ids": [t["id"] for t in too_long]},
         "skipped_by_capability": len(skipped),
         "score_best_mean": _mean([s["best"] for s in summaries if s["best"] is not None]),

@@ -219,7 +219,8 @@ def _tiny_recipe(path: Path, *, base: Path, v, capability: str, reward, checker,
         "capabilities": {capability: {"system_prompt": system_prompt, "k": 2, "temperature": 1.0,
                                       "max_new_tokens": 24}},
         "run": {"device": "cpu"},
-        "rm": {**train, "max_length": 256},
+        # Four held-out pairs on a random tiny model: the accuracy gate would only measure noise.
+        "rm": {**train, "max_length": 256, "min_heldout_accuracy": 0},
         "sample": {"k": 3, "max_new_tokens": 8, "backend": "transformers", "max_prompt_length": 100},
         "sft": train,
         # Two DPO variants, so the average stage averages two models as in the paper's recipes.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from dataclasses import dataclass
 
 import pytest
@@ -234,6 +235,73 @@ def test_heldout_metrics_by_hand():
     assert m["full_order_accuracy"] == 0.5 and m["full_order_rankings"] == 2
 
 
+def test_length_health_by_hand():
+    # (scores, lengths in tokens, pairs, strengths); pairs of unkept strengths are left out
+    scored = [
+        ([3.0, 2.0, 1.0], [5, 10, 20], [(0, 1), (0, 2), (1, 2)], ["better"] * 3),  # shorter better, all right
+        ([1.0, 2.0], [30, 10], [(0, 1)], ["significantly_better"]),  # longer better, wrong
+        ([0.0, 5.0], [8, 8], [(0, 1)], ["better"]),                  # equal lengths: in neither share
+        ([4.0, 1.0], [2, 40], [(0, 1)], ["slightly_better"]),        # not a kept strength
+        ([0.5, 1.5], [3, 6], [(0, 1)], [None]),                      # unlabelled counts; shorter better, wrong
+    ]
+    m = rm.length_health(scored, KEEP)
+    # better is shorter in 4 kept pairs: three from the first ranking (right), the last (wrong)
+    assert (m["accuracy_chosen_shorter"], m["pairs_chosen_shorter"]) == (0.75, 4)
+    # unequal lengths in 5 kept pairs; the longer one scores higher only in the last
+    assert m["prefers_longer"] == pytest.approx(1 / 5)
+    scores = [x for s, *_ in scored for x in s]
+    lengths = [x for _, n, *_ in scored for x in n]
+    assert m["score_length_correlation"] == pytest.approx(statistics.correlation(scores, lengths))
+
+
+def test_pearson_by_hand():
+    # mean x = 2, mean y = 13/3; sxy = 5, sxx = 2, syy = 114/9
+    assert rm.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(5 / math.sqrt(2 * 114 / 9))
+    assert rm.pearson([1, 2, 3], [6, 4, 2]) == pytest.approx(-1.0)
+    assert rm.pearson([1], [2]) is None and rm.pearson([1, 1], [2, 3]) is None
+
+
+def test_heldout_accuracy_gate():
+    rm.check_heldout_accuracy({"accuracy": 0.55, "pairs": 20}, 0.55)  # at the threshold: passes
+    rm.check_heldout_accuracy({"accuracy": None}, 0.55)  # nothing held out: nothing to check
+    rm.check_heldout_accuracy({"accuracy": 0.2, "pairs": 20}, 0.0)  # turned off
+    with pytest.raises(rm.RewardModelTooWeak) as err:
+        rm.check_heldout_accuracy({"accuracy": 0.349, "pairs": 43, "prefers_longer": 0.58,
+                                   "accuracy_chosen_shorter": 0.2, "score_length_correlation": 0.46}, 0.55)
+    text = str(err.value)
+    for part in ("0.349", "43 pairs", "rm.min_heldout_accuracy=0.55", "58%", "0.46", "lower"):
+        assert part in text, part
+
+
+def test_a_weak_reward_model_stops_the_stage_and_a_lower_threshold_continues_without_retraining(
+        tmp_path, tiny_model_dir, monkeypatch):
+    train = _synthetic_preferences(tmp_path / "train.jsonl", 16, seed=0)
+    held = _synthetic_preferences(tmp_path / "held.jsonl", 4, seed=1)
+    cfg = rm.RMConfig(learning_rate=1e-3, epochs=1, batch_size=8, logging_steps=1000, save_steps=1000)
+    ctx = _ctx(tmp_path, cfg, tiny_model_dir, train, [held])
+    real = rm.evaluate_rankings
+
+    def weak(*args, **kwargs):  # whatever the tiny model learned, score it as a weak one
+        return {**real(*args, **kwargs), "accuracy": 0.4}
+
+    monkeypatch.setattr(rm, "evaluate_rankings", weak)
+    with pytest.raises(rm.RewardModelTooWeak, match="0.400"):
+        rm.run(ctx)
+    assert (ctx.out_dir / "model" / "config.json").is_file()  # the model is kept for a second look
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the finished reward model was trained again")
+
+    monkeypatch.setattr(rm, "train_packed", no_training)
+    ctx.config = cfg.model_copy(update={"min_heldout_accuracy": 0.3})
+    m = rm.run(ctx).metrics
+    assert (m["heldout"]["accuracy"], m["heldout"]["min_accuracy"]) == (0.4, 0.3)
+    for key in ("accuracy_chosen_shorter", "pairs_chosen_shorter", "prefers_longer", "score_length_correlation"):
+        assert key in m["heldout"], key
+    assert (m["unit"], m["rows_trained"], m["rows_trained_by_variant"]) == ("pairs", m["pairs"], {"v0": m["pairs"]})
+    assert m["rows_read"] == m["pairs"] + sum(m["dropped"].values())
+
+
 def test_split_heldout_is_seeded():
     items = list(range(40))
     a = rm.split_heldout(items, 0.1, seed=3)
@@ -297,7 +365,7 @@ def test_variants_are_averaged_and_finished_work_is_skipped(tmp_path, tiny_model
 
     train = _synthetic_preferences(tmp_path / "train.jsonl", 40, seed=0)
     cfg = rm.RMConfig(learning_rate=1e-3, epochs=1, batch_size=8, variants=[Variant(), Variant(seed=7)],
-                      heldout_fraction=0.2)
+                      heldout_fraction=0.2, min_heldout_accuracy=0)  # 8 held-out rankings: no gate
     ctx = _ctx(tmp_path, cfg, tiny_model_dir, train)
     res = rm.run(ctx)
     out = ctx.out_dir

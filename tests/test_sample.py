@@ -239,3 +239,17 @@ def test_seen_conversation_row_system_wins_over_the_capabilitys():
     assert seen_conversation(own, "Capability prompt.")[0] == {"role": "system", "content": "Row prompt."}
     assert seen_conversation(bare, "Capability prompt.") == [{"role": "system", "content": "Capability prompt."}, *user]
     assert seen_conversation(bare, None) == user
+
+
+def test_metrics_count_prompts_without_top1_and_the_score_length_correlation():
+    from posttrain.sample import _metrics
+
+    rows = [{"id": "a", "responses": ["x", "xx"], "n_tokens": [1, 3], "finished": [True, True],
+             "scores": [0.0, 1.0], "best": 1},
+            {"id": "b", "responses": ["y", "yy"], "n_tokens": [2, 4], "finished": [True, False],
+             "scores": [None, None], "best": None},
+            {"id": "c", "responses": ["z"], "n_tokens": [5], "finished": [True], "scores": [2.0], "best": 0}]
+    m = _metrics(rows, top1=[{}, {}], too_long=[], skipped=[], n_read=3)
+    assert (m["top1"], m["prompts_without_top1"], m["prompts_without_top1_ids"]) == (2, 1, ["b"])
+    # by hand over the scored samples (score, length): (0, 1), (1, 3), (2, 5): exactly linear
+    assert m["score_length_correlation"] == pytest.approx(1.0)
