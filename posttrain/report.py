@@ -46,6 +46,52 @@ def sample_score_distributions(run_dir: Path, records: dict[int, dict[str, dict]
     return out
 
 
+def rm_health_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
+    """Per round: how well the reward model ranks held-out pairs, and how much it follows length."""
+    rows = []
+    for n, recs in sorted(records.items()):
+        h = (recs.get("rm", {}).get("metrics") or {}).get("heldout") or {}
+        if not recs.get("rm"):
+            continue
+        shorter = h.get("accuracy_chosen_shorter")
+        rows.append([str(n), _fmt(h.get("accuracy")), str(h.get("pairs", "-")),
+                     f"{_fmt(shorter)} ({h.get('pairs_chosen_shorter', 0)} pairs)" if shorter is not None else "-",
+                     _fmt(h.get("prefers_longer")), _fmt(h.get("score_length_correlation")),
+                     _fmt((recs.get("sample", {}).get("metrics") or {}).get("score_length_correlation")),
+                     _fmt(h.get("min_accuracy"))])
+    return rows
+
+
+def data_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
+    """Per round and stage: what was read, trained on, dropped (and why) and truncated."""
+    rows = []
+    for n, recs in sorted(records.items()):
+        for stage, rec in recs.items():
+            m = rec.get("metrics") or {}
+            if stage == "sample":
+                rows.append([str(n), stage, "prompts", _fmt(m.get("prompts_read")), f"{_fmt(m.get('top1'))} top-1",
+                             _reasons({"no_top1": m.get("prompts_without_top1"),
+                                       "prompt_too_long": (m.get("too_long") or {}).get("count"),
+                                       "skipped_by_capability": m.get("skipped_by_capability")}), "-"])
+            elif "rows_trained" in m:
+                per_variant = m.get("rows_trained_by_variant") or {}
+                trained = _fmt(m["rows_trained"])
+                if len(set(per_variant.values())) > 1:
+                    trained += " (" + ", ".join(f"{k} {v}" for k, v in per_variant.items()) + ")"
+                rows.append([str(n), stage, str(m.get("unit", "-")), _fmt(m.get("rows_read")), trained,
+                             _reasons(m.get("dropped") or {}), _fmt(m.get("truncated"))])
+    return rows
+
+
+def _reasons(counts: dict) -> str:
+    shown = [f"{k} {v}" for k, v in counts.items() if isinstance(v, int) and v]
+    return ", ".join(shown) or "0"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
@@ -136,6 +182,21 @@ def write_report(run_dir: Path) -> Path:
     for n, recs in sorted(records.items()):
         m = recs.get("eval", {}).get("metrics", {})
         lines.append(f"| {n} | " + " | ".join(_fmt(m.get(k)) for k, _ in EVAL_METRICS) + " |")
+    health = rm_health_rows(records)
+    if health:
+        lines += ["", "## Reward model health", "",
+                  "Held-out pairs the reward model ranks right; where the better response is the shorter "
+                  "one (a model that ranks by length fails these); how often it scores the longer response "
+                  "higher (0.5: no preference); how its scores correlate with length, on held-out responses "
+                  "and on the round's samples. Below `rm.min_heldout_accuracy` the round stops.", ""]
+        lines += _table(["round", "accuracy", "pairs", "accuracy, better is shorter", "prefers longer",
+                         "score~length (held-out)", "score~length (samples)", "min accuracy"], health)
+    counts = data_rows(records)
+    if counts:
+        lines += ["", "## Data per stage", "",
+                  "What each stage read, trained on (per variant when `data_fraction` makes them differ), "
+                  "dropped and why, and kept but truncated at max_length.", ""]
+        lines += _table(["round", "stage", "unit", "read", "trained", "dropped", "truncated"], counts)
     lines += ["", "## Stages", "", "| round | stage | seconds | key metrics |", "|---|---|---|---|"]
     for n, recs in sorted(records.items()):
         for stage, rec in recs.items():

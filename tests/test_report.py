@@ -1,0 +1,36 @@
+"""The report shows the reward model's health and what each stage trained on, from the records."""
+
+from __future__ import annotations
+
+from posttrain.report import data_rows, rm_health_rows, write_report
+from posttrain.files import atomic_write_json
+
+RM = {"heldout": {"accuracy": 0.349, "pairs": 43, "accuracy_chosen_shorter": 0.2, "pairs_chosen_shorter": 20,
+                  "prefers_longer": 0.58, "score_length_correlation": 0.46, "min_accuracy": 0.3},
+      "unit": "pairs", "rows_read": 400, "rows_trained": 280, "rows_trained_by_variant": {"v0": 280},
+      "dropped": {"too_long": 102, "held_out": 18}, "truncated": 0}
+SAMPLE = {"prompts_read": 32, "prompts": 32, "top1": 21, "prompts_without_top1": 11,
+          "too_long": {"count": 0, "ids": []}, "skipped_by_capability": 0, "score_length_correlation": 0.41}
+SFT = {"unit": "examples", "rows_read": 221, "rows_trained": 171, "rows_trained_by_variant": {"v0": 171, "v1": 86},
+       "dropped": {"prompt_too_long": 50}, "truncated": 12}
+
+
+def test_health_and_data_tables_from_the_records():
+    records = {1: {"rm": {"metrics": RM}, "sample": {"metrics": SAMPLE}, "sft": {"metrics": SFT}}}
+    assert rm_health_rows(records) == [
+        ["1", "0.349", "43", "0.200 (20 pairs)", "0.580", "0.460", "0.410", "0.300"]]
+    assert data_rows(records) == [
+        ["1", "rm", "pairs", "400", "280", "too_long 102, held_out 18", "0"],
+        ["1", "sample", "prompts", "32", "21 top-1", "no_top1 11", "-"],
+        ["1", "sft", "examples", "221", "171 (v0 171, v1 86)", "prompt_too_long 50", "12"],
+    ]
+
+
+def test_write_report_has_both_sections(tmp_path):
+    for stage, metrics in (("rm", RM), ("sft", SFT)):
+        atomic_write_json(tmp_path / "round_01" / stage / "record.json",
+                          {"stage": stage, "round": 1, "outputs": {}, "metrics": metrics,
+                           "timing": {"seconds": 3.0}})
+    text = write_report(tmp_path).read_text()
+    assert "## Reward model health" in text and "| 1 | 0.349 | 43 | 0.200 (20 pairs) |" in text
+    assert "## Data per stage" in text and "| 1 | sft | examples | 221 | 171 (v0 171, v1 86) |" in text
