@@ -48,10 +48,14 @@ def run(recipe, run_dir, *, rounds: str | list[int] | None = None, **kwargs):
     return run_rounds(numbers, loaded, run_dir, **kwargs)
 
 
-def validate(recipe, round: int = 1) -> str:
-    """The resolved recipe for `round` as YAML (raises RecipeError naming the key path)."""
+def validate(recipe, round: int = 1, *, files: bool = True) -> str:
+    """The resolved recipe for `round` as YAML (raises RecipeError naming the key path).
+    Every round is checked: reward and checker targets import and are rewards (nothing is
+    called), and (unless `files=False`, for a template whose data you have not written yet)
+    every data file exists."""
     loaded = load_recipe(recipe)
     resolved = loaded.for_round(round)
+    loaded.check(files=files)
     header = f"# {loaded.path} resolved for round {round}: valid\n"
     return header + dump_recipe(resolved)
 

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
 
     p = sub.add_parser("eval", help="evaluate a round's final model (also runs after every round)")
+    p.add_argument("--skip-files", action="store_true",
+                   help="do not check that the data files exist (a template whose data is not written yet)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--force", action="store_true", help="evaluate again even if a record exists")
@@ -120,7 +122,7 @@ def _dispatch(args, api) -> int:
         print(api.status_table(args.run_dir))
         return 0
     if cmd == "validate":
-        print(api.validate(args.recipe, round=args.round), end="")
+        print(api.validate(args.recipe, round=args.round, files=not args.skip_files), end="")
         return 0
     if cmd == "validate-data":
         ok, text = api.validate_data(args.file, args.kind, tokenizer=args.tokenizer,

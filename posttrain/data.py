@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+MAX_ROW_BYTES = 64 << 20
+"""One JSONL line (one row) may be at most this long; a longer one is reported, not read."""
 STRENGTHS = ("significantly_better", "better", "slightly_better", "marginally_better")
 ROLES = ("system", "user", "assistant", "ipython", "tool")
 Kind = Literal["preference", "sft", "prompts"]
@@ -141,31 +144,43 @@ def read_numbered_rows(path: str | os.PathLike) -> tuple[list[tuple[int, dict]],
     """
     path = Path(path)
     name = str(path)
-    if not path.exists():
-        raise DataError(name, None, None, "no such file or folder")
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(name, None, None, "no such file or folder") from None
+    except OSError as err:
+        raise DataError(name, None, None, f"cannot read: {err.strerror}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        # stat, not open: opening a FIFO blocks until a writer comes, /dev/zero never ends
+        raise DataError(name, None, None, "not a regular file or folder (a FIFO, device or socket "
+                        "cannot be read as data)")
+    if stat.S_ISDIR(mode):
         if not _is_datasets_folder(path):
             raise DataError(name, None, None, "a folder, but not one written by datasets' "
                             "save_to_disk (no dataset_info.json/state.json or dataset_dict.json)")
         return _numbered(name, _read_datasets_folder(path))
     suffix = path.suffix.lower()
     if suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return _numbered(name, pq.read_table(path).to_pylist())
-    if suffix in (".jsonl", ".ndjson", ".json"):
         try:
-            # utf-8-sig: a byte-order mark (some editors write one) is not part of row 1
+            return _numbered(name, pq.read_table(path).to_pylist())
+        except (pyarrow.ArrowException, OSError) as err:
+            raise DataError(name, None, None, f"not a readable Parquet file: {str(err)[:300]}") from None
+    if suffix == ".json" and _starts_with_bracket(path):
+        try:
             text = path.read_text(encoding="utf-8-sig")
+            rows = json.loads(text)
         except UnicodeDecodeError as err:
-            raise DataError(name, None, None, f"not UTF-8 text (byte {err.start})") from err
-        if suffix == ".json" and text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(name, None, None, f"malformed JSON: {err.msg} (line {err.lineno})") from err
-            return _numbered(name, rows)
-        return _read_jsonl_text(name, text)
+            raise DataError(name, None, None, f"not UTF-8 text (byte {err.start})") from None
+        except json.JSONDecodeError as err:
+            raise DataError(name, None, None, f"malformed JSON: {err.msg} (line {err.lineno})") from None
+        except RecursionError:
+            raise DataError(name, None, None, "malformed JSON: nested too deep") from None
+        return _numbered(name, rows)
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return _read_jsonl(path)
     raise DataError(name, None, None, f"unknown file type {suffix!r}: expected .jsonl, .json, "
                     ".parquet or a datasets folder")
 
@@ -180,20 +195,49 @@ def _numbered(name: str, rows: list) -> tuple[list[tuple[int, dict]], list[DataE
     return out, errors
 
 
-def _read_jsonl_text(name: str, text: str) -> tuple[list[tuple[int, dict]], list[DataError]]:
+def _starts_with_bracket(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[DataError]]:
+    """Rows of a JSONL file. Lines end at \\n only (str.splitlines would also split inside a
+    row at U+2028, U+0085 and other separators that JSON strings may hold raw)."""
+    name = str(path)
     out, errors = [], []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            errors.append(DataError(name, i, None, f"malformed JSON: {err.msg} (column {err.colno})"))
-            continue
-        if isinstance(row, dict):
-            out.append((i, row))
-        else:
-            errors.append(DataError(name, i, None, f"must be a JSON object, got {type(row).__name__}"))
+    with open(path, "rb") as f:
+        i = 0
+        while True:
+            raw = f.readline(MAX_ROW_BYTES + 1)
+            if not raw:
+                break
+            i += 1
+            if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+                errors.append(DataError(name, i, None, f"longer than {MAX_ROW_BYTES} bytes; not read"))
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the line
+                    raw = f.readline(MAX_ROW_BYTES)
+                continue
+            if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte-order mark (some editors write one) is not part of row 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                errors.append(DataError(name, i, None, f"not UTF-8 text (byte {err.start})"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                errors.append(DataError(name, i, None, f"malformed JSON: {err.msg} (column {err.colno})"))
+                continue
+            except RecursionError:
+                errors.append(DataError(name, i, None, "malformed JSON: nested too deep"))
+                continue
+            if isinstance(row, dict):
+                out.append((i, row))
+            else:
+                errors.append(DataError(name, i, None, f"must be a JSON object, got {type(row).__name__}"))
     return out, errors
 
 
@@ -348,6 +392,10 @@ def _response(r: _Row, key: str, prompt: list[dict] | None, required: bool = Tru
     msgs = r.messages(key, value)
     if msgs is None:
         return None
+    if prompt and msgs[:len(prompt)] == prompt:
+        r.fail(key, "repeats the prompt: give the prompt once, in 'prompt' or inside "
+                    f"'{key}', not in both (it would be duplicated)")
+        return None
     conversation = (prompt or []) + msgs
     last = conversation[-1]
     if last["role"] != "assistant":
@@ -386,6 +434,9 @@ def _preference(r: _Row) -> Preference | None:
         return None
     if base[-1]["role"] == "assistant":
         r.fail("chosen", "the turn before the ranked assistant turn is also an assistant turn")
+        return None
+    if rejected[1].strip() == chosen[1].strip():
+        r.fail("rejected", "is identical to 'chosen' (a preference needs two different responses)")
         return None
     if edited is not None and edited[1].strip() == chosen[1].strip():
         r.fail("edited", "is identical to 'chosen' (an edit must change the response)")
@@ -500,7 +551,16 @@ def _load(paths, kind: str) -> list:
             continue
         items.extend(got)
         errors.extend(errs)
+    errors.extend(duplicate_ids(items))
+    _raise_if_any(errors)
+    return items
+
+
+def duplicate_ids(items: list) -> list[DataError]:
+    """One error per item whose id an earlier item already has. The one rule for every
+    kind, used by the loaders and by `validate_file` alike."""
     seen: dict[str, str] = {}
+    errors = []
     for item in items:
         if item.id in seen:
             file, _, row = item.source.rpartition(":")
@@ -508,8 +568,7 @@ def _load(paths, kind: str) -> list:
                                     f"(first used at {seen[item.id]})"))
         else:
             seen[item.id] = item.source
-    _raise_if_any(errors)
-    return items
+    return errors
 
 
 def load_preferences(paths) -> list[Preference]:
@@ -555,6 +614,9 @@ def validate_file(path, kind: Kind, tokenizer=None, max_prompt_tokens: int | Non
     except DataError as err:  # the file itself cannot be read
         errs = err.errors if isinstance(err, DataErrors) else [err]
         return ValidationReport(str(path), kind, 0, errs, {"valid": 0, "invalid": 0})
+    problems.extend(duplicate_ids(items))
+    if rows == 0:
+        problems.append(DataError(str(path), None, None, "empty: no rows"))
     counts: Counter = Counter()
     for item in items:
         if kind == "preference":
@@ -577,7 +639,8 @@ def validate_file(path, kind: Kind, tokenizer=None, max_prompt_tokens: int | Non
                 problems.append(DataError(file, int(row), "prompt",
                                           f"{n} tokens, over the limit of {max_prompt_tokens}"))
         problems.sort(key=lambda e: (e.row or 0))
-    bad_rows = {e.row for e in problems}
+    problems.sort(key=lambda e: (e.row or 0))
+    bad_rows = {e.row for e in problems if e.row is not None}
     counts["invalid"] = len(bad_rows)
     counts["valid"] = rows - len(bad_rows)
     return ValidationReport(str(path), kind, rows, problems, dict(sorted(counts.items())))

@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import re
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -207,6 +208,17 @@ class Recipe(StrictModel):
         return v
 
     @model_validator(mode="after")
+    def _override_rounds_exist(self) -> "Recipe":
+        for key in self.overrides:
+            lo, hi = _round_range(key)
+            if hi is not None and hi < lo:
+                raise ValueError(f"overrides.{key}: the range ends before it starts")
+            if lo > self.rounds:
+                raise ValueError(f"overrides.{key}: round {lo} is past the recipe's last round ({self.rounds}), "
+                                 "so it would apply to nothing")
+        return self
+
+    @model_validator(mode="after")
     def _batches_per_round(self) -> "Recipe":
         for cap in (p.capability for p in self.data.prompts if p.capability):
             if self.capabilities and cap not in self.capabilities:
@@ -249,7 +261,7 @@ def _format_validation_error(err: ValidationError, source: str, prefix: str = ""
             msg = "required key is missing"
         else:
             got = e.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            shown = "" if isinstance(got, dict) else f" (got {_short(got)})"
             msg = f"{e['msg']}{shown}"
         lines.append(f"  {path or '<top>'}: {msg}")
     return "\n".join(lines)
@@ -277,8 +289,12 @@ class LoadedRecipe:
 
     def for_round(self, n: int) -> Recipe:
         """The recipe round `n` runs with: the base with every override that covers `n`."""
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise RecipeError(f"{self.path}: a round is a whole number, got {n!r}")
         if n < 1:
             raise RecipeError(f"{self.path}: rounds start at 1, got {n}")
+        if n > self.base.rounds:
+            raise RecipeError(f"{self.path}: round {n} is past the recipe's last round (rounds: {self.base.rounds})")
         merged = {k: v for k, v in self.raw.items() if k != "overrides"}
         applied = []
         # Narrower ranges apply last, so "5" beats "5-" and "2-6" for round 5.
@@ -298,6 +314,46 @@ class LoadedRecipe:
             raise RecipeError(_format_validation_error(err, f"{self.path} (round {n}, with {which})")) from None
         return recipe
 
+    def check(self, *, files: bool = True) -> None:
+        """What `posttrain validate` checks beyond the schema, for every round, without
+        loading a model or calling anything: each reward/checker target imports and is a reward
+        (`posttrain.reward.check_reward_spec`), and (with `files`) each data file exists and is
+        a regular file or a folder. Raises RecipeError listing every problem by recipe key."""
+        from posttrain.reward.base import RewardError, check_reward_spec
+
+        problems: dict[str, str] = {}
+        for n in range(1, self.base.rounds + 1):
+            recipe = self.for_round(n)
+            specs = [("reward", recipe.reward), ("eval.checker", recipe.eval.checker)]
+            for key, spec in specs:
+                if isinstance(spec, RewardSpec):
+                    try:
+                        check_reward_spec(spec, key)
+                    except RewardError as e:
+                        problems.setdefault(key + spec.target, f"{e} (round {n})" if self.base.overrides else str(e))
+            if not files:
+                continue
+            for key, value in _data_paths(recipe):
+                why = self._missing(value)
+                if why:
+                    problems.setdefault(key + value, f"{key}: {value!r}: {why}")
+        if problems:
+            raise RecipeError(f"{self.path}: " + ("\n  ".join([""] + list(problems.values())) if len(problems) > 1
+                                                 else next(iter(problems.values()))))
+
+    def _missing(self, value: str) -> str | None:
+        """Why a data path from the recipe cannot be read, or None."""
+        if value.startswith("world:") or value.startswith("world@"):
+            return _unknown_world_name(value)
+        resolved = Path(self.resolve_path(value))
+        try:
+            st = os.stat(resolved)
+        except OSError as e:
+            return f"no such file ({resolved})" if isinstance(e, FileNotFoundError) else f"{e.strerror} ({resolved})"
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return f"not a regular file or folder ({resolved})"
+        return None
+
     def resolve_path(self, value: str) -> str:
         """A data or model path from the recipe: `world:` names, absolute paths, paths
         relative to the recipe's folder, or (models only) a hub id passed through."""
@@ -312,6 +368,35 @@ class LoadedRecipe:
         if beside.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
             return str(beside)
         return value  # a hub id such as meta-llama/Llama-3.1-8B
+
+
+def _data_paths(recipe: Recipe) -> list[tuple[str, str]]:
+    """(recipe key, path) of every data file a round reads."""
+    d = recipe.data
+    return ([(f"data.preference_batches[{i}].path", b.path) for i, b in enumerate(d.preference_batches)]
+            + [(f"data.heldout_preferences[{i}]", p) for i, p in enumerate(d.heldout_preferences)]
+            + [(f"data.sft[{i}]", p) for i, p in enumerate(d.sft)]
+            + [(f"data.prompts[{i}].path", p.path) for i, p in enumerate(d.prompts)]
+            + [(f"data.eval_prompts[{i}].path", p.path) for i, p in enumerate(d.eval_prompts)])
+
+
+def _unknown_world_name(value: str) -> str | None:
+    """Why a `world:` path names nothing in the embedded world (checked without building it)."""
+    from posttrain.world.build import WORLD_NAMES, World
+
+    head, _, name = value.partition(":")
+    if head != "world" and not re.fullmatch(r"world@\d+", head):
+        return "expected 'world:<name>' or 'world@<seed>:<name>'"
+    name = name.strip().strip("/")
+    layout = World.at("/world", 99)
+    known = {"base_model", "world.json"} | {
+        str(getattr(layout, f).relative_to(layout.root)) for f in WORLD_NAMES if f != "root"} | {
+        str(p.relative_to(layout.root)) for p in layout.preference_rounds}
+    if name in WORLD_NAMES or name in known:
+        return None
+    return ("not in the embedded world (known: " + ", ".join(sorted(set(WORLD_NAMES) - {"root"}))
+            + ", sft_seed.jsonl, prompts/train.jsonl, prompts/heldout.jsonl, preferences/round_NN.jsonl, "
+            "preferences/heldout.jsonl)")
 
 
 def find_recipe(name_or_path: str | os.PathLike) -> Path:
@@ -342,14 +427,75 @@ def shipped_recipes() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
+MAX_RECIPE_BYTES = 1 << 20
+"""A recipe is a page of settings; anything larger is a mistake (or an attack)."""
+MAX_RECIPE_VALUES = 100_000
+"""Values in the loaded recipe, counting every YAML alias expansion (an alias bomb is small
+as text and huge once expanded)."""
+MAX_RECIPE_DEPTH = 32
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _check_expanded_size(raw: Any, path: Path) -> None:
+    """Refuse a loaded recipe whose values, with aliases expanded, exceed the bounds."""
+    count, stack = 0, [(raw, 0)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_VALUES:
+            raise RecipeError(f"{path}: more than {MAX_RECIPE_VALUES} values once YAML aliases are expanded "
+                              "(an alias bomb?)")
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"{path}: nested deeper than {MAX_RECIPE_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for kv in value.items() for v in kv)
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def read_recipe_text(path: Path) -> str:
+    """The recipe file's text: a regular file (not a folder, FIFO or device) of at most
+    MAX_RECIPE_BYTES, in UTF-8."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise RecipeError(f"{path}: is a folder, not a recipe file")
+    if not stat.S_ISREG(st.st_mode):
+        raise RecipeError(f"{path}: not a regular file (a FIFO or device cannot be a recipe)")
+    if st.st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {st.st_size} bytes; a recipe may have at most {MAX_RECIPE_BYTES}")
+    # O_NONBLOCK: if the path was swapped for a FIFO since the stat, the open does not hang.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise RecipeError(f"{path}: not a regular file")
+        data = f.read(MAX_RECIPE_BYTES + 1)
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: more than {MAX_RECIPE_BYTES} bytes; a recipe may have at most that")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
 def load_recipe(name_or_path: str | os.PathLike) -> LoadedRecipe:
     path = find_recipe(name_or_path)
+    text = read_recipe_text(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        raise RecipeError(f"{path}: not valid YAML: {_short(str(err), 500)}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deep to read") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    _check_expanded_size(raw, path)
     return LoadedRecipe(raw, path)
 
 

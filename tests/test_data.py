@@ -335,4 +335,4 @@ def test_encoding_problems(tmp_path):
     latin.write_bytes(b'{"prompt": "caf\xe9"}\n')
     with pytest.raises(DataError) as info:
         data.load_prompts(latin)
-    assert str(info.value) == f"{latin}: not UTF-8 text (byte 15)"
+    assert str(info.value) == f"{latin}: row 1: not UTF-8 text (byte 15)"  # the row is named now

@@ -172,6 +172,8 @@ class ReferenceIndex:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{self.path}: row {row_no}: not valid JSON: {e}") from e
+                except RecursionError:
+                    raise ValueError(f"{self.path}: row {row_no}: not valid JSON: nested too deep") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{self.path}: row {row_no}: expected a JSON object")
                 messages = _row_messages(row, self.path, row_no)
