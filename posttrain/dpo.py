@@ -47,6 +47,7 @@ from posttrain.stage import StageContext, StageResult
 from posttrain.training import (
     TrainingSettings,
     complete_marker_callback,
+    data_counts,
     last_complete_checkpoint,
     merge_if_peft,
     peft_config,
@@ -250,18 +251,21 @@ def encode_pair(tokenizer, pair: Pair, max_length: int, mask_formatting: bool,
 
     Returns prompt_ids, chosen_ids, rejected_ids and, per side, `*_loss_mask` (response tokens,
     formatting included: the NLL term's targets) and `*_dpo_mask` (response tokens minus
-    formatting tokens when `mask_formatting`: the DPO term's).
+    formatting tokens when `mask_formatting`: the DPO term's); `truncated` when max_length
+    cut a response (`encode_pairs` counts and removes it).
     """
     from posttrain import chat
 
     row = {}
     prompt_ids = None
+    truncated = False
     for side, text in (("chosen", pair.chosen), ("rejected", pair.rejected)):
         try:
             enc = chat.encode_example(tokenizer, pair.prompt, text, max_length,
                                       formatting_tokens=formatting_tokens)
         except chat.PromptTooLong:
             return None
+        truncated = truncated or enc.truncated
         n_prompt = enc.prompt_length
         ids = list(enc.input_ids)
         if prompt_ids is None:
@@ -279,6 +283,7 @@ def encode_pair(tokenizer, pair: Pair, max_length: int, mask_formatting: bool,
     if not any(row["chosen_dpo_mask"]) or not any(row["rejected_dpo_mask"]):
         return None
     row["uid"] = pair_uid(row)
+    row["truncated"] = truncated
     return row
 
 
@@ -528,6 +533,8 @@ def encode_pairs(tokenizer, pairs: list[Pair], cfg: DPOStageConfig,
         if row is None:
             counts[f"{p.source}/dropped_too_long"] += 1
             continue
+        if row.pop("truncated"):
+            counts[f"{p.source}/truncated"] += 1
         row["source"] = p.source
         rows.append(row)
     return rows, counts
@@ -603,6 +610,8 @@ def run(ctx: StageContext) -> StageResult:
     fmt_ids = chat.formatting_token_ids(tokenizer, ctx.formatting_tokens)
 
     pairs, counts = build_pairs(cfg, ctx.inputs.get("preference_files") or [], ctx.inputs.get("samples"))
+    pairs_read = len(pairs) + sum(v for k, v in counts.items() if "/dropped_" in k)
+    long_dropped: dict[str, int] = {}
     rows, enc_counts = encode_pairs(tokenizer, pairs, cfg, ctx.formatting_tokens)
     for k, v in enc_counts.items():
         counts[k] = counts.get(k, 0) + v
@@ -611,7 +620,8 @@ def run(ctx: StageContext) -> StageResult:
 
         lengths = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in rows]
         rows, long_counts = drop_long_examples(rows, lengths, long_threshold_tokens=cfg.max_context_tokens)
-        for reason, n in long_counts.summary()["dropped_by_reason"].items():
+        long_dropped = long_counts.summary()["dropped_by_reason"]
+        for reason, n in long_dropped.items():
             counts[reason] = counts.get(reason, 0) + n
     if not rows:
         raise ValueError(f"dpo: no training pairs left (counts: {counts})")
@@ -655,5 +665,9 @@ def run(ctx: StageContext) -> StageResult:
         "ref_cache": None if ref_cache is None else {"file": str(ref_cache.path), "hits": ref_cache.hits,
                                                      "computed": ref_cache.computed},
         "variants": per_variant,
+        **data_counts("pairs", read=pairs_read, truncated=sum(v for k, v in counts.items() if k.endswith("/truncated")),
+                      dropped={**{k.replace("/dropped_", "/"): v for k, v in counts.items() if "/dropped_" in k},
+                               **long_dropped},
+                      trained_by_variant={k: v.get("pairs") for k, v in per_variant.items()}),
     }
     return StageResult(outputs={"variants": outputs}, metrics=result_metrics)

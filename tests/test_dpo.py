@@ -354,3 +354,18 @@ def test_build_pairs_reads_preference_files_and_samples(tmp_path):
                       "preferences/edited_as_chosen": 1, "preferences/kept": 2, "preferences/read": 3}
     with pytest.raises(ValueError, match="no `samples` input"):
         dpo.build_pairs(cfg, [prefs], None)
+
+
+def test_the_stage_counts_pairs_read_trained_dropped_and_truncated(tiny_model_dir, tmp_path):
+    rows = [_sample_row(i, [f"{i} 1", f"1 {i} {i}", "no"], [1.0, 0.0, 0.5]) for i in range(2, 8)]
+    rows.append(_sample_row(8, ["8 1", "1 8"], [None, None]))            # unscored: no pair
+    rows.append(_sample_row(9, ["1 2 " * 40, "no"], [1.0, 0.0]))         # the chosen side is cut at max_length
+    long_prompt = _sample_row(10, ["10 1", "no"], [1.0, 0.0])
+    long_prompt["prompt"] = [{"role": "user", "content": "sort " + "9 " * 60}]  # no room for a response
+    rows.append(long_prompt)
+    _write_samples(tmp_path / "samples", rows)
+    res = dpo.run(_stage_ctx(tmp_path, tiny_model_dir, tmp_path / "samples", epochs=1, max_length=48))
+    m = res.metrics
+    assert (m["unit"], m["rows_read"], m["rows_trained"], m["truncated"]) == ("pairs", 9, 7, 1)
+    assert m["dropped"] == {"on_policy/too_long": 1, "on_policy/unscored": 1}
+    assert m["rows_trained_by_variant"] == {"v0": 7} and m["pairs"] == 7
