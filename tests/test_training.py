@@ -1,0 +1,52 @@
+"""What the training stages share: the data counts' shape, and the work folder's deletion."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from posttrain import training
+from posttrain.files import atomic_write_json
+
+
+def test_data_counts_take_the_largest_variant_and_drop_empty_reasons():
+    c = training.data_counts("pairs", read=10, dropped={"too_long": 2, "strength_slightly_better": 0},
+                             truncated=1, trained_by_variant={"v0": 8, "v1": 4, "v2": None})
+    assert c == {"unit": "pairs", "rows_read": 10, "rows_trained": 8, "rows_trained_by_variant": {"v0": 8, "v1": 4},
+                 "dropped": {"too_long": 2}, "truncated": 1}
+
+
+def _stage_with_work(stage_dir):
+    ckpt = stage_dir / "work" / "v0" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / "optimizer.pt").write_bytes(b"x" * 1000)
+    (stage_dir / "model").mkdir()
+    (stage_dir / "model" / "model.safetensors").write_bytes(b"w")
+
+
+def test_remove_work_only_once_the_record_exists(tmp_path):
+    stage = tmp_path / "round_01" / "sft"
+    _stage_with_work(stage)
+    with pytest.raises(RuntimeError, match="needed to resume"):
+        training.remove_work(stage)
+    assert (stage / "work").is_dir()
+    atomic_write_json(stage / "record.json", {"stage": "sft"})
+    assert training.remove_work(stage) == 1000
+    assert not (stage / "work").exists() and (stage / "model" / "model.safetensors").is_file()
+    assert training.remove_work(stage) == 0  # nothing left: fine
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_orchestrator_removes_a_finished_stages_work_unless_kept(tmp_path, keep):
+    from posttrain.recipe import load_recipe
+    from posttrain.rounds.orchestrator import Round
+
+    raw = yaml.safe_load(load_recipe("demo").path.read_text())
+    raw.setdefault("run", {})["keep_checkpoints"] = keep
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    stage = run_dir / "round_01" / "sft"
+    _stage_with_work(stage)
+    atomic_write_json(stage / "record.json", {"stage": "sft", "round": 1})
+    Round(1, load_recipe(tmp_path / "recipe.yaml"), run_dir)._remove_work("sft")
+    assert (stage / "work").exists() == keep
