@@ -8,7 +8,8 @@ Attributes load lazily, so `import posttrain` is cheap and has no side effects.
 
 __version__ = "0.1.0"
 
-_API = {"run_round", "run", "validate", "validate_data", "status_table", "evaluate", "report", "average", "demo"}
+_API = {"run_round", "run", "validate", "validate_data", "status_table", "evaluate", "report", "average", "demo",
+        "world"}
 
 
 def __getattr__(name):

@@ -111,29 +111,40 @@ def _plots(folder: Path, records, dists) -> list[str]:
             pts = [(n, records[n]["eval"]["metrics"].get(key)) for n in rounds]
             return [(x, y) for x, y in pts if isinstance(y, (int, float))]
 
-        # Shares on the left (0..1); the reward, on the reward model's own scale, on the right.
-        fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [3, 2]})
-        for k, label in EVAL_METRICS:
-            if k in ("mean_length", "mean_reward"):
-                continue
+        # Three panels, so no two kinds of number share an axis: task score (with the initial
+        # policy's level), win rates (around a coin flip's 0.5), and the reward on its own scale.
+        fig, (ax, ax_w, ax_r) = plt.subplots(1, 3, figsize=(13, 4.2))
+        for k, label in (("task_score", "task score (checker)"), ("eot_rate", "ends with end-of-turn"),
+                         ("rm_heldout_accuracy", "RM held-out accuracy")):
             pts = series(k)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         base = records[rounds[0]]["eval"]["metrics"].get("initial_task_score")
         if isinstance(base, (int, float)):
-            ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="task score, initial policy")
+            ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="task score of the initial policy")
         ax.set_ylim(0, 1.02)
-        ax.set_title("held-out evaluation per round")
+        ax.set_ylabel("share (0 to 1)")
+        ax.set_title("held-out quality per round")
         ax.legend(fontsize=7, loc="lower right")
+        for k, label in (("win_rate_vs_previous", "vs previous round"), ("win_rate_vs_initial", "vs initial policy")):
+            pts = series(k)
+            if pts:
+                ax_w.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax_w.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="coin flip")
+        ax_w.set_ylim(0, 1.02)
+        ax_w.set_ylabel("win rate (reward-judged)")
+        ax_w.set_title("win rates")
+        ax_w.legend(fontsize=7, loc="lower right")
         pts = series("mean_reward")
         if pts:
-            ax_r.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="tab:orange")
+            ax_r.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="tab:orange", label="this round")
             init = records[rounds[0]]["eval"]["metrics"].get("initial_mean_reward")
             if isinstance(init, (int, float)):
                 ax_r.axhline(init, color="grey", linestyle="--", linewidth=1, label="initial policy")
-                ax_r.legend(fontsize=7)
-        ax_r.set_title("mean reward (this round's reward)")
-        for a in (ax, ax_r):
+            ax_r.legend(fontsize=7)
+        ax_r.set_ylabel("mean reward (the round's reward)")
+        ax_r.set_title("mean reward of held-out responses")
+        for a in (ax, ax_w, ax_r):
             a.set_xlabel("round")
             a.set_xticks(rounds)
             a.grid(alpha=0.3)
@@ -151,6 +162,8 @@ def _plots(folder: Path, records, dists) -> list[str]:
                 labels.append(f"{n}\n{kind}")
         ax.boxplot(data, tick_labels=labels, showfliers=False)
         ax.set_title("reward of sampled responses per prompt (worst / mean / best of K), by round")
+        ax.set_ylabel("reward (the round's reward)")
+        ax.set_xlabel("round and statistic over the K samples of a prompt")
         ax.tick_params(axis="x", labelsize=6)
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()

@@ -123,6 +123,7 @@ def evaluate_round(rnd, *, force: bool = False) -> dict:
         log.info("round %d eval: finished earlier, skipped", n)
         return plan.record
     started = time.time()
+    log.info("round %d eval: starting (%d held-out prompts)", n, len(prompts))
     out = stage_dir(run_dir, n, "eval")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -165,9 +166,10 @@ def evaluate_round(rnd, *, force: bool = False) -> dict:
     write_jsonl(out / "responses.jsonl", rows)
     outputs = {"responses": str((out / "responses.jsonl").relative_to(run_dir))}
     record = write_record(run_dir, n, "eval", plan=plan, outputs=outputs, metrics=metrics, started=started)
-    shown = ", ".join(f"{k}={metrics[k]:.3f}" for k in ("task_score", "mean_reward", "win_rate_vs_previous",
-                                                        "eot_rate") if isinstance(metrics.get(k), float))
-    log.info("round %d eval: %s", n, shown)
+    shown = " ".join(f"{label}={metrics[k]:.3f}" for k, label in (
+        ("task_score", "task"), ("mean_reward", "reward"), ("win_rate_vs_previous", "win_vs_prev"),
+        ("eot_rate", "eot")) if isinstance(metrics.get(k), float))
+    log.info("round %d eval: done in %.0f s · %s", n, record["timing"]["seconds"], shown)
     return record
 
 
