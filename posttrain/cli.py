@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from posttrain.stage import STAGES
+
 DESCRIPTION = """\
 posttrain runs the Llama 3 post-training loop. One round is five stages:
   rm       train a reward model on preference rankings (edited > chosen > rejected)
@@ -26,6 +28,9 @@ def _add_common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="rerun stages whose inputs changed since they finished (default: refuse)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after each round")
+    p.add_argument("--redo", action="append", default=[], metavar="STAGE", choices=STAGES,
+                   help="run this stage again from scratch though it finished (its record and folder are "
+                        "removed first; later stages rerun if their inputs change); repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Validate a recipe before any model loads; print the recipe a round runs with.")
     p.add_argument("recipe", help="recipe YAML path or shipped recipe name")
     p.add_argument("--round", type=int, default=1, help="round to resolve overrides for (default: 1)")
+    p.add_argument("--skip-files", action="store_true",
+                   help="do not check that the data files exist (a template whose data is not written yet)")
 
     p = sub.add_parser("validate-data", help="check a data file; report every problem with file, row and field")
     p.add_argument("file", type=Path)
@@ -67,8 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
 
     p = sub.add_parser("eval", help="evaluate a round's final model (also runs after every round)")
-    p.add_argument("--skip-files", action="store_true",
-                   help="do not check that the data files exist (a template whose data is not written yet)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--force", action="store_true", help="evaluate again even if a record exists")
@@ -113,12 +118,12 @@ def _dispatch(args, api) -> int:
         return api.demo(run_dir=args.run_dir, rounds=args.rounds, recipe=args.recipe)
     if cmd == "run-round":
         api.run_round(args.round, args.recipe, args.run_dir, force=args.force,
-                      evaluate=False if args.no_eval else None)
+                      evaluate=False if args.no_eval else None, redo=args.redo)
         print(api.status_table(args.run_dir))
         return 0
     if cmd == "run":
         api.run(args.recipe, args.run_dir, rounds=args.rounds, force=args.force,
-                evaluate=False if args.no_eval else None)
+                evaluate=False if args.no_eval else None, redo=args.redo)
         print(api.status_table(args.run_dir))
         return 0
     if cmd == "validate":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 
 from posttrain.files import atomic_dir
@@ -89,3 +91,96 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out_dir
+
+
+# ----------------------------------------------------------------------------- output checks
+
+class ModelFolderError(ValueError):
+    """A model folder a stage produced is incomplete or unreadable; the message says what."""
+
+
+_MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+def _check_safetensors_file(path: Path) -> None:
+    """The header parses and the file is as long as the header says (a truncated or
+    half-written weights file fails here). Reads the header only, never the tensors."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelFolderError(f"{path}: not a safetensors file (shorter than its header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_SAFETENSORS_HEADER, size - 8):
+            raise ModelFolderError(f"{path}: not a safetensors file (header of {n} bytes in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError) as e:
+            raise ModelFolderError(f"{path}: unreadable safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise ModelFolderError(f"{path}: unreadable safetensors header")
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+            and len(v["data_offsets"]) == 2 and isinstance(v["data_offsets"][1], int)]
+    if len(ends) != len([k for k in header if k != "__metadata__"]):
+        raise ModelFolderError(f"{path}: unreadable safetensors header (a tensor without data offsets)")
+    if not ends:
+        raise ModelFolderError(f"{path}: holds no tensors")
+    if 8 + n + max(ends) > size:
+        raise ModelFolderError(f"{path}: truncated ({size} bytes, the header needs {8 + n + max(ends)})")
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelFolderError(f"{path}: unreadable: {e}") from None
+    if not isinstance(value, dict):
+        raise ModelFolderError(f"{path}: expected a JSON object")
+    return value
+
+
+def verify_model_folder(path: str | os.PathLike) -> None:
+    """Check, cheaply, that `path` is a complete model folder: a full checkpoint (config.json
+    with a model_type, safetensors weights: one file, or every shard its index names) or a
+    LoRA adapter (adapter_config.json + adapter_model.safetensors), plus a tokenizer that
+    parses. Weights are checked by header and length, never loaded. Raises ModelFolderError
+    naming the folder and what is missing; the orchestrator calls this before it writes the
+    record of a stage whose outputs are models (posttrain.stage.MODEL_OUTPUTS)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder}: the model folder does not exist")
+    if (folder / "adapter_config.json").is_file():
+        _json_file(folder / "adapter_config.json")
+        weights = [folder / "adapter_model.safetensors"]
+    elif (folder / "config.json").is_file():
+        if not isinstance(_json_file(folder / "config.json").get("model_type"), str):
+            raise ModelFolderError(f"{folder / 'config.json'}: no model_type")
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _json_file(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ModelFolderError(f"{index}: no weight_map")
+            weights = [folder / name for name in sorted(set(map(str, weight_map.values())))]
+        else:
+            weights = sorted(folder.glob("*.safetensors"))
+    else:
+        raise ModelFolderError(f"{folder}: no config.json (nor adapter_config.json): not a model folder")
+    if not weights:
+        raise ModelFolderError(f"{folder}: no safetensors weights")
+    for w in weights:
+        if not w.is_file():
+            raise ModelFolderError(f"{folder}: weights file {w.name} is missing")
+        _check_safetensors_file(w)
+    if not (folder / "tokenizer_config.json").is_file():
+        raise ModelFolderError(f"{folder}: no tokenizer (tokenizer_config.json is missing)")
+    _json_file(folder / "tokenizer_config.json")
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the Rust parser raises its own exception type; reported, not carried on
+            raise ModelFolderError(f"{folder / 'tokenizer.json'}: does not parse: {e}") from None
+    elif not any((folder / name).is_file() for name in ("tokenizer.model", "vocab.json", "spiece.model")):
+        raise ModelFolderError(f"{folder}: no tokenizer vocabulary (tokenizer.json, tokenizer.model or vocab.json)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -124,6 +125,21 @@ def plan_stage(run_dir: str | Path, n: int, stage: str, hashed_inputs: dict, *, 
         f"Rerunning it would replace its outputs and invalidate later stages. "
         f"Use --force to rerun it, or a new run folder."
     )
+
+
+def discard_stage(run_dir: str | Path, n: int, stage: str) -> bool:
+    """Forget a stage so that it runs again from scratch (`--redo`): its record goes first,
+    so a crash in between never leaves a record whose outputs are gone, then its folder
+    (outputs and partial work alike: a stage resumes from what it finds there). True when
+    there was something to discard."""
+    folder = stage_dir(run_dir, n, stage)
+    record = folder / RECORD
+    existed = folder.exists()
+    if record.exists():
+        record.unlink()
+    if existed:
+        shutil.rmtree(folder)
+    return existed
 
 
 def write_record(run_dir: str | Path, n: int, stage: str, *, plan: Plan, outputs: dict[str, Any],

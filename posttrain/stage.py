@@ -14,6 +14,11 @@ from typing import Any
 
 STAGES = ("rm", "sample", "sft", "dpo", "average")
 
+MODEL_OUTPUTS: dict[str, tuple[str, ...]] = {"rm": ("model",), "sft": ("model",), "dpo": ("variants",),
+                                             "average": ("model",)}
+"""Each stage's outputs that are model folders (a path, or a list of paths): the orchestrator
+checks each with `modeling.verify_model_folder` before it writes the stage's record."""
+
 
 @dataclass
 class StageContext:

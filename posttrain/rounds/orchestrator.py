@@ -21,6 +21,7 @@ from posttrain.files import atomic_write_json, atomic_write_text, read_json
 from posttrain.recipe import LoadedRecipe, Recipe, load_recipe
 from posttrain.records import (
     InputHasher,
+    discard_stage,
     output_path,
     plan_stage,
     read_record,
@@ -28,7 +29,7 @@ from posttrain.records import (
     stage_dir,
     write_record,
 )
-from posttrain.stage import STAGES
+from posttrain.stage import MODEL_OUTPUTS, STAGES
 
 log = logging.getLogger("posttrain")
 
@@ -63,8 +64,11 @@ def _child_env() -> dict[str, str]:
 class Round:
     """One round of one run: resolves inputs, plans and runs each stage, writes records."""
 
-    def __init__(self, n: int, recipe: LoadedRecipe, run_dir: Path, *, reward=None, force: bool = False):
+    def __init__(self, n: int, recipe: LoadedRecipe, run_dir: Path, *, reward=None, force: bool = False,
+                 redo: tuple[str, ...] = ()):
         self.n = n
+        self.redo = frozenset(redo)
+        self.redone = False  # once a stage is redone, later ones whose inputs changed rerun
         self.loaded = recipe
         self.recipe: Recipe = recipe.for_round(n)
         self.run_dir = run_dir
@@ -210,7 +214,11 @@ class Round:
         }
         if stage == "sample":
             hashed["reward"] = self._reward_identity()
-        plan = plan_stage(self.run_dir, self.n, stage, hashed, force=self.force)
+        if stage in self.redo:
+            if discard_stage(self.run_dir, self.n, stage):
+                log.info("round %d %s: redo: its record and folder were removed", self.n, stage)
+            self.redone = True
+        plan = plan_stage(self.run_dir, self.n, stage, hashed, force=self.force or self.redone)
         if plan.action == "skip":
             log.info("round %d %s: finished earlier, skipped", self.n, stage)
             self.hasher.learn(plan.record)
@@ -227,6 +235,11 @@ class Round:
             result = self._run_in_process(spec, reward_model=inputs["reward_model"])
         else:
             result = self._run_in_worker(stage, spec)
+        try:
+            self.verify_outputs(stage, result["outputs"])
+        except ValueError as err:
+            raise RoundError(f"round {self.n} {stage}: its output is incomplete, so no record was written: "
+                             f"{err}. Run again with --redo {stage} to start it from scratch.") from None
         record = write_record(self.run_dir, self.n, stage, plan=plan, outputs=result["outputs"],
                               metrics=result["metrics"], started=started)
         self.hasher.learn(record)
@@ -234,6 +247,17 @@ class Round:
         log.info("round %d %s: done in %.0f s%s", self.n, stage, record["timing"]["seconds"],
                  _summary(result["metrics"]))
         return record
+
+    def verify_outputs(self, stage: str, outputs: dict) -> None:
+        """Each output the stage declares a model folder (stage.MODEL_OUTPUTS) is complete."""
+        from posttrain.modeling import verify_model_folder
+
+        for name in MODEL_OUTPUTS.get(stage, ()):
+            rels = outputs.get(name)
+            if rels is None:
+                raise ValueError(f"the stage reported no {name!r} output")
+            for rel in rels if isinstance(rels, list) else [rels]:
+                verify_model_folder(self.run_dir / rel)
 
     def _remove_work(self, stage: str) -> None:
         """A finished stage's checkpoints go once its record exists (run.keep_checkpoints keeps them)."""
@@ -317,24 +341,32 @@ def _snapshot_recipe(loaded: LoadedRecipe, run_dir: Path) -> None:
 
 
 def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | os.PathLike, *,
-              reward=None, force: bool = False, evaluate: bool | None = None) -> dict[str, dict]:
+              reward=None, force: bool = False, evaluate: bool | None = None,
+              redo: str | tuple[str, ...] | list[str] = ()) -> dict[str, dict]:
     """Run round `n` of `recipe` in `run_dir`. Returns the stage records (and `eval`).
 
     `reward` may be a reward object (posttrain.reward.Reward) or an import-path spec; it
     replaces the recipe's reward for sampling and evaluation.
+    `redo`: stages (e.g. "dpo") to run again from scratch even though they finished: the
+    record and the stage's folder are removed first; later stages whose inputs then change
+    rerun too (without it they would refuse, as under a changed recipe).
     """
+    redo = (redo,) if isinstance(redo, str) else tuple(redo)
+    unknown = sorted(set(redo) - set(STAGES))
+    if unknown:
+        raise RoundError(f"--redo {', '.join(unknown)}: not a stage (stages: {', '.join(STAGES)})")
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     run_dir = Path(run_dir)
     setup_logging(run_dir)
     check_previous_round(run_dir, n)
     _snapshot_recipe(loaded, run_dir)
     log.info("round %d of %s in %s", n, loaded.path.name, run_dir)
-    rnd = Round(n, loaded, run_dir, reward=reward, force=force)
+    rnd = Round(n, loaded, run_dir, reward=reward, force=force, redo=redo)
     records = rnd.run()
     if evaluate if evaluate is not None else rnd.recipe.eval.enabled:
         from posttrain.eval import evaluate_round
 
-        records["eval"] = evaluate_round(rnd, force=force)
+        records["eval"] = evaluate_round(rnd, force=force or rnd.redone)
     return records
 
 
