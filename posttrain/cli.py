@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN_DIR/report/report.md and plots")
     p.add_argument("run_dir", type=Path)
 
+    p = sub.add_parser("import-gguf", help="turn a GGUF file into a safetensors checkpoint with its tokenizer",
+                       description="Dequantise a GGUF file (llama.cpp's format; needs `pip install gguf`) into a "
+                                   "safetensors checkpoint with its tokenizer and chat template, for models.base.")
+    p.add_argument("file", type=Path, help="the .gguf file")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype of the checkpoint (default: float32)")
+
     p = sub.add_parser("average", help="average the weights of checkpoints (model soup)",
                        description="Average checkpoints of one architecture, streaming one tensor at a time.")
     p.add_argument("out", type=Path, help="output folder")
@@ -144,6 +152,12 @@ def _dispatch(args, api) -> int:
     if cmd == "report":
         path = api.report(args.run_dir)
         print(f"report written to {path}")
+        return 0
+    if cmd == "import-gguf":
+        from posttrain.modeling import import_gguf
+
+        out = import_gguf(args.file, args.out, dtype=args.dtype)
+        print(f"imported {args.file} into {out}")
         return 0
     if cmd == "average":
         out = api.average(args.out, args.inputs, weights=args.weights)
