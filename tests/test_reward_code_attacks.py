@@ -204,6 +204,12 @@ def test_plain_values_compare_as_python_does(reward):
     assert score(reward, code, tests) == 1.0
 
 
+def test_a_builtin_name_the_program_redefines_is_the_programs(reward):
+    tests = ["assert sum([1, 2]) == 30", "assert max(1, 2) == 2"]
+    assert score(reward, "def sum(xs):\n    return 10 * (xs[0] + xs[1])\n", tests) == 1.0
+    assert score(reward, "def sum(xs):\n    return 0\n", tests) == 0.5
+
+
 def test_opaque_form_still_counts_by_exit_status(reward):
     """The weaker form: run alone, counted by a random exit status. Exiting 0 early does not pass it."""
     assert score(reward, "def add(a, b):\n    return a + b\n", OPAQUE_FORM) == 1.0

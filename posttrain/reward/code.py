@@ -338,9 +338,10 @@ class _ReplaceExpressions(ast.NodeTransformer):
         return super().visit(node)
 
 
-def plan_test(source: str, setup_names: set[str] | None) -> TestPlan:
+def plan_test(source: str, setup_names: set[str] | None, shadowed: frozenset[str] = frozenset()) -> TestPlan:
     """The plan for one test (see TestPlan), from its source and the names the setup binds
-    (None: unknown, e.g. a star import, or the setup itself calls the program)."""
+    (None: unknown, e.g. a star import, or the setup itself calls the program). `shadowed`:
+    builtin names the program redefines (its `sum` is the one under test, not the builtin)."""
     tree = ast.parse(source)
     local = _bound_names(tree)
     if setup_names is None or local is None:
@@ -365,7 +366,7 @@ def plan_test(source: str, setup_names: set[str] | None) -> TestPlan:
             continue
         if node.id in local and node.id not in objects:
             continue
-        if node.id in setup_names or (node.id in _BUILTIN_NAMES and node.id not in local):
+        if node.id in setup_names or (node.id in _BUILTIN_NAMES and node.id not in local | shadowed):
             continue
         top = node   # a program name (or a name the test binds): climb its call chain
         while True:
@@ -407,17 +408,28 @@ def plan_test(source: str, setup_names: set[str] | None) -> TestPlan:
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan_suite(setup: str, tests: tuple[str, ...]) -> tuple[TestPlan, ...]:
+def _plan_suite(setup: str, tests: tuple[str, ...], shadowed: frozenset[str]) -> tuple[TestPlan, ...]:
     setup_tree = ast.parse(setup)
     names = _bound_names(setup_tree)
     if names is not None and _free_loads(setup_tree) - names - _BUILTIN_NAMES:
         names = None  # the setup uses the program's names: only a run with the program can do it
-    return tuple(plan_test(t, names) for t in tests)
+    return tuple(plan_test(t, names, shadowed) for t in tests)
 
 
-def plan_suite(suite: Suite) -> list[TestPlan]:
-    """One TestPlan per test of `suite` (cached: suites repeat across the K samples of a prompt)."""
-    return list(_plan_suite(suite.setup, tuple(suite.tests)))
+def shadowed_builtins(program: str) -> frozenset[str]:
+    """Builtin names the program binds (a `def sum(...)` under test). Empty when it does not
+    parse: it will fail to load anyway."""
+    try:
+        names = _bound_names(ast.parse(program))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return frozenset()
+    return frozenset((names or set()) & _BUILTIN_NAMES)
+
+
+def plan_suite(suite: Suite, program: str = "") -> list[TestPlan]:
+    """One TestPlan per test of `suite`, for `program` (only the builtin names it redefines
+    matter; cached: suites repeat across the K samples of a prompt)."""
+    return list(_plan_suite(suite.setup, tuple(suite.tests), shadowed_builtins(program)))
 
 
 def compare(plan: TestPlan, value: Any) -> bool:
@@ -816,7 +828,7 @@ def run_tests(code: str, suite: Suite, *, mode: str, interp: Interpreter, limits
               uid: int | None = None) -> RunResult:
     """Run `code` against `suite` (see the module docstring); never raises for anything the
     program does. Up to 2 + (opaque tests) sandboxed processes, one after another."""
-    plans = plan_suite(suite)
+    plans = plan_suite(suite, code)
     n = len(plans)
     run = functools.partial(_run_sandboxed, mode=mode, interp=interp, limits=limits, uid=uid)
     values = run(_VALUES_HARNESS, {"program": code, "setup": suite.setup,
