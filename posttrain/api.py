@@ -92,7 +92,9 @@ def _cell(run_dir: Path, n: int, step: str) -> str:
         m = {"heldout_accuracy": (m.get("heldout") or {}).get("accuracy")}
     if key and isinstance(m.get(key[0]), (int, float)):
         shown = f" {key[1]}={m[key[0]]:.3f}"
-    return f"done {secs:.0f}s{shown}"
+    launch = rec.get("launch") or {}
+    procs = f" [{launch['world_size']}x {launch.get('parallelism')}]" if launch.get("launcher") else ""
+    return f"done {secs:.0f}s{procs}{shown}"
 
 
 def status_table(run_dir) -> str:

@@ -49,7 +49,6 @@ from posttrain.training import (
     complete_marker_callback,
     data_counts,
     last_complete_checkpoint,
-    merge_if_peft,
     peft_config,
     trainer_common_args,
     variant_name,
@@ -134,30 +133,45 @@ def dpo_sigmoid_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     return -F.logsigmoid(beta * margin)
 
 
-def token_mean_nll(per_token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def token_mean_nll(per_token_logps: torch.Tensor, mask: torch.Tensor, global_tokens: torch.Tensor | None = None,
+                   world_size: int = 1) -> torch.Tensor:
     """Token-mean cross-entropy over the masked tokens of a batch: -sum(mask * logp) / sum(mask).
 
     per_token_logps: (B, T); mask: (B, T) 0/1. Returns a scalar (0 when nothing is masked in).
     Matches TRL's "sft" loss term (mean over all chosen tokens of the batch, not per sequence).
+
+    Over W data-parallel ranks the batch is split, and DDP/FSDP average the ranks' gradients.
+    The mean over the whole batch's tokens is then, with N = sum(mask) over every rank
+    (`global_tokens`, an all-reduce) and `world_size` W, this rank's share
+
+        W * -sum(mask_r * logp_r) / N,   whose average over ranks is  -sum_r sum(mask_r * logp_r) / N.
+
+    Each rank dividing by its own token count instead would weight a token of a rank with few
+    tokens more than one of a rank with many.
     """
     mask = mask.to(per_token_logps.dtype)
-    return -(per_token_logps * mask).sum() / mask.sum().clamp(min=1.0)
+    total = mask.sum() if global_tokens is None else global_tokens.to(per_token_logps.dtype)
+    return -(per_token_logps * mask).sum() * world_size / total.clamp(min=1.0)
 
 
 def dpo_objective(per_token_logps: torch.Tensor, dpo_mask: torch.Tensor, nll_mask: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-                  beta: float, nll_coef: float, dpo_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                  beta: float, nll_coef: float, dpo_weight: float = 1.0, nll_global_tokens: torch.Tensor | None = None,
+                  world_size: int = 1) -> dict[str, torch.Tensor]:
     """The stage's loss: dpo_weight * mean DPO loss under `dpo_mask` + nll_coef * NLL of chosen under `nll_mask`.
 
     per_token_logps: (2B, T), rows [chosen_1..chosen_B, rejected_1..rejected_B], zero outside the
     response tokens; dpo_mask, nll_mask: (2B, T) 0/1 subsets of the response tokens (only the
     chosen half of nll_mask is used); ref_chosen, ref_rejected: (B,) reference sums under dpo_mask.
+    Under data parallelism, `nll_global_tokens` (the chosen NLL tokens of every rank) and
+    `world_size` make the NLL a mean over the global batch (see `token_mean_nll`); the DPO term
+    is a mean over pairs, already global when every rank holds the same number of pairs.
     """
     logps = masked_logp_sum(per_token_logps, dpo_mask)  # (2B,)
     chosen, rejected = logps.chunk(2, dim=0)
     dpo = dpo_sigmoid_loss(chosen, rejected, ref_chosen, ref_rejected, beta)  # (B,)
     chosen_tok, _ = per_token_logps.chunk(2, dim=0)
     chosen_nll_mask, _ = nll_mask.chunk(2, dim=0)
-    nll = token_mean_nll(chosen_tok, chosen_nll_mask)
+    nll = token_mean_nll(chosen_tok, chosen_nll_mask, nll_global_tokens, world_size)
     loss = dpo_weight * dpo.mean() + (nll_coef * nll if nll_coef > 0 else 0.0)
     return {"loss": loss, "dpo": dpo.mean(), "nll": nll, "chosen_logps": chosen, "rejected_logps": rejected}
 
@@ -385,6 +399,7 @@ def masked_dpo_trainer_class():
     from accelerate.utils import is_peft_model
     from torch.utils.data import DataLoader
     from trl import DPOTrainer
+    from trl.models import prepare_deepspeed as trl_prepare_deepspeed
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
 
@@ -452,7 +467,15 @@ def masked_dpo_trainer_class():
                 todo = dataset.select(missing)
                 loader = self.accelerator.prepare(DataLoader(todo, batch_size=batch_size,
                                                              collate_fn=self.data_collator, shuffle=False))
-                model = self.ref_model or self.model
+                # As TRL does: before `train` prepares the model, DeepSpeed's parameters are still
+                # on the CPU (ZeRO-1/2) or partitioned (ZeRO-3); an inference engine places and
+                # gathers them. Built once, reused by later passes.
+                if self.ref_model is None and self.is_deepspeed_enabled:
+                    if self._precompute_engine is None:
+                        self._precompute_engine = trl_prepare_deepspeed(self.model, self.accelerator)
+                    model = self._precompute_engine
+                else:
+                    model = self.ref_model or self.model
                 chosen, rejected = [], []
                 for batch in loader:
                     c, r = self.compute_ref_log_probs(model, batch)
@@ -481,8 +504,12 @@ def masked_dpo_trainer_class():
             else:
                 ref_c, ref_r = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
             nll_coef = self.loss_weights[1] if len(self.loss_types) == 2 else 0.0
+            chosen_nll_mask, _ = nll_mask.chunk(2, dim=0)
+            world = self.accelerator.num_processes
+            global_tokens = self.accelerator.reduce(chosen_nll_mask.sum().float(), "sum") if world > 1 else None
             res = dpo_objective(per_tok, dpo_mask, nll_mask, ref_c, ref_r, beta=self.beta,
-                                nll_coef=nll_coef, dpo_weight=self.loss_weights[0])
+                                nll_coef=nll_coef, dpo_weight=self.loss_weights[0],
+                                nll_global_tokens=global_tokens, world_size=world)
             loss = res["loss"]
             chosen_rewards = self.beta * (res["chosen_logps"] - ref_c).detach()
             rejected_rewards = self.beta * (res["rejected_logps"] - ref_r).detach()
@@ -494,7 +521,7 @@ def masked_dpo_trainer_class():
             m["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
             m["logps/chosen"].append(gather(res["chosen_logps"].detach()).mean().item())
             m["logps/rejected"].append(gather(res["rejected_logps"].detach()).mean().item())
-            m["nll"].append(gather(res["nll"].detach()).mean().item())
+            m["nll"].append(gather(res["nll"].detach()).mean().item())  # the global token mean (see token_mean_nll)
             m["dpo_loss"].append(gather(res["dpo"].detach()).mean().item())
             return loss
 
@@ -561,7 +588,7 @@ def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, t
     from datasets import Dataset
     from trl import DPOConfig
 
-    from posttrain.modeling import load_causal_lm
+    from posttrain.modeling import load_causal_lm_for_training
 
     if variant.data_fraction is not None:
         n = max(1, round(len(rows) * variant.data_fraction))
@@ -579,11 +606,13 @@ def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, t
         precompute_ref_batch_size=cfg.ref_batch_size or cfg.batch_size,
         max_length=None,  # encode_pair truncated already
     )
-    model = load_causal_lm(sft_model, trust_remote_code=trust_remote_code)
+    # Loaded after the arguments and on the CPU: the trainer places the weights (ZeRO-3 partitions
+    # them while loading, FSDP shards them), so no rank holds a whole model on its device first.
+    model = load_causal_lm_for_training(sft_model, trust_remote_code=trust_remote_code)
     lora = peft_config(cfg.lora)
     ref_model = None
     if not cfg.precompute_ref and lora is None:
-        ref_model = load_causal_lm(sft_model, trust_remote_code=trust_remote_code).eval()
+        ref_model = load_causal_lm_for_training(sft_model, trust_remote_code=trust_remote_code).eval()
     trainer_cls = masked_dpo_trainer_class()
     trainer = trainer_cls(
         model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
@@ -602,7 +631,8 @@ def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, t
 
 def run(ctx: StageContext) -> StageResult:
     from posttrain import chat
-    from posttrain.modeling import load_tokenizer, save_checkpoint
+    from posttrain.distributed import main_then_wait, save_final_model
+    from posttrain.modeling import load_tokenizer
 
     cfg: DPOStageConfig = ctx.config
     sft_model = Path(ctx.inputs["sft_model"])
@@ -651,12 +681,12 @@ def run(ctx: StageContext) -> StageResult:
             work_dir=ctx.out_dir / "work" / name, ref_cache=ref_cache, trust_remote_code=ctx.trust_remote_code,
             report_to=ctx.report_to, callbacks=ctx.extra.get("trainer_callbacks", ()),
         )
-        model = merge_if_peft(trainer.model)
-        save_checkpoint(model, tokenizer, final)
+        # Collective: the weights are gathered, LoRA merged, rank 0 writes and every rank waits.
+        save_final_model(trainer, tokenizer, final)
         # Written after the model: its presence means this variant is finished.
-        files.atomic_write_json(done_metrics, metrics)
+        main_then_wait(files.atomic_write_json, done_metrics, metrics)
         per_variant[name] = metrics
-        del trainer, model
+        del trainer
 
     result_metrics = {
         "pair_counts": counts,

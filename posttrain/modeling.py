@@ -62,6 +62,15 @@ def load_causal_lm(path: str | os.PathLike, *, dtype="auto", device: str = "auto
     return model.to(device)
 
 
+def load_causal_lm_for_training(path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """A causal LM for a trainer: in the dtype the device prefers (bf16 on a GPU that has it) but
+    still on the CPU, so the trainer places it; under several processes no rank first holds
+    the whole model on its device (ZeRO-3 partitions it while loading when the trainer's
+    arguments exist before this call; FSDP shards it when the trainer prepares it)."""
+    return load_causal_lm(path, dtype=pick_dtype("auto", pick_device()), device="cpu",
+                          trust_remote_code=trust_remote_code)
+
+
 def load_sequence_classifier(path: str | os.PathLike, *, dtype="auto", device: str = "auto",
                              trust_remote_code: bool = False, num_labels: int = 1,
                              attn_implementation: str | None = None):
@@ -84,12 +93,24 @@ def load_sequence_classifier(path: str | os.PathLike, *, dtype="auto", device: s
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Save model (safetensors) + tokenizer + generation config into `out_dir`, atomically."""
+    """Save model (safetensors) + tokenizer + generation config into `out_dir`, atomically.
+
+    Under a process group this is collective: every rank calls it, rank 0 alone writes (the
+    model it passes must be the full one; the others may pass None), and every rank returns
+    only once the folder is published. A sharded model is gathered first by
+    `distributed.save_final_model`, which ends here.
+    """
+    from posttrain import distributed
+
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+
+    def write():
+        with atomic_dir(out_dir) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+
+    distributed.main_then_wait(write)
     return out_dir
 
 

@@ -143,8 +143,9 @@ def discard_stage(run_dir: str | Path, n: int, stage: str) -> bool:
 
 
 def write_record(run_dir: str | Path, n: int, stage: str, *, plan: Plan, outputs: dict[str, Any],
-                 metrics: dict, started: float) -> dict:
-    """Hash the outputs and write the record last, atomically."""
+                 metrics: dict, started: float, launch: dict | None = None) -> dict:
+    """Hash the outputs and write the record last, atomically. `launch`: how a training stage
+    was started (launcher, world_size, parallelism; see posttrain.launch)."""
     run_dir = Path(run_dir)
     hashed_outputs = {}
     for name, rel in outputs.items():
@@ -162,6 +163,8 @@ def write_record(run_dir: str | Path, n: int, stage: str, *, plan: Plan, outputs
         "timing": {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 2)},
         "command": " ".join(sys.argv),
     }
+    if launch is not None:
+        record["launch"] = launch
     atomic_write_json(stage_dir(run_dir, n, stage) / RECORD, record)
     return record
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from posttrain import training
+from posttrain import distributed, training
 from posttrain.data import STRENGTHS
 from posttrain.files import atomic_write_json, read_json
 from posttrain.stage import StageContext, StageResult
@@ -190,17 +190,26 @@ def pair_margins(strengths: list[str | None], margins: dict[str, float] | None) 
 # ----------------------------------------------------------------------------- the loss
 
 
-def bradley_terry_loss(better: torch.Tensor, worse: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+def bradley_terry_loss(better: torch.Tensor, worse: torch.Tensor, margin: torch.Tensor | None = None,
+                       global_pairs: torch.Tensor | None = None, world_size: int = 1) -> torch.Tensor:
     """Bradley-Terry loss over P pairs, mean-reduced.
 
         L = mean_p  -log sigmoid(r_better[p] - r_worse[p] - m[p])      (m = 0 without margin)
 
     better, worse: [P] scores; margin: [P] or None (Llama 2 margin; Llama 3 drops it). Returns a scalar.
+
+    A packed batch holds 1 to 3 pairs per ranking, so W data-parallel ranks hold different
+    numbers of pairs, and DDP averages their gradients. With `global_pairs` (P summed over the
+    ranks) and `world_size` W, this rank returns W * sum_p(...) / P_global, whose average over
+    the ranks is the mean over every pair of the global batch.
     """
     diff = better - worse  # [P]
     if margin is not None:
         diff = diff - margin.to(diff.dtype)
-    return -torch.nn.functional.logsigmoid(diff).mean()
+    losses = -torch.nn.functional.logsigmoid(diff)  # [P]
+    if global_pairs is None:
+        return losses.mean()
+    return losses.sum() * world_size / global_pairs.to(losses.dtype).clamp(min=1.0)
 
 
 # ----------------------------------------------------------------------------- tokens, packing
@@ -337,9 +346,24 @@ def backbone_and_head(model):
     return body, head
 
 
+def _unwrapped(model):
+    """The model inside a DistributedDataParallel wrapper (its config lives there)."""
+    return getattr(model, "module", model)
+
+
+def score_head(model):
+    """The `score` head of a sequence classifier, seen through DDP and PEFT wrappers."""
+    inner = _unwrapped(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    head = getattr(inner, "score", None)
+    if head is None:
+        raise TypeError(f"{type(inner).__name__} is not a *ForSequenceClassification model with a `score` head")
+    return head
+
+
 def model_attention_mask(visible: torch.Tensor, model, dtype: torch.dtype) -> torch.Tensor:
     """The 4D mask in the form the model's attention takes: bool for SDPA, additive float for eager."""
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    impl = getattr(_unwrapped(model).config, "_attn_implementation", None) or "eager"
     if impl == "sdpa":
         return visible
     if impl == "eager":
@@ -350,17 +374,29 @@ def model_attention_mask(visible: torch.Tensor, model, dtype: torch.dtype) -> to
 
 
 def packed_scores(model, batch: dict) -> torch.Tensor:
-    """Scores of every response in packed rows: [B, N] (entries where last_index < 0 are junk)."""
-    body, head = backbone_and_head(model)
-    device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)
+    """Scores of every response in packed rows: [B, N] (entries where last_index < 0 are junk).
+
+    The rows go through the model's own forward (through its DDP or FSDP2 wrapper when it has
+    one): DDP synchronises gradients only for a forward it ran, and FSDP2 gathers sharded
+    weights only around its root's forward. The classifier scores every position ([B, L, 1])
+    before pooling at one token per row; a hook on its `score` head keeps those per-position
+    scores, and each response's score is read at its last token.
+    """
+    param = next(model.parameters())
+    device = param.device
     visible = block_attention_mask(batch["segment_ids"].to(device))
-    mask = model_attention_mask(visible, model, next(model.parameters()).dtype)
-    hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"].to(device),
-                  use_cache=False).last_hidden_state  # [B, L, H]
+    mask = model_attention_mask(visible, model, param.dtype)
+    per_position = []
+    hook = score_head(model).register_forward_hook(lambda module, args, out: per_position.append(out))
+    try:
+        model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+              position_ids=batch["position_ids"].to(device), use_cache=False)
+    finally:
+        hook.remove()
+    (logits,) = per_position  # [B, L, 1]
     last = batch["last_index"].to(device).clamp(min=0)  # [B, N]
-    rows = torch.arange(hidden.shape[0], device=device)[:, None]  # [B, 1]
-    return head(hidden[rows, last]).squeeze(-1).float()  # [B, N, H] -> [B, N]
+    rows = torch.arange(logits.shape[0], device=device)[:, None]  # [B, 1]
+    return logits[rows, last].squeeze(-1).float()  # [B, N]
 
 
 def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -373,13 +409,16 @@ def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return head(hidden[torch.arange(hidden.shape[0], device=device), last]).squeeze(-1).float()  # [B]
 
 
-def packed_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Bradley-Terry loss over every kept pair of the batch, scores [B, N])."""
+def packed_loss(model, batch: dict, global_pairs: torch.Tensor | None = None,
+                world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Bradley-Terry loss over every kept pair of the batch, scores [B, N]); under data
+    parallelism a rank's share of the global pair mean (see bradley_terry_loss)."""
     scores = packed_scores(model, batch)
     flat = scores.reshape(-1)  # [B * N]
     better, worse = flat[batch["better"].to(flat.device)], flat[batch["worse"].to(flat.device)]
     margin = batch.get("margin")
-    loss = bradley_terry_loss(better, worse, None if margin is None else margin.to(flat.device))
+    loss = bradley_terry_loss(better, worse, None if margin is None else margin.to(flat.device),
+                              global_pairs=global_pairs, world_size=world_size)
     return loss, scores
 
 
@@ -563,7 +602,12 @@ def _packed_trainer_class():
         """A Trainer whose batches are packed rankings and whose loss is Bradley-Terry over all pairs."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, scores = packed_loss(model, inputs)
+            world = self.accelerator.num_processes
+            pairs = None
+            if world > 1:
+                n = torch.tensor(float(inputs["better"].numel()), device=self.accelerator.device)
+                pairs = self.accelerator.reduce(n, "sum")
+            loss, scores = packed_loss(model, inputs, global_pairs=pairs, world_size=world)
             return (loss, {"scores": scores}) if return_outputs else loss
 
     return PackedRewardTrainer
@@ -580,7 +624,11 @@ def load_reward_model(path, *, trust_remote_code: bool = False, attn_implementat
 
 def train_packed(model, tokenizer, items: list[EncodedRanking], cfg: RMConfig, variant: training.Variant, *,
                  work_dir: Path, seed: int, report_to="none", extra_args: dict | None = None, callbacks=()):
-    """Train `model` on packed rankings; resumes from the last COMPLETE checkpoint in `work_dir`."""
+    """Train `model` on packed rankings; resumes from the last COMPLETE checkpoint in `work_dir`.
+
+    `model` may be a function returning the model: it is then called once the trainer's
+    arguments exist, so that under ZeRO-3 the weights are partitioned while loading instead of
+    being loaded whole on every rank."""
     from transformers import TrainingArguments
 
     margins = cfg.margins if cfg.margin else None
@@ -589,7 +637,7 @@ def train_packed(model, tokenizer, items: list[EncodedRanking], cfg: RMConfig, v
                                                             report_to=report_to),
                              remove_unused_columns=False, label_names=[], **(extra_args or {}))
     trainer = _packed_trainer_class()(
-        model=model, args=args, train_dataset=_ListDataset(items), processing_class=tokenizer,
+        model=model() if callable(model) and not isinstance(model, torch.nn.Module) else model, args=args, train_dataset=_ListDataset(items), processing_class=tokenizer,
         data_collator=lambda chunk: pack_batch(chunk, pad_id, margins),
         callbacks=[training.complete_marker_callback(), *callbacks],
     )
@@ -615,7 +663,8 @@ def pairs_rows(items: list[EncodedRanking], margins: dict[str, float] | None) ->
 
 def train_pairs(model, tokenizer, items: list[EncodedRanking], cfg: RMConfig, variant: training.Variant, *,
                 work_dir: Path, seed: int, report_to="none", extra_args: dict | None = None, callbacks=()):
-    """Train `model` with TRL's RewardTrainer on expanded pairs (the baseline); resumable."""
+    """Train `model` with TRL's RewardTrainer on expanded pairs (the baseline); resumable.
+    `model` may be a function returning the model, called after the arguments (see train_packed)."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -631,6 +680,8 @@ def train_pairs(model, tokenizer, items: list[EncodedRanking], cfg: RMConfig, va
     args = RewardConfig(**training.trainer_common_args(cfg, variant, output_dir=work_dir, seed=seed,
                                                        report_to=report_to),
                         max_length=None, center_rewards_coefficient=None, **(extra_args or {}))
+    if callable(model) and not isinstance(model, torch.nn.Module):
+        model = model()
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs_rows(items, margins)),
                             processing_class=tokenizer, callbacks=[training.complete_marker_callback(), *callbacks],
                             peft_config=training.peft_config(cfg.lora, task_type="SEQ_CLS"))
@@ -654,12 +705,24 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _evaluate_saved(model_dir: Path, items: list[EncodedRanking], pad_id: int, cfg: RMConfig,
+                    trust_remote_code: bool) -> dict:
+    from posttrain.modeling import pick_device
+
+    model = load_reward_model(model_dir, trust_remote_code=trust_remote_code).to(pick_device())
+    try:
+        return evaluate_rankings(model, items, pad_id, cfg)
+    finally:
+        del model
+        _free_memory()
+
+
 def run(ctx: StageContext) -> StageResult:
     """Train the reward model (each variant), average variants, evaluate on held-out rankings."""
     from transformers import set_seed
 
     from posttrain import data
-    from posttrain.modeling import load_tokenizer, pick_device, save_checkpoint
+    from posttrain.modeling import load_tokenizer
 
     cfg: RMConfig = ctx.config
     t0 = time.time()
@@ -718,44 +781,48 @@ def run(ctx: StageContext) -> StageResult:
             vitems = random.Random(seed).sample(train_items, max(1, round(variant.data_fraction * len(train_items))))
         rng = random.Random(seed)
         vitems = [shuffle_responses(it, rng) for it in vitems]
-        set_seed(seed)  # the fresh score head is drawn here
-        model = load_reward_model(base, trust_remote_code=ctx.trust_remote_code)
-        model.config.pad_token_id = tokenizer.pad_token_id
-        tv = time.time()
-        work = out_dir / name / "checkpoints"
-        if cfg.packing:
-            if cfg.lora.enabled:
+
+        def load_model(seed=seed):
+            set_seed(seed)  # the fresh score head is drawn here
+            model = load_reward_model(base, trust_remote_code=ctx.trust_remote_code)
+            model.config.pad_token_id = tokenizer.pad_token_id
+            if cfg.packing and cfg.lora.enabled:
                 from peft import get_peft_model
 
                 model = get_peft_model(model, training.peft_config(cfg.lora, task_type="SEQ_CLS"))
-            trainer, result = train_packed(model, tokenizer, vitems, cfg, variant, work_dir=work, seed=seed,
-                                           report_to=ctx.report_to)
-        else:
-            trainer, result = train_pairs(model, tokenizer, vitems, cfg, variant, work_dir=work, seed=seed,
-                                          report_to=ctx.report_to)
-        model = training.merge_if_peft(trainer.model)
-        model.config.pad_token_id = tokenizer.pad_token_id
+            return model
+
+        tv = time.time()
+        work = out_dir / name / "checkpoints"
+        train = train_packed if cfg.packing else train_pairs
+        trainer, result = train(load_model, tokenizer, vitems, cfg, variant, work_dir=work, seed=seed,
+                                report_to=ctx.report_to)
         vm = {"seed": seed, "train_loss": result.training_loss, "steps": result.global_step,
               "seconds": round(time.time() - tv, 2), "rankings": len(vitems),
               "pairs": sum(len(it.pairs) for it in vitems)}
-        if held_items and n_var > 1:
-            vm["heldout"] = evaluate_rankings(model, held_items, tokenizer.pad_token_id, cfg)
-        save_checkpoint(model, tokenizer, final)
-        atomic_write_json(vm_file, vm)
+        # Collective: every rank takes part in gathering the weights; rank 0 writes, all wait.
+        distributed.save_final_model(trainer, tokenizer, final,
+                                     prepare=lambda m: setattr(m.config, "pad_token_id", tokenizer.pad_token_id))
+        del trainer
+        _free_memory()
+        if distributed.is_main():
+            if held_items and n_var > 1:
+                vm["heldout"] = _evaluate_saved(final, held_items, tokenizer.pad_token_id, cfg, ctx.trust_remote_code)
+            atomic_write_json(vm_file, vm)
+            shutil.rmtree(work, ignore_errors=True)  # the final model supersedes the resumable checkpoints
+        distributed.barrier()
         metrics["variants"][name] = vm
-        shutil.rmtree(work, ignore_errors=True)  # the final model supersedes the resumable checkpoints
-        del trainer, model
-        _free_memory()
 
-    if n_var > 1 and not (out_dir / "model").is_dir():
-        from posttrain.average import average_checkpoints
+    # Only rank 0 writes and evaluates; the other ranks' metrics are not recorded.
+    if distributed.is_main():
+        if n_var > 1 and not (out_dir / "model").is_dir():
+            from posttrain.average import average_checkpoints
 
-        average_checkpoints([str(p) for p in variant_dirs], str(out_dir / "model"))
-    if held_items:
-        model = load_reward_model(out_dir / "model", trust_remote_code=ctx.trust_remote_code).to(pick_device())
-        metrics["heldout"].update(evaluate_rankings(model, held_items, tokenizer.pad_token_id, cfg))
-        del model
-        _free_memory()
+            average_checkpoints([str(p) for p in variant_dirs], str(out_dir / "model"))
+        if held_items:
+            metrics["heldout"].update(_evaluate_saved(out_dir / "model", held_items, tokenizer.pad_token_id, cfg,
+                                                      ctx.trust_remote_code))
+    distributed.barrier()
     losses = [v["train_loss"] for v in metrics["variants"].values()]
     metrics["train_loss"] = sum(losses) / len(losses) if losses else None
     metrics["seconds"] = round(time.time() - t0, 2)

@@ -42,7 +42,6 @@ from posttrain.training import (
     TrainingSettings,
     complete_marker_callback,
     last_complete_checkpoint,
-    merge_if_peft,
     peft_config,
     data_counts,
     trainer_common_args,
@@ -130,7 +129,7 @@ def build_trainer(*, cfg: SFTStageConfig, variant, seed: int, init_model: Path, 
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from posttrain.modeling import load_causal_lm
+    from posttrain.modeling import load_causal_lm_for_training
 
     if variant.data_fraction is not None:
         n = max(1, round(len(rows) * variant.data_fraction))
@@ -143,7 +142,7 @@ def build_trainer(*, cfg: SFTStageConfig, variant, seed: int, init_model: Path, 
         assistant_only_loss=False,
     )
     return SFTTrainer(
-        model=load_causal_lm(init_model, trust_remote_code=trust_remote_code),
+        model=load_causal_lm_for_training(init_model, trust_remote_code=trust_remote_code),
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
@@ -174,7 +173,8 @@ def train_variant(*, work_dir: Path, **kwargs):
 def run(ctx: StageContext) -> StageResult:
     from posttrain import data
     from posttrain.average import average_checkpoints
-    from posttrain.modeling import load_tokenizer, save_checkpoint
+    from posttrain.distributed import main_then_wait, save_final_model
+    from posttrain.modeling import load_tokenizer
 
     cfg: SFTStageConfig = ctx.config
     init_model = Path(ctx.inputs["init_model"])
@@ -215,12 +215,13 @@ def run(ctx: StageContext) -> StageResult:
             work_dir=ctx.out_dir / WORK / name, trust_remote_code=ctx.trust_remote_code,
             report_to=ctx.report_to, callbacks=ctx.extra.get("trainer_callbacks", ()),
         )
-        save_checkpoint(merge_if_peft(trainer.model), tokenizer, out)
-        files.atomic_write_json(done, metrics)
+        # Collective: the weights are gathered, LoRA merged, rank 0 writes and every rank waits.
+        save_final_model(trainer, tokenizer, out)
+        main_then_wait(files.atomic_write_json, done, metrics)
         per_variant[name] = metrics
         del trainer
     if not single:
-        average_checkpoints(variant_dirs, final)
+        main_then_wait(average_checkpoints, variant_dirs, final)
 
     dropped = {"prompt_too_long": counts["dropped_prompt_too_long"]}
     if mix is not None:

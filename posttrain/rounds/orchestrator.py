@@ -214,6 +214,9 @@ class Round:
         }
         if stage == "sample":
             hashed["reward"] = self._reward_identity()
+        launch = self.launch_plan(stage)
+        if launch.launcher is not None:  # how many processes, and how, is an input of a training stage
+            hashed["launch"] = launch.identity(self.hasher.hash_paths)
         if stage in self.redo:
             if discard_stage(self.run_dir, self.n, stage):
                 log.info("round %d %s: redo: its record and folder were removed", self.n, stage)
@@ -231,17 +234,19 @@ class Round:
                  if resumed else "starting")
         started = time.time()
         spec = self._spec(stage, inputs, extra)
+        spec["launch"] = {"launcher": launch.launcher, "world_size": launch.world_size,
+                          "parallelism": launch.parallelism}
         if stage == "sample":
             result = self._run_in_process(spec, reward_model=inputs["reward_model"])
         else:
-            result = self._run_in_worker(stage, spec)
+            result = self._run_in_worker(stage, spec, launch.command)
         try:
             self.verify_outputs(stage, result["outputs"])
         except ValueError as err:
             raise RoundError(f"round {self.n} {stage}: its output is incomplete, so no record was written: "
                              f"{err}. Run again with --redo {stage} to start it from scratch.") from None
         record = write_record(self.run_dir, self.n, stage, plan=plan, outputs=result["outputs"],
-                              metrics=result["metrics"], started=started)
+                              metrics=result["metrics"], started=started, launch=spec["launch"])
         self.hasher.learn(record)
         self._remove_work(stage)
         log.info("round %d %s: done in %.0f s%s", self.n, stage, record["timing"]["seconds"],
@@ -275,14 +280,21 @@ class Round:
         result = run_spec(spec, reward=reward)
         return {"outputs": result.outputs, "metrics": result.metrics}
 
-    def _run_in_worker(self, stage: str, spec: dict) -> dict:
+    def launch_plan(self, stage: str):
+        """How `stage` is started: the recipe's launcher for rm, sft and dpo (posttrain.launch),
+        plain Python for everything else."""
+        from posttrain.launch import plan_launch
+
+        launcher = self.recipe.run.launcher if stage in ("rm", "sft", "dpo") else None
+        return plan_launch(launcher, base_dir=self.loaded.path.parent)
+
+    def _run_in_worker(self, stage: str, spec: dict, command: list[str]) -> dict:
         out_dir = Path(spec["out_dir"])
         spec_path = out_dir / ".spec.json"
         atomic_write_json(spec_path, spec)
         result_path = Path(spec["result"])
         result_path.unlink(missing_ok=True)
-        launcher = self.recipe.run.launcher if stage in ("rm", "sft", "dpo") and self.recipe.run.launcher else [sys.executable]
-        cmd = [*launcher, "-m", "posttrain.rounds.worker", str(spec_path)]
+        cmd = [*command, "-m", "posttrain.rounds.worker", str(spec_path)]
         log.info("round %d %s: %s", self.n, stage, " ".join(cmd))
         with open(self.run_dir / "posttrain.log", "ab") as logf:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env())

@@ -3,7 +3,9 @@
 One process per stage, so GPU memory is released between stages (vLLM and training never
 share a process), and so a training stage can be started with `accelerate launch -m
 posttrain.rounds.worker SPEC.json` across GPUs and nodes without changing the orchestrator.
-The spec is written by the orchestrator; the result is written atomically by rank 0.
+The spec is written by the orchestrator; it names the world size the launch plan promised
+(`posttrain.launch`), checked here first. The result is written atomically by rank 0, after
+every rank has finished.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import os
 import sys
 from pathlib import Path
 
+from posttrain import distributed
 from posttrain.files import atomic_write_json, read_json
+from posttrain.launch import check_world_size
 
 
 def build_context(spec: dict):
@@ -53,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = read_json(argv[0])
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    launch = spec.get("launch") or {}
+    # A launcher that started another number of processes than planned would train with
+    # another global batch than the record says: stop before any work.
+    check_world_size(int(launch.get("world_size", 1)), launch.get("launcher"))
     result = run_spec(spec)
-    if int(os.environ.get("RANK", "0")) == 0:
+    distributed.barrier()  # every rank's share of the stage is done before rank 0 reports it
+    if distributed.is_main():
         atomic_write_json(spec["result"], {"outputs": result.outputs, "metrics": result.metrics})
     return 0
 
