@@ -225,6 +225,17 @@ def test_prompts_file_with_bad_tests_names_the_row(tmp_path):
         CodeTestReward(prompts_file=str(path))
 
 
+def test_prompts_file_must_be_a_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    with pytest.raises(ValueError, match="not a regular file"):
+        CodeTestReward(prompts_file=str(tmp_path / "fifo.jsonl"))
+    with pytest.raises(ValueError, match="not a regular file"):
+        CodeTestReward(prompts_file="/dev/zero")
+    row = {"prompt": "a\u2028b", "tests": ["assert f() == 1"]}
+    (tmp_path / "p.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n")
+    assert len(CodeTestReward(prompts_file=str(tmp_path / "p.jsonl")).references) == 1
+
+
 def test_bad_kwargs_fail_early():
     with pytest.raises(ValueError, match="isolation"):
         CodeTestReward(isolation="docker")

@@ -121,6 +121,7 @@ import secrets
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -164,7 +165,13 @@ class ReferenceIndex:
         self.fields = tuple(fields)
         self._metas: dict[str, dict] = {}
         self._rows: dict[str, int] = {}
-        with open(self.path, encoding="utf-8") as f:
+        try:
+            mode = os.stat(self.path).st_mode
+        except OSError as e:
+            raise ValueError(f"{self.path}: cannot read the prompts file: {e.strerror}") from None
+        if not stat.S_ISREG(mode):  # a FIFO would hang the open, /dev/zero never end
+            raise ValueError(f"{self.path}: the prompts file is not a regular file")
+        with open(self.path, encoding="utf-8", newline="\n") as f:
             for row_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
