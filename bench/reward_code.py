@@ -6,7 +6,7 @@ the program's own exit status, one pass/fail per sample). Both use the same work
 Three suites, each written in one of the reward's test forms (see posttrain/reward/code.py):
   compare  `assert fib(10) == 55`                 1 sandboxed process per sample
   judged   `assert abs(fib(10) - 55) < 0.5`       2 (the program's, then the judge's)
-  opaque   `for n, w in ...: assert fib(n) == w`  1 + 1 per test (each test runs alone)
+  opaque   `assert [fib(n) for n in ...] == [...]` 1 + 1 per test (each test runs alone)
 
     python bench/reward_code.py [--quick]
 
@@ -29,8 +29,7 @@ SUITES = {
     "compare": ["assert fib(0) == 0", "assert fib(1) == 1", "assert fib(10) == 55", "assert fib(20) == 6765"],
     "judged": ["assert abs(fib(0) - 0) < 0.5", "assert abs(fib(1) - 1) < 0.5", "assert abs(fib(10) - 55) < 0.5",
                "assert abs(fib(20) - 6765) < 0.5"],
-    "opaque": ["for n, w in [(0, 0), (1, 1)]:\n    assert fib(n) == w",
-               "for n, w in [(10, 55), (20, 6765)]:\n    assert fib(n) == w"],
+    "opaque": ["assert [fib(n) for n in range(2)] == [0, 1]", "assert [fib(n) for n in (10, 20)] == [55, 6765]"],
 }
 RIGHT = "```python\ndef fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n```"
 WRONG = "```python\ndef fib(n):\n    return -1\n```"

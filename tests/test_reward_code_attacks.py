@@ -14,7 +14,7 @@ UID_BASE = 1_990_200_000
 TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
 # The same checks written in the forms that need the judge, and the one that runs alone.
 JUDGED = ["assert abs(add(1, 2) - 3) < 1e-9", "r = add(-1, 1)\nassert r == 0"]
-OPAQUE_FORM = ["for a, b, want in [(1, 2, 3)]:\n    assert add(a, b) == want"]
+OPAQUE_FORM = ["for a in range(1, 2):\n    assert add(a, 2) == 3"]
 WRONG = "def add(a, b):\n    return 0\n"
 HONEST = 0.5
 
@@ -208,6 +208,15 @@ def test_a_builtin_name_the_program_redefines_is_the_programs(reward):
     tests = ["assert sum([1, 2]) == 30", "assert max(1, 2) == 2"]
     assert score(reward, "def sum(xs):\n    return 10 * (xs[0] + xs[1])\n", tests) == 1.0
     assert score(reward, "def sum(xs):\n    return 0\n", tests) == 0.5
+
+
+def test_loops_over_literal_cases_are_unrolled_into_the_safe_forms(reward):
+    loop = ["for a, b, want in [(1, 2, 3), (-1, 1, 0)]:\n    assert add(a, b) == want"]
+    assert [p.kind for p in plan_suite(Suite("", loop))] == ["judged"]
+    assert plan_suite(Suite("", loop))[0].expressions == ("add(1, 2)", "add(-1, 1)")
+    assert score(reward, "def add(a, b):\n    return a + b\n", loop) == 1.0
+    assert score(reward, ATTACKS["always-equal object"], loop) == 0.0
+    assert score(reward, ATTACKS["replace builtins.exec"], loop) == 0.0  # fails at add(1, 2) like WRONG
 
 
 def test_opaque_form_still_counts_by_exit_status(reward):

@@ -51,8 +51,9 @@ are the program's, and each maximal call/attribute/subscript chain rooted at one
   program expressions; a second sandboxed process that holds no program code (the *judge*)
   runs the test setup and the test with each program expression replaced by its recorded
   value (or its recorded exception, re-raised as the nearest builtin exception class).
-* **opaque** -- the rest (a test that binds `s = Stack()` and calls `s.push(1)`, a loop over
-  calls). Each runs in a fresh interpreter with the program, and counts only by an exit
+* **opaque** -- the rest (a test that binds `s = Stack()` and calls `s.push(1)`, a call in a
+  comprehension or in a loop over anything but a literal list: `for a, b, want in [(1, 2,
+  3), ...]: assert add(a, b) == want` is unrolled into judged form first). Each runs in a fresh interpreter with the program, and counts only by an exit
   status chosen at random per run and observed from outside. This is the one form where the
   program shares an interpreter with the expected values: a program that finds the harness's
   frame can still pass it, and an always-equal object passes `==` inside it. Prefer the
@@ -108,6 +109,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import copy
 import functools
 import hashlib
 import json
@@ -345,11 +347,84 @@ class _ReplaceExpressions(ast.NodeTransformer):
         return super().visit(node)
 
 
+_MAX_UNROLL = 64
+
+
+def _literal_ast(value: Any) -> ast.expr | None:
+    """An AST for `value` that evaluates back to it, or None (nan, inf, or not a literal)."""
+    try:
+        node = ast.parse(repr(value), mode="eval").body
+        same = ast.literal_eval(node) == value and type(ast.literal_eval(node)) is type(value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return node if same else None
+
+
+class _Substitute(ast.NodeTransformer):
+    def __init__(self, values: dict[str, ast.expr]):
+        self.values = values
+
+    def visit_Name(self, node: ast.Name):
+        if isinstance(node.ctx, ast.Load) and node.id in self.values:
+            return ast.copy_location(copy.deepcopy(self.values[node.id]), node)
+        return node
+
+
+def _unroll_literal_loops(tree: ast.Module) -> ast.Module:
+    """`for a, b, want in [(1, 2, 3), ...]: BODY` at the top of a test becomes BODY once per
+    item with the loop names replaced by the item's values, so each call in it is a plain
+    program expression (`add(1, 2)`) that the safer plans can take. Loops that break, bind
+    their own names again, hold functions or comprehensions, or iterate over anything but a
+    literal list/tuple of at most 64 items are left as they are."""
+    body: list[ast.stmt] = []
+    for stmt in tree.body:
+        unrolled = None
+        if isinstance(stmt, ast.For) and not stmt.orelse:
+            unrolled = _unroll(stmt)
+        body.extend(unrolled if unrolled is not None else [stmt])
+    tree.body = body
+    return tree
+
+
+def _unroll(loop: ast.For) -> list[ast.stmt] | None:
+    ok, items = _literal(loop.iter)
+    if not ok or not isinstance(items, (list, tuple)) or not items or len(items) > _MAX_UNROLL:
+        return None
+    target = loop.target
+    names = [target.id] if isinstance(target, ast.Name) else (
+        [e.id for e in target.elts if isinstance(e, ast.Name)] if isinstance(target, ast.Tuple) else [])
+    if not names or (isinstance(target, ast.Tuple) and len(names) != len(target.elts)):
+        return None
+    inner = ast.Module(body=loop.body, type_ignores=[])
+    if any(isinstance(n, (ast.Break, ast.Continue, ast.Lambda, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                          ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Global, ast.Nonlocal))
+           for n in ast.walk(inner)):
+        return None
+    bound = _bound_names(inner)
+    if bound is None or set(names) & bound:
+        return None
+    out: list[ast.stmt] = []
+    for item in items:
+        parts = [item] if len(names) == 1 and isinstance(target, ast.Name) else item
+        if not isinstance(parts, (list, tuple)) or len(parts) != len(names):
+            return None
+        values = {name: _literal_ast(v) for name, v in zip(names, parts)}
+        if any(v is None for v in values.values()):
+            return None
+        out.extend(_Substitute(values).visit(copy.deepcopy(stmt)) for stmt in loop.body)
+    # After the loop its names hold the last item, as Python leaves them.
+    last = _literal_ast(items[-1])
+    if last is None:
+        return None
+    out.append(ast.Assign(targets=[copy.deepcopy(target)], value=last, lineno=loop.lineno))
+    return [ast.fix_missing_locations(s) for s in out]
+
+
 def plan_test(source: str, setup_names: set[str] | None, shadowed: frozenset[str] = frozenset()) -> TestPlan:
     """The plan for one test (see TestPlan), from its source and the names the setup binds
     (None: unknown, e.g. a star import, or the setup itself calls the program). `shadowed`:
     builtin names the program redefines (its `sum` is the one under test, not the builtin)."""
-    tree = ast.parse(source)
+    tree = _unroll_literal_loops(ast.parse(source))
     local = _bound_names(tree)
     if setup_names is None or local is None:
         return TestPlan("opaque")
