@@ -113,6 +113,7 @@ def plain_copy(module, state: dict):
     # Every weight is overwritten from `state`, so skip the random init (minutes on a large model).
     with torch.device("cpu"), no_init_weights():
         copy = _plain_class(base)._from_config(base.config, dtype=dtype)
+    copy.tie_weights()  # skipped with the init; a tied head must stay one tensor when saved
     if peft:
         copy = get_peft_model(copy, module.peft_config[module.active_adapter])
     copy.load_state_dict(state, strict=True)

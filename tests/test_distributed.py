@@ -62,6 +62,23 @@ def test_world_size_comes_from_the_accelerate_config_beside_the_recipe(tmp_path)
     assert ident["world_size"] == 8 and ident["config"]["sha256"] == "x"
 
 
+@pytest.mark.parametrize("name, parallelism", [("multi_gpu", "ddp"), ("fsdp2", "fsdp"), ("zero3", "deepspeed")])
+def test_shipped_accelerate_configs_parse_and_plan(name, parallelism):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    assert path.read_text().startswith("# ")  # each opens with what it is and the command that uses it
+    assert f"configs/accelerate/{name}.yaml" in path.read_text()
+    load_config_from_file(str(path))  # accelerate itself accepts it
+    plan = plan_launch(["accelerate", "launch", "--config_file", str(path)], has_gpu=True)
+    assert (plan.world_size, plan.parallelism) == (8, parallelism)
+    plan = plan_launch(["accelerate", "launch", "--config_file", str(path), "--num_processes", "2"], has_gpu=True)
+    assert plan.world_size == 2
+    if parallelism != "ddp":
+        with pytest.raises(LaunchError, match="needs GPUs"):
+            plan_launch(["accelerate", "launch", "--config_file", str(path)], has_gpu=False)
+
+
 def test_the_worker_refuses_a_world_other_than_planned(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(LaunchError, match="started 1 process"):
@@ -264,3 +281,29 @@ def test_dpo_with_nll_on_two_processes_equals_one_and_rank0_alone_publishes(tmp_
     returned = [e["t"] for e in returned if e["event"] == "returned" and e["out"].endswith("/v0")]
     assert len(published) == 1 and len(returned) == 1
     assert returned[0] >= published[0], "rank 1 went on before rank 0 had published the model"
+
+
+@pytest.mark.slow
+def test_fsdp2_packed_rm_full_state_dict_and_lora_merge_on_gloo(tmp_path, tiny_model_dir):
+    """FSDP2 driven directly (accelerate runs no FSDP without GPUs): see tests/fsdp2_worker.py."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    plan = plan_launch(TORCHRUN_2, has_gpu=False)
+    proc = subprocess.run([*plan.command, str(HELPER.with_name("fsdp2_worker.py")), str(tiny_model_dir), str(out)],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads((out / "result.json").read_text())
+    for name, got in result.items():
+        assert "error" not in got, f"{name}: {got['error']}\n{got['traceback']}"
+    rm_ = result["packed_rm"]
+    assert rm_["sharded"] and rm_["score_diff"] < 1e-6 and rm_["loss_diff"] < 1e-6 and rm_["grad_diff"] < 1e-6
+    base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    saved = load_file(str(out / "rm_model" / "model.safetensors"))
+    assert set(saved) == set(base) | {"score.weight"}
+    assert all(saved[k].shape == base[k].shape for k in base)
+    assert result["lora"] == {"keys_equal": True, "weight_diff": 0.0}
+    merged = load_file(str(out / "lora_merged" / "model.safetensors"))
+    assert set(merged) == set(base) and all(merged[k].shape == base[k].shape for k in base)
+    assert any(not torch.equal(merged[k], base[k]) for k in base)  # the adapters were merged in
+    _assert_complete(out / "lora_merged")
