@@ -307,3 +307,19 @@ def test_fsdp2_packed_rm_full_state_dict_and_lora_merge_on_gloo(tmp_path, tiny_m
     assert set(merged) == set(base) and all(merged[k].shape == base[k].shape for k in base)
     assert any(not torch.equal(merged[k], base[k]) for k in base)  # the adapters were merged in
     _assert_complete(out / "lora_merged")
+
+
+def test_plain_copy_takes_a_tied_tensor_once_and_refuses_a_missing_one(tiny_tokenizer):
+    from posttrain.distributed import plain_copy
+    from posttrain.world.tiny import make_tiny_model
+
+    model = make_tiny_model(tiny_tokenizer, seed=3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert "lm_head.weight" in state and model.config.tie_word_embeddings
+    del state["lm_head.weight"]  # DeepSpeed's gather lists a tied tensor once
+    copy = plain_copy(model, state)
+    assert copy.lm_head.weight.data_ptr() == copy.model.embed_tokens.weight.data_ptr()
+    assert all(torch.equal(copy.state_dict()[k], v) for k, v in model.state_dict().items())
+    del state["model.norm.weight"]
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        plain_copy(model, state)
