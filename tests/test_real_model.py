@@ -143,3 +143,108 @@ def test_the_imported_model_answers_and_stops_at_im_end(smollm2, tokenizer):
     answer = out[0, ids.shape[1]:].tolist()
     assert answer[-1] in eot, tokenizer.decode(answer)
     assert "Paris" in tokenizer.decode(answer[:-1])
+
+
+# ------------------------------------------------------------------------- one whole round
+
+SYSTEM = {"role": "system", "content": "You are a concise assistant."}
+
+
+def _turns(*pairs):
+    out = []
+    for user, assistant in pairs:
+        out.append({"role": "user", "content": user})
+        if assistant is not None:
+            out.append({"role": "assistant", "content": assistant})
+    return out
+
+
+def _round_data(folder: Path) -> dict:
+    """Small real-format data: multi-turn ChatML conversations, system prompts, 2-way and 3-way
+    rankings (an edited response above the chosen one), no strength labels."""
+    import json
+
+    facts = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+             ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Peru", "Lima"), ("Kenya", "Nairobi"),
+             ("Norway", "Oslo"), ("Chile", "Santiago"), ("Greece", "Athens"), ("Cuba", "Havana")]
+    prefs = []
+    for i, (country, capital) in enumerate(facts):
+        context = _turns(("Hello!", "Hello! How can I help?"), (f"What is the capital of {country}?", None))
+        row = {"id": f"pref{i}", "prompt": ([SYSTEM] if i % 2 else []) + context,
+               "chosen": [{"role": "assistant", "content": f"The capital of {country} is {capital}."}],
+               "rejected": [{"role": "assistant", "content": f"I think it is {facts[i - 1][1]}, or maybe not."}]}
+        if i % 3 == 0:
+            row["edited"] = [{"role": "assistant", "content": f"{capital}."}]
+        prefs.append(row)
+    prompts = [{"id": f"q{i}", "prompt": [SYSTEM] + _turns(("Hi", "Hi! What do you need?"),
+                                                          (f"Name the capital of {c}.", None))}
+               for i, (c, _) in enumerate(facts[:4])]
+    sft = [{"messages": [SYSTEM] + _turns(("Hi", "Hello!"), (f"Capital of {c}?", f"{cap}."))}
+           for c, cap in facts[4:6]]
+    paths = {}
+    for name, rows in (("train_prefs", prefs[:8]), ("heldout_prefs", prefs[8:]), ("prompts", prompts),
+                       ("eval_prompts", prompts[:2]), ("sft", sft)):
+        paths[name] = folder / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def test_one_whole_round_on_smollm2(smollm2, tokenizer, tmp_path):
+    import yaml
+
+    import posttrain
+    from posttrain import files
+    from posttrain.modeling import load_causal_lm
+    from posttrain.records import output_path
+
+    d = _round_data(tmp_path)
+    train = {"epochs": 1, "batch_size": 4, "max_length": 192, "learning_rate": 1e-5, "save_steps": 1000,
+             "logging_steps": 1}
+    recipe = {
+        "name": "smollm2-one-round", "rounds": 1, "seed": 0,
+        "models": {"base": str(smollm2)},
+        "data": {"preference_batches": [{"path": str(d["train_prefs"]), "round": 1}],
+                 "heldout_preferences": [str(d["heldout_prefs"])], "sft": [str(d["sft"])],
+                 "prompts": [{"path": str(d["prompts"])}], "eval_prompts": [{"path": str(d["eval_prompts"])}]},
+        "run": {"device": "cpu"},
+        # four held-out rankings cannot tell a good reward model from a bad one
+        "rm": {**train, "min_heldout_accuracy": 0},
+        "sample": {"k": 2, "max_new_tokens": 16, "backend": "transformers", "max_prompt_length": 160},
+        "sft": train,
+        "dpo": {**train, "batch_size": 2, "variants": [{"seed": 0}, {"seed": 1}]},
+        "eval": {"max_new_tokens": 16, "max_prompts": 2, "backend": "transformers"},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text("# posttrain run-round 1 --recipe recipe.yaml --run-dir run\n" + yaml.safe_dump(recipe))
+    run_dir = tmp_path / "run"
+    records = posttrain.run_round(1, path, run_dir)
+
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    m = {stage: records[stage]["metrics"] for stage in ("rm", "sample", "sft", "dpo")}
+    # rm: 8 rankings, 3 of them 3-way: 5 + 3 * 3 pairs, every one trained on
+    assert (m["rm"]["unit"], m["rm"]["rows_read"], m["rm"]["rows_trained"], m["rm"]["dropped"]) == ("pairs", 14, 14, {})
+    assert m["rm"]["heldout"]["pairs"] == 1 + 3 + 1 + 1  # rankings 8 to 11; 9 is 3-way
+    # sample: every sample stops at <|im_end|> (or at max_new_tokens, unfinished)
+    rows = [r for s in sorted(output_path(run_dir, records["sample"], "samples").glob("shard_*.jsonl"))
+            for r in files.iter_jsonl(s)]
+    assert len(rows) == 4 and all(r["sampling"]["stop_token_ids"] == [eot] for r in rows)
+    assert all(n <= 16 for r in rows for n in r["n_tokens"])
+    assert m["sample"]["top1"] + m["sample"]["prompts_without_top1"] == 4
+    # sft: the top-1 rows (last turn only) and the two SFT rows (every assistant turn)
+    assert m["sft"]["targets"] == {"top1": "last_turn", "sft_data": "all_turns"}
+    assert m["sft"]["rows_read"] == m["sample"]["top1"] + 2 == m["sft"]["rows_trained"] + sum(m["sft"]["dropped"].values())
+    # dpo: on-policy pairs from the samples plus the latest preference batch, two variants
+    assert m["dpo"]["rows_trained_by_variant"].keys() == {"v0", "v1"} and m["dpo"]["rows_trained"] > 0
+    for stage in ("rm", "sft", "dpo"):
+        assert not (run_dir / "round_01" / stage / "work").exists(), stage  # deleted after the record
+    assert records["eval"]["metrics"]["eot_rate"] is not None
+
+    final = output_path(run_dir, records["average"], "model")
+    model = load_causal_lm(final, dtype="float32", device="cpu").eval()
+    prompt = chat.render_prompt(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=[eot],
+                             pad_token_id=tokenizer.pad_token_id)
+    answer = out[0, ids.shape[1]:].tolist()
+    assert answer[-1] == eot and "Paris" in tokenizer.decode(answer[:-1])
