@@ -1,0 +1,102 @@
+"""The stage worker with a step meter: `python -m posttrain.rounds.meter SPEC.json METER.jsonl`.
+
+Runs exactly `posttrain.rounds.worker` (under any launcher), and adds to every trainer the
+stage builds a callback that times its optimizer steps and counts the tokens they train on.
+Rank 0 appends one JSON line per trainer to METER.jsonl: timed steps, seconds, CPU seconds and
+tokens (both summed over ranks), peak device memory of rank 0. The first step is warm-up (compilation, allocator,
+DDP bucket set-up) and is not timed. Used by bench/ddp.py and scripts/gpu_check.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def batch_tokens(inputs: dict) -> int:
+    """Real (non-padding) tokens of one batch, for the batch shapes posttrain's trainers see."""
+    if "segment_ids" in inputs:  # packed reward-model rows: -1 marks padding
+        return int((inputs["segment_ids"] >= 0).sum())
+    if "attention_mask" in inputs:
+        return int(inputs["attention_mask"].sum())
+    ids = inputs.get("input_ids")
+    if ids is None:
+        ids = inputs.get("chosen_input_ids")
+    return int(ids.numel()) if ids is not None else 0
+
+
+def install(meter_file: str) -> None:
+    import torch
+    import transformers
+
+    from posttrain import distributed
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    class StepMeter(transformers.TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+            self.cpu: list[float] = []
+            self.tokens: list[int] = []
+            self.pending = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            self.ends.append(time.perf_counter())
+            self.cpu.append(time.process_time())
+            self.tokens.append(self.pending)
+            self.pending = 0
+            return control
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if len(self.ends) < 3:
+                return control
+            tokens = torch.tensor(float(sum(self.tokens[1:])))
+            tokens = distributed.all_sum(tokens.to("cuda") if torch.cuda.is_available() else tokens)
+            cpu = torch.tensor(self.cpu[-1] - self.cpu[0], dtype=torch.float64)
+            cpu = distributed.all_sum(cpu.to("cuda") if torch.cuda.is_available() else cpu)
+            if distributed.is_main():
+                row = {"steps": len(self.ends) - 1, "seconds": self.ends[-1] - self.ends[0],
+                       "cpu_seconds": cpu.item(), "tokens": int(tokens.item()),
+                       "world_size": distributed.world_size(),
+                       "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                           if torch.cuda.is_available() else None),
+                       "trainer": type(kwargs.get("model")).__name__}
+                with open(meter_file, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            return control
+
+    real_init = transformers.Trainer.__init__
+    real_step = transformers.Trainer.training_step
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._posttrain_meter = StepMeter()
+        self.add_callback(self._posttrain_meter)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        meter = getattr(self, "_posttrain_meter", None)
+        if meter is not None:
+            meter.pending += batch_tokens(inputs)
+        return real_step(self, model, inputs, *args, **kwargs)
+
+    transformers.Trainer.__init__ = init
+    transformers.Trainer.training_step = training_step
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m posttrain.rounds.meter SPEC.json METER.jsonl", file=sys.stderr)
+        return 2
+    install(argv[1])
+    from posttrain.rounds.worker import main as worker_main
+
+    return worker_main([argv[0]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
