@@ -59,7 +59,9 @@ def load_causal_lm(path: str | os.PathLike, *, dtype="auto", device: str = "auto
         str(path), dtype=pick_dtype(dtype, device) if isinstance(dtype, str) else dtype,
         trust_remote_code=trust_remote_code, use_safetensors=True,
     )
-    return model.to(device)
+    # from_pretrained loads on the CPU; leave it there when asked, since under FSDP's
+    # cpu_ram_efficient_loading the ranks other than 0 hold meta tensors that cannot be copied.
+    return model if device == "cpu" else model.to(device)
 
 
 def load_causal_lm_for_training(path: str | os.PathLike, *, trust_remote_code: bool = False):
@@ -89,7 +91,7 @@ def load_sequence_classifier(path: str | os.PathLike, *, dtype="auto", device: s
     if model.config.pad_token_id is None:
         tok_pad = getattr(model.config, "eos_token_id", None)
         model.config.pad_token_id = tok_pad[0] if isinstance(tok_pad, list) else tok_pad
-    return model.to(device)
+    return model if device == "cpu" else model.to(device)  # see load_causal_lm
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike) -> Path:
