@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from posttrain.recipe import RecipeError, dump_recipe, load_recipe
@@ -14,23 +15,17 @@ from posttrain.rounds.orchestrator import (
     run_round,
     run_rounds,
 )
-from posttrain.stage import STAGES
+from posttrain.stage import STAGES, format_headline, headline
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [RecipeError, RoundError, InputsChanged, FileNotFoundError]
-    try:
-        from posttrain.data import DataError, DataErrors
+    """Errors the CLI prints as one message (exit 1): a bad recipe, data, reward target or
+    run state. Anything else is a bug and keeps its traceback."""
+    from posttrain.average import AverageError
+    from posttrain.data import DataError, DataErrors
+    from posttrain.reward.base import RewardError
 
-        errors += [DataError, DataErrors]
-    except ImportError:
-        pass
-    try:
-        from posttrain.average import AverageError
-
-        errors.append(AverageError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (RecipeError, RoundError, InputsChanged, FileNotFoundError, DataError, DataErrors, RewardError,
+            AverageError)
 
 
 USER_ERRORS = _user_errors()
@@ -76,29 +71,30 @@ def validate_data(path, kind: str, *, tokenizer=None, max_prompt_tokens: int | N
 def _cell(run_dir: Path, n: int, step: str) -> str:
     rec = read_record(run_dir, n, step)
     if rec is None:
+        from posttrain.rounds.orchestrator import Attempts
+
         folder = stage_dir(run_dir, n, step)
+        outcome = Attempts.last_outcome(folder) if folder.is_dir() else None
+        if outcome and outcome.startswith("failed"):
+            return "failed (see posttrain.log)"
         return "partial" if folder.exists() and any(folder.iterdir()) else "-"
-    m = rec.get("metrics", {})
     secs = rec.get("timing", {}).get("seconds", 0)
-    key = {
-        "rm": ("heldout_accuracy", "acc"),
-        "sample": ("score_best_mean", "best"),
-        "sft": ("train_loss", "loss"),
-        "dpo": ("reward_accuracy", "acc"),
-        "eval": ("task_score", "task"),
-    }.get(step)
-    shown = ""
-    if step == "rm":
-        m = {"heldout_accuracy": (m.get("heldout") or {}).get("accuracy")}
-    if key and isinstance(m.get(key[0]), (int, float)):
-        shown = f" {key[1]}={m[key[0]]:.3f}"
+    shown = format_headline(headline(step, rec.get("metrics", {})))
     launch = rec.get("launch") or {}
     procs = f" [{launch['world_size']}x {launch.get('parallelism')}]" if launch.get("launcher") else ""
-    return f"done {secs:.0f}s{procs}{shown}"
+    return f"done {secs:.0f}s{procs}" + (f" {shown}" if shown else "")
 
 
-def status_table(run_dir) -> str:
-    """Rounds x stages: state, one key metric, time."""
+STATUS_LEGEND = """\
+rm acc: held-out ranking accuracy · sample top1: mean reward of the kept top-1 samples, on the
+recipe's reward's scale (a checker plus a small RM tie-break can exceed 1) · sft loss: last
+training loss · dpo acc: share of pairs whose implicit reward ranks chosen first · eval task:
+held-out task score (checker), else reward · times include resumed attempts · [2x ddp]: a
+training stage started by run.launcher: processes x parallelism"""
+
+
+def status_table(run_dir, legend: bool = True) -> str:
+    """Rounds x stages: state, headline metrics (posttrain.stage.headline), time."""
     run_dir = Path(run_dir)
     rounds = list_rounds(run_dir)
     if not rounds:
@@ -109,6 +105,8 @@ def status_table(run_dir) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if legend:
+        lines += ["", STATUS_LEGEND]
     return "\n".join(lines)
 
 
@@ -149,14 +147,43 @@ def average(out, inputs, weights=None) -> Path:
     return average_checkpoints([Path(p) for p in inputs], Path(out), weights)
 
 
-def demo(run_dir="runs/demo", rounds: str | None = None, recipe: str = "demo") -> int:
+def world(seed: int = 0, rebuild: bool = False) -> str:
+    """Build (or rebuild) the embedded world; a summary of it."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from posttrain.world.build import ensure_world, rebuild_world
+
+    w = rebuild_world(seed=seed) if rebuild else ensure_world(seed=seed)
+    info = w.info()
+    base = info["base_model"]
+    return (f"world (seed {seed}, version {info['version']}): {w.root}\n"
+            f"base model task score: {base['sampled']['score']:.3f} sampled, {base['greedy']['score']:.3f} greedy\n"
+            f"preference rows per batch: "
+            + ", ".join(f"{k} {v['rows']}" for k, v in info["sizes"]["preferences"].items()))
+
+
+def _recipe_for_world_seed(recipe: str, seed: int, run_dir: Path):
+    """The recipe with every `world:` path pointing at world `seed`, written into the run
+    folder so the run can be inspected and resumed from it."""
+    loaded = load_recipe(recipe)
+    if seed == 0:
+        return loaded
+    text = re.sub(r"(?<![\w.@])world:", f"world@{seed}:", loaded.path.read_text(encoding="utf-8"))
+    path = run_dir / f"{loaded.path.stem}-world{seed}.yaml"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from posttrain.files import atomic_write_text
+
+    atomic_write_text(path, text)
+    return load_recipe(path)
+
+
+def demo(run_dir="runs/demo", rounds: str | None = None, recipe: str = "demo", world_seed: int = 0) -> int:
     """Build the embedded world, run the loop on it, write the report, print the scores."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from posttrain.world.build import ensure_world
 
-    world = ensure_world()
+    w = ensure_world(seed=world_seed)
     run_dir = Path(run_dir)
-    run(recipe, run_dir, rounds=rounds)
+    run(_recipe_for_world_seed(recipe, world_seed, run_dir), run_dir, rounds=rounds)
     path = report(run_dir)
     print(status_table(run_dir))
     print()
@@ -165,14 +192,20 @@ def demo(run_dir="runs/demo", rounds: str | None = None, recipe: str = "demo") -
     for n in list_rounds(run_dir):
         rec = read_record(run_dir, n, "eval")
         if rec and isinstance(rec["metrics"].get("task_score"), float):
-            scores.append(f"round {n}: {rec['metrics']['task_score']:.3f}")
+            scores.append((n, rec["metrics"]["task_score"]))
             initial = initial if initial is not None else rec["metrics"].get("initial_task_score")
     if initial is not None:
-        print(f"initial policy task score: {initial:.3f} (world {world.root.name})")
-    print("task score after " + "; ".join(scores) if scores else "no evaluation recorded")
+        print(f"initial policy task score: {initial:.3f} (world {w.root.name})")
+    if scores:
+        print("task score after " + "; ".join(f"round {n}: {v:.3f}" for n, v in scores))
+        if initial is not None and initial < 1:
+            print(f"round {scores[-1][0]} closes {(scores[-1][1] - initial) / (1 - initial):.0%} of the gap "
+                  f"from the initial policy to a perfect score")
+    else:
+        print("no evaluation recorded")
     print(f"report: {path}")
     return 0
 
 
 __all__ = ["run_round", "run", "validate", "validate_data", "status_table", "evaluate", "report",
-           "average", "demo", "USER_ERRORS"]
+           "average", "demo", "world", "USER_ERRORS"]

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every stage's full output on the terminal (it always goes to the run's log)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="six rounds on the embedded world, then the report (no download)",
@@ -45,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
     p.add_argument("--rounds", default=None, help="rounds to run (default: the recipe's, six)")
     p.add_argument("--recipe", default="demo", help="recipe (default: the shipped demo recipe)")
+    p.add_argument("--world-seed", type=int, default=0,
+                   help="seed of the embedded world (another seed: other prompts, base model and annotations)")
+
+    p = sub.add_parser("world", help="build (or rebuild) the embedded world and print where it is",
+                       description="The embedded world (tiny base model, synthetic task, simulated annotations) "
+                                   "is built once per machine and seed under $POSTTRAIN_CACHE/world; "
+                                   "recipes name its files as world:<name>.")
+    p.add_argument("--seed", type=int, default=0, help="world seed (default: 0)")
+    p.add_argument("--rebuild", action="store_true", help="delete the cached world and build it again")
 
     p = sub.add_parser("run-round", help="run one round's five stages (skipping finished ones)",
                        description="Run round N: rm, sample, sft, dpo, average, then evaluation. Finished stages "
@@ -52,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("round", type=int, help="round number (1-based)")
     _add_common_run_args(p)
 
-    p = sub.add_parser("run", help="run several rounds, e.g. --rounds 1-6")
+    p = sub.add_parser("run", help="run several rounds, e.g. --rounds 1-6",
+                       description="Run rounds in order (each as run-round would), then print the status table.")
     p.add_argument("--rounds", default=None, help="rounds, e.g. 1-6 or 3 (default: 1 to the recipe's rounds)")
     _add_common_run_args(p)
 
@@ -63,22 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-files", action="store_true",
                    help="do not check that the data files exist (a template whose data is not written yet)")
 
-    p = sub.add_parser("validate-data", help="check a data file; report every problem with file, row and field")
+    p = sub.add_parser("validate-data", help="check a data file; report every problem with file, row and field",
+                       description="Check a preference, SFT or prompts file (JSONL, Parquet or a datasets folder) "
+                                   "with the loaders the stages use. Exit code 1 when there is a problem.")
     p.add_argument("file", type=Path)
     p.add_argument("--kind", required=True, choices=["preference", "sft", "prompts"])
     p.add_argument("--tokenizer", default=None, help="model or tokenizer folder, to check prompt lengths")
     p.add_argument("--max-prompt-tokens", type=int, default=None)
     p.add_argument("--all", action="store_true", help="list every problem (default: the first 50)")
 
-    p = sub.add_parser("status", help="rounds x stages: state, key metrics, time")
+    p = sub.add_parser("status", help="rounds x stages: state, key metrics, time",
+                       description="Print a run folder's rounds x stages table: done (time, headline metric), "
+                                   "partial (interrupted: run the same command to resume), failed, or not started.")
     p.add_argument("run_dir", type=Path)
 
-    p = sub.add_parser("eval", help="evaluate a round's final model (also runs after every round)")
+    p = sub.add_parser("eval", help="evaluate a round's final model (also runs after every round)",
+                       description="Evaluate round N's final model on the recipe's held-out prompts: task score "
+                                   "(with a checker), mean reward, win rates against the initial policy and round N-1.")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--force", action="store_true", help="evaluate again even if a record exists")
 
-    p = sub.add_parser("report", help="write RUN_DIR/report/report.md and plots")
+    p = sub.add_parser("report", help="write RUN_DIR/report/report.md and plots",
+                       description="Write RUN_DIR/report/report.md (per-round and per-stage tables) and PNG plots "
+                                   "from the run's records.")
     p.add_argument("run_dir", type=Path)
 
     p = sub.add_parser("import-gguf", help="turn a GGUF file into a safetensors checkpoint with its tokenizer",
@@ -108,22 +128,41 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
+    if args.verbose:
+        os.environ["POSTTRAIN_VERBOSE"] = "1"
     from posttrain import api
 
     try:
         return _dispatch(args, api)
     except api.USER_ERRORS as err:
-        print(f"posttrain {args.command}: {err}", file=sys.stderr)
+        print(f"posttrain {args.command}: {_explained(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`posttrain validate-data ... | head`): not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _explained(err: BaseException) -> str:
+    """The error, plus whose fault it is when it names a file posttrain generated."""
+    from posttrain.world.build import world_error_hint
+
+    text = str(err)
+    hint = None if "embedded world" in text else world_error_hint(text)
+    return f"{text}\n{hint}" if hint else text
 
 
 def _dispatch(args, api) -> int:
     cmd = args.command
     if cmd == "demo":
-        return api.demo(run_dir=args.run_dir, rounds=args.rounds, recipe=args.recipe)
+        return api.demo(run_dir=args.run_dir, rounds=args.rounds, recipe=args.recipe, world_seed=args.world_seed)
+    if cmd == "world":
+        print(api.world(seed=args.seed, rebuild=args.rebuild))
+        return 0
     if cmd == "run-round":
         api.run_round(args.round, args.recipe, args.run_dir, force=args.force,
                       evaluate=False if args.no_eval else None, redo=args.redo)
@@ -143,6 +182,9 @@ def _dispatch(args, api) -> int:
         print(text)
         return 0 if ok else 1
     if cmd == "status":
+        if not args.run_dir.is_dir():
+            print(f"posttrain status: {args.run_dir}: no such run folder", file=sys.stderr)
+            return 1
         print(api.status_table(args.run_dir))
         return 0
     if cmd == "eval":

@@ -46,8 +46,8 @@ from posttrain.data import STRENGTHS
 from posttrain.stage import StageContext, StageResult
 from posttrain.training import (
     TrainingSettings,
-    complete_marker_callback,
     data_counts,
+    stage_callbacks,
     last_complete_checkpoint,
     peft_config,
     trainer_common_args,
@@ -617,7 +617,7 @@ def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, t
     trainer = trainer_cls(
         model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
         data_collator=PairCollator(tokenizer.pad_token_id), peft_config=lora,
-        callbacks=[complete_marker_callback(), *callbacks],
+        callbacks=[*stage_callbacks(), *callbacks],
         ref_cache=ref_cache if cfg.precompute_ref else None,
         mask_formatting_in_nll=cfg.mask_formatting_in_nll,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -83,11 +84,25 @@ def load_sequence_classifier(path: str | os.PathLike, *, dtype="auto", device: s
     _check_safetensors(path)
     device = pick_device(device)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=num_labels,
-        dtype=pick_dtype(dtype, device) if isinstance(dtype, str) else dtype,
-        trust_remote_code=trust_remote_code, use_safetensors=True, **extra,
-    )
+    # transformers reports a freshly initialised score head as MISSING weights, with advice to
+    # train it: expected here, so its report is silenced and the missing keys checked instead.
+    report_log = logging.getLogger("transformers.utils.loading_report")
+    level = report_log.level
+    report_log.setLevel(logging.ERROR)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=num_labels,
+            dtype=pick_dtype(dtype, device) if isinstance(dtype, str) else dtype,
+            trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True, **extra,
+        )
+    finally:
+        report_log.setLevel(level)
+    head = {name for name, _ in model.named_parameters() if name.split(".")[0] in ("score", "classifier")}
+    unexpected_missing = sorted(set(info.get("missing_keys") or ()) - head)
+    if unexpected_missing:
+        logging.getLogger("posttrain").warning(
+            "%s: the reward model is missing weights besides its score head (newly initialised): %s",
+            path, ", ".join(unexpected_missing[:20]))
     if model.config.pad_token_id is None:
         tok_pad = getattr(model.config, "eos_token_id", None)
         model.config.pad_token_id = tok_pad[0] if isinstance(tok_pad, list) else tok_pad
@@ -114,6 +129,44 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike) -> Path:
 
     distributed.main_then_wait(write)
     return out_dir
+
+
+def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32") -> Path:
+    """Turn a GGUF file (llama.cpp's format) into a safetensors checkpoint with its tokenizer.
+
+    transformers reads GGUF through the `gguf` package and dequantises every tensor, but a
+    model loaded that way refuses `save_pretrained` (its config carries a gguf
+    `quantization_config`). So: build the same architecture from the config without that
+    entry, copy the dequantised weights in (strict: every tensor must match), and save that.
+    Tied embeddings stay tied (`tie_word_embeddings` comes from the GGUF's config).
+    The result loads with transformers and vLLM like any checkpoint; the weights carry the
+    quantisation's error (a Q4 file gives a model close to, not equal to, the original).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    if not gguf_file.is_file():
+        raise FileNotFoundError(f"{gguf_file}: no such GGUF file")
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader; checked here for a clear message)
+    except ImportError as err:
+        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from err
+    torch_dtype = pick_dtype(dtype, "cpu")
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch_dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.generation_config = quantized.generation_config
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    del quantized
+    return save_checkpoint(model, tokenizer, out_dir)
 
 
 # ----------------------------------------------------------------------------- output checks
@@ -207,41 +260,3 @@ def verify_model_folder(path: str | os.PathLike) -> None:
             raise ModelFolderError(f"{folder / 'tokenizer.json'}: does not parse: {e}") from None
     elif not any((folder / name).is_file() for name in ("tokenizer.model", "vocab.json", "spiece.model")):
         raise ModelFolderError(f"{folder}: no tokenizer vocabulary (tokenizer.json, tokenizer.model or vocab.json)")
-
-
-def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32") -> Path:
-    """Turn a GGUF file (llama.cpp's format) into a safetensors checkpoint with its tokenizer.
-
-    transformers reads GGUF through the `gguf` package and dequantises every tensor, but a
-    model loaded that way refuses `save_pretrained` (its config carries a gguf
-    `quantization_config`). So: build the same architecture from the config without that
-    entry, copy the dequantised weights in (strict: every tensor must match), and save that.
-    Tied embeddings stay tied (`tie_word_embeddings` comes from the GGUF's config).
-    The result loads with transformers and vLLM like any checkpoint; the weights carry the
-    quantisation's error (a Q4 file gives a model close to, not equal to, the original).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_file = Path(gguf_file)
-    if not gguf_file.is_file():
-        raise FileNotFoundError(f"{gguf_file}: no such GGUF file")
-    try:
-        import gguf  # noqa: F401  (transformers' GGUF reader; checked here for a clear message)
-    except ImportError as err:
-        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from err
-    torch_dtype = pick_dtype(dtype, "cpu")
-    folder, name = str(gguf_file.parent), gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch_dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    model.load_state_dict(quantized.state_dict(), strict=True)
-    model.generation_config = quantized.generation_config
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    del quantized
-    return save_checkpoint(model, tokenizer, out_dir)

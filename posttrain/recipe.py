@@ -357,7 +357,7 @@ class LoadedRecipe:
     def resolve_path(self, value: str) -> str:
         """A data or model path from the recipe: `world:` names, absolute paths, paths
         relative to the recipe's folder, or (models only) a hub id passed through."""
-        if value.startswith("world:"):
+        if value.startswith("world:") or value.startswith("world@"):
             from posttrain.world.build import resolve_world_path
 
             return str(resolve_world_path(value))

@@ -143,9 +143,10 @@ def discard_stage(run_dir: str | Path, n: int, stage: str) -> bool:
 
 
 def write_record(run_dir: str | Path, n: int, stage: str, *, plan: Plan, outputs: dict[str, Any],
-                 metrics: dict, started: float, launch: dict | None = None) -> dict:
-    """Hash the outputs and write the record last, atomically. `launch`: how a training stage
-    was started (launcher, world_size, parallelism; see posttrain.launch)."""
+                 metrics: dict, started: float, earlier_seconds: float = 0.0, launch: dict | None = None) -> dict:
+    """Hash the outputs and write the record last, atomically. `earlier_seconds`: the time
+    of earlier, interrupted attempts at the stage, counted in its `seconds`. `launch`: how a
+    training stage was started (launcher, world_size, parallelism; see posttrain.launch)."""
     run_dir = Path(run_dir)
     hashed_outputs = {}
     for name, rel in outputs.items():
@@ -160,7 +161,9 @@ def write_record(run_dir: str | Path, n: int, stage: str, *, plan: Plan, outputs
         "outputs": hashed_outputs,
         "metrics": metrics,
         "versions": versions(),
-        "timing": {"started": started, "finished": time.time(), "seconds": round(time.time() - started, 2)},
+        "timing": {"started": started, "finished": time.time(),
+                   "seconds": round(time.time() - started + earlier_seconds, 2),
+                   "earlier_attempts_seconds": round(earlier_seconds, 2)},
         "command": " ".join(sys.argv),
     }
     if launch is not None:

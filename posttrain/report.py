@@ -173,6 +173,22 @@ def _plots(folder: Path, records, dists) -> list[str]:
     return made
 
 
+def _reward_scale(run_dir: Path) -> str | None:
+    """A sentence on the scale rewards are on: the run's recipe's reward, named."""
+    import yaml
+
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return None
+    spec = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("reward", "rm")
+    if spec == "rm":
+        return ("Rewards (mean reward, sampled responses) are the round's reward model's scores: "
+                "an unbounded scale, comparable within a round only.")
+    target = spec.get("target", "?") if isinstance(spec, dict) else str(spec)
+    return (f"Rewards (mean reward, sampled responses) are on the scale of the recipe's reward, `{target}`: "
+            f"a weighted sum such as a checker plus 0.01 x the round's reward model can exceed 1.")
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     records = collect(run_dir)
@@ -190,6 +206,9 @@ def write_report(run_dir: Path) -> Path:
         lines += [f"Initial policy on the held-out prompts: task score {_fmt(m.get('initial_task_score'))}, "
                   f"mean reward {_fmt(m.get('initial_mean_reward'))}, ends with end-of-turn "
                   f"{_fmt(m.get('initial_eot_rate'))}.", ""]
+    scale = _reward_scale(run_dir)
+    if scale:
+        lines += [scale, ""]
     lines += ["## Evaluation per round", "", "| round | " + " | ".join(l for _, l in EVAL_METRICS) + " |",
               "|---|" + "---|" * len(EVAL_METRICS)]
     for n, recs in sorted(records.items()):

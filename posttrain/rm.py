@@ -639,7 +639,7 @@ def train_packed(model, tokenizer, items: list[EncodedRanking], cfg: RMConfig, v
     trainer = _packed_trainer_class()(
         model=model() if callable(model) and not isinstance(model, torch.nn.Module) else model, args=args, train_dataset=_ListDataset(items), processing_class=tokenizer,
         data_collator=lambda chunk: pack_batch(chunk, pad_id, margins),
-        callbacks=[training.complete_marker_callback(), *callbacks],
+        callbacks=[*training.stage_callbacks(), *callbacks],
     )
     result = trainer.train(resume_from_checkpoint=training.last_complete_checkpoint(work_dir))
     return trainer, result
@@ -683,7 +683,7 @@ def train_pairs(model, tokenizer, items: list[EncodedRanking], cfg: RMConfig, va
     if callable(model) and not isinstance(model, torch.nn.Module):
         model = model()
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs_rows(items, margins)),
-                            processing_class=tokenizer, callbacks=[training.complete_marker_callback(), *callbacks],
+                            processing_class=tokenizer, callbacks=[*training.stage_callbacks(), *callbacks],
                             peft_config=training.peft_config(cfg.lora, task_type="SEQ_CLS"))
     result = trainer.train(resume_from_checkpoint=training.last_complete_checkpoint(work_dir))
     return trainer, result

@@ -40,7 +40,7 @@ from posttrain.training import (
     WORK,
     LongContextMix,
     TrainingSettings,
-    complete_marker_callback,
+    stage_callbacks,
     last_complete_checkpoint,
     peft_config,
     data_counts,
@@ -147,7 +147,7 @@ def build_trainer(*, cfg: SFTStageConfig, variant, seed: int, init_model: Path, 
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         peft_config=peft_config(cfg.lora),
-        callbacks=[complete_marker_callback(), *callbacks],
+        callbacks=[*stage_callbacks(), *callbacks],
     )
 
 

@@ -118,7 +118,7 @@ def trainer_common_args(settings: TrainingSettings, variant: Variant, *, output_
         lr_scheduler_type=settings.lr_scheduler,
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        **_checkpointing_arg(settings.gradient_checkpointing),
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         use_cpu=not on_gpu,
         save_strategy="steps",
@@ -129,8 +129,31 @@ def trainer_common_args(settings: TrainingSettings, variant: Variant, *, output_
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
-        disable_tqdm=not os.environ.get("POSTTRAIN_PROGRESS", "1") == "1",
+        # The stage's one bar is drawn by the orchestrator from `posttrain.progress` reports.
+        disable_tqdm=True,
     )
+
+
+def _checkpointing_arg(on: bool) -> dict:
+    """Activation checkpointing under the name the installed transformers reads: newer
+    versions renamed `gradient_checkpointing` to `activation_checkpointing` and warn on the
+    old name (TRL's configs set it), so pass the new name when it exists and clear the old."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "activation_checkpointing" in names:
+        return {"activation_checkpointing": on, "gradient_checkpointing": None}
+    return {"gradient_checkpointing": on}
+
+
+def stage_callbacks() -> list:
+    """The callbacks every training stage adds to its trainer: checkpoints marked complete
+    once saved, and step progress for the terminal's bar."""
+    from posttrain.progress import trainer_callback
+
+    return [complete_marker_callback(), trainer_callback()]
 
 
 def complete_marker_callback():

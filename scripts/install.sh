@@ -12,10 +12,12 @@ VENV=${POSTTRAIN_VENV:-.venv}
 pip_q() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 want_torch=${TORCH_SPEC:-$(grep -E '^torch==' requirements/ci.txt)}
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  echo "install: torch ($want_torch) into $VENV, about half a minute"
   pip_q "$want_torch"
 fi
 if ! "$VENV/bin/python" -c "import posttrain, trl, peft, pytest" >/dev/null 2>&1 \
    || [ requirements/ci.txt -nt "$VENV/.posttrain-installed" ] || [ pyproject.toml -nt "$VENV/.posttrain-installed" ]; then
+  echo "install: posttrain and its dependencies (requirements/ci.txt), about a minute"
   pip_q -r requirements/ci.txt
   pip_q --no-deps -e .
   touch "$VENV/.posttrain-installed"

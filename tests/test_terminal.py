@@ -165,3 +165,18 @@ def test_progress_lines_round_trip(capsys, monkeypatch):
     monkeypatch.delenv(progress.LINES_ENV)
     progress.report(3, 10, "train v0")  # outside a worker: nothing
     assert capsys.readouterr().out == ""
+
+
+def test_demo_on_another_world_seed_points_every_world_path_there(tmp_path, monkeypatch):
+    import posttrain.world.build as build
+    from posttrain.api import _recipe_for_world_seed
+
+    asked = []
+    monkeypatch.setattr(build, "resolve_world_path", lambda spec, **kw: asked.append(spec) or tmp_path / "w")
+    loaded = _recipe_for_world_seed("demo", 2, tmp_path / "run")
+    text = loaded.path.read_text()
+    assert "world@2:preferences/round_01.jsonl" in text and "posttrain.world.task:TaskReward" in text
+    recipe = loaded.for_round(1)
+    assert loaded.resolve_path(recipe.models.base) == str(tmp_path / "w")
+    assert asked == ["world@2:base_model"]
+    assert _recipe_for_world_seed("demo", 0, tmp_path / "run0").path.name == "demo.yaml"

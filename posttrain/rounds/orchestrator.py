@@ -9,14 +9,17 @@ child process and score in this one, so a reward object passed from Python works
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from posttrain import progress
 from posttrain.files import atomic_write_json, atomic_write_text, read_json
 from posttrain.recipe import LoadedRecipe, Recipe, load_recipe
 from posttrain.records import (
@@ -29,7 +32,7 @@ from posttrain.records import (
     stage_dir,
     write_record,
 )
-from posttrain.stage import MODEL_OUTPUTS, STAGES
+from posttrain.stage import MODEL_OUTPUTS, STAGES, format_headline, headline
 
 log = logging.getLogger("posttrain")
 
@@ -38,26 +41,49 @@ class RoundError(RuntimeError):
     """A round cannot run (an earlier round is unfinished, a stage failed, ...)."""
 
 
+class _TerminalFilter(logging.Filter):
+    """What the terminal shows of the run's log: posttrain's own one-line messages at INFO and
+    above (DEBUG goes to the file only), everything with --verbose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return verbose() or record.levelno >= logging.INFO
+
+
+def verbose() -> bool:
+    """`--verbose` (POSTTRAIN_VERBOSE=1): show the workers' full output on the terminal too."""
+    return os.environ.get("POSTTRAIN_VERBOSE") == "1"
+
+
 def setup_logging(run_dir: Path) -> None:
-    """Log to the terminal and to RUN_DIR/posttrain.log (appending across runs)."""
+    """Log everything to RUN_DIR/posttrain.log (appending across runs); the terminal gets one
+    line per stage start and end (and everything with --verbose)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     logfile = str((run_dir / "posttrain.log").resolve())
     if any(getattr(h, "baseFilename", None) == logfile for h in log.handlers):
         return
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(h)  # a previous run folder's log in the same process
+        h.close()
     fh = logging.FileHandler(logfile)
-    fh.setFormatter(fmt)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     log.addHandler(fh)
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
+    if not any(getattr(h, "_posttrain_terminal", False) for h in log.handlers):
         sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(fmt)
+        sh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        sh.addFilter(_TerminalFilter())
+        sh._posttrain_terminal = True
         log.addHandler(sh)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
 
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env[progress.LINES_ENV] = "1"
+    if not verbose():
+        # Library progress bars would only fill the log with carriage returns.
+        env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     return env
 
 
@@ -229,28 +255,36 @@ class Round:
             return plan.record
         out_dir = stage_dir(self.run_dir, self.n, stage)
         out_dir.mkdir(parents=True, exist_ok=True)
-        resumed = any(p.name not in (".result.json", ".spec.json") for p in out_dir.iterdir())
-        log.info("round %d %s: %s", self.n, stage, "resuming from the work already in " + str(out_dir)
-                 if resumed else "starting")
-        started = time.time()
+        attempts = Attempts(out_dir)
+        resumed = any(p.name not in (".result.json", ".spec.json", Attempts.FILE) for p in out_dir.iterdir())
+        log.info("round %d %s: %s", self.n, stage,
+                 f"resuming (work in {out_dir})" if resumed else "starting")
+        started = attempts.begin()
         spec = self._spec(stage, inputs, extra)
         spec["launch"] = {"launcher": launch.launcher, "world_size": launch.world_size,
                           "parallelism": launch.parallelism}
-        if stage == "sample":
-            result = self._run_in_process(spec, reward_model=inputs["reward_model"])
-        else:
-            result = self._run_in_worker(stage, spec, launch.command)
+        try:
+            if stage == "sample":
+                result = self._run_in_process(spec, reward_model=inputs["reward_model"])
+            else:
+                result = self._run_in_worker(stage, spec, launch.command)
+        except Exception as err:
+            attempts.end(f"failed: {first_line(err)}")
+            raise
         try:
             self.verify_outputs(stage, result["outputs"])
         except ValueError as err:
+            attempts.end(f"failed: {first_line(err)}")
             raise RoundError(f"round {self.n} {stage}: its output is incomplete, so no record was written: "
                              f"{err}. Run again with --redo {stage} to start it from scratch.") from None
         record = write_record(self.run_dir, self.n, stage, plan=plan, outputs=result["outputs"],
-                              metrics=result["metrics"], started=started, launch=spec["launch"])
+                              metrics=result["metrics"], started=started,
+                              earlier_seconds=attempts.earlier_seconds(), launch=spec["launch"])
+        attempts.end("done")
         self.hasher.learn(record)
         self._remove_work(stage)
-        log.info("round %d %s: done in %.0f s%s", self.n, stage, record["timing"]["seconds"],
-                 _summary(result["metrics"]))
+        log.info("round %d %s: done in %s%s", self.n, stage, _duration(record["timing"]["seconds"]),
+                 _summary(stage, result["metrics"]))
         return record
 
     def verify_outputs(self, stage: str, outputs: dict) -> None:
@@ -289,25 +323,42 @@ class Round:
         return plan_launch(launcher, base_dir=self.loaded.path.parent)
 
     def _run_in_worker(self, stage: str, spec: dict, command: list[str]) -> dict:
+        """Run a stage in its worker process. Its output goes to the run's log (and to the
+        terminal with --verbose); its progress reports drive one bar on the terminal."""
         out_dir = Path(spec["out_dir"])
         spec_path = out_dir / ".spec.json"
         atomic_write_json(spec_path, spec)
         result_path = Path(spec["result"])
         result_path.unlink(missing_ok=True)
         cmd = [*command, "-m", "posttrain.rounds.worker", str(spec_path)]
-        log.info("round %d %s: %s", self.n, stage, " ".join(cmd))
-        with open(self.run_dir / "posttrain.log", "ab") as logf:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env())
-            assert proc.stdout is not None
-            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                logf.write(chunk)
-            code = proc.wait()
+        log.debug("round %d %s: %s", self.n, stage, " ".join(cmd))
+        logfile = self.run_dir / "posttrain.log"
+        tail: collections.deque[bytes] = collections.deque(maxlen=60)
+        bar = progress.Bar(f"round {self.n} {stage}")
+        show = verbose()
+        try:
+            with open(logfile, "ab") as logf:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env())
+                assert proc.stdout is not None
+                for line in iter(proc.stdout.readline, b""):
+                    event = progress.parse(line)
+                    if event is not None:
+                        bar.update(event)
+                        continue
+                    logf.write(line)
+                    logf.flush()
+                    tail.append(line)
+                    if show:
+                        sys.stdout.buffer.write(line)
+                        sys.stdout.flush()
+                code = proc.wait()
+        finally:
+            bar.close()
         if code != 0 or not result_path.exists():
-            raise RoundError(f"round {self.n} stage {stage!r} failed (exit code {code}); "
-                             f"its output is in {self.run_dir / 'posttrain.log'}. Fix the cause and run the "
-                             f"same command again: finished stages are skipped and this one resumes.")
+            cause = worker_error(tail)
+            raise RoundError(explain_failure(
+                f"round {self.n} stage {stage!r} failed (exit code {code})" + (f": {cause}" if cause else ""),
+                logfile))
         result = read_json(result_path)
         result_path.unlink()
         return result
@@ -329,20 +380,97 @@ def fill_rm_placeholders(value, make_rm):
     return value
 
 
-def _summary(metrics: dict) -> str:
-    keys = ("heldout_accuracy", "best_mean", "score_best_mean", "train_loss", "reward_accuracy", "n_inputs")
-    shown = [f"{k}={metrics[k]:.3g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
-             for k in keys if k in metrics]
-    return (": " + ", ".join(shown)) if shown else ""
+def _summary(step: str, metrics: dict) -> str:
+    shown = format_headline(headline(step, metrics))
+    return f" · {shown}" if shown else ""
 
 
-def check_previous_round(run_dir: Path, n: int) -> None:
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+_ERROR_LINE = re.compile(rb"^([A-Za-z_][\w.]*(Error|Errors|Exception|Exit|Interrupt)\b.*)$")
+
+
+def worker_error(tail) -> str | None:
+    """The exception line of a worker's traceback (the last one, as Python prints it last),
+    so the terminal names the cause without the whole traceback."""
+    for line in reversed(tail):
+        m = _ERROR_LINE.match(line.strip())
+        if m:
+            text = m.group(1).decode("utf-8", "replace")
+            name, sep, rest = text.partition(":")
+            text = name.rsplit(".", 1)[-1] + sep + rest  # posttrain.data.DataErrors -> DataErrors
+            return text if len(text) <= 600 else text[:600] + " ..."
+    return None
+
+
+def explain_failure(message: str, logfile: Path) -> str:
+    """A failure message that says whose fault it is and what to do next."""
+    from posttrain.world.build import world_error_hint
+
+    hint = world_error_hint(message)
+    if hint:
+        return f"{message}\n{hint}\nThe full output is in {logfile}."
+    return (f"{message}\nThe full output is in {logfile}. Fix the cause and run the same command "
+            f"again: finished stages are skipped and this one resumes.")
+
+
+class Attempts:
+    """The attempts at one stage, kept beside its work (`.attempts.json`), so a stage that was
+    killed and resumed reports its whole time, and `status` can tell failed from partial.
+
+    A killed attempt cannot note when it ended; its end is taken as the newest change to any
+    file in the stage folder, which is when it last did work.
+    """
+
+    FILE = ".attempts.json"
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / self.FILE
+        self.out_dir = out_dir
+        self.items: list[dict] = read_json(self.path) if self.path.is_file() else []
+
+    def begin(self) -> float:
+        last = self.items[-1] if self.items else None
+        if last is not None and last.get("ended") is None:
+            last["ended"] = max([last["started"], *(p.stat().st_mtime for p in self.out_dir.rglob("*")
+                                                    if p.is_file() and p.name != self.FILE)])
+            last["outcome"] = "interrupted"
+        started = time.time()
+        self.items.append({"started": started, "ended": None, "outcome": None})
+        atomic_write_json(self.path, self.items)
+        return started
+
+    def end(self, outcome: str) -> None:
+        self.items[-1].update(ended=time.time(), outcome=outcome)
+        atomic_write_json(self.path, self.items)
+
+    def earlier_seconds(self) -> float:
+        return sum(a["ended"] - a["started"] for a in self.items[:-1] if a.get("ended"))
+
+    @classmethod
+    def last_outcome(cls, out_dir: Path) -> str | None:
+        path = out_dir / cls.FILE
+        items = read_json(path) if path.is_file() else []
+        return items[-1].get("outcome") if items else None
+
+
+def check_previous_round(run_dir: Path, n: int, loaded: LoadedRecipe | None = None) -> None:
     if n == 1:
         return
     missing = [s for s in STAGES if read_record(run_dir, n - 1, s) is None]
     if missing:
+        recipe = f" --recipe {loaded.path}" if loaded is not None else ""
         raise RoundError(f"round {n} needs round {n - 1} finished, but round {n - 1} has no record for: "
-                         f"{', '.join(missing)}. Run `posttrain run-round {n - 1}` first.")
+                         f"{', '.join(missing)}. Run `posttrain run-round {n - 1}{recipe} --run-dir {run_dir}` "
+                         f"first.")
 
 
 def _snapshot_recipe(loaded: LoadedRecipe, run_dir: Path) -> None:
@@ -369,8 +497,14 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
         raise RoundError(f"--redo {', '.join(unknown)}: not a stage (stages: {', '.join(STAGES)})")
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     run_dir = Path(run_dir)
+    if n > loaded.base.rounds:
+        raise RoundError(f"round {n}: {loaded.path} has {loaded.base.rounds} rounds")
+    # Before anything is written to the run folder: round order, and reward targets that
+    # import and are rewards (data files are checked as each stage reads them: later
+    # rounds' batches may not exist yet).
+    check_previous_round(run_dir, n, loaded)
+    loaded.check(files=False)
     setup_logging(run_dir)
-    check_previous_round(run_dir, n)
     _snapshot_recipe(loaded, run_dir)
     log.info("round %d of %s in %s", n, loaded.path.name, run_dir)
     rnd = Round(n, loaded, run_dir, reward=reward, force=force, redo=redo)

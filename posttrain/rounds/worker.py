@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m posttrain.rounds.worker SPEC.json", file=sys.stderr)
         return 2
     spec = read_json(argv[0])
+    from posttrain.progress import quiet_libraries
+
+    quiet_libraries()
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     launch = spec.get("launch") or {}
     # A launcher that started another number of processes than planned would train with
