@@ -110,8 +110,12 @@ class RunSettings(StrictModel):
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     """Where training metrics also go (besides the run folder's records and log)."""
     launcher: list[str] | None = None
-    """Command prefix that starts training stages, e.g. `[accelerate, launch, --config_file,
-    fsdp.yaml]`; default: the current Python."""
+    """Command prefix that starts rm, sft and dpo on several processes: `[accelerate, launch,
+    --config_file, configs/accelerate/fsdp2.yaml]` (or multi_gpu.yaml, zero3.yaml; a relative
+    config path is looked up beside the recipe, then in the current folder) or `[torchrun,
+    --nproc_per_node, 8]`. Run with posttrain's own Python; part of the stage's inputs (a
+    change refuses like any other); settings that would start fewer processes than asked are
+    refused. `batch_size` is per process. Default: the current Python, one process."""
     keep_checkpoints: bool = False
     """Keep each training stage's `work` folder (trainer checkpoints with optimizer state,
     variant models before averaging) after the stage's record is written. Off: it is deleted
