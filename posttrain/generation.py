@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 BACKENDS = ("auto", "vllm", "transformers")
 VLLM_PYTHON_ENV = "POSTTRAIN_VLLM_PYTHON"
@@ -330,7 +330,9 @@ class TransformersGenerator:
         self.model = model.eval()
         self.tokenizer = tokenizer
 
-    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[Generation]:
+    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings,
+                 on_progress: Callable[[int], None] | None = None) -> list[Generation]:
+        """`on_progress(n)` is called after each batch with the number of prompts done."""
         import torch
 
         if any(len(p) == 0 for p in prompt_ids):
@@ -351,6 +353,8 @@ class TransformersGenerator:
                                          pad_id=pad_id, generator=generator)
             for i, samples in zip(idx, seqs):
                 results[i] = Generation.from_token_ids(samples, stop_ids, self._decode)
+            if on_progress is not None:
+                on_progress(start + len(idx))
         return results  # type: ignore[return-value]
 
     def _decode(self, ids: list[int]) -> str:
@@ -547,12 +551,14 @@ class Job:
 
 def generate(model_dir: str | os.PathLike, prompt_ids: list[list[int]], settings: SamplingSettings, *,
              backend: str = "auto", options: EngineOptions | None = None, vllm_python: str | None = None,
-             workdir: str | os.PathLike | None = None, in_process: bool = False) -> list[Generation]:
+             workdir: str | os.PathLike | None = None, in_process: bool = False,
+             on_prompts: Callable[[int], None] | None = None) -> list[Generation]:
     """K responses for each prompt (token ids, chat template already applied).
 
     Runs the backend in child processes (one per vLLM engine; one for transformers) unless
     `in_process`, and returns one Generation per prompt, in order. `workdir` holds the
     request/response files and vLLM's caches (a temporary folder inside it, removed after).
+    `on_prompts(n)` is called now and then with the number of prompts done (for a bar).
     """
     options = options or EngineOptions()
     if not prompt_ids:
@@ -564,7 +570,8 @@ def generate(model_dir: str | os.PathLike, prompt_ids: list[list[int]], settings
         return TransformersGenerator(model_dir, options=options).generate(prompt_ids, settings)
     with tempfile.TemporaryDirectory(prefix="posttrain-gen-", dir=workdir) as tmp:
         job = Job(prompt_ids, settings, str(Path(tmp) / "result.json"))
-        run_jobs(model_dir, [job], backend=backend, options=options, vllm_python=vllm_python, workdir=tmp)
+        run_jobs(model_dir, [job], backend=backend, options=options, vllm_python=vllm_python, workdir=tmp,
+                 on_prompts=on_prompts)
         return read_job_result(job.out)
 
 
@@ -581,14 +588,17 @@ def _write_result(path: str | os.PathLike, gens: list[Generation], seconds: floa
 
 def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "auto",
              options: EngineOptions | None = None, vllm_python: str | None = None,
-             workdir: str | os.PathLike, progress=None, in_process: bool = False) -> str:
+             workdir: str | os.PathLike, progress=None, in_process: bool = False,
+             on_prompts: Callable[[int], None] | None = None) -> str:
     """Run every job whose `out` is missing with one engine load (per vLLM engine), in child processes.
 
     Each result file is written atomically as soon as its job is done, so a killed run keeps
     the finished jobs. With several vLLM engines, engine e takes slice e of every job and
     writes `out.part{e}of{n}`; the parts are joined (and removed) once all are present; parts
     left by a killed run with the same engine count are reused. `progress(done)` is called
-    with the number of finished jobs while the children run. Returns the backend used.
+    with the number of finished jobs while the children run, `on_prompts(done)` with the
+    number of prompts done (the transformers backend reports within a job, batch by batch,
+    through `<out>.progress`; vLLM by finished job or part). Returns the backend used.
     """
     options = options or EngineOptions()
     backend, python = resolve_backend(backend, vllm_python)
@@ -635,6 +645,9 @@ def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "a
             if progress is not None:
                 progress(sum(all(Path(part(j, e)).exists() for e in range(engines) if e < len(j.prompt_ids))
                              for j in jobs))
+            if on_prompts is not None:
+                on_prompts(sum(_prompts_done(part(j, e), len(j.prompt_ids))
+                               for j in jobs for e in range(engines) if e < len(j.prompt_ids)))
             time.sleep(0.5)
     finally:
         for proc, _, _ in procs:
@@ -662,7 +675,26 @@ def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "a
             raise GenerationError(f"{backend}: {job.out} does not hold one result per prompt")
     if progress is not None:
         progress(len(jobs))
+    if on_prompts is not None:
+        on_prompts(sum(len(j.prompt_ids) for j in jobs))
     return backend
+
+
+def _prompts_done(out: str, n_prompts: int) -> int:
+    """Prompts a running task has finished: all once its result exists, else what its
+    `.progress` file says (the transformers backend writes it after each batch)."""
+    if Path(out).exists():
+        return n_prompts  # an engine's part holds fewer; the count is for a progress bar
+    try:
+        return int(Path(f"{out}.progress").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _note_progress(out: str, done: int) -> None:
+    tmp = Path(f"{out}.progress.tmp")
+    tmp.write_text(str(done))
+    os.replace(tmp, f"{out}.progress")
 
 
 def _run_tasks(request: dict) -> None:
@@ -682,8 +714,10 @@ def _run_tasks(request: dict) -> None:
         if request["backend"] == "vllm":
             gens = engine.generate(task["prompt_ids"], settings, seed_offset=task["seed_offset"])
         else:
-            gens = engine.generate(task["prompt_ids"], settings)
+            gens = engine.generate(task["prompt_ids"], settings,
+                                   on_progress=lambda done, out=task["out"]: _note_progress(out, done))
         _write_result(task["out"], gens, time.perf_counter() - start)
+        Path(f"{task['out']}.progress").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -187,8 +187,11 @@ def test_generate_in_child_process_matches_in_process(tiny_tokenizer, tmp_path):
     prompts = encode_prompts(tiny_tokenizer)[:3]
     settings = SamplingSettings(k=3, temperature=1.0, max_new_tokens=16, stop_token_ids=(eot_id(tiny_tokenizer),),
                                 seed=1)
-    child = gen.generate(model_dir, prompts, settings, backend="transformers", workdir=tmp_path)
+    seen = []
+    child = gen.generate(model_dir, prompts, settings, backend="transformers", workdir=tmp_path,
+                         on_prompts=seen.append)
     here = gen.generate(model_dir, prompts, settings, backend="transformers", in_process=True)
+    assert seen and seen[-1] == 3 and seen == sorted(seen)  # progress for a bar, ending at every prompt
     assert [g.token_ids for g in child] == [g.token_ids for g in here]
     assert [g.texts for g in child] == [g.texts for g in here]
     assert list(tmp_path.glob("posttrain-gen-*")) == []  # request/response files cleaned up
@@ -216,3 +219,24 @@ def test_tokens_are_not_wasted_on_finished_sequences(tiny_tokenizer):
     total = sum(sum(g.n_tokens) for g in out)
     assert sum(rows[1:]) == total - 2 * 4
     assert len(rows) - 1 == max(max(g.n_tokens) for g in out) - 1  # one decode step per token after the first
+
+
+def test_batch_progress_is_reported_without_changing_the_samples(tiny_tokenizer, tmp_path):
+    model = eot_prone_model(tiny_tokenizer, eot_push=1.5)
+    prompts = encode_prompts(tiny_tokenizer)
+    settings = SamplingSettings(k=2, temperature=1.0, max_new_tokens=12, stop_token_ids=(eot_id(tiny_tokenizer),),
+                                seed=3)
+    generator = TransformersGenerator(model=model, tokenizer=tiny_tokenizer,
+                                      options=gen.EngineOptions(max_batch_sequences=4))
+    done = []
+    with_progress = generator.generate(prompts, settings, on_progress=done.append)
+    plain = generator.generate(prompts, settings)
+    assert [g.token_ids for g in with_progress] == [g.token_ids for g in plain]
+    n = len(prompts)
+    assert done == [min(i + 2, n) for i in range(0, n, 2)]  # batches of 4 sequences = 2 prompts x K=2
+    out = str(tmp_path / "job.json")
+    assert gen._prompts_done(out, 9) == 0
+    gen._note_progress(out, 4)
+    assert gen._prompts_done(out, 9) == 4
+    (tmp_path / "job.json").write_text("{}")
+    assert gen._prompts_done(out, 9) == 9
