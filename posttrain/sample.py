@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from posttrain import files
+from posttrain import files, progress
 from posttrain.generation import EngineOptions, Job, SamplingSettings, read_job_result, run_jobs
 from posttrain.schema import StrictModel
 from posttrain.stage import StageContext, StageResult
@@ -254,12 +253,6 @@ def _groups(shard_items: list[Item]) -> list[tuple[dict, list[int]]]:
 # --------------------------------------------------------------------------------------
 
 
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="shard", disable=os.environ.get("POSTTRAIN_PROGRESS") == "0")
-
-
 def _score(reward: Any, prompts: list[list[dict]], responses: list[str], metas: list[dict]) -> list[float | None]:
     """checked_score, passing each prompt's meta (reference answers, unit tests) to rewards that use it."""
     from posttrain.reward import checked_score
@@ -312,7 +305,7 @@ def run(ctx: StageContext) -> StageResult:
     backend = None
     if jobs:
         work.mkdir(parents=True, exist_ok=True)
-        with _progress(len(jobs), "sample: generating") as bar:
+        with progress.bar(len(jobs), f"round {ctx.round} sample: generating", unit="shard") as bar:
             backend = run_jobs(policy, jobs, backend=cfg.backend, options=options, vllm_python=cfg.vllm.python,
                                workdir=work, progress=lambda done: bar.update(done - bar.n))
     gen_seconds = time.perf_counter() - gen_started
@@ -320,7 +313,8 @@ def run(ctx: StageContext) -> StageResult:
     # 2. Score and write each pending shard, in order.
     new_tokens = 0
     if pending:
-        with reward_api.active(ctx.reward), _progress(len(pending), "sample: scoring") as bar:
+        with reward_api.active(ctx.reward), \
+                progress.bar(len(pending), f"round {ctx.round} sample: scoring", unit="shard") as bar:
             for s in pending:
                 rows = _score_shard(ctx, [by_id[i] for i in shards[s]], plan[s], backend, policy)
                 new_tokens += sum(sum(r["n_tokens"]) for r in rows)
