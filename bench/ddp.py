@@ -79,26 +79,22 @@ def write_data(root: Path, n_sft: int, n_pairs: int) -> tuple[Path, Path]:
 def run_stage(root: Path, name: str, stage: str, cfg: dict, inputs: dict, base: Path, procs: int) -> tuple[Path, dict]:
     """One stage through the worker; returns (its out_dir, {steps, seconds})."""
     from posttrain.launch import plan_launch
+    from posttrain.rounds.meter import write_stage_spec
 
     launcher = None
     if procs > 1:
         launcher = ["accelerate", "launch", "--config_file", str(MULTI_GPU), "--num_processes", str(procs),
                     "--main_process_port", str(_free_port())]
     plan = plan_launch(launcher, has_gpu=False)
-    run_dir = root / name
-    out = run_dir / "round_01" / stage
-    out.mkdir(parents=True)
-    spec = {"stage": stage, "round": 1, "run_dir": str(run_dir), "out_dir": str(out), "inputs": inputs,
-            "extra": {}, "seed": 0, "recipe": {"name": "bench", "models": {"base": str(base)}, stage: cfg},
-            "result": str(out / ".result.json"),
-            "launch": {"launcher": plan.launcher, "world_size": plan.world_size, "parallelism": plan.parallelism}}
-    (out / ".spec.json").write_text(json.dumps(spec))
+    spec = write_stage_spec(root / name, stage, inputs, {"name": "bench", "models": {"base": str(base)}, stage: cfg},
+                            plan)
+    out = Path(spec).parent
     timing = root / f"{name}.timing.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, THREADS // procs)), PYTHONUNBUFFERED="1")
     # Spinning OpenMP threads of the 2-thread process stall whenever another process holds a core
     # (measured: 0.27 vs 9 steps/s on a loaded 2-core machine); passive waiting keeps it fair.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    cmd = [*plan.command, "-m", "posttrain.rounds.meter", str(out / ".spec.json"), str(timing)]
+    cmd = [*plan.command, "-m", "posttrain.rounds.meter", spec, str(timing)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -87,22 +87,18 @@ def run_stage(root: Path, name: str, stage: str, cfg: dict, inputs: dict, base: 
               launcher: list[str] | None, env_extra: dict) -> dict:
     """One stage through the metered worker. Returns the meter row plus the output folder."""
     from posttrain.launch import LaunchError, plan_launch
+    from posttrain.rounds.meter import write_stage_spec
 
     try:
         plan = plan_launch(launcher)
     except LaunchError as err:
         return {"skipped": str(err)}
-    run_dir = root / name
-    out = run_dir / "round_01" / stage
-    out.mkdir(parents=True)
-    spec = {"stage": stage, "round": 1, "run_dir": str(run_dir), "out_dir": str(out), "inputs": inputs,
-            "extra": {}, "seed": 0, "recipe": {"name": "gpu-check", "models": {"base": str(base)}, stage: cfg},
-            "result": str(out / ".result.json"),
-            "launch": {"launcher": plan.launcher, "world_size": plan.world_size, "parallelism": plan.parallelism}}
-    (out / ".spec.json").write_text(json.dumps(spec))
+    spec = write_stage_spec(root / name, stage, inputs,
+                            {"name": "gpu-check", "models": {"base": str(base)}, stage: cfg}, plan)
+    out = Path(spec).parent
     meter = root / f"{name}.meter.jsonl"
     t0 = time.time()
-    proc = subprocess.run([*plan.command, "-m", "posttrain.rounds.meter", str(out / ".spec.json"), str(meter)],
+    proc = subprocess.run([*plan.command, "-m", "posttrain.rounds.meter", spec, str(meter)],
                           env={**os.environ, **env_extra}, capture_output=True, text=True)
     (root / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

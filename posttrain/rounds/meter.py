@@ -14,6 +14,21 @@ import sys
 import time
 
 
+def write_stage_spec(run_dir, stage: str, inputs: dict, recipe: dict, plan) -> str:
+    """Lay out `run_dir/round_01/<stage>` for one stage run by hand (a benchmark, the GPU
+    check) and write the worker's spec there, as the orchestrator would; returns its path.
+    `plan` is the stage's `posttrain.launch.plan_launch(...)`."""
+    from pathlib import Path
+
+    out = Path(run_dir) / "round_01" / stage
+    out.mkdir(parents=True)
+    spec = {"stage": stage, "round": 1, "run_dir": str(run_dir), "out_dir": str(out), "inputs": inputs,
+            "extra": {}, "seed": 0, "recipe": recipe, "result": str(out / ".result.json"),
+            "launch": {"launcher": plan.launcher, "world_size": plan.world_size, "parallelism": plan.parallelism}}
+    (out / ".spec.json").write_text(json.dumps(spec))
+    return str(out / ".spec.json")
+
+
 def batch_tokens(inputs: dict) -> int:
     """Real (non-padding) tokens of one batch, for the batch shapes posttrain's trainers see."""
     if "segment_ids" in inputs:  # packed reward-model rows: -1 marks padding
