@@ -449,16 +449,13 @@ def heldout_metrics(scored: list[tuple[list[float], list[tuple[int, int]], list[
         if len(scores) == 3 and len(pairs) == 3:
             full.append(int(scores[0] > scores[1] > scores[2]))
 
-    def mean(x):
-        return sum(x) / len(x) if x else None
-
     return {
-        "accuracy": mean(kept_right),
-        "mean_margin": mean(kept_margin),
-        "accuracy_all": mean(all_right),
-        "accuracy_by_strength": {s: mean(v) for s, v in sorted(right_by.items())},
+        "accuracy": _mean(kept_right),
+        "mean_margin": _mean(kept_margin),
+        "accuracy_all": _mean(all_right),
+        "accuracy_by_strength": {s: _mean(v) for s, v in sorted(right_by.items())},
         "pairs_by_strength": {s: len(v) for s, v in sorted(right_by.items())},
-        "full_order_accuracy": mean(full),
+        "full_order_accuracy": _mean(full),
         "full_order_rankings": len(full),
         "pairs": len(all_right),
     }
@@ -517,15 +514,16 @@ def length_health(scored: list[tuple[list[float], list[int], list[tuple[int, int
                 longer, shorter = (a, b) if lengths[a] > lengths[b] else (b, a)
                 longer_wins.append(int(scores[longer] > scores[shorter]))
 
-    def mean(x):
-        return sum(x) / len(x) if x else None
-
     return {
-        "accuracy_chosen_shorter": mean(shorter_right),
+        "accuracy_chosen_shorter": _mean(shorter_right),
         "pairs_chosen_shorter": len(shorter_right),
-        "prefers_longer": mean(longer_wins),
+        "prefers_longer": _mean(longer_wins),
         "score_length_correlation": pearson(all_scores, all_lengths),
     }
+
+
+def _mean(x: list[float]) -> float | None:
+    return sum(x) / len(x) if x else None
 
 
 def pearson(x: list[float], y: list[float]) -> float | None:
