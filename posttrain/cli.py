@@ -148,11 +148,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _explained(err: BaseException) -> str:
-    """The error, plus whose fault it is when it names a file posttrain generated."""
+    """The error, plus whose fault it is when it names a file posttrain generated. A
+    RoundError already says so (the orchestrator's `explain_failure`)."""
+    from posttrain.rounds.orchestrator import RoundError
     from posttrain.world.build import world_error_hint
 
     text = str(err)
-    hint = None if "embedded world" in text else world_error_hint(text)
+    hint = None if isinstance(err, RoundError) else world_error_hint(text)
     return f"{text}\n{hint}" if hint else text
 
 
