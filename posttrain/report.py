@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain.files import atomic_write_text, iter_jsonl
+from posttrain.files import atomic_write_text
 from posttrain.records import output_path, read_record
+from posttrain.samples import iter_rows
 from posttrain.stage import STEPS
 from posttrain.rounds.orchestrator import list_rounds
 
@@ -36,13 +37,12 @@ def sample_score_distributions(run_dir: Path, records: dict[int, dict[str, dict]
         if "sample" not in recs:
             continue
         best, mean, worst = [], [], []
-        for shard in sorted(Path(output_path(run_dir, recs["sample"], "samples")).glob("shard_*.jsonl")):
-            for row in iter_jsonl(shard):
-                scores = [s for s in row.get("scores", []) if s is not None]
-                if scores:
-                    best.append(max(scores))
-                    mean.append(sum(scores) / len(scores))
-                    worst.append(min(scores))
+        for _, row in iter_rows(output_path(run_dir, recs["sample"], "samples")):
+            scores = [s for s in row.scores if s is not None]
+            if scores:
+                best.append(max(scores))
+                mean.append(sum(scores) / len(scores))
+                worst.append(min(scores))
         out[n] = {"best": best, "mean": mean, "worst": worst}
     return out
 

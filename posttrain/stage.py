@@ -138,6 +138,8 @@ class StageContext:
     """For stages with `uses_reward`: a ready reward object following posttrain.reward.Reward."""
     callbacks: tuple = ()
     """Extra transformers TrainerCallbacks for training stages (tests, tooling)."""
+    keep_checkpoints: bool = False
+    """Keep trainer checkpoints of finished variants (`run.keep_checkpoints`)."""
 
     def __post_init__(self):
         if isinstance(self.inputs, dict):

@@ -39,6 +39,7 @@ def build_context(spec: dict):
         trust_remote_code=recipe.models.trust_remote_code,
         formatting_tokens=recipe.chat.formatting_tokens,
         report_to=list(recipe.run.report_to) or "none",
+        keep_checkpoints=recipe.run.keep_checkpoints,
     )
 
 
