@@ -83,7 +83,8 @@ def headline(step: str, metrics: dict) -> list[tuple[str, Any]]:
     rm: held-out ranking accuracy; sample: the mean reward of the kept top-1 (on the recipe's
     reward's own scale, so a checker plus a reward-model tie-break can exceed 1); sft: the
     last logged training loss (mean over variants); dpo: the last logged reward accuracy (the
-    share of pairs whose implicit reward ranks chosen first); average: how many models; eval:
+    share of pairs whose implicit reward ranks chosen first); average: how many models;
+    annotate: pairs labelled, abstained (skipped) and edited; eval:
     the held-out task score (the checker) or else the mean reward.
     """
     m = metrics or {}
@@ -100,6 +101,8 @@ def headline(step: str, metrics: dict) -> list[tuple[str, Any]]:
         out = [("acc", _variant_mean(m, "rewards/accuracies", "last")), ("pairs", m.get("pairs"))]
     elif step == "average":
         out = [("models", m.get("n_inputs"))]
+    elif step == "annotate":
+        out = [("labelled", m.get("labelled")), ("abstained", m.get("abstained")), ("edited", m.get("edited"))]
     elif step == "eval":
         out = ([("task", m.get("task_score"))] if m.get("task_score") is not None
                else [("reward", m.get("mean_reward"))])

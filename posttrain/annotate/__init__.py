@@ -31,3 +31,10 @@ __all__ = [
     "check_annotator_spec", "checked_annotate", "load_annotator", "pair_hash", "resolve_annotator_target",
     "strength_of",
 ]
+
+
+def run(ctx):
+    """The `annotate` step (posttrain.annotate.step.run): stage modules are named like their step."""
+    from posttrain.annotate.step import run as run_step
+
+    return run_step(ctx)

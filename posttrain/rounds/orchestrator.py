@@ -33,6 +33,11 @@ from posttrain.records import (
     write_record,
 )
 from posttrain.stage import MODEL_OUTPUTS, STAGES, format_headline, headline
+from posttrain import annotate as annotate_step
+from posttrain.annotate.step import WAITING, WaitingForLabels
+
+ANNOTATE = "annotate"
+"""The step after the round's model (posttrain.annotate.step): the next round's preference batch."""
 
 log = logging.getLogger("posttrain")
 
@@ -91,8 +96,9 @@ class Round:
     """One round of one run: resolves inputs, plans and runs each stage, writes records."""
 
     def __init__(self, n: int, recipe: LoadedRecipe, run_dir: Path, *, reward=None, force: bool = False,
-                 redo: tuple[str, ...] = ()):
+                 redo: tuple[str, ...] = (), annotator=None):
         self.n = n
+        self.annotator_override = annotator
         self.redo = frozenset(redo)
         self.redone = False  # once a stage is redone, later ones whose inputs changed rerun
         self.loaded = recipe
@@ -103,7 +109,7 @@ class Round:
         self.hasher = InputHasher(run_dir)
         self.records: dict[str, dict] = {}
         for m in range(1, n):
-            for stage in STAGES:
+            for stage in (*STAGES, ANNOTATE):
                 rec = read_record(run_dir, m, stage)
                 if rec:
                     self.hasher.learn(rec)
@@ -114,11 +120,46 @@ class Round:
         return self.loaded.resolve_path(value)
 
     def _batches(self, upto: int, only_latest: bool = False) -> list[str]:
-        batches = [b for b in self.recipe.data.preference_batches if b.round <= upto]
+        """The preference batches available in round `upto`: the recipe's fixed batches and
+        those annotated in earlier rounds; `only_latest`: those of the latest round only."""
+        batches = [(b.round, self.path(b.path)) for b in self.recipe.data.preference_batches if b.round <= upto]
+        batches += self.annotated_batches(upto)
         if only_latest and batches:
-            latest = max(b.round for b in batches)
-            batches = [b for b in batches if b.round == latest]
-        return [self.path(b.path) for b in batches]
+            latest = max(r for r, _ in batches)
+            batches = [b for b in batches if b[0] == latest]
+        return [path for _, path in batches]
+
+    def annotated_batches(self, upto: int) -> list[tuple[int, str]]:
+        """(round it is for, path) of each batch the annotate step labelled before round
+        `upto`, from its record: round m's step labels the batch round m + 1 trains on. A
+        batch in which every pair was skipped adds nothing."""
+        out = []
+        for m in range(1, upto):
+            if not annotates(self.loaded, m):
+                continue
+            rec = read_record(self.run_dir, m, ANNOTATE)
+            if rec is None:
+                raise RoundError(f"round {self.n} needs the preference batch round {m}'s annotate step labels, "
+                                 f"but that step has not finished ({stage_dir(self.run_dir, m, ANNOTATE)})")
+            if rec["metrics"].get("labelled", 0) > 0:
+                out.append((m + 1, str(output_path(self.run_dir, rec, "preferences"))))
+        return out
+
+    def annotation_model(self, name: str) -> str:
+        """A model the annotate step compares (posttrain.annotate.step.AnnotateConfig.models)."""
+        if name == "round":
+            return str(output_path(self.run_dir, self.records["average"], "model"))
+        if name == "previous":
+            return str(self.previous_model()) if self.n > 1 else self.path(self.recipe.models.initial_policy
+                                                                         or self.recipe.models.base)
+        if name == "sft":
+            return str(output_path(self.run_dir, self.records["sft"], "model"))
+        variants = output_path(self.run_dir, self.records["dpo"], "variants")
+        k = int(name.split(":", 1)[1])
+        if k >= len(variants):
+            raise RoundError(f"annotate.models names {name!r}, but round {self.n}'s dpo stage has "
+                             f"{len(variants)} variant(s) (dpo:0 to dpo:{len(variants) - 1})")
+        return str(variants[k])
 
     def previous_model(self) -> Path | None:
         if self.n == 1:
@@ -169,9 +210,15 @@ class Round:
             }
         if stage == "average":
             return {"models": [str(p) for p in output_path(self.run_dir, self.records["dpo"], "variants")]}
+        if stage == ANNOTATE:
+            a, b = r.annotate.models
+            return {"model_a": self.annotation_model(a), "model_b": self.annotation_model(b),
+                    "prompt_files": [self.path(p) for p in r.annotate.prompts]}
         raise ValueError(stage)
 
     def extra_for(self, stage: str) -> dict[str, Any]:
+        if stage == ANNOTATE:
+            return {"model_names": list(self.recipe.annotate.models)}
         if stage != "sample":
             return {}
         caps = {name: c.model_dump() for name, c in self.recipe.capabilities.items()}
@@ -240,6 +287,12 @@ class Round:
         }
         if stage == "sample":
             hashed["reward"] = self._reward_identity()
+        if stage == ANNOTATE and self.annotator_override is not None:
+            from posttrain.reward import reward_fingerprint
+
+            obj = self.annotator_override
+            hashed["annotator"] = {"object": f"{type(obj).__module__}:{type(obj).__qualname__}",
+                                   "fingerprint": reward_fingerprint(obj)}
         launch = self.launch_plan(stage)
         if launch.launcher is not None:  # how many processes, and how, is an input of a training stage
             hashed["launch"] = launch.identity(self.hasher.hash_paths)
@@ -266,8 +319,14 @@ class Round:
         try:
             if stage == "sample":
                 result = self._run_in_process(spec, reward_model=inputs["reward_model"])
+            elif stage == ANNOTATE:
+                result = self._annotate_in_process(spec)
             else:
                 result = self._run_in_worker(stage, spec, launch.command)
+        except WaitingForLabels as waiting:
+            attempts.end("waiting")
+            log.info("%s", waiting)
+            raise
         except Exception as err:
             attempts.end(f"failed: {first_line(err)}")
             raise
@@ -312,6 +371,18 @@ class Round:
 
         reward = self.build_reward(reward_model)
         result = run_spec(spec, reward=reward)
+        return {"outputs": result.outputs, "metrics": result.metrics}
+
+    def _annotate_in_process(self, spec: dict) -> dict:
+        """The annotate step runs here, so an annotator object passed from Python works; its
+        generation runs in child processes (posttrain.generation)."""
+        from posttrain.annotate.base import load_annotator
+        from posttrain.rounds.worker import build_context
+
+        ctx = build_context(spec)
+        ctx.extra = {**ctx.extra, "annotator": load_annotator(self.annotator_override or self.recipe.annotate.annotator)}
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        result = annotate_step.run(ctx)
         return {"outputs": result.outputs, "metrics": result.metrics}
 
     def launch_plan(self, stage: str):
@@ -466,6 +537,12 @@ def check_previous_round(run_dir: Path, n: int, loaded: LoadedRecipe | None = No
     if n == 1:
         return
     missing = [s for s in STAGES if read_record(run_dir, n - 1, s) is None]
+    if not missing and loaded is not None and annotates(loaded, n - 1) and read_record(run_dir, n - 1, ANNOTATE) is None:
+        waiting = stage_dir(run_dir, n - 1, ANNOTATE) / WAITING
+        if waiting.is_file():
+            info = read_json(waiting)
+            raise WaitingForLabels(n - 1, info)
+        missing = [ANNOTATE]
     if missing:
         recipe = f" --recipe {loaded.path}" if loaded is not None else ""
         raise RoundError(f"round {n} needs round {n - 1} finished, but round {n - 1} has no record for: "
@@ -482,7 +559,7 @@ def _snapshot_recipe(loaded: LoadedRecipe, run_dir: Path) -> None:
 
 def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | os.PathLike, *,
               reward=None, force: bool = False, evaluate: bool | None = None,
-              redo: str | tuple[str, ...] | list[str] = ()) -> dict[str, dict]:
+              redo: str | tuple[str, ...] | list[str] = (), annotator=None) -> dict[str, dict]:
     """Run round `n` of `recipe` in `run_dir`. Returns the stage records (and `eval`).
 
     `reward` may be a reward object (posttrain.reward.Reward) or an import-path spec; it
@@ -492,9 +569,9 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
     rerun too (without it they would refuse, as under a changed recipe).
     """
     redo = (redo,) if isinstance(redo, str) else tuple(redo)
-    unknown = sorted(set(redo) - set(STAGES))
+    unknown = sorted(set(redo) - {*STAGES, ANNOTATE})
     if unknown:
-        raise RoundError(f"--redo {', '.join(unknown)}: not a stage (stages: {', '.join(STAGES)})")
+        raise RoundError(f"--redo {', '.join(unknown)}: not a stage (stages: {', '.join((*STAGES, ANNOTATE))})")
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     run_dir = Path(run_dir)
     if n > loaded.base.rounds:
@@ -507,13 +584,23 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
     setup_logging(run_dir)
     _snapshot_recipe(loaded, run_dir)
     log.info("round %d of %s in %s", n, loaded.path.name, run_dir)
-    rnd = Round(n, loaded, run_dir, reward=reward, force=force, redo=redo)
+    rnd = Round(n, loaded, run_dir, reward=reward, force=force, redo=redo, annotator=annotator)
     records = rnd.run()
     if evaluate if evaluate is not None else rnd.recipe.eval.enabled:
         from posttrain.eval import evaluate_round
 
         records["eval"] = evaluate_round(rnd, force=force or rnd.redone)
+    if annotates(loaded, n):
+        # Last: it may wait for people (WaitingForLabels), and the round's model and its
+        # evaluation are done by then.
+        records[ANNOTATE] = rnd.run_stage(ANNOTATE)
     return records
+
+
+def annotates(loaded: LoadedRecipe, n: int) -> bool:
+    """Whether round `n` ends with an annotate step (the recipe's `annotate` section)."""
+    cfg = loaded.for_round(n).annotate
+    return cfg is not None and (n < loaded.base.rounds or cfg.last_round)
 
 
 def parse_rounds(spec: str) -> list[int]:

@@ -39,7 +39,6 @@ from typing import Any
 
 from posttrain import files
 from posttrain.annotate.base import strength_of  # noqa: F401  (the world's strength rule; re-exported)
-from posttrain.annotate.world import simulated_judgement
 from posttrain.data import STRENGTHS
 from posttrain.world import task
 
@@ -523,6 +522,8 @@ def annotate(model, tokenizer, items: list[task.TaskItem], config: WorldConfig, 
     A pair is dropped, and counted, when a response is empty or unfinished (`usable_response`)
     or when the two score the same (a tie, identical responses included).
     """
+    from posttrain.annotate.world import simulated_judgement  # it imports posttrain.world: not at the top
+
     prompts = [it.messages() for it in items]
     t_a, t_b = config.annotation_temperatures
     gen_a = generate_responses(model, tokenizer, prompts, n=1, temperature=t_a,

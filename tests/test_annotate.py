@@ -1,0 +1,307 @@
+"""Annotators (world, AI feedback, JSONL), the annotate step, and rounds that train on its batches."""
+
+from __future__ import annotations
+
+import pytest
+
+from posttrain import data
+from posttrain.annotate import (
+    AnnotatorError,
+    Label,
+    Request,
+    Response,
+    checked_annotate,
+    load_annotator,
+)
+from posttrain.annotate.world import WorldAnnotator, simulated_judgement
+from posttrain.files import atomic_write_json, iter_jsonl, write_jsonl
+from posttrain.world import task
+
+
+def req(rid: str, prompt_text: str, a: str, b: str, **meta) -> Request:
+    return Request(id=rid, prompt=[{"role": "user", "content": prompt_text}],
+                   a=Response(a, "round", {"temperature": 0.7}), b=Response(b, "previous", {"temperature": 1.3}),
+                   meta=meta)
+
+
+# ----------------------------------------------------------------------------- world
+
+
+def test_world_annotator_prefers_the_higher_task_score_with_strength_from_the_gap():
+    p = "Sort these numbers: 5 1 3"  # reference "1 3 5"
+    requests = [
+        req("perfect-vs-garbage", p, "1 3 5", "x y z"),        # gap 1.0: significantly_better, a
+        req("near-vs-worse", p, "1 5 3", "1 3 5 9"),            # 1/3 vs 0.75 (capped 0.9): b, gap 0.4167: better
+        req("tie", p, "3 1 5", "5 3 1"),                        # 0 vs 0: tie
+        req("not-a-task", "Hello there", "hi", "hello"),
+    ]
+    labels = checked_annotate(WorldAnnotator(edit_share=0.0), requests)
+    assert [lb.preferred for lb in labels] == ["a", "b", None, None]
+    assert labels[0].strength == "significantly_better"
+    assert task.score(p, "1 3 5 9") - task.score(p, "1 5 3") == pytest.approx(0.75 - 1 / 3)
+    assert labels[1].strength == "better"
+    assert (labels[2].reason, labels[3].reason) == ("tie", "not a task prompt")
+    assert all(lb.edited is None for lb in labels)
+
+
+def test_world_annotator_edits_fix_the_chosen_answer_and_draws_are_per_request():
+    p = "Sort these numbers: 9 2 4 4"
+    requests = [req(f"r{i}", p, "2 4 9 4", "9 9 9 9") for i in range(40)]
+    labels = WorldAnnotator(edit_share=1.0).annotate(requests)
+    assert all(lb.preferred == "a" and lb.edited == "2 4 4 9" for lb in labels)
+    # A perfect chosen answer is never edited.
+    perfect = WorldAnnotator(edit_share=1.0).annotate([req("ok", p, "2 4 4 9", "9")])[0]
+    assert perfect.preferred == "a" and perfect.edited is None
+    # Draws depend on (seed, request id) only: the same labels in any order or batch size.
+    ann = WorldAnnotator(edit_share=0.5, flip_share=0.3, seed=7)
+    once = ann.annotate(requests)
+    again = ann.annotate(list(reversed(requests)))[::-1]
+    assert once == again
+    flipped = sum(lb.preferred == "b" for lb in once)
+    edited = sum(lb.edited is not None for lb in once)
+    assert 0 < flipped < 40 and 0 < edited < 40
+
+
+def test_world_build_and_annotator_share_one_judgement_rule():
+    j = simulated_judgement("Sort these numbers: 3 1 2", "1 2 3", "1 2 2", 0.0, edit_share=0.3)
+    assert (j.preferred, j.strength, j.edited) == ("a", "better", None)  # gap 1 - 2/3: a perfect answer is kept
+    j = simulated_judgement("Sort these numbers: 3 1 2", "3 1 2", "1 3 2", 0.1, edit_share=0.3)
+    assert (j.preferred, j.edited) == ("b", "1 2 3")
+    assert simulated_judgement("Sort these numbers: 3 1 2", "2 2 2", "2 2 2", 0.0) is None
+
+
+# ----------------------------------------------------------------------------- AI feedback
+
+
+class HalfAbstaining:
+    """Scores by length, abstains on responses containing '?'."""
+
+    name = "half_abstaining"
+
+    def score(self, prompts, responses):
+        return [None if "?" in r else float(len(r)) for r in responses]
+
+
+def test_ai_feedback_strength_from_score_gap_and_abstentions_skip_the_pair():
+    ann = load_annotator({"target": "posttrain.annotate.ai:RewardAnnotator",
+                          "kwargs": {"reward": HalfAbstaining(), "thresholds": [4, 2, 1]}})
+    requests = [req("big", "q", "aaaaaa", "a"), req("small", "q", "ab", "abc"),
+                req("equal", "q", "ab", "cd"), req("unsure", "q", "ab?", "a"), req("half", "q", "aaaa", "a a")]
+    labels = checked_annotate(ann, requests)
+    assert [(lb.preferred, lb.strength) for lb in labels] == [
+        ("a", "significantly_better"), ("b", "slightly_better"), (None, None), (None, None), ("a", "slightly_better")]
+    assert labels[2].reason.startswith("equal scores") and labels[3].reason == "the reward abstained"
+    assert ann.name == "ai_feedback(half_abstaining)"
+
+
+def test_ai_feedback_with_the_task_checker_from_a_recipe_spec():
+    ann = load_annotator({"target": "posttrain.annotate.ai:RewardAnnotator",
+                          "kwargs": {"reward": {"target": "posttrain.world.task:TaskReward"}}})
+    p = "Sort these numbers: 2 1"
+    labels = checked_annotate(ann, [req("x", p, "2 1", "1 2"), req("y", "not a task", "a", "b")])
+    assert (labels[0].preferred, labels[0].strength) == ("b", "significantly_better")
+    assert labels[1].preferred is None  # TaskReward abstains on other prompts
+
+
+def test_annotator_targets_are_checked_before_anything_is_called():
+    with pytest.raises(AnnotatorError, match="not an annotator class or a function marked"):
+        load_annotator({"target": "os:system"})
+    with pytest.raises(AnnotatorError, match="has no annotate"):
+        load_annotator({"target": "posttrain.world.task:TaskReward"})
+    with pytest.raises(AnnotatorError, match="cannot import module"):
+        load_annotator({"target": "no_such_module_xyz:Thing"})
+
+
+class Liar:
+    name = "liar"
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def annotate(self, requests):
+        if self.mode == "short":
+            return []
+        r = requests[0]
+        if self.mode == "other_pair":
+            return [Label(r.id, "0" * 64, "a", "better")]
+        if self.mode == "bad_strength":
+            return [Label.for_request(r, "a", "much_better")]
+        raise ValueError("boom")
+
+
+@pytest.mark.parametrize("mode,match", [
+    ("short", "returned 0 answers for 1 requests"),
+    ("other_pair", "made for other responses"),
+    ("bad_strength", "field 'strength'"),
+    ("raise", "raised ValueError: boom"),
+])
+def test_checked_annotate_refuses_broken_answers_naming_the_annotator(mode, match):
+    with pytest.raises(AnnotatorError, match=match) as e:
+        checked_annotate(Liar(mode), [req("r1", "q", "a", "b")])
+    assert "'liar'" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+
+def _fake_step_folder(run_dir, requests):
+    folder = run_dir / "round_01" / "annotate"
+    write_jsonl(folder / "requests.jsonl", [r.to_row() for r in requests])
+    atomic_write_json(folder / "requests.json", {"fingerprint": "x", "requests": len(requests), "skipped": {}})
+    return folder
+
+
+def test_jsonl_export_import_round_trip_and_refusals(tmp_path):
+    from posttrain.annotate.jsonl import export_requests, import_labels
+    from posttrain.annotate.step import preference_rows, read_labels_file
+
+    requests = [req("r01-a", "Sort these numbers: 2 1", "1 2", "2 1"), req("r01-b", "hi", "x", "y")]
+    folder = _fake_step_folder(tmp_path, requests)
+    assert export_requests(tmp_path, 1, tmp_path / "out.jsonl") == 2
+    exported = list(iter_jsonl(tmp_path / "out.jsonl"))
+    assert [r["id"] for r in exported] == ["r01-a", "r01-b"]
+    assert exported[0]["response_a"]["model"] == "round" and exported[0]["response_b"]["sampling"]
+
+    labels = [{"id": "r01-a", "pair_sha256": exported[0]["pair_sha256"], "preferred": "a", "strength": "better",
+               "edited": "1 2 ", "annotator": "alice"},
+              {"id": "r01-b", "pair_sha256": exported[1]["pair_sha256"], "preferred": None, "reason": "unsure"}]
+    write_jsonl(tmp_path / "labels.jsonl", labels)
+    got = import_labels(tmp_path, 1, tmp_path / "labels.jsonl")
+    assert got == {"imported": 2, "replaced": 0, "labelled": 2, "requests": 2}
+    kept = read_labels_file(folder)
+    assert kept["r01-a"].annotator == "alice" and kept["r01-b"].preferred is None
+    rows, counts = preference_rows(requests, kept)
+    assert counts["labelled"] == 1 and counts["abstained"] == 1 and counts["edited"] == 0  # edit == chosen
+    assert rows[0]["chosen"][0]["content"] == "1 2" and rows[0]["chosen_model"] == "round"
+
+    # A label joined to a response that changed since the export is refused, naming file, row, field.
+    changed = [req("r01-a", "Sort these numbers: 2 1", "1 2", "2 1 1"), requests[1]]
+    _fake_step_folder(tmp_path, changed)
+    with pytest.raises(data.DataErrors) as e:
+        import_labels(tmp_path, 1, tmp_path / "labels.jsonl")
+    text = str(e.value)
+    assert f"{tmp_path / 'labels.jsonl'}: row 1: field 'pair_sha256'" in text
+    assert "responses changed since the export" in text
+    assert "row 2" not in text  # the unchanged request's label is fine; nothing was imported though
+    assert read_labels_file(folder)["r01-a"].pair_sha256 == exported[0]["pair_sha256"]
+
+    # Unknown request, bad strength, duplicate: every row is reported.
+    write_jsonl(tmp_path / "bad.jsonl", [
+        {"id": "r09-zzz", "pair_sha256": "0", "preferred": "a", "strength": "better"},
+        {"id": "r01-b", "pair_sha256": exported[1]["pair_sha256"], "preferred": "b", "strength": "much"},
+        {"id": "r01-b", "pair_sha256": exported[1]["pair_sha256"], "preferred": "b", "strength": "better"},
+        {"id": "r01-b", "pair_sha256": exported[1]["pair_sha256"], "preferred": "b", "strength": "better", "x": 1},
+    ])
+    with pytest.raises(data.DataErrors) as e:
+        import_labels(tmp_path, 1, tmp_path / "bad.jsonl")
+    text = str(e.value)
+    assert "row 1: field 'id': no request 'r09-zzz'" in text
+    assert "row 2: field 'strength'" in text
+    assert "row 4: field 'x': unknown field" in text
+
+    # Once the step is recorded, its labels cannot change under it.
+    atomic_write_json(folder / "record.json", {"stage": "annotate"})
+    with pytest.raises(FileExistsError, match="has finished"):
+        import_labels(tmp_path, 1, tmp_path / "labels.jsonl")
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _ctx(tmp_path, model_dir, annotator, **cfg):
+    from posttrain.annotate.step import AnnotateConfig
+    from posttrain.stage import StageContext
+
+    prompts = [{"id": f"p{i}", "prompt": f"Sort these numbers: {i} 3 1"} for i in range(6)]
+    write_jsonl(tmp_path / "pool.jsonl", prompts)
+    config = AnnotateConfig.model_validate({
+        "prompts": [str(tmp_path / "pool.jsonl")], "comparisons": 4, "models": ["round", "previous"],
+        "sampling": [{"temperature": 1.0, "max_new_tokens": 6}, {"temperature": 1.5, "max_new_tokens": 6}],
+        "annotator": {"target": "posttrain.annotate.jsonl:ExternalAnnotator"}, "require_finished": False,
+        "backend": "transformers", **cfg})
+    run_dir = tmp_path / "run"
+    return StageContext(stage="annotate", round=1, run_dir=run_dir, out_dir=run_dir / "round_01" / "annotate",
+                        config=config, inputs={"model_a": str(model_dir), "model_b": str(model_dir),
+                                               "prompt_files": [str(tmp_path / "pool.jsonl")]},
+                        seed=1000, extra={"model_names": ["round", "previous"], "annotator": annotator})
+
+
+def test_annotate_step_waits_for_labels_then_writes_a_loadable_batch(tmp_path, tiny_model_dir):
+    from posttrain.annotate.jsonl import ExternalAnnotator, import_labels
+    from posttrain.annotate.step import WaitingForLabels, run
+
+    ctx = _ctx(tmp_path, tiny_model_dir, ExternalAnnotator())
+    with pytest.raises(WaitingForLabels, match=r"waiting for labels: 0/\d+ labelled; label at export with"):
+        run(ctx)
+    folder = ctx.out_dir
+    requests = list(iter_jsonl(folder / "requests.jsonl"))
+    manifest = list(iter_jsonl(folder / "requests.jsonl"))
+    assert requests and len(requests) + sum(v for k, v in __import__("json").loads(
+        (folder / "requests.json").read_text())["skipped"].items() if k not in ("pool", "drawn")) == 4
+    for r in requests:
+        assert r["id"].startswith("r01-p")
+        assert {r["response_a"]["model"], r["response_b"]["model"]} == {"round", "previous"}
+        temps = {r[k]["model"]: r[k]["sampling"]["temperature"] for k in ("response_a", "response_b")}
+        assert temps == {"round": 1.0, "previous": 1.5}
+    assert (folder / "waiting.json").is_file()
+
+    # A second run reuses the same requests (nothing regenerated) and still waits.
+    mtime = (folder / "requests.jsonl").stat().st_mtime_ns
+    with pytest.raises(WaitingForLabels):
+        run(ctx)
+    assert (folder / "requests.jsonl").stat().st_mtime_ns == mtime and manifest == list(
+        iter_jsonl(folder / "requests.jsonl"))
+
+    labels = [{"id": r["id"], "pair_sha256": r["pair_sha256"], "preferred": "a" if i % 2 == 0 else "b",
+               "strength": "better", **({"edited": "1 2 3"} if i == 0 else {})} for i, r in enumerate(requests)]
+    labels[-1] = {"id": requests[-1]["id"], "pair_sha256": requests[-1]["pair_sha256"], "preferred": None}
+    write_jsonl(tmp_path / "labels.jsonl", labels)
+    import_labels(ctx.run_dir, 1, tmp_path / "labels.jsonl")
+    result = run(ctx)
+    assert not (folder / "waiting.json").exists()
+    m = result.metrics
+    assert (m["requests"], m["labelled"], m["abstained"], m["edited"]) == (len(requests), len(requests) - 1, 1, 1)
+    assert sum(m["chosen_by_model"].values()) == len(requests) - 1
+    batch = data.load_preferences([ctx.run_dir / result.outputs["preferences"]])
+    assert len(batch) == len(requests) - 1 and all(p.strength == "better" for p in batch)
+    assert batch[0].edited == "1 2 3"
+    first = requests[0]
+    assert batch[0].chosen == first["response_a"]["text"] and batch[0].rejected == first["response_b"]["text"]
+
+
+# ----------------------------------------------------------------------------- rounds
+
+
+def test_round_resolves_fixed_and_annotated_batches_from_records(tmp_path):
+    import yaml
+
+    from posttrain.recipe import load_recipe
+    from posttrain.records import Plan, write_record
+    from posttrain.rounds.orchestrator import Round, RoundError
+
+    for name in ("fixed1.jsonl", "fixed3.jsonl"):
+        write_jsonl(tmp_path / name, [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    recipe = {"name": "t", "rounds": 3, "models": {"base": str(tmp_path)},
+              "data": {"preference_batches": [{"path": "fixed1.jsonl", "round": 1},
+                                              {"path": "fixed3.jsonl", "round": 3}]},
+              "annotate": {"prompts": ["fixed1.jsonl"],
+                           "annotator": {"target": "posttrain.annotate.world:WorldAnnotator"}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    loaded = load_recipe(tmp_path / "r.yaml")
+    run_dir = tmp_path / "run"
+    with pytest.raises(RoundError, match="the preference batch round 1's annotate step labels, but that step has not finished"):
+        Round(2, loaded, run_dir)._batches(2)
+    for m in (1, 2):
+        batch = run_dir / f"round_{m:02d}" / "annotate" / "preferences.jsonl"
+        write_jsonl(batch, [{"prompt": "q", "chosen": f"c{m}", "rejected": "r"}])
+        write_record(run_dir, m, "annotate", plan=Plan("run", None, "h", {}), started=0.0,
+                     outputs={"preferences": f"round_{m:02d}/annotate/preferences.jsonl"},
+                     metrics={"labelled": 1})
+    r2 = Round(2, loaded, run_dir)
+    assert r2._batches(2) == [str(tmp_path / "fixed1.jsonl"), str(run_dir / "round_01/annotate/preferences.jsonl")]
+    assert r2._batches(2, only_latest=True) == [str(run_dir / "round_01/annotate/preferences.jsonl")]
+    r3 = Round(3, loaded, run_dir)
+    # Round 3: the fixed round-3 batch and round 2's annotated batch are both the latest.
+    assert r3._batches(3, only_latest=True) == [str(tmp_path / "fixed3.jsonl"),
+                                                str(run_dir / "round_02/annotate/preferences.jsonl")]
+    assert len(r3._batches(3)) == 4
