@@ -305,3 +305,44 @@ def test_round_resolves_fixed_and_annotated_batches_from_records(tmp_path):
     assert r3._batches(3, only_latest=True) == [str(tmp_path / "fixed3.jsonl"),
                                                 str(run_dir / "round_02/annotate/preferences.jsonl")]
     assert len(r3._batches(3)) == 4
+
+
+@pytest.mark.slow
+def test_round_two_trains_on_what_round_one_annotated(tmp_path):
+    """Two rounds of the shrunk demo with an annotate step: round 1's world-annotated batch
+    (its two latest models' responses) is round 2's newest RM data and its whole DPO data."""
+    import yaml
+
+    from posttrain.records import read_record
+    from tests.test_rounds import cli, small_recipe
+
+    path = small_recipe(tmp_path, n_prompts=16)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["rounds"] = 2
+    recipe["data"]["preference_batches"] = recipe["data"]["preference_batches"][:1]
+    recipe["annotate"] = {
+        "prompts": ["world:prompts/train.jsonl"], "comparisons": 48, "models": ["round", "previous"],
+        "sampling": [{"temperature": 1.0, "max_new_tokens": 24}],
+        "annotator": {"target": "posttrain.annotate.world:WorldAnnotator", "kwargs": {"seed": 3}},
+        "backend": "transformers"}
+    path.write_text("# posttrain run --recipe small.yaml --run-dir run --rounds 1-2\n" + yaml.safe_dump(recipe))
+    run_dir = tmp_path / "run"
+    done = cli("run", "--rounds", "1-2", "--no-eval", "--recipe", str(path), "--run-dir", str(run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    ann = read_record(run_dir, 1, "annotate")
+    m = ann["metrics"]
+    assert m["labelled"] > 0 and m["requests"] == m["labelled"] + m["abstained"]
+    assert set(m["chosen_by_model"]) == {"round", "previous"}
+    batch = ann["outputs"]["preferences"]
+    rows = list(iter_jsonl(run_dir / batch["path"]))
+    assert len(rows) == m["labelled"] and {r["chosen_model"] for r in rows} <= {"round", "previous"}
+    assert read_record(run_dir, 2, "annotate") is None  # the last round has no batch to make
+    rm2 = read_record(run_dir, 2, "rm")["inputs"]["inputs"]["preference_files"]
+    dpo2 = read_record(run_dir, 2, "dpo")["inputs"]["inputs"]["preference_files"]
+    assert [f["sha256"] for f in rm2][-1] == batch["sha256"] and len(rm2) == 2  # fixed round-1 batch + annotated
+    assert [f["sha256"] for f in dpo2] == [batch["sha256"]]
+    assert read_record(run_dir, 2, "rm")["metrics"]["rankings"] > read_record(run_dir, 1, "rm")["metrics"]["rankings"]
+
+    status = cli("status", str(run_dir))
+    assert f"done" in status.stdout and "labelled=" in status.stdout
