@@ -222,8 +222,9 @@ def _ctx(tmp_path, model_dir, annotator, **cfg):
     run_dir = tmp_path / "run"
     return StageContext(stage="annotate", round=1, run_dir=run_dir, out_dir=run_dir / "round_01" / "annotate",
                         config=config, inputs={"model_a": str(model_dir), "model_b": str(model_dir),
-                                               "prompt_files": [str(tmp_path / "pool.jsonl")]},
-                        seed=1000, extra={"model_names": ["round", "previous"], "annotator": annotator})
+                                               "prompt_files": [str(tmp_path / "pool.jsonl")],
+                                               "model_names": ["round", "previous"]},
+                        seed=1000, annotator=annotator)
 
 
 def test_annotate_step_waits_for_labels_then_writes_a_loadable_batch(tmp_path, tiny_model_dir):
@@ -289,8 +290,8 @@ def test_round_resolves_fixed_and_annotated_batches_from_records(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     loaded = load_recipe(tmp_path / "r.yaml")
     run_dir = tmp_path / "run"
-    with pytest.raises(RoundError, match="the preference batch round 1's annotate step labels, but that step has not finished"):
-        Round(2, loaded, run_dir)._batches(2)
+    with pytest.raises(RoundError, match="the preference batch that round 1's annotate step labels, but that step"):
+        Round(2, loaded, run_dir).preference_files(only_latest=False)
     for m in (1, 2):
         batch = run_dir / f"round_{m:02d}" / "annotate" / "preferences.jsonl"
         write_jsonl(batch, [{"prompt": "q", "chosen": f"c{m}", "rejected": "r"}])
@@ -298,13 +299,18 @@ def test_round_resolves_fixed_and_annotated_batches_from_records(tmp_path):
                      outputs={"preferences": f"round_{m:02d}/annotate/preferences.jsonl"},
                      metrics={"labelled": 1})
     r2 = Round(2, loaded, run_dir)
-    assert r2._batches(2) == [str(tmp_path / "fixed1.jsonl"), str(run_dir / "round_01/annotate/preferences.jsonl")]
-    assert r2._batches(2, only_latest=True) == [str(run_dir / "round_01/annotate/preferences.jsonl")]
+    assert r2.preference_files(only_latest=False) == [str(tmp_path / "fixed1.jsonl"),
+                                                      str(run_dir / "round_01/annotate/preferences.jsonl")]
+    assert r2.preference_files(only_latest=True) == [str(run_dir / "round_01/annotate/preferences.jsonl")]
     r3 = Round(3, loaded, run_dir)
     # Round 3: the fixed round-3 batch and round 2's annotated batch are both the latest.
-    assert r3._batches(3, only_latest=True) == [str(tmp_path / "fixed3.jsonl"),
-                                                str(run_dir / "round_02/annotate/preferences.jsonl")]
-    assert len(r3._batches(3)) == 4
+    assert r3.preference_files(only_latest=True) == [str(tmp_path / "fixed3.jsonl"),
+                                                     str(run_dir / "round_02/annotate/preferences.jsonl")]
+    assert len(r3.preference_files(only_latest=False)) == 4
+    # rm resolves its data through it (dpo does too; the slow two-round test runs both).
+    from posttrain.stage import get
+
+    assert get("rm").resolve(r3).preference_files == r3.preference_files(only_latest=False)
 
 
 @pytest.mark.slow
@@ -320,6 +326,7 @@ def test_round_two_trains_on_what_round_one_annotated(tmp_path):
     recipe = yaml.safe_load(path.read_text())
     recipe["rounds"] = 2
     recipe["data"]["preference_batches"] = recipe["data"]["preference_batches"][:1]
+    recipe["overrides"] = {"2": {"annotate": {"enabled": False}}}  # the last round's batch has no round
     recipe["annotate"] = {
         "prompts": ["world:prompts/train.jsonl"], "comparisons": 48, "models": ["round", "previous"],
         "sampling": [{"temperature": 1.0, "max_new_tokens": 24}],

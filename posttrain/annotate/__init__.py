@@ -32,9 +32,3 @@ __all__ = [
     "strength_of",
 ]
 
-
-def run(ctx):
-    """The `annotate` step (posttrain.annotate.step.run): stage modules are named like their step."""
-    from posttrain.annotate.step import run as run_step
-
-    return run_step(ctx)

@@ -21,10 +21,10 @@ labelled with a strength and optionally edited. After the round's model exists:
    `edited` (when the annotator edited the preferred response), and where each side came
    from (`chosen_model`, `rejected_model`); abstentions are skipped and counted.
 
-Inputs (`ctx.inputs`): `model_a`, `model_b` (model folders the orchestrator resolved from
-records), `prompt_files` (the pool). `ctx.extra`: `model_names` (the recipe's names for the
-two models), `annotator` (a ready annotator object; else built from the recipe).
-Outputs: `requests`, `labels`, `preferences`.
+Inputs (`AnnotateInputs`): the two models (folders resolved from records), their names in
+the recipe, the prompt pool. `ctx.annotator`: a ready annotator (the orchestrator builds the
+recipe's, or passes an object given from Python). Outputs: `requests`, `labels`,
+`preferences`. The next rounds find the batch through `annotated_batches` (from records).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ import logging
 import random
 import shutil
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -51,7 +52,7 @@ from posttrain.annotate.base import (
 )
 from posttrain.data import STRENGTHS
 from posttrain.schema import StrictModel
-from posttrain.stage import StageContext, StageResult
+from posttrain.stage import StageContext, StageDef, StageResult, path_field
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +92,10 @@ class AnnotateConfig(StrictModel):
     """Who labels: `{target: posttrain.annotate.world:WorldAnnotator}`, `...ai:RewardAnnotator`
     (kwargs: reward, thresholds), `...labelstudio:LabelStudioAnnotator` (kwargs: url,
     token_env), `...jsonl:ExternalAnnotator`, or your own (posttrain.annotate.base)."""
-    last_round: bool = False
-    """Also annotate after the recipe's last round (a batch for a round that does not exist
-    yet, e.g. to continue the run later). Off: the last round has no annotate step."""
+    enabled: bool = True
+    """Run the step in this round. The last round's batch is for a round that does not exist
+    yet; turn it off there with an override (`overrides: {"6": {annotate: {enabled: false}}}`)
+    unless the run will be continued."""
     max_prompt_length: int = Field(1024, ge=1)
     """Prompts longer than this (tokens, after the chat template) are not asked (counted)."""
     require_finished: bool = True
@@ -149,9 +151,9 @@ def _draw(pool: list, n: int, seed: int) -> list:
 
 def _fingerprint(ctx: StageContext, cfg: AnnotateConfig) -> str:
     return files.hash_json({
-        "models": [files.hash_path(ctx.inputs["model_a"]), files.hash_path(ctx.inputs["model_b"])],
-        "names": list(ctx.extra.get("model_names") or cfg.models),
-        "pool": [files.hash_path(p) for p in ctx.inputs["prompt_files"]],
+        "models": [files.hash_path(ctx.inputs.model_a), files.hash_path(ctx.inputs.model_b)],
+        "names": list(ctx.inputs.model_names),
+        "pool": [files.hash_path(p) for p in ctx.inputs.prompt_files],
         "sampling": [s.model_dump() for s in cfg.sampling], "comparisons": cfg.comparisons,
         "seed": ctx.seed, "max_prompt_length": cfg.max_prompt_length, "require_finished": cfg.require_finished,
         "version": MANIFEST_VERSION,
@@ -193,7 +195,7 @@ def _generate(ctx: StageContext, cfg: AnnotateConfig) -> tuple[list[Request], di
     from posttrain.generation import EngineOptions, Job, SamplingSettings, read_job_result, run_jobs
 
     pool, seen = [], {}
-    for path in ctx.inputs["prompt_files"]:
+    for path in ctx.inputs.prompt_files:
         for p in data.load_prompts([path]):
             if p.id in seen:
                 raise data.DataError(path, None, "id", f"prompt id {p.id!r} ({p.source}) repeats {seen[p.id]}; "
@@ -201,8 +203,8 @@ def _generate(ctx: StageContext, cfg: AnnotateConfig) -> tuple[list[Request], di
             seen[p.id] = p.source
             pool.append(p)
     chosen = _draw(pool, cfg.comparisons, ctx.seed)
-    names = list(ctx.extra.get("model_names") or cfg.models)
-    models = [ctx.inputs["model_a"], ctx.inputs["model_b"]]
+    names = list(ctx.inputs.model_names)
+    models = [ctx.inputs.model_a, ctx.inputs.model_b]
     skipped = Counter()
     work = Path(ctx.out_dir) / ".work"
     work.mkdir(parents=True, exist_ok=True)
@@ -313,7 +315,7 @@ def run(ctx: StageContext) -> StageResult:
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     requests, skipped = make_requests(ctx)
-    annotator = ctx.extra.get("annotator") or load_annotator(cfg.annotator)
+    annotator = ctx.annotator if ctx.annotator is not None else load_annotator(cfg.annotator)
     attach(annotator, out)
     labels = read_labels_file(out)
     pending = [r for r in requests if r.id not in labels]
@@ -337,7 +339,7 @@ def run(ctx: StageContext) -> StageResult:
     if rows:
         data.load_preferences([out / BATCH])  # posttrain's own loader must accept the batch
     rel = out.relative_to(ctx.run_dir) if out.is_relative_to(ctx.run_dir) else out
-    names = list(ctx.extra.get("model_names") or cfg.models)
+    names = list(ctx.inputs.model_names)
     return StageResult(
         outputs={"requests": str(rel / REQUESTS), "labels": str(rel / LABELS), "preferences": str(rel / BATCH)},
         metrics={
@@ -345,8 +347,82 @@ def run(ctx: StageContext) -> StageResult:
             "edited": counts["edited"], "skipped": skipped,
             "strengths": {s: counts[s] for s in STRENGTHS},
             "chosen_by_model": {n: counts[f"chosen:{n}"] for n in names},
-            "models": dict(zip(names, [str(ctx.inputs["model_a"]), str(ctx.inputs["model_b"])])),
+            "models": dict(zip(names, [str(ctx.inputs.model_a), str(ctx.inputs.model_b)])),
             "annotator": getattr(annotator, "name", type(annotator).__name__),
             "annotators": dict(Counter(labels[r.id].annotator for r in requests if r.id in labels)),
         },
     )
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass
+class AnnotateInputs:
+    model_a: str = path_field()
+    """The first model compared (`annotate.models[0]`, resolved from records)."""
+    model_b: str = path_field()
+    """The second model compared."""
+    prompt_files: list[str] = path_field()
+    """The annotation prompt pool."""
+    model_names: list[str] = field(default_factory=list)
+    """The recipe's names for the two models (`round`, `previous`, `sft`, `dpo:K`)."""
+
+
+def resolve_model(rnd, name: str) -> str:
+    """A model `annotate.models` names, from this round's (or the previous round's) records."""
+    if name == "round":
+        return rnd.output("average", "model")
+    if name == "previous":
+        return rnd.previous_model() or rnd.initial_policy()
+    if name == "sft":
+        return rnd.output("sft", "model")
+    variants = rnd.output("dpo", "variants")
+    k = int(name.split(":", 1)[1])
+    if k >= len(variants):
+        raise ValueError(f"annotate.models names {name!r}, but round {rnd.n}'s dpo stage has {len(variants)} "
+                         f"variant(s) (dpo:0 to dpo:{len(variants) - 1})")
+    return variants[k]
+
+
+def _resolve(rnd) -> AnnotateInputs:
+    cfg: AnnotateConfig = rnd.recipe.annotate
+    a, b = cfg.models
+    return AnnotateInputs(model_a=resolve_model(rnd, a), model_b=resolve_model(rnd, b),
+                          prompt_files=[rnd.path(p) for p in cfg.prompts], model_names=[a, b])
+
+
+def annotated_batches(rnd) -> list[tuple[int, str]]:
+    """(round it is for, path) of each batch the annotate step labelled before round `rnd.n`,
+    from its record: round m's step labels the batch round m + 1 trains on. A round whose
+    recipe annotates but whose step has not finished stops the resolution (waiting for labels,
+    or not run); a batch in which every pair was skipped adds nothing."""
+    out = []
+    for m in range(1, rnd.n):
+        if not enabled(rnd.loaded.for_round(m)):
+            continue
+        rec = rnd.record("annotate", m)
+        if rec is None:
+            waiting = rnd.run_dir / f"round_{m:02d}" / "annotate" / WAITING
+            if waiting.is_file():
+                raise WaitingForLabels(m, files.read_json(waiting))
+            from posttrain.rounds.orchestrator import RoundError
+
+            raise RoundError(f"round {rnd.n} needs the preference batch that round {m}'s annotate step labels, "
+                             f"but that step has not finished (run round {m} again)")
+        if rec["metrics"].get("labelled", 0) > 0:
+            out.append((m + 1, rnd.output("annotate", "preferences", m)))
+    return out
+
+
+def enabled(recipe) -> bool:
+    return recipe.annotate is not None and recipe.annotate.enabled
+
+
+def _headline(m: dict) -> list[tuple[str, Any]]:
+    # pairs labelled (a judgement), abstained (skipped), and edited
+    return [("labelled", m.get("labelled")), ("abstained", m.get("abstained")), ("edited", m.get("edited"))]
+
+
+STAGE = StageDef(name="annotate", inputs=AnnotateInputs, resolve=_resolve, headline=_headline,
+                 uses_annotator=True, enabled=enabled)
