@@ -77,11 +77,10 @@ def _cell(run_dir: Path, n: int, step: str) -> str:
         folder = stage_dir(run_dir, n, step)
         outcome = Attempts.last_outcome(folder) if folder.is_dir() else None
         if step == "annotate" and (folder / "waiting.json").is_file():
+            from posttrain.annotate.step import waiting_summary
             from posttrain.files import read_json
 
-            info = read_json(folder / "waiting.json")
-            return (f"waiting {info['labelled']}/{info['requests']} labelled"
-                    + (f", label at {info['where']}" if info.get("where") else ""))
+            return f"waiting {waiting_summary(read_json(folder / 'waiting.json'))}"
         if outcome and outcome.startswith("failed"):
             return "failed (see posttrain.log)"
         return "partial" if folder.exists() and any(folder.iterdir()) else "-"

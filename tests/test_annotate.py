@@ -232,7 +232,7 @@ def test_annotate_step_waits_for_labels_then_writes_a_loadable_batch(tmp_path, t
     from posttrain.annotate.step import WaitingForLabels, run
 
     ctx = _ctx(tmp_path, tiny_model_dir, ExternalAnnotator())
-    with pytest.raises(WaitingForLabels, match=r"waiting for labels: 0/\d+ labelled; label at export with"):
+    with pytest.raises(WaitingForLabels, match=r"waiting for labels: 0/\d+ labelled, export with `posttrain annotate export \S+ 1 requests.jsonl`"):
         run(ctx)
     folder = ctx.out_dir
     requests = list(iter_jsonl(folder / "requests.jsonl"))

@@ -133,9 +133,16 @@ class WaitingForLabels(Exception):
     def __init__(self, round: int, info: dict):
         self.round = round
         self.info = info
-        super().__init__(f"round {round} annotate: waiting for labels: {info['labelled']}/{info['requests']} "
-                         f"labelled" + (f"; label at {info['where']}" if info.get("where") else "")
-                         + ". Run the same command again to pick up new labels.")
+        super().__init__(f"round {round} annotate: waiting for labels: {waiting_summary(info)}. "
+                         "Run the same command again to pick up new labels.")
+
+
+def waiting_summary(info: dict) -> str:
+    """`12/192 labelled, label at http://...` (what `status` and the terminal show)."""
+    where = info.get("where")
+    if where:
+        where = f"label at {where}" if where.startswith(("http://", "https://")) else where
+    return f"{info['labelled']}/{info['requests']} labelled" + (f", {where}" if where else "")
 
 
 # ----------------------------------------------------------------------------- requests
