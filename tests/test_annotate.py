@@ -353,3 +353,29 @@ def test_round_two_trains_on_what_round_one_annotated(tmp_path):
 
     status = cli("status", str(run_dir))
     assert f"done" in status.stdout and "labelled=" in status.stdout
+
+
+def test_validate_checks_the_annotator_target_before_anything_runs(tmp_path):
+    import yaml
+
+    from posttrain.recipe import RecipeError, load_recipe
+
+    recipe = {"name": "t", "rounds": 2, "models": {"base": str(tmp_path)},
+              "annotate": {"prompts": ["pool.jsonl"], "models": ["dpo:0", "dpo:1"],
+                           "annotator": {"target": "os:system"}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match=r"annotate.annotator.target: annotator target 'os:system' is a function"):
+        load_recipe(tmp_path / "r.yaml").check(files=False)
+    with pytest.raises(RecipeError, match=r"annotate.prompts\[0\]: 'pool.jsonl': no such file"):
+        recipe["annotate"]["annotator"] = {"target": "posttrain.annotate.ai:RewardAnnotator",
+                                           "kwargs": {"reward": {"target": "posttrain.world.task:TaskReward"}}}
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+        load_recipe(tmp_path / "r.yaml").check(files=True)
+    recipe["annotate"]["models"] = ["round", "round"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match="the two models must differ"):
+        load_recipe(tmp_path / "r.yaml")
+    recipe["annotate"]["models"] = ["round", "best"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(RecipeError, match="expected round, previous, sft or dpo:K"):
+        load_recipe(tmp_path / "r.yaml")
