@@ -270,6 +270,16 @@ def test_annotate_step_waits_for_labels_then_writes_a_loadable_batch(tmp_path, t
     assert batch[0].chosen == first["response_a"]["text"] and batch[0].rejected == first["response_b"]["text"]
 
 
+def test_ranking_accuracy_by_hand():
+    from posttrain.annotate.step import ranking_accuracy
+
+    got = ranking_accuracy([1.0, 2.0, None, 3.0], [0.0, 2.0, 1.0, 4.0],
+                           ["better", "better", "better", "slightly_better"])
+    # pairs 1 (right), 2 (tie: half), 4 (wrong); pair 3 abstained
+    assert got == {"pairs": 3, "abstained": 1, "accuracy": 0.5,
+                   "by_strength": {"better": 0.75, "slightly_better": 0.0}}
+
+
 # ----------------------------------------------------------------------------- rounds
 
 
@@ -345,6 +355,9 @@ def test_round_two_trains_on_what_round_one_annotated(tmp_path):
     rows = list(iter_jsonl(run_dir / batch["path"]))
     assert len(rows) == m["labelled"] and {r["chosen_model"] for r in rows} <= {"round", "previous"}
     assert read_record(run_dir, 2, "annotate") is None  # the last round has no batch to make
+    # Round 1's RM, which never saw the batch, is measured on it.
+    acc = m["rm_accuracy"]
+    assert acc["pairs"] + acc["abstained"] == m["labelled"] and 0.0 <= acc["accuracy"] <= 1.0
     rm2 = read_record(run_dir, 2, "rm")["inputs"]["inputs"]["preference_files"]
     dpo2 = read_record(run_dir, 2, "dpo")["inputs"]["inputs"]["preference_files"]
     assert [f["sha256"] for f in rm2][-1] == batch["sha256"] and len(rm2) == 2  # fixed round-1 batch + annotated
@@ -379,3 +392,42 @@ def test_validate_checks_the_annotator_target_before_anything_runs(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(RecipeError, match="expected round, previous, sft or dpo:K"):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_cli_annotate_export_and_import(tmp_path, capsys):
+    from posttrain.cli import main
+
+    requests = [req("r01-a", "Sort these numbers: 2 1", "1 2", "2 1")]
+    _fake_step_folder(tmp_path, requests)
+    assert main(["annotate", "export", str(tmp_path), "1", str(tmp_path / "out.jsonl")]) == 0
+    assert "wrote 1 requests" in capsys.readouterr().out
+    row = next(iter_jsonl(tmp_path / "out.jsonl"))
+    write_jsonl(tmp_path / "labels.jsonl", [{"id": row["id"], "pair_sha256": row["pair_sha256"],
+                                             "preferred": "a", "strength": "better"}])
+    assert main(["annotate", "import", str(tmp_path), "1", str(tmp_path / "labels.jsonl")]) == 0
+    assert "1/1 requests labelled" in capsys.readouterr().out
+    write_jsonl(tmp_path / "labels.jsonl", [{"id": row["id"], "pair_sha256": "x", "preferred": "a"}])
+    assert main(["annotate", "import", str(tmp_path), "1", str(tmp_path / "labels.jsonl")]) == 1
+    assert "row 1: field 'pair_sha256'" in capsys.readouterr().err
+    assert main(["annotate", "export", str(tmp_path), "2", str(tmp_path / "x.jsonl")]) == 1
+    assert "round 2 has no annotation requests yet" in capsys.readouterr().err
+
+
+def test_cli_run_that_waits_for_labels_is_not_a_failure(tmp_path, capsys, monkeypatch):
+    from posttrain import api
+    from posttrain.annotate.step import WaitingForLabels
+    from posttrain.cli import main
+
+    folder = tmp_path / "round_01" / "annotate"
+    info = {"requests": 8, "labelled": 3, "waiting": 5, "where": "http://localhost:8080/projects/1/data"}
+    atomic_write_json(folder / "waiting.json", info)
+
+    def waits(*args, **kwargs):
+        raise WaitingForLabels(1, info)
+
+    monkeypatch.setattr(api, "run", waits)
+    assert main(["run", "--recipe", "demo", "--run-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "round 1 annotate: waiting for labels: 3/8 labelled, label at http://localhost:8080/projects/1/data" \
+        in captured.err
+    assert "waiting 3/8 labelled" in captured.out  # the status table's annotate column

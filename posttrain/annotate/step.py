@@ -52,7 +52,7 @@ from posttrain.annotate.base import (
 )
 from posttrain.data import STRENGTHS
 from posttrain.schema import StrictModel
-from posttrain.stage import StageContext, StageDef, StageResult, path_field
+from posttrain.stage import StageContext, StageDef, StageResult, metric, path_field
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,10 @@ class AnnotateConfig(StrictModel):
     """Generation precision."""
     max_batch_sequences: int = Field(64, ge=1)
     """transformers backend: most sequences decoded together."""
+    rm_accuracy: bool = True
+    """Score the labelled batch with this round's reward model (which has not seen it): the
+    share of pairs it ranks as the annotators did, `rm_accuracy` in the metrics. A reward
+    model that ranks samples well but fails here is over-optimised on the latest policy."""
 
     @field_validator("models")
     @classmethod
@@ -312,6 +316,33 @@ def preference_rows(requests: list[Request], labels: dict[str, Label]) -> tuple[
     return rows, counts
 
 
+def ranking_accuracy(chosen: list[float | None], rejected: list[float | None],
+                     strengths: list[str]) -> dict:
+    """Share of pairs where score(chosen) > score(rejected), a tie counting half; pairs the
+    reward abstained on are left out (counted). Overall and per strength label."""
+    def acc(pairs):
+        return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in pairs) / len(pairs) if pairs else None
+
+    scored = [(c, r, s) for c, r, s in zip(chosen, rejected, strengths) if c is not None and r is not None]
+    return {"pairs": len(scored), "abstained": len(chosen) - len(scored),
+            "accuracy": acc([(c, r) for c, r, _ in scored]),
+            "by_strength": {s: acc([(c, r) for c, r, t in scored if t == s]) for s in STRENGTHS
+                            if any(t == s for *_, t in scored)}}
+
+
+def reward_model_accuracy(ctx: StageContext, rows: list[dict]) -> dict:
+    """This round's RM on the batch just labelled (chosen vs rejected, edits left out)."""
+    from posttrain.reward import RMReward, active, checked_score
+
+    rm = RMReward(ctx.inputs.reward_model, device=ctx.recipe.run.device if ctx.recipe is not None else "auto",
+                  trust_remote_code=ctx.trust_remote_code)
+    prompts = [r["prompt"] for r in rows]
+    with active(rm):
+        chosen = checked_score(rm, prompts, [r["chosen"][0]["content"] for r in rows])
+        rejected = checked_score(rm, prompts, [r["rejected"][0]["content"] for r in rows])
+    return ranking_accuracy(chosen, rejected, [r["strength"] for r in rows])
+
+
 # ----------------------------------------------------------------------------- the step
 
 
@@ -345,6 +376,9 @@ def run(ctx: StageContext) -> StageResult:
     files.write_jsonl(out / BATCH, rows)
     if rows:
         data.load_preferences([out / BATCH])  # posttrain's own loader must accept the batch
+    rm_accuracy = None
+    if ctx.inputs.reward_model and rows:
+        rm_accuracy = reward_model_accuracy(ctx, rows)
     rel = out.relative_to(ctx.run_dir) if out.is_relative_to(ctx.run_dir) else out
     names = list(ctx.inputs.model_names)
     return StageResult(
@@ -357,6 +391,7 @@ def run(ctx: StageContext) -> StageResult:
             "models": dict(zip(names, [str(ctx.inputs.model_a), str(ctx.inputs.model_b)])),
             "annotator": getattr(annotator, "name", type(annotator).__name__),
             "annotators": dict(Counter(labels[r.id].annotator for r in requests if r.id in labels)),
+            "rm_accuracy": rm_accuracy,
         },
     )
 
@@ -374,6 +409,8 @@ class AnnotateInputs:
     """The annotation prompt pool."""
     model_names: list[str] = field(default_factory=list)
     """The recipe's names for the two models (`round`, `previous`, `sft`, `dpo:K`)."""
+    reward_model: str | None = path_field(default=None)
+    """This round's reward model, for `rm_accuracy` (None: not measured)."""
 
 
 def resolve_model(rnd, name: str) -> str:
@@ -396,7 +433,8 @@ def _resolve(rnd) -> AnnotateInputs:
     cfg: AnnotateConfig = rnd.recipe.annotate
     a, b = cfg.models
     return AnnotateInputs(model_a=resolve_model(rnd, a), model_b=resolve_model(rnd, b),
-                          prompt_files=[rnd.path(p) for p in cfg.prompts], model_names=[a, b])
+                          prompt_files=[rnd.path(p) for p in cfg.prompts], model_names=[a, b],
+                          reward_model=rnd.output("rm", "model") if cfg.rm_accuracy else None)
 
 
 def annotated_batches(rnd) -> list[tuple[int, str]]:
@@ -428,7 +466,9 @@ def enabled(recipe) -> bool:
 
 def _headline(m: dict) -> list[tuple[str, Any]]:
     # pairs labelled (a judgement), abstained (skipped), and edited
-    return [("labelled", m.get("labelled")), ("abstained", m.get("abstained")), ("edited", m.get("edited"))]
+    # and how often this round's RM, which never saw the batch, ranks its pairs as they did
+    return [("labelled", m.get("labelled")), ("abstained", m.get("abstained")), ("edited", m.get("edited")),
+            ("rm_acc", metric(m, "rm_accuracy", "accuracy"))]
 
 
 STAGE = StageDef(name="annotate", inputs=AnnotateInputs, resolve=_resolve, headline=_headline,
