@@ -14,7 +14,7 @@ from posttrain.annotate import (
     load_annotator,
 )
 from posttrain.annotate.world import WorldAnnotator, simulated_judgement
-from posttrain.files import atomic_write_json, iter_jsonl, write_jsonl
+from posttrain.files import atomic_write_json, iter_jsonl, read_json, write_jsonl
 from posttrain.world import task
 
 
@@ -236,9 +236,9 @@ def test_annotate_step_waits_for_labels_then_writes_a_loadable_batch(tmp_path, t
         run(ctx)
     folder = ctx.out_dir
     requests = list(iter_jsonl(folder / "requests.jsonl"))
-    manifest = list(iter_jsonl(folder / "requests.jsonl"))
-    assert requests and len(requests) + sum(v for k, v in __import__("json").loads(
-        (folder / "requests.json").read_text())["skipped"].items() if k not in ("pool", "drawn")) == 4
+    skipped = read_json(folder / "requests.json")["skipped"]
+    assert (skipped["pool"], skipped["drawn"]) == (6, 4)
+    assert requests and len(requests) + sum(v for k, v in skipped.items() if k not in ("pool", "drawn")) == 4
     for r in requests:
         assert r["id"].startswith("r01-p")
         assert {r["response_a"]["model"], r["response_b"]["model"]} == {"round", "previous"}
@@ -250,7 +250,7 @@ def test_annotate_step_waits_for_labels_then_writes_a_loadable_batch(tmp_path, t
     mtime = (folder / "requests.jsonl").stat().st_mtime_ns
     with pytest.raises(WaitingForLabels):
         run(ctx)
-    assert (folder / "requests.jsonl").stat().st_mtime_ns == mtime and manifest == list(
+    assert (folder / "requests.jsonl").stat().st_mtime_ns == mtime and requests == list(
         iter_jsonl(folder / "requests.jsonl"))
 
     labels = [{"id": r["id"], "pair_sha256": r["pair_sha256"], "preferred": "a" if i % 2 == 0 else "b",
@@ -268,6 +268,27 @@ def test_annotate_step_waits_for_labels_then_writes_a_loadable_batch(tmp_path, t
     assert batch[0].edited == "1 2 3"
     first = requests[0]
     assert batch[0].chosen == first["response_a"]["text"] and batch[0].rejected == first["response_b"]["text"]
+
+
+def test_annotate_step_starts_again_when_its_inputs_change_while_waiting(tmp_path, tiny_model_dir):
+    from posttrain.annotate.jsonl import ExternalAnnotator, import_labels
+    from posttrain.annotate.step import WaitingForLabels, read_labels_file, run
+
+    ctx = _ctx(tmp_path, tiny_model_dir, ExternalAnnotator())
+    with pytest.raises(WaitingForLabels):
+        run(ctx)
+    first = list(iter_jsonl(ctx.out_dir / "requests.jsonl"))
+    write_jsonl(tmp_path / "labels.jsonl", [{"id": first[0]["id"], "pair_sha256": first[0]["pair_sha256"],
+                                             "preferred": "a", "strength": "better"}])
+    import_labels(ctx.run_dir, 1, tmp_path / "labels.jsonl")
+    # Another sampling setup means other responses: the old labels must not carry over.
+    changed = _ctx(tmp_path, tiny_model_dir, ExternalAnnotator(),
+                   sampling=[{"temperature": 0.5, "max_new_tokens": 6}])
+    with pytest.raises(WaitingForLabels, match=r": 0/\d+ labelled"):
+        run(changed)
+    again = list(iter_jsonl(ctx.out_dir / "requests.jsonl"))
+    assert {r["response_a"]["sampling"]["temperature"] for r in again} == {0.5}
+    assert read_labels_file(ctx.out_dir) == {}
 
 
 def test_ranking_accuracy_by_hand():

@@ -150,7 +150,7 @@ class LabelStudioAnnotator:
         pid = self.project_id()
         return f"{self.url}/projects/{pid}/data" if pid is not None else self.url
 
-    def _project(self, requests: list[Request]) -> int:
+    def _project(self) -> int:
         state = self._state()
         if state.get("project_id") is not None and state.get("url") == self.url:
             return state["project_id"]
@@ -165,7 +165,7 @@ class LabelStudioAnnotator:
     # ------------------------------------------------------------------ the annotator
 
     def annotate(self, requests: list[Request]) -> list[Label | None]:
-        pid = self._project(requests)
+        pid = self._project()
         state = self._state()
         imported: dict[str, str] = state.get("imported", {})
         new = [r for r in requests if r.id not in imported]
