@@ -74,6 +74,11 @@ def data_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
                              _reasons({"no_top1": m.get("prompts_without_top1"),
                                        "prompt_too_long": (m.get("too_long") or {}).get("count"),
                                        "skipped_by_capability": m.get("skipped_by_capability")}), "-"])
+            elif stage == "annotate":
+                skipped = {k: v for k, v in (m.get("skipped") or {}).items() if k not in ("pool", "drawn")}
+                rows.append([str(n), stage, "pairs", _fmt((m.get("skipped") or {}).get("drawn")),
+                             f"{_fmt(m.get('labelled'))} labelled ({_fmt(m.get('edited'))} edited)",
+                             _reasons({"abstained": m.get("abstained"), **skipped}), "-"])
             elif "rows_trained" in m:
                 per_variant = m.get("rows_trained_by_variant") or {}
                 trained = _fmt(m["rows_trained"])

@@ -43,9 +43,10 @@ def build_context(spec: dict):
     )
 
 
-def run_spec(spec: dict, reward=None):
+def run_spec(spec: dict, reward=None, annotator=None):
     ctx = build_context(spec)
     ctx.reward = reward
+    ctx.annotator = annotator
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     from posttrain.stage import REGISTRY
 
