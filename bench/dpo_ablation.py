@@ -63,7 +63,7 @@ def evaluate(model_dir: Path, prompts, *, n: int, max_new_tokens: int, seed: int
 
     model = load_causal_lm(model_dir, dtype="float32", device="cpu")
     tok = load_tokenizer(model_dir)
-    gens = build.generate_responses(model, tok, prompts, n=n, temperature=1.0, max_new_tokens=max_new_tokens,
+    gens = build.generate_messages(model, tok, prompts, n=n, temperature=1.0, max_new_tokens=max_new_tokens,
                                     seed=seed)
     res = build.summarize_scores(prompts, gens)
     flat = [g for gs in gens for g in gs]

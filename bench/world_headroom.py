@@ -49,7 +49,7 @@ def main() -> None:
 
     from posttrain.modeling import load_causal_lm, load_tokenizer
     from posttrain.world import task
-    from posttrain.world.build import ensure_world, evaluate_model, generate_responses, read_prompts
+    from posttrain.world.build import ensure_world, evaluate_model, generate_messages, read_prompts
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one round, fewer prompts")
@@ -86,7 +86,7 @@ def main() -> None:
     for r in range(1, args.rounds + 1):
         t1 = time.perf_counter()
         prompts = rng.sample(train, args.prompts)
-        gens = generate_responses(policy, tokenizer, prompts, n=args.k, temperature=args.temperature,
+        gens = generate_messages(policy, tokenizer, prompts, n=args.k, temperature=args.temperature,
                                   seed=r)
         scores = [[task.score(task.last_user_content(p), g["text"]) for g in gs]
                   for p, gs in zip(prompts, gens)]

@@ -361,6 +361,63 @@ class TransformersGenerator:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def generate_messages(model, tokenizer, prompts: list[list[dict]], *, n: int = 1,
+                       temperature: float = 1.0, greedy: bool = False,
+                       max_new_tokens: int = 24, batch_size: int = 256,
+                       seed: int = 0) -> list[list[dict]]:
+    """`n` responses per prompt with transformers' own `model.generate`, in this process: for
+    each prompt a list of {"text", "n_tokens", "finished"}. The plain path, for a model already
+    in memory (the embedded world's builder and benchmarks' baselines); stages use
+    `generate` (a child process, shared-prefill or vLLM).
+
+    n_tokens counts the end-of-turn token when generated; finished says whether it was.
+    Same seed, model and prompts give the same responses (on the same thread count).
+    """
+    import torch
+
+    from posttrain import chat
+
+    stop_ids = set(chat.end_of_turn_ids(tokenizer))
+    stop_ids |= {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    model.eval()
+    out: list[list[dict]] = []
+    prev_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last position of each row
+    try:
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(seed)
+            for start in range(0, len(texts), batch_size):
+                chunk = texts[start:start + batch_size]
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                gen = model.generate(
+                    **enc, max_new_tokens=max_new_tokens,
+                    # Plain softmax sampling: top_k=0 turns off transformers' default top-k
+                    # of 50, which would cut the tail the temperature is meant to shape.
+                    do_sample=not greedy, temperature=None if greedy else temperature,
+                    top_p=None if greedy else 1.0, top_k=None if greedy else 0,
+                    num_return_sequences=1 if greedy else n,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=sorted(stop_ids),
+                )
+                new = gen[:, enc["input_ids"].shape[1]:].tolist()
+                per_prompt = 1 if greedy else n
+                for i in range(len(chunk)):
+                    rows = []
+                    for ids in new[i * per_prompt:(i + 1) * per_prompt]:
+                        cut = next((j for j, t in enumerate(ids) if t in stop_ids), None)
+                        body = ids if cut is None else ids[:cut]
+                        rows.append({
+                            "text": tokenizer.decode(body, skip_special_tokens=True),
+                            "n_tokens": len(ids) if cut is None else cut + 1,
+                            "finished": cut is not None,
+                        })
+                    out.append(rows * n if greedy else rows)
+    finally:
+        tokenizer.padding_side = prev_side
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # vLLM backend
 # --------------------------------------------------------------------------------------

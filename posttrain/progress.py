@@ -9,6 +9,7 @@ them out of the log. In-process work (sampling, evaluation, the world build) use
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -99,6 +100,24 @@ def trainer_callback():
             self._emit(args, state, force=state.global_step == state.max_steps)
 
     return _Progress()
+
+
+@contextlib.contextmanager
+def library_bars_off():
+    """No transformers/datasets progress bars inside the block (a stage run in the
+    orchestrator's process loads models too); they come back after it as they were."""
+    if os.environ.get("POSTTRAIN_VERBOSE") == "1":
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def quiet_libraries() -> None:

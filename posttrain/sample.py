@@ -276,7 +276,7 @@ def run(ctx: StageContext) -> StageResult:
     by_id = {it.id: it for it in items}
     work = samples / ".work"
     pending = [s for s in range(len(shards)) if not shard_path(samples, s).exists()]
-    log.info("sample: %d prompts in %d shards, %d to do", len(items), len(shards), len(pending))
+    log.debug("sample: %d prompts in %d shards, %d to do", len(items), len(shards), len(pending))
 
     # 1. Generate every pending shard (one engine load), a result file per (shard, group).
     jobs, plan = [], {}

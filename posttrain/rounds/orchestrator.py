@@ -244,10 +244,8 @@ class Round:
         spec["launch"] = {"launcher": launch.launcher, "world_size": launch.world_size,
                           "parallelism": launch.parallelism}
         try:
-            if defn.uses_reward:
-                result = self._run_in_process(spec, reward_model=inputs.reward_model)
-            elif defn.uses_annotator:
-                result = self._run_with_annotator(spec, config)
+            if defn.uses_reward or defn.uses_annotator:
+                result = self._run_in_process(defn, spec, inputs, config)
             else:
                 result = self._run_in_worker(stage, spec, launch.command)
         except StageWaiting as waiting:  # not a failure: the round waits (for people labelling)
@@ -293,20 +291,21 @@ class Round:
             if freed:
                 log.debug("round %d %s: removed its work folder (%.2f GB)", self.n, stage, freed / 1e9)
 
-    def _run_in_process(self, spec: dict, reward_model: str) -> dict:
+    def _run_in_process(self, defn: StageDef, spec: dict, inputs, config) -> dict:
+        """A stage that gets the reward or the annotator runs here, so objects passed from
+        Python work; it starts its own child processes for generation."""
         from posttrain.rounds.worker import run_spec
 
-        reward = self.build_reward(reward_model)
-        result = run_spec(spec, reward=reward)
-        return {"outputs": result.outputs, "metrics": result.metrics}
+        objects = {}
+        if defn.uses_reward:
+            objects["reward"] = self.build_reward(inputs.reward_model)
+        if defn.uses_annotator:
+            from posttrain.annotate.base import load_annotator
 
-    def _run_with_annotator(self, spec: dict, config) -> dict:
-        from posttrain.annotate.base import load_annotator
-        from posttrain.rounds.worker import run_spec
-
-        annotator = load_annotator(self.annotator_override if self.annotator_override is not None
-                                   else config.annotator)
-        result = run_spec(spec, annotator=annotator)
+            objects["annotator"] = load_annotator(self.annotator_override if self.annotator_override is not None
+                                                  else config.annotator)
+        with progress.library_bars_off():
+            result = run_spec(spec, **objects)
         return {"outputs": result.outputs, "metrics": result.metrics}
 
     def launch_plan(self, defn: StageDef):

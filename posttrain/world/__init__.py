@@ -16,12 +16,11 @@ from posttrain.world.build import (
     ensure_world,
     evaluate_model,
     evaluate_task,
-    generate_responses,
     resolve_world_path,
 )
 from posttrain.world.task import TaskReward, reference, score
 
 __all__ = [
     "WORLD_VERSION", "World", "WorldConfig", "ensure_world", "evaluate_model", "evaluate_task",
-    "generate_responses", "resolve_world_path", "TaskReward", "reference", "score",
+    "resolve_world_path", "TaskReward", "reference", "score",
 ]

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import files
+from posttrain.generation import generate_messages
 from posttrain.annotate.base import strength_of  # noqa: F401  (the world's strength rule; re-exported)
 from posttrain.data import STRENGTHS
 from posttrain.world import task
@@ -270,58 +271,6 @@ def render_prompts(tokenizer, prompts: list[list[dict]]) -> list[str]:
             for p in prompts]
 
 
-def generate_responses(model, tokenizer, prompts: list[list[dict]], *, n: int = 1,
-                       temperature: float = 1.0, greedy: bool = False,
-                       max_new_tokens: int = 24, batch_size: int = 256,
-                       seed: int = 0) -> list[list[dict]]:
-    """`n` responses per prompt: for each prompt a list of {"text", "n_tokens", "finished"}.
-
-    n_tokens counts the end-of-turn token when generated; finished says whether it was.
-    Same seed, model and prompts give the same responses (on the same thread count).
-    """
-    import torch
-
-    stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|eom_id|>")}
-    stop_ids |= {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    texts = render_prompts(tokenizer, prompts)
-    model.eval()
-    out: list[list[dict]] = []
-    prev_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the last position of each row
-    try:
-        with torch.random.fork_rng(), torch.no_grad():
-            torch.manual_seed(seed)
-            for start in range(0, len(texts), batch_size):
-                chunk = texts[start:start + batch_size]
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-                gen = model.generate(
-                    **enc, max_new_tokens=max_new_tokens,
-                    # Plain softmax sampling: top_k=0 turns off transformers' default top-k
-                    # of 50, which would cut the tail the temperature is meant to shape.
-                    do_sample=not greedy, temperature=None if greedy else temperature,
-                    top_p=None if greedy else 1.0, top_k=None if greedy else 0,
-                    num_return_sequences=1 if greedy else n,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=sorted(stop_ids),
-                )
-                new = gen[:, enc["input_ids"].shape[1]:].tolist()
-                per_prompt = 1 if greedy else n
-                for i in range(len(chunk)):
-                    rows = []
-                    for ids in new[i * per_prompt:(i + 1) * per_prompt]:
-                        cut = next((j for j, t in enumerate(ids) if t in stop_ids), None)
-                        body = ids if cut is None else ids[:cut]
-                        rows.append({
-                            "text": tokenizer.decode(body, skip_special_tokens=True),
-                            "n_tokens": len(ids) if cut is None else cut + 1,
-                            "finished": cut is not None,
-                        })
-                    out.append(rows * n if greedy else rows)
-    finally:
-        tokenizer.padding_side = prev_side
-    return out
-
-
 def summarize_scores(prompts: list[list[dict]], generations: list[list[dict]]) -> dict[str, float]:
     """Mean task score, rate of responses that ended their turn, mean length in tokens."""
     scores, finished, lengths = [], [], []
@@ -344,7 +293,7 @@ def summarize_scores(prompts: list[list[dict]], generations: list[list[dict]]) -
 def evaluate_model(model, tokenizer, prompts: list[list[dict]], *, n: int = 4,
                    temperature: float = 1.0, greedy: bool = False, max_new_tokens: int = 24,
                    seed: int = 0, batch_size: int = 256) -> dict[str, Any]:
-    gens = generate_responses(model, tokenizer, prompts, n=n, temperature=temperature,
+    gens = generate_messages(model, tokenizer, prompts, n=n, temperature=temperature,
                               greedy=greedy, max_new_tokens=max_new_tokens, seed=seed,
                               batch_size=batch_size)
     gens = [g[:1] for g in gens] if greedy else gens  # greedy: one response is all of them
@@ -526,9 +475,9 @@ def annotate(model, tokenizer, items: list[task.TaskItem], config: WorldConfig, 
 
     prompts = [it.messages() for it in items]
     t_a, t_b = config.annotation_temperatures
-    gen_a = generate_responses(model, tokenizer, prompts, n=1, temperature=t_a,
+    gen_a = generate_messages(model, tokenizer, prompts, n=1, temperature=t_a,
                                max_new_tokens=config.max_new_tokens, seed=seed)
-    gen_b = generate_responses(model, tokenizer, prompts, n=1, temperature=t_b,
+    gen_b = generate_messages(model, tokenizer, prompts, n=1, temperature=t_b,
                                max_new_tokens=config.max_new_tokens, seed=seed + 1)
     rows = []
     counts = {"ties": 0, "empty": 0, "unfinished": 0, "edited": 0, **{s: 0 for s in STRENGTHS}}
