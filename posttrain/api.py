@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from posttrain.recipe import RecipeError, dump_recipe, load_recipe
-from posttrain.records import STEPS, InputsChanged, read_record, stage_dir
+from posttrain.records import InputsChanged, read_record, stage_dir
 from posttrain.rounds.orchestrator import (
     RoundError,
     list_rounds,
@@ -15,7 +15,7 @@ from posttrain.rounds.orchestrator import (
     run_round,
     run_rounds,
 )
-from posttrain.stage import STAGES, format_headline, headline
+from posttrain.stage import STEPS, format_headline, headline
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors the CLI prints as one message (exit 1): a bad recipe, data, reward target or
@@ -112,17 +112,13 @@ def status_table(run_dir, legend: bool = True) -> str:
 
 def evaluate(run_dir, round: int, *, force: bool = False) -> dict:
     """Evaluate round `round`'s final model (the recipe is the run folder's snapshot)."""
-    from posttrain.eval import evaluate_round
     from posttrain.rounds.orchestrator import Round
 
     run_dir = Path(run_dir)
     loaded = load_recipe(run_dir / "recipe.yaml")
     if read_record(run_dir, round, "average") is None:
         raise RoundError(f"round {round} has not finished in {run_dir}: nothing to evaluate")
-    rnd = Round(round, loaded, run_dir)
-    for stage in STAGES:
-        rnd.records[stage] = read_record(run_dir, round, stage)
-    return evaluate_round(rnd, force=force)
+    return Round(round, loaded, run_dir, force=force).run_stage("eval")
 
 
 def format_metrics(metrics: dict) -> str:

@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 
 from posttrain.files import atomic_dir, read_json
 from posttrain.schema import StrictModel
-from posttrain.stage import StageContext, StageResult
+from posttrain.stage import StageContext, StageDef, StageResult, path_field
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -549,17 +549,17 @@ def _relative(path: Path, run_dir: Path) -> str:
 
 
 def run(ctx: StageContext) -> StageResult:
-    """Average `ctx.inputs["models"]` (the round's DPO variants) into `out_dir/model`.
+    """Average `ctx.inputs.models` (the round's DPO variants) into `out_dir/model`.
 
-    One plain input is recorded as-is (no copy). `ctx.inputs["base_model"]`, when present,
-    is the base for LoRA inputs whose adapter config does not name a local one.
+    One plain input is recorded as-is (no copy). `ctx.inputs.base_model`, when given, is the
+    base for LoRA inputs whose adapter config does not name a local one.
     """
     config = ctx.config if ctx.config is not None else AverageConfig()
     if not isinstance(config, AverageConfig):
         config = AverageConfig.model_validate(config)
-    models = ctx.inputs.get("models")
+    models = ctx.inputs.models
     if isinstance(models, (str, os.PathLike)) or not models:
-        raise AverageError(f"average stage: inputs['models'] must be a non-empty list of model folders, got {models!r}")
+        raise AverageError(f"average stage: inputs.models must be a non-empty list of model folders, got {models!r}")
     models = [Path(m) for m in models]
     weights = normalise_weights(config.weights, len(models))
     start = time.perf_counter()
@@ -573,10 +573,33 @@ def run(ctx: StageContext) -> StageResult:
     out = Path(ctx.out_dir) / "model"
     stats: dict = {}
     average_checkpoints(models, out, config.weights, max_shard_size=config.max_shard_size,
-                        lora_base=ctx.inputs.get("base_model"), stats=stats)
+                        lora_base=ctx.inputs.base_model, stats=stats)
     return StageResult(
         outputs={"model": _relative(out, ctx.run_dir)},
         metrics={"n_inputs": len(models), "weights": weights, "tensors": stats["tensors"],
                  "bytes": stats["bytes"], "shards": stats["shards"],
                  "seconds": round(time.perf_counter() - start, 3)},
     )
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class AverageInputs:
+    models: list[str] = path_field()
+    """The round's DPO variants."""
+    base_model: str | None = path_field(default=None)
+    """The base of LoRA inputs whose adapter config names no local base."""
+
+
+def _resolve(rnd) -> AverageInputs:
+    return AverageInputs(models=rnd.output("dpo", "variants"))
+
+
+def _headline(m: dict) -> list[tuple[str, Any]]:
+    return [("models", m.get("n_inputs"))]
+
+
+STAGE = StageDef(name="average", inputs=AverageInputs, resolve=_resolve, headline=_headline,
+                 model_outputs=("model",))

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from posttrain.stage import STAGES
+from posttrain.stage import STEPS
 
 DESCRIPTION = """\
 posttrain runs the Llama 3 post-training loop. One round is five stages:
@@ -28,7 +28,7 @@ def _add_common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="rerun stages whose inputs changed since they finished (default: refuse)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after each round")
-    p.add_argument("--redo", action="append", default=[], metavar="STAGE", choices=STAGES,
+    p.add_argument("--redo", action="append", default=[], metavar="STAGE", choices=STEPS,
                    help="run this stage again from scratch though it finished (its record and folder are "
                         "removed first; later stages rerun if their inputs change); repeatable")
 

@@ -23,10 +23,8 @@ whose row key hashes the pair's tokens and its DPO mask: variants of one stage s
 and a changed mask can never reuse numbers computed under another one (TRL's own cache is
 keyed by dataset fingerprint and model, not by the collator).
 
-Inputs (`ctx.inputs`): `sft_model` (folder), `preference_files` (list, may be empty),
-`samples` (folder of sample shards, or None). Outputs: `variants` (list of model folders,
-relative to the run folder; the `average` stage averages them). Optional
-`ctx.extra["trainer_callbacks"]`: extra transformers TrainerCallbacks (tests, tooling).
+Inputs: `DPOInputs`. Outputs: `variants` (list of model folders, relative to the run folder;
+the `average` stage averages them).
 """
 
 from __future__ import annotations
@@ -42,8 +40,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from posttrain import files
-from posttrain.data import STRENGTHS
-from posttrain.stage import StageContext, StageResult
+from posttrain.preferences import PreferenceFilter, rank
+from posttrain.stage import StageContext, StageDef, StageResult, path_field, variant_mean
 from posttrain.training import (
     TrainingSettings,
     data_counts,
@@ -61,7 +59,7 @@ TRAINING_SERIES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/cho
                    "logps/chosen", "logps/rejected", "nll")
 
 
-class DPOStageConfig(TrainingSettings):
+class DPOStageConfig(TrainingSettings, PreferenceFilter):
     """The `dpo` stage. Named so it does not clash with trl.DPOConfig."""
 
     beta: float = Field(0.1, gt=0)
@@ -78,16 +76,8 @@ class DPOStageConfig(TrainingSettings):
     latest_batch_only: bool = True
     """Pairs from the latest round's preference batch only (the paper); False: every batch so far."""
     pairs_from_preferences: bool = True
-    """Build pairs from the preference files."""
-    latest_batch_only: bool = True
-    """Use only this round's preference batch (the paper: mostly the latest batches); off: every batch
-    so far. The orchestrator turns this into inputs['preference_files']."""
-    keep_strengths: list[str] = Field(default_factory=lambda: ["significantly_better", "better"])
-    """Preference strengths kept as DPO pairs."""
-    keep_unlabelled: bool = True
-    """Keep preference rows that carry no strength label (TRL-format data without `strength`)."""
-    use_edited: bool = True
-    """Where a ranking has an `edited` response, use it as the chosen one (edited > chosen > rejected)."""
+    """Build pairs from the preference files (filtered by `keep_strengths`, `keep_unlabelled`,
+    `use_edited`: posttrain.preferences)."""
     on_policy_pairs: bool = False
     """Add on-policy pairs from the `sample` stage: the reward's best vs worst of the K samples."""
     min_score_gap: float = Field(0.0, ge=0)
@@ -101,9 +91,6 @@ class DPOStageConfig(TrainingSettings):
 
     @model_validator(mode="after")
     def _check(self):
-        unknown = sorted(set(self.keep_strengths) - set(STRENGTHS))
-        if unknown:
-            raise ValueError(f"keep_strengths: unknown strength(s) {unknown}; known: {list(STRENGTHS)}")
         if not (self.pairs_from_preferences or self.on_policy_pairs):
             raise ValueError("pairs_from_preferences and on_policy_pairs are both off: DPO would have no data")
         return self
@@ -192,25 +179,20 @@ class Pair:
 
 
 def preference_pairs(prefs, cfg: DPOStageConfig) -> tuple[list[Pair], Counter]:
-    """DPO pairs from normalised preference rows, with a count per reason for every row."""
+    """DPO pairs from normalised preference rows: each row's widest kept pair (the edited or
+    chosen response vs the rejected one; posttrain.preferences.rank), with a count per reason
+    for every row."""
     pairs, counts = [], Counter()
-    keep = set(cfg.keep_strengths)
     for p in prefs:
-        if p.strength is None and not cfg.keep_unlabelled:
-            counts["preferences/dropped_unlabelled"] += 1
+        ranking, drops = rank(p, cfg)
+        if ranking is None:
+            counts[f"preferences/dropped_{next(iter(drops))}"] += 1
             continue
-        if p.strength is not None and p.strength not in keep:
-            counts[f"preferences/dropped_strength_{p.strength}"] += 1
-            continue
-        chosen = p.chosen
-        if cfg.use_edited and p.edited is not None and p.edited.strip():
-            chosen = p.edited
+        chosen, rejected = ranking.widest_pair()
+        if cfg.use_edited and p.edited is not None and chosen == p.edited:
             counts["preferences/edited_as_chosen"] += 1
-        if chosen.strip() == p.rejected.strip():
-            counts["preferences/dropped_identical"] += 1
-            continue
         counts["preferences/kept"] += 1
-        pairs.append(Pair(p.prompt, chosen, p.rejected, "preferences", p.source))
+        pairs.append(Pair(p.prompt, chosen, rejected, "preferences", p.source))
     return pairs, counts
 
 
@@ -635,11 +617,11 @@ def run(ctx: StageContext) -> StageResult:
     from posttrain.modeling import load_tokenizer
 
     cfg: DPOStageConfig = ctx.config
-    sft_model = Path(ctx.inputs["sft_model"])
+    sft_model = Path(ctx.inputs.sft_model)
     tokenizer = load_tokenizer(sft_model, trust_remote_code=ctx.trust_remote_code)
     fmt_ids = chat.formatting_token_ids(tokenizer, ctx.formatting_tokens)
 
-    pairs, counts = build_pairs(cfg, ctx.inputs.get("preference_files") or [], ctx.inputs.get("samples"))
+    pairs, counts = build_pairs(cfg, ctx.inputs.preference_files, ctx.inputs.samples)
     pairs_read = len(pairs) + sum(v for k, v in counts.items() if "/dropped_" in k)
     long_dropped: dict[str, int] = {}
     rows, enc_counts = encode_pairs(tokenizer, pairs, cfg, ctx.formatting_tokens)
@@ -679,7 +661,7 @@ def run(ctx: StageContext) -> StageResult:
         trainer, metrics = train_variant(
             cfg=cfg, variant=variant, seed=seed, sft_model=sft_model, tokenizer=tokenizer, rows=rows,
             work_dir=ctx.out_dir / "work" / name, ref_cache=ref_cache, trust_remote_code=ctx.trust_remote_code,
-            report_to=ctx.report_to, callbacks=ctx.extra.get("trainer_callbacks", ()),
+            report_to=ctx.report_to, callbacks=ctx.callbacks,
         )
         # Collective: the weights are gathered, LoRA merged, rank 0 writes and every rank waits.
         save_final_model(trainer, tokenizer, final)
@@ -701,3 +683,33 @@ def run(ctx: StageContext) -> StageResult:
                       trained_by_variant={k: v.get("pairs") for k, v in per_variant.items()}),
     }
     return StageResult(outputs={"variants": outputs}, metrics=result_metrics)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class DPOInputs:
+    sft_model: str = path_field()
+    """This round's SFT model: the policy's start and the reference."""
+    preference_files: list[str] = path_field(default_factory=list)
+    """The latest preference batch (`dpo.latest_batch_only`), else every batch so far."""
+    samples: str | None = path_field(default=None)
+    """This round's sample shards (on-policy pairs, `dpo.on_policy_pairs`)."""
+
+
+def _resolve(rnd) -> DPOInputs:
+    r = rnd.recipe
+    return DPOInputs(sft_model=rnd.output("sft", "model"),
+                     preference_files=rnd.preference_files(only_latest=r.dpo.latest_batch_only),
+                     samples=rnd.output("sample", "samples"))
+
+
+def _headline(m: dict) -> list[tuple[str, Any]]:
+    # the last logged reward accuracy (the share of pairs whose implicit reward ranks chosen
+    # first, mean over variants); pairs trained on
+    return [("acc", variant_mean(m, "rewards/accuracies", "last")), ("pairs", m.get("pairs"))]
+
+
+STAGE = StageDef(name="dpo", inputs=DPOInputs, resolve=_resolve, headline=_headline, model_outputs=("variants",),
+                 launcher=True)

@@ -222,7 +222,7 @@ def verify_model_folder(path: str | os.PathLike) -> None:
     LoRA adapter (adapter_config.json + adapter_model.safetensors), plus a tokenizer that
     parses. Weights are checked by header and length, never loaded. Raises ModelFolderError
     naming the folder and what is missing; the orchestrator calls this before it writes the
-    record of a stage whose outputs are models (posttrain.stage.MODEL_OUTPUTS)."""
+    record of a stage whose outputs are models (StageDef.model_outputs)."""
     folder = Path(path)
     if not folder.is_dir():
         raise ModelFolderError(f"{folder}: the model folder does not exist")

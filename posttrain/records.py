@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.files import atomic_write_json, hash_json, hash_path, read_json
-from posttrain.stage import STAGES
 
 RECORD = "record.json"
-STEPS = (*STAGES, "eval")
 
 
 class InputsChanged(RuntimeError):

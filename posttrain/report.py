@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.files import atomic_write_text, iter_jsonl
-from posttrain.records import STEPS, output_path, read_record
+from posttrain.records import output_path, read_record
+from posttrain.stage import STEPS
 from posttrain.rounds.orchestrator import list_rounds
 
 EVAL_METRICS = [

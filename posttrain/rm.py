@@ -18,9 +18,7 @@ Two ways to train, chosen by `RMConfig.packing`:
   holds about 3.6x fewer tokens than the 3 expanded pairs of a 3-way ranking.
 - pairs: TRL's RewardTrainer on the expanded (chosen, rejected) pairs, the baseline.
 
-Inputs (`ctx.inputs`): `base_model`, `preference_files` (cumulative over rounds),
-`heldout_preference_files` (may be empty: then a seeded share of the training rankings is held
-out). Output: `{"model": "round_NN/rm/model"}`.
+Inputs: `RMInputs`. Output: `{"model": "round_NN/rm/model"}`.
 """
 
 from __future__ import annotations
@@ -40,7 +38,8 @@ from pydantic import Field, field_validator, model_validator
 from posttrain import distributed, training
 from posttrain.data import STRENGTHS
 from posttrain.files import atomic_write_json, read_json
-from posttrain.stage import StageContext, StageResult
+from posttrain.preferences import PreferenceFilter, Ranking, rank
+from posttrain.stage import StageContext, StageDef, StageResult, metric, path_field
 
 
 # Llama 2 report, table 28 ("margin small"): the margin grows with the annotated strength.
@@ -48,7 +47,7 @@ LLAMA2_MARGINS = {"significantly_better": 1.0, "better": 2.0 / 3.0, "slightly_be
                   "marginally_better": 0.0}
 
 
-class RMConfig(training.TrainingSettings):
+class RMConfig(training.TrainingSettings, PreferenceFilter):
     """The `rm` stage: reward model training (Bradley-Terry on ranked responses)."""
 
     cumulative: bool = True
@@ -56,12 +55,6 @@ class RMConfig(training.TrainingSettings):
     packing: bool = True
     """One row per ranking (prompt once, responses under a block mask: the paper's way); False
     trains TRL's RewardTrainer on expanded (chosen, rejected) pairs (the baseline)."""
-    keep_strengths: list[str] = Field(default_factory=lambda: ["significantly_better", "better"])
-    """Preference strengths whose pairs are trained on; pairs of other strengths are dropped and counted."""
-    keep_unlabelled: bool = True
-    """Keep pairs whose row has no `strength` (data without strength labels)."""
-    use_edited: bool = True
-    """Rank the `edited` response above `chosen` when a row has one (edited > chosen > rejected)."""
     edited_strength: str | None = None
     """Strength given to pairs involving the edited response; None: the row's own strength."""
     margin: bool = False
@@ -79,14 +72,6 @@ class RMConfig(training.TrainingSettings):
     """Stop the round after `rm` when the reward model's held-out accuracy is below this (chance
     is 0.5): a reward model that cannot rank held-out pairs would only rank samples by noise or
     length. 0 turns the check off. With no held-out pairs there is nothing to check."""
-
-    @field_validator("keep_strengths")
-    @classmethod
-    def _known_strengths(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in STRENGTHS]
-        if bad:
-            raise ValueError(f"unknown strength(s) {bad}; known: {list(STRENGTHS)}")
-        return v
 
     @field_validator("edited_strength")
     @classmethod
@@ -107,73 +92,11 @@ class RMConfig(training.TrainingSettings):
 # ----------------------------------------------------------------------------- rankings, pairs
 
 
-@dataclass
-class Ranking:
-    """The responses of one preference row, best first, and the pairs kept for training."""
-
-    id: str
-    source: str
-    prompt: list[dict]
-    responses: list[str]
-    """Best first: [edited,] chosen, rejected."""
-    pairs: list[tuple[int, int]]
-    """(better, worse) indices into `responses`."""
-    strengths: list[str | None]
-    """Strength of each pair."""
-
-
-def ranking_responses(pref: Any, use_edited: bool = True) -> list[str]:
-    """[edited, chosen, rejected] (edited only when present and used), best first."""
-    edited = getattr(pref, "edited", None)
-    out = [edited] if (use_edited and edited is not None) else []
-    return out + [pref.chosen, pref.rejected]
-
-
-def expand_ranking(pref: Any, *, keep_strengths: list[str], keep_unlabelled: bool = True,
-                   use_edited: bool = True, edited_strength: str | None = None,
-                   all_pairs: bool = False) -> tuple[Ranking | None, Counter]:
-    """Every ordered pair of a ranking, filtered by strength. Returns (ranking or None, drops).
-
-    `drops` counts dropped *pairs* by reason: `strength_<label>`, `unlabelled`,
-    `identical_responses`, `edited_unused`. With `all_pairs` no strength filter applies (held-out
-    metrics report every strength). Responses in no kept pair are removed from the ranking.
-    """
-    drops: Counter = Counter()
-    edited = getattr(pref, "edited", None)
-    if edited is not None and not use_edited:
-        drops["edited_unused"] += 2
-    responses = ranking_responses(pref, use_edited)
-    has_edit = len(responses) == 3
-    kept: list[tuple[int, int]] = []
-    strengths: list[str | None] = []
-    for i in range(len(responses)):
-        for j in range(i + 1, len(responses)):
-            s = pref.strength
-            if has_edit and i == 0:
-                s = edited_strength or pref.strength
-            if responses[i] == responses[j]:
-                drops["identical_responses"] += 1
-            elif not all_pairs and s is None and not keep_unlabelled:
-                drops["unlabelled"] += 1
-            elif not all_pairs and s is not None and s not in keep_strengths:
-                drops[f"strength_{s}"] += 1
-            else:
-                kept.append((i, j))
-                strengths.append(s)
-    if not kept:
-        return None, drops
-    used = sorted({k for p in kept for k in p})
-    remap = {old: new for new, old in enumerate(used)}
-    return Ranking(id=str(pref.id), source=str(getattr(pref, "source", pref.id)), prompt=list(pref.prompt),
-                   responses=[responses[k] for k in used], pairs=[(remap[a], remap[b]) for a, b in kept],
-                   strengths=strengths), drops
-
-
 def expand_rankings(prefs: list, cfg: RMConfig, all_pairs: bool = False) -> tuple[list[Ranking], Counter]:
+    """Every row's kept pairs (posttrain.preferences.rank), and dropped pairs by reason."""
     rankings, drops = [], Counter()
     for p in prefs:
-        r, d = expand_ranking(p, keep_strengths=cfg.keep_strengths, keep_unlabelled=cfg.keep_unlabelled,
-                              use_edited=cfg.use_edited, edited_strength=cfg.edited_strength, all_pairs=all_pairs)
+        r, d = rank(p, cfg, edited_strength=cfg.edited_strength, all_pairs=all_pairs)
         drops.update(d)
         if r is not None:
             rankings.append(r)
@@ -725,11 +648,11 @@ def run(ctx: StageContext) -> StageResult:
     cfg: RMConfig = ctx.config
     t0 = time.time()
     out_dir = Path(ctx.out_dir)
-    base = Path(ctx.inputs["base_model"])
+    base = Path(ctx.inputs.base_model)
     tokenizer = load_tokenizer(base, trust_remote_code=ctx.trust_remote_code)
 
-    prefs = data.load_preferences([Path(p) for p in ctx.inputs["preference_files"]])
-    heldout_files = [Path(p) for p in ctx.inputs.get("heldout_preference_files") or []]
+    prefs = data.load_preferences([Path(p) for p in ctx.inputs.preference_files])
+    heldout_files = [Path(p) for p in ctx.inputs.heldout_preference_files]
     rankings, drops = expand_rankings(prefs, cfg)
     items, long_drops = _encode_all(tokenizer, rankings, cfg.max_length)
     drops.update(long_drops)
@@ -832,3 +755,34 @@ def run(ctx: StageContext) -> StageResult:
     check_heldout_accuracy(metrics["heldout"], cfg.min_heldout_accuracy)  # rank 0 alone has the accuracy
     model_rel = (out_dir / "model").resolve().relative_to(Path(ctx.run_dir).resolve())
     return StageResult(outputs={"model": model_rel.as_posix()}, metrics=metrics)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class RMInputs:
+    base_model: str = path_field()
+    """The pre-trained checkpoint the reward model starts from (a fresh score head)."""
+    preference_files: list[str] = path_field()
+    """Every preference batch up to this round (`rm.cumulative`), else the latest."""
+    heldout_preference_files: list[str] = path_field(default_factory=list)
+    """Never trained on; empty: a seeded share of the training rankings is held out."""
+
+
+def _resolve(rnd) -> RMInputs:
+    r = rnd.recipe
+    return RMInputs(base_model=rnd.path(r.models.base),
+                    preference_files=rnd.preference_files(only_latest=not r.rm.cumulative),
+                    heldout_preference_files=[rnd.path(p) for p in r.data.heldout_preferences])
+
+
+def _headline(m: dict) -> list[tuple[str, Any]]:
+    # held-out ranking accuracy; rankings trained on; share of held-out pairs where the RM
+    # prefers the longer response (0.5: no length bias)
+    return [("acc", metric(m, "heldout", "accuracy")), ("rankings", m.get("rankings")),
+            ("longer", metric(m, "heldout", "prefers_longer"))]
+
+
+STAGE = StageDef(name="rm", inputs=RMInputs, resolve=_resolve, headline=_headline, model_outputs=("model",),
+                 launcher=True)

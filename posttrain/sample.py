@@ -4,8 +4,7 @@ K responses per prompt from the current policy (vLLM, or the transformers shared
 backend), every response scored by the configured reward, the best one per prompt kept as
 SFT data, and all K kept with their scores for DPO pairs and data quality control.
 
-    inputs:  policy_model, prompt_files; ctx.reward; ctx.extra["capabilities"],
-             ctx.extra["prompt_capabilities"] (prompt file -> capability override)
+    inputs:  SampleInputs; ctx.reward (the recipe's reward, built from the round's RM)
     outputs: samples/  shard_00000.jsonl, ... (one row per prompt, all K; see docs/design.md)
              top1.jsonl (SFT rows in messages format)
 
@@ -28,7 +27,7 @@ import hashlib
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +36,7 @@ from pydantic import Field
 from posttrain import files, progress
 from posttrain.generation import EngineOptions, Job, SamplingSettings, read_job_result, run_jobs
 from posttrain.schema import StrictModel
-from posttrain.stage import StageContext, StageResult
+from posttrain.stage import StageContext, StageDef, StageResult, path_field
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +167,12 @@ def plan_items(ctx: StageContext, tokenizer) -> tuple[list[Item], list[dict], li
     from posttrain import chat, data
 
     cfg: SampleConfig = ctx.config
-    capabilities = ctx.extra.get("capabilities", {}) or {}
-    overrides = ctx.extra.get("prompt_capabilities", {}) or {}
+    capabilities = ctx.inputs.capabilities
+    overrides = ctx.inputs.prompt_capabilities
     items, too_long, skipped = [], [], []
     seen: dict[str, str] = {}
     n_read = 0
-    for path in ctx.inputs["prompt_files"]:
+    for path in ctx.inputs.prompt_files:
         override = overrides.get(str(path))
         for p in data.load_prompts([path]):
             n_read += 1
@@ -207,7 +206,7 @@ def _fingerprint(ctx: StageContext, items: list[Item], seed: int, stop_ids: list
         h.update(files.hash_json([it.id, it.prompt_ids, it.settings]).encode())
     return files.hash_json({
         "items": h.hexdigest(), "seed": seed, "stop": stop_ids, "require_finished": cfg.require_finished,
-        "shard_size": cfg.shard_size, "policy": files.hash_path(ctx.inputs["policy_model"]),
+        "shard_size": cfg.shard_size, "policy": files.hash_path(ctx.inputs.policy_model),
         # The reward by content: a run folder that moved keeps its finished shards.
         "reward": reward_fingerprint(ctx.reward), "version": MANIFEST_VERSION,
     })
@@ -267,7 +266,7 @@ def run(ctx: StageContext) -> StageResult:
     if ctx.reward is None:
         raise ValueError("sample: ctx.reward is not set; the stage needs a reward to score samples")
     started = time.perf_counter()
-    policy = ctx.inputs["policy_model"]
+    policy = ctx.inputs.policy_model
     tokenizer = modeling.load_tokenizer(policy, trust_remote_code=ctx.trust_remote_code)
     stop_ids = chat.end_of_turn_ids(tokenizer)
     seed = ctx.seed if cfg.seed is None else cfg.seed
@@ -408,3 +407,43 @@ def _metrics(rows: list[dict], top1: list[dict], too_long: list[dict], skipped: 
         "finished_rate": _mean([float(f) for f in finished]),
         "mean_response_tokens": _mean([float(n) for n in lengths]),
     }
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class SampleInputs:
+    policy_model: str = path_field()
+    """Round 1: the initial policy (or `sample.policy`); later rounds: the previous round's model."""
+    prompt_files: list[str] = path_field()
+    reward_model: str | None = path_field(default=None)
+    """This round's RM: what `reward: rm` (or "@rm" in a reward spec) scores with."""
+    capabilities: dict[str, dict] = field(default_factory=dict)
+    """The recipe's per-capability settings (posttrain.recipe.Capability, as dicts)."""
+    prompt_capabilities: dict[str, str] = field(default_factory=dict)
+    """Prompt file -> the capability every prompt of it has (overrides the rows' own)."""
+
+
+def _resolve(rnd) -> SampleInputs:
+    r = rnd.recipe
+    if r.sample.policy:
+        policy = rnd.path(r.sample.policy)
+    else:
+        policy = rnd.previous_model() or rnd.initial_policy()
+    return SampleInputs(
+        policy_model=policy, prompt_files=[rnd.path(p.path) for p in r.data.prompts],
+        reward_model=rnd.output("rm", "model"),
+        capabilities={name: c.model_dump() for name, c in r.capabilities.items()},
+        prompt_capabilities={rnd.path(p.path): p.capability for p in r.data.prompts if p.capability})
+
+
+def _headline(m: dict) -> list[tuple[str, Any]]:
+    # the mean reward of the kept top-1 (on the recipe's reward's own scale, so a checker plus
+    # a reward-model tie-break can exceed 1); prompts with a top-1; prompts without one
+    no_top1 = m.get("prompts_without_top1")  # a list of ids in older records
+    return [("top1", m.get("score_best_mean")), ("prompts", m.get("top1")),
+            ("no_top1", len(no_top1) if isinstance(no_top1, list) else no_top1)]
+
+
+STAGE = StageDef(name="sample", inputs=SampleInputs, resolve=_resolve, headline=_headline, uses_reward=True)

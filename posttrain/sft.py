@@ -19,23 +19,20 @@ one tokenization, the masks derived from the template) and hand TRL's SFTTrainer
 `labels`; TRL uses such labels as they are (trl/trainer/sft_trainer.py: "A dataset that
 already provides a 'labels' column is left as is"). No packing: examples stay separate.
 
-Inputs (`ctx.inputs`): `init_model` (the pre-trained checkpoint by default, as the paper does
-each round, or the previous round's model: the orchestrator resolves it from `init`),
-`top1_files` (this and, when `cumulative`, earlier rounds' top-1 files), `sft_files` (the
-recipe's SFT data). Output: `model` (variants averaged, LoRA merged). Intermediate work
-(checkpoints, variant models before averaging) lies under `work/`. Optional
-`ctx.extra["trainer_callbacks"]`: extra transformers TrainerCallbacks (tests, tooling).
+Inputs: `SFTInputs`. Output: `model` (variants averaged, LoRA merged). Intermediate work
+(checkpoints, variant models before averaging) lies under `work/`.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from posttrain import files
-from posttrain.stage import StageContext, StageResult
+from posttrain.stage import StageContext, StageDef, StageResult, path_field, variant_mean
 from posttrain.training import (
     WORK,
     LongContextMix,
@@ -177,9 +174,9 @@ def run(ctx: StageContext) -> StageResult:
     from posttrain.modeling import load_tokenizer
 
     cfg: SFTStageConfig = ctx.config
-    init_model = Path(ctx.inputs["init_model"])
-    top1_files = [str(p) for p in ctx.inputs.get("top1_files") or []]
-    sft_files = [str(p) for p in ctx.inputs.get("sft_files") or []]
+    init_model = Path(ctx.inputs.init_model)
+    top1_files = [str(p) for p in ctx.inputs.top1_files]
+    sft_files = [str(p) for p in ctx.inputs.sft_files]
     if not top1_files and not sft_files:
         raise ValueError("sft: no top1_files and no sft_files given (no top-1 samples and no recipe SFT data)")
     tokenizer = load_tokenizer(init_model, trust_remote_code=ctx.trust_remote_code)
@@ -213,7 +210,7 @@ def run(ctx: StageContext) -> StageResult:
         trainer, metrics = train_variant(
             cfg=cfg, variant=variant, seed=seed, init_model=init_model, tokenizer=tokenizer, rows=rows,
             work_dir=ctx.out_dir / WORK / name, trust_remote_code=ctx.trust_remote_code,
-            report_to=ctx.report_to, callbacks=ctx.extra.get("trainer_callbacks", ()),
+            report_to=ctx.report_to, callbacks=ctx.callbacks,
         )
         # Collective: the weights are gathered, LoRA merged, rank 0 writes and every rank waits.
         save_final_model(trainer, tokenizer, out)
@@ -243,3 +240,35 @@ def run(ctx: StageContext) -> StageResult:
             "variants": per_variant,
         },
     )
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class SFTInputs:
+    init_model: str = path_field()
+    """The pre-trained checkpoint (the paper's way, every round), or the previous round's
+    model (`sft.init: previous`)."""
+    top1_files: list[str] = path_field(default_factory=list)
+    """This round's top-1 samples and, when `sft.cumulative`, earlier rounds'."""
+    sft_files: list[str] = path_field(default_factory=list)
+    """The recipe's SFT data."""
+
+
+def _resolve(rnd) -> SFTInputs:
+    r = rnd.recipe
+    rounds = range(1, rnd.n + 1) if r.sft.cumulative else [rnd.n]
+    top1 = [rnd.output("sample", "top1", m) for m in rounds]
+    init = rnd.previous_model() if r.sft.init == "previous" else None
+    return SFTInputs(init_model=init or rnd.path(r.models.base), top1_files=top1,
+                     sft_files=[rnd.path(p) for p in r.data.sft])
+
+
+def _headline(m: dict) -> list[tuple[str, Any]]:
+    # the last logged training loss (mean over variants); examples trained on
+    return [("loss", variant_mean(m, "loss", "last")), ("examples", m.get("rows_trained"))]
+
+
+STAGE = StageDef(name="sft", inputs=SFTInputs, resolve=_resolve, headline=_headline, model_outputs=("model",),
+                 launcher=True)

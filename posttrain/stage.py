@@ -1,29 +1,119 @@
-"""The contract between the round orchestrator and the stages.
+"""The contract between the round orchestrator and the stages, and the stage registry.
 
-A stage is a function `run(ctx: StageContext) -> StageResult`. The orchestrator resolves
-every input from earlier records (never by guessing paths), hashes them, runs the stage in
-its own process, and writes the stage's record last. The stage writes only under
+A stage is a module with `run(ctx: StageContext) -> StageResult` and a `STAGE = StageDef(...)`
+that says everything the orchestrator needs to know about it: its typed inputs and how they
+are resolved from the recipe and earlier records, where it runs, which outputs are models,
+and its headline metrics. The orchestrator (posttrain.rounds.orchestrator) only walks
+`REGISTRY`: adding a stage means writing its module and adding one line here.
+
+The orchestrator resolves every input from earlier records (never by guessing paths),
+hashes them, runs the stage, and writes the stage's record last. The stage writes only under
 `ctx.out_dir`, atomically, and may continue from whatever complete work it finds there.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-STAGES = ("rm", "sample", "sft", "dpo", "average")
+# The round, in order: (stage name, module). A stage's module defines `STAGE` and `run`.
+REGISTRY: tuple[tuple[str, str], ...] = (
+    ("rm", "posttrain.rm"),
+    ("sample", "posttrain.sample"),
+    ("sft", "posttrain.sft"),
+    ("dpo", "posttrain.dpo"),
+    ("average", "posttrain.average"),
+    ("eval", "posttrain.eval"),
+)
+STEPS: tuple[str, ...] = tuple(name for name, _ in REGISTRY)
+"""Every step of a round, in the order it runs (the columns of `posttrain status`)."""
 
-MODEL_OUTPUTS: dict[str, tuple[str, ...]] = {"rm": ("model",), "sft": ("model",), "dpo": ("variants",),
-                                             "average": ("model",)}
-"""Each stage's outputs that are model folders (a path, or a list of paths): the orchestrator
-checks each with `modeling.verify_model_folder` before it writes the stage's record."""
+
+def get(name: str) -> StageDef:
+    """The definition of stage `name` (imports its module)."""
+    modules = dict(REGISTRY)
+    if name not in modules:
+        raise KeyError(f"{name!r} is not a stage (stages: {', '.join(STEPS)})")
+    return importlib.import_module(modules[name]).STAGE
+
+
+def path_field(**kwargs) -> Any:
+    """A field of a stage's inputs that holds a path (or a list of paths): hashed by content
+    for the record, so a changed file is a changed input."""
+    return field(metadata={"path": True}, **kwargs)
+
+
+class Resolver(Protocol):
+    """What a stage's `resolve` may ask of the round being run (posttrain.rounds.orchestrator.Round)."""
+
+    n: int
+    recipe: Any
+    run_dir: Path
+
+    def path(self, value: str) -> str: ...
+    def record(self, stage: str, n: int | None = None) -> dict | None: ...
+    def output(self, stage: str, name: str, n: int | None = None) -> Any: ...
+    def preference_files(self, *, only_latest: bool) -> list[str]: ...
+    def previous_model(self) -> str | None: ...
+    def initial_policy(self) -> str: ...
+
+
+def _no_settings(recipe) -> dict:
+    return {}
+
+
+def _always(recipe) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class StageDef:
+    """What the orchestrator knows about a stage."""
+
+    name: str
+    inputs: type
+    """A dataclass: the stage's inputs. Fields made with `path_field` are files, hashed by content."""
+    resolve: Callable[[Resolver], Any]
+    """Builds the inputs from the recipe (`rnd.recipe`) and earlier records (`rnd.output`)."""
+    headline: Callable[[dict], list[tuple[str, Any]]]
+    """The (label, value) pairs that summarise a finished stage, most important first, read
+    from its metrics; shown at the stage's end and by `posttrain status`."""
+    model_outputs: tuple[str, ...] = ()
+    """Outputs that are model folders (a path or a list of paths): each is checked with
+    `modeling.verify_model_folder` before the record is written."""
+    settings: Callable[[Any], dict] = _no_settings
+    """Parts of the recipe, beyond the stage's own section, that change its result (hashed)."""
+    uses_reward: bool = False
+    """Gets `ctx.reward` (the recipe's reward, built from the inputs' `reward_model`). Such a
+    stage runs in the orchestrator's process, so a reward object passed from Python works;
+    it starts its own child processes for generation."""
+    launcher: bool = False
+    """A training stage: started by the recipe's `run.launcher` (several processes) when set."""
+    required: bool = True
+    """The next round needs this stage's record (evaluation is not needed)."""
+    enabled: Callable[[Any], bool] = _always
+    """Whether the stage runs in a round, given the round's recipe."""
+    config: str | None = None
+    """The recipe section holding the stage's config (default: its name)."""
+
+    def config_of(self, recipe) -> Any:
+        return getattr(recipe, self.config or self.name)
+
+
+def hashed_inputs(inputs: Any, hash_paths: Callable[[Any], Any]) -> dict:
+    """The inputs for the record: path fields replaced by content hashes, the rest as is."""
+    return {f.name: hash_paths(getattr(inputs, f.name)) if f.metadata.get("path") else getattr(inputs, f.name)
+            for f in dataclasses.fields(inputs)}
 
 
 @dataclass
 class StageContext:
     stage: str
-    """One of STAGES."""
+    """A registered stage's name."""
     round: int
     """1-based round number."""
     run_dir: Path
@@ -32,8 +122,8 @@ class StageContext:
     """run_dir/round_NN/<stage>: the stage writes here only."""
     config: Any
     """The stage's own resolved config section (e.g. posttrain.rm.RMConfig) for this round."""
-    inputs: dict[str, Any]
-    """Named inputs resolved by the orchestrator (absolute paths, lists of paths); see each stage."""
+    inputs: Any
+    """The stage's typed inputs (its `StageDef.inputs`); a dict is converted on creation."""
     recipe: Any = None
     """The whole resolved recipe (posttrain.recipe.Recipe) for this round, for shared settings."""
     seed: int = 0
@@ -45,9 +135,13 @@ class StageContext:
     report_to: list[str] | str = "none"
     """Where training metrics go ('none', 'tensorboard', 'wandb')."""
     reward: Any = None
-    """For `sample` (and eval): a ready reward object following posttrain.reward.Reward."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Anything else a stage needs from the orchestrator (documented by that stage)."""
+    """For stages with `uses_reward`: a ready reward object following posttrain.reward.Reward."""
+    callbacks: tuple = ()
+    """Extra transformers TrainerCallbacks for training stages (tests, tooling)."""
+
+    def __post_init__(self):
+        if isinstance(self.inputs, dict):
+            self.inputs = get(self.stage).inputs(**self.inputs)
 
 
 @dataclass
@@ -59,11 +153,11 @@ class StageResult:
 
 
 # ----------------------------------------------------------------------------- headline metrics
-# One place says which numbers summarise each step: the orchestrator's end-of-stage line and
-# `posttrain status` both read them from here, so neither can look for a key no stage writes.
+# Helpers for the stages' `headline` functions.
 
 
-def _get(metrics: dict, *path: str) -> Any:
+def metric(metrics: dict, *path: str) -> Any:
+    """metrics[path[0]][path[1]]..., or None where a key is missing."""
     for key in path:
         if not isinstance(metrics, dict):
             return None
@@ -71,41 +165,16 @@ def _get(metrics: dict, *path: str) -> Any:
     return metrics
 
 
-def _variant_mean(metrics: dict, *path: str) -> float | None:
-    vals = [_get(v, *path) for v in (metrics.get("variants") or {}).values()]
+def variant_mean(metrics: dict, *path: str) -> float | None:
+    """The mean over a training stage's variants of one metric (None if none has it)."""
+    vals = [metric(v, *path) for v in (metrics.get("variants") or {}).values()]
     vals = [v for v in vals if isinstance(v, (int, float))]
     return sum(vals) / len(vals) if vals else None
 
 
 def headline(step: str, metrics: dict) -> list[tuple[str, Any]]:
-    """The (label, value) pairs that summarise a finished step, most important first.
-
-    rm: held-out ranking accuracy; sample: the mean reward of the kept top-1 (on the recipe's
-    reward's own scale, so a checker plus a reward-model tie-break can exceed 1); sft: the
-    last logged training loss (mean over variants); dpo: the last logged reward accuracy (the
-    share of pairs whose implicit reward ranks chosen first); average: how many models; eval:
-    the held-out task score (the checker) or else the mean reward.
-    """
-    m = metrics or {}
-    if step == "rm":
-        out = [("acc", _get(m, "heldout", "accuracy")), ("rankings", m.get("rankings")),
-               ("longer", _get(m, "heldout", "prefers_longer"))]  # 0.5: no length bias
-    elif step == "sample":
-        no_top1 = m.get("prompts_without_top1")  # a list of ids in older records
-        out = [("top1", m.get("score_best_mean")), ("prompts", m.get("top1")),
-               ("no_top1", len(no_top1) if isinstance(no_top1, list) else no_top1)]
-    elif step == "sft":
-        out = [("loss", _variant_mean(m, "loss", "last")), ("examples", _get(m, "examples", "kept"))]
-    elif step == "dpo":
-        out = [("acc", _variant_mean(m, "rewards/accuracies", "last")), ("pairs", m.get("pairs"))]
-    elif step == "average":
-        out = [("models", m.get("n_inputs"))]
-    elif step == "eval":
-        out = ([("task", m.get("task_score"))] if m.get("task_score") is not None
-               else [("reward", m.get("mean_reward"))])
-    else:
-        out = []
-    return [(k, v) for k, v in out if v is not None]
+    """Stage `step`'s headline pairs from its metrics, without the values it did not write."""
+    return [(k, v) for k, v in get(step).headline(metrics or {}) if v is not None]
 
 
 def format_headline(pairs: list[tuple[str, Any]]) -> str:

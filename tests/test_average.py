@@ -21,7 +21,7 @@ from posttrain.average import (
     plan_shards,
     run,
 )
-from posttrain.stage import StageContext
+from posttrain.stage import StageContext, headline
 
 # --------------------------------------------------------------------------------------
 # helpers
@@ -390,6 +390,7 @@ def test_stage_one_input_is_passed_through(tmp_path, models):
 def test_stage_averages_variants(tmp_path, models):
     res = run(_ctx(tmp_path, models[:2], AverageConfig(weights=[3, 1], max_shard_size=10**9)))
     assert res.outputs == {"model": "round_01/average/model"}
+    assert headline("average", res.metrics) == [("models", 2)]  # what status shows
     got = read_weights(tmp_path / res.outputs["model"])
     want = in_memory_average(models[:2], [3, 1])
     assert all(torch.equal(got[n], want[n]) for n in want)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from posttrain import dpo
-from posttrain.stage import StageContext
+from posttrain.stage import StageContext, headline
 
 PAIRS = [
     ([{"role": "user", "content": "sort 3 1 2"}], "1 2 3", "3 2 1"),
@@ -79,7 +79,7 @@ def test_preference_pairs_keep_strong_and_use_edited():
     assert counts == Counter({"preferences/kept": 3, "preferences/edited_as_chosen": 1,
                               "preferences/dropped_strength_slightly_better": 1,
                               "preferences/dropped_strength_marginally_better": 1,
-                              "preferences/dropped_identical": 1})
+                              "preferences/dropped_identical_responses": 1})
     pairs, counts = dpo.preference_pairs(prefs, dpo.DPOStageConfig(use_edited=False, keep_unlabelled=False))
     assert [p.chosen for p in pairs] == ["good", "good"]
     assert counts["preferences/dropped_unlabelled"] == 1
@@ -285,13 +285,13 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
     assert full.metrics["variants"]["v0"]["steps"] == 6
 
     ctx = _stage_ctx(tmp_path / "killed", tiny_model_dir, samples)
-    ctx.extra["trainer_callbacks"] = [_kill_at(3)]  # checkpoint-2 is complete, step 3 is lost
+    ctx.callbacks = [_kill_at(3)]  # checkpoint-2 is complete, step 3 is lost
     with pytest.raises(_Killed):
         dpo.run(ctx)
     work = ctx.out_dir / "work" / "v0"
     assert (work / "checkpoint-2" / "COMPLETE").exists()
     assert (work / "checkpoint-2" / "tokenizer_config.json").exists()
-    ctx.extra["trainer_callbacks"] = []
+    ctx.callbacks = []
     resumed = dpo.run(ctx)
     assert resumed.metrics["variants"]["v0"]["resumed_from"] == "checkpoint-2"
     assert full.metrics["variants"]["v0"]["resumed_from"] is None
@@ -314,6 +314,7 @@ def test_lora_output_is_merged_and_reloads(tiny_model_dir, tmp_path):
                      variants=[{}, {"seed": 5, "learning_rate": 5e-3}])
     res = dpo.run(ctx)
     assert res.outputs["variants"] == ["round_01/dpo/v0", "round_01/dpo/v1"]
+    assert [k for k, _ in headline("dpo", res.metrics)] == ["acc", "pairs"]  # what status shows
     base = load_file(Path(tiny_model_dir) / "model.safetensors")
     assert res.metrics["ref_cache"]["computed"] == 6 and res.metrics["ref_cache"]["hits"] == 6
     for rel in res.outputs["variants"]:

@@ -11,6 +11,13 @@ import pytest
 import torch
 
 from posttrain import rm
+from posttrain.preferences import PreferenceFilter, rank
+from posttrain.stage import headline
+
+
+def expand(pref, keep, *, edited_strength=None, all_pairs=False, **settings):
+    return rank(pref, PreferenceFilter(keep_strengths=keep, **settings), edited_strength=edited_strength,
+                all_pairs=all_pairs)
 
 
 @dataclass
@@ -69,7 +76,7 @@ def test_margin_off_by_default_and_on_when_asked():
 
 def test_three_way_ranking_gives_every_ordered_pair():
     p = Pref("a", [{"role": "user", "content": "q"}], chosen="C", rejected="R", edited="E", strength="better")
-    r, drops = rm.expand_ranking(p, keep_strengths=KEEP)
+    r, drops = expand(p, KEEP)
     assert r.responses == ["E", "C", "R"]
     assert r.pairs == [(0, 1), (0, 2), (1, 2)]
     assert r.strengths == ["better"] * 3
@@ -78,31 +85,31 @@ def test_three_way_ranking_gives_every_ordered_pair():
 
 def test_strength_filter_counts_pairs_by_reason():
     p = Pref("a", [{"role": "user", "content": "q"}], chosen="C", rejected="R", edited="E", strength="slightly_better")
-    r, drops = rm.expand_ranking(p, keep_strengths=KEEP)
+    r, drops = expand(p, KEEP)
     assert r is None and drops == {"strength_slightly_better": 3}
     # The edit pairs may carry their own strength: then only chosen-vs-rejected is dropped, and
     # the ranking keeps all three responses (E is above both).
-    r, drops = rm.expand_ranking(p, keep_strengths=KEEP, edited_strength="significantly_better")
+    r, drops = expand(p, KEEP, edited_strength="significantly_better")
     assert r.responses == ["E", "C", "R"] and r.pairs == [(0, 1), (0, 2)]
     assert r.strengths == ["significantly_better"] * 2
     assert drops == {"strength_slightly_better": 1}
     # Keeping slightly_better too: all three pairs.
-    r, drops = rm.expand_ranking(p, keep_strengths=KEEP + ["slightly_better"])
+    r, drops = expand(p, KEEP + ["slightly_better"])
     assert len(r.pairs) == 3 and not drops
     # Without the edit: one pair, and the two unused edit pairs are counted.
     q = Pref("b", [{"role": "user", "content": "q"}], chosen="C", rejected="R", edited="E", strength="better")
-    r, drops = rm.expand_ranking(q, keep_strengths=KEEP, use_edited=False)
+    r, drops = expand(q, KEEP, use_edited=False)
     assert r.responses == ["C", "R"] and r.pairs == [(0, 1)] and drops == {"edited_unused": 2}
     # Unlabelled rows: kept by default, dropped on request.
     u = Pref("c", [{"role": "user", "content": "q"}], chosen="C", rejected="R")
-    assert rm.expand_ranking(u, keep_strengths=KEEP)[0].pairs == [(0, 1)]
-    assert rm.expand_ranking(u, keep_strengths=KEEP, keep_unlabelled=False) == (None, {"unlabelled": 1})
+    assert expand(u, KEEP)[0].pairs == [(0, 1)]
+    assert expand(u, KEEP, keep_unlabelled=False) == (None, {"unlabelled": 1})
     # An edit identical to the chosen response carries no preference.
     d = Pref("d", [{"role": "user", "content": "q"}], chosen="C", rejected="R", edited="C", strength="better")
-    r, drops = rm.expand_ranking(d, keep_strengths=KEEP)
+    r, drops = expand(d, KEEP)
     assert r.pairs == [(0, 2), (1, 2)] and drops == {"identical_responses": 1}
     # Held-out evaluation sees every strength.
-    r, drops = rm.expand_ranking(p, keep_strengths=KEEP, all_pairs=True)
+    r, drops = expand(p, KEEP, all_pairs=True)
     assert len(r.pairs) == 3 and not drops
 
 
@@ -350,6 +357,7 @@ def test_trained_rm_beats_chance_on_heldout(tmp_path, tiny_model_dir, packing):
     res = rm.run(_ctx(tmp_path, cfg, tiny_model_dir, train, [held]))
     m = res.metrics
     assert res.outputs == {"model": "round_01/rm/model"}
+    assert [k for k, _ in headline("rm", m)] == ["acc", "rankings", "longer"]  # what status shows
     assert (tmp_path / "run" / "round_01" / "rm" / "model" / "config.json").is_file()
     assert m["filter"]["dropped_by_reason"] == {"strength_slightly_better": m["filter"]["dropped"]}
     assert m["pairs"] == m["filter"]["kept"] and m["heldout"]["rankings"] == 40

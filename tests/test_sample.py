@@ -10,7 +10,7 @@ import pytest
 from posttrain import files, generation
 from posttrain import sample as sample_stage
 from posttrain.sample import SampleConfig, score_summary, select_best
-from posttrain.stage import StageContext
+from posttrain.stage import StageContext, headline
 from test_generation import eot_prone_model
 
 # ---- selection against hand-worked cases ------------------------------------------------
@@ -102,8 +102,9 @@ def make_ctx(run_dir: Path, model_dir: Path, prompts: Path, reward, **cfg) -> St
     config = SampleConfig(**{"k": 3, "max_new_tokens": 12, "max_prompt_length": 60, "shard_size": 2,
                              "backend": "transformers", **cfg})
     return StageContext(stage="sample", round=1, run_dir=run_dir, out_dir=run_dir / "round_01" / "sample",
-                        config=config, inputs={"policy_model": str(model_dir), "prompt_files": [str(prompts)]},
-                        seed=5, reward=reward, extra={"capabilities": CAPABILITIES})
+                        config=config, inputs={"policy_model": str(model_dir), "prompt_files": [str(prompts)],
+                                               "capabilities": CAPABILITIES},
+                        seed=5, reward=reward)
 
 
 @pytest.fixture
@@ -137,6 +138,8 @@ def test_stage_writes_shards_top1_and_reports(tmp_path, eot_model_dir, tiny_toke
     assert m["too_long"] == {"count": 1, "ids": ["long"]}
     assert json.loads((ctx.out_dir / "samples" / "too_long.json").read_text())[0]["id"] == "long"
     assert m["skipped_by_capability"] == 1 and m["prompts_read"] == 9 and m["prompts"] == 7
+    # the status column reads what the stage wrote
+    assert [k for k, _ in headline("sample", m)] == ["top1", "prompts", "no_top1"]
     assert m["samples"] == 5 * 3 + 2 * 2
 
     by_id = {r["id"]: r for r in rows}
@@ -202,7 +205,7 @@ def test_other_inputs_discard_old_shards(tmp_path, eot_model_dir, in_process_job
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     sample_stage.run(make_ctx(tmp_path, eot_model_dir, prompts, LengthReward()))
     ctx = make_ctx(tmp_path, eot_model_dir, prompts, LengthReward())
-    ctx.extra["prompt_capabilities"] = {str(prompts): "steer"}  # every prompt of the file is "steer"
+    ctx.inputs.prompt_capabilities = {str(prompts): "steer"}  # every prompt of the file is "steer"
     sample_stage.run(ctx)
     rows = read_shards(ctx.out_dir)
     # tool_use is no longer off (its rows are "steer" now); only the over-long prompt is missing

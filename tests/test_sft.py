@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from posttrain import sft
 from posttrain.data import SFTExample
-from posttrain.stage import StageContext
+from posttrain.stage import StageContext, headline, variant_mean
 from posttrain.training import Variant
 
 MULTI_TURN = [
@@ -150,6 +150,8 @@ def test_two_variants_are_averaged(tiny_model_dir, tmp_path):
     res = sft.run(ctx)
     assert res.outputs == {"model": "round_01/sft/model"}
     assert res.metrics["examples"] == {"kept": 9}
+    assert headline("sft", res.metrics) == [("loss", pytest.approx(variant_mean(res.metrics, "loss", "last"))),
+                                            ("examples", 9)]  # the status column reads what the stage wrote
     v0 = load_file(ctx.out_dir / "work" / "v0" / "model" / "model.safetensors")
     v1 = load_file(ctx.out_dir / "work" / "v1" / "model" / "model.safetensors")
     avg = load_file(ctx.run_dir / res.outputs["model"] / "model.safetensors")
@@ -175,12 +177,12 @@ def test_lora_is_merged_and_a_killed_run_resumes(tiny_model_dir, tmp_path):
 
     ctx = _ctx(tmp_path, tiny_model_dir, lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
                learning_rate=1e-2)
-    ctx.extra["trainer_callbacks"] = [Kill()]
+    ctx.callbacks = [Kill()]
     with pytest.raises(KeyboardInterrupt):
         sft.run(ctx)
     ckpt = ctx.out_dir / "work" / "v0" / "checkpoint-2"
     assert (ckpt / "COMPLETE").exists() and (ckpt / "tokenizer_config.json").exists()
-    ctx.extra["trainer_callbacks"] = []
+    ctx.callbacks = []
     res = sft.run(ctx)
     assert res.metrics["variants"]["v0"]["resumed_from"] == "checkpoint-2"
     assert res.metrics["variants"]["v0"]["steps"] == 6
@@ -198,7 +200,7 @@ def test_long_context_mix_keeps_at_most_its_share_of_long_examples(tiny_tokenize
     from posttrain import data
 
     ctx = _ctx(tmp_path, tiny_model_dir, epochs=1)
-    rows, _ = sft.encode_sft_examples(tiny_tokenizer, data.load_sft(ctx.inputs["sft_files"]), 128)
+    rows, _ = sft.encode_sft_examples(tiny_tokenizer, data.load_sft(ctx.inputs.sft_files), 128)
     lengths = sorted(len(r["input_ids"]) for r in rows)
     assert lengths[-1] > lengths[-2]  # the multi-turn example is the one long example
     ctx.config = sft.SFTStageConfig(**{**ctx.config.model_dump(),
@@ -220,7 +222,7 @@ def test_the_stage_counts_what_it_trained_on_per_variant(tiny_model_dir, tmp_pat
                variants=[{}, {"data_fraction": 0.5, "seed": 3}])
     top1 = tmp_path / "top1.jsonl"
     top1.write_text(json.dumps({"id": "round_01/p", "messages": MULTI_TURN, "score": 1.0}) + "\n")
-    ctx.inputs["top1_files"] = [str(top1)]
+    ctx.inputs.top1_files = [str(top1)]
     res = sft.run(ctx)
     m = res.metrics
     assert m["examples_by_kind"] == {"top1": 1, "sft_data": 9}

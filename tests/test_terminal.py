@@ -114,7 +114,7 @@ def test_status_shows_a_headline_for_every_step(tmp_path):
     metrics = {
         "rm": {"heldout": {"accuracy": 0.8125}, "rankings": 150},
         "sample": {"score_best_mean": 1.004, "top1": 500},
-        "sft": {"examples": {"kept": 560}, "variants": {"v0": {"loss": {"last": 0.25}},
+        "sft": {"rows_trained": 560, "variants": {"v0": {"loss": {"last": 0.25}},
                                                         "v1": {"loss": {"last": 0.35}}}},
         "dpo": {"pairs": 150, "variants": {"v0": {"rewards/accuracies": {"last": 0.75}}}},
         "average": {"n_inputs": 2},
@@ -131,7 +131,7 @@ def test_status_shows_a_headline_for_every_step(tmp_path):
 
 
 def test_headline_skips_what_a_stage_did_not_write():
-    assert headline("sft", {"examples": {"kept": 3}, "variants": {"v0": {"loss": {"last": None}}}}) == [("examples", 3)]
+    assert headline("sft", {"rows_trained": 3, "variants": {"v0": {"loss": {"last": None}}}}) == [("examples", 3)]
     assert headline("eval", {"task_score": None, "mean_reward": 0.5}) == [("reward", 0.5)]
     assert format_headline([("acc", 0.5), ("n", 3)]) == "acc=0.500 n=3"
 

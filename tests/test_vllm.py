@@ -80,7 +80,7 @@ def test_sample_stage_with_vllm(eot_model_dir, tmp_path):
 
     ctx = make_ctx(tmp_path, eot_model_dir, write_prompts(tmp_path / "prompts.jsonl"), LengthReward(),
                    backend="vllm", max_new_tokens=16)
-    assert ctx.extra["capabilities"] is CAPABILITIES
+    assert ctx.inputs.capabilities is CAPABILITIES
     result = sample_stage.run(ctx)
     rows = read_shards(ctx.out_dir)
     assert [r["id"] for r in rows] == ["p0", "p1", "p2", "p3", "p4", "sys", "own-system"]

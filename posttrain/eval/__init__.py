@@ -1,4 +1,4 @@
-"""Evaluation after every round: the round's final model on held-out prompts.
+"""The `eval` stage, after every round: the round's final model on held-out prompts.
 
 Metrics (in `round_NN/eval/record.json`):
 - `task_score`: mean of the recipe's checker (`eval.checker`) over the responses it scores;
@@ -8,18 +8,20 @@ Metrics (in `round_NN/eval/record.json`):
 - `mean_length` (generated tokens), `eot_rate` (responses that end with the end-of-turn
   token), `empty_rate` (responses that stop with no content);
 - `rm_heldout_accuracy`: copied from this round's `rm` record.
-The initial policy's responses are generated once (round 1) and reused by later rounds; the
-previous round's responses come from its eval record.
+The initial policy's responses are generated once (round 1, output `initial_responses`) and
+reused by later rounds while the model, prompts and settings are the same; the previous
+round's responses come from its eval record.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from posttrain.files import iter_jsonl, write_jsonl
-from posttrain.records import output_path, plan_stage, read_record, stage_dir, write_record
+from posttrain.files import atomic_write_json, hash_json, hash_path, iter_jsonl, read_json, write_jsonl
+from posttrain.stage import StageContext, StageDef, StageResult, path_field
 
 log = logging.getLogger("posttrain")
 
@@ -37,47 +39,42 @@ def _mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def load_eval_prompts(rnd) -> list:
+def load_eval_prompts(inputs: "EvalInputs", max_prompts: int | None) -> list:
     """The held-out prompts, each holding the conversation the policy sees (system prompts
     applied exactly as in sampling), which is what is rendered and scored."""
     from posttrain.data import load_prompts
     from posttrain.sample import seen_conversation
 
-    r = rnd.recipe
     prompts = []
-    for ps in r.data.eval_prompts:
-        rows = load_prompts([rnd.path(ps.path)])
+    for path in inputs.prompt_files:
+        rows = load_prompts([path])
         for p in rows:
-            if ps.capability:
-                p.capability = ps.capability
-            cap = r.capabilities.get(p.capability) if p.capability else None
-            p.messages = seen_conversation(p, cap.system_prompt if cap else None)
+            p.capability = inputs.prompt_capabilities.get(path) or p.capability
+            cap = inputs.capabilities.get(p.capability) if p.capability else None
+            p.messages = seen_conversation(p, (cap or {}).get("system_prompt"))
         prompts.extend(rows)
-    if r.eval.max_prompts:
-        prompts = prompts[: r.eval.max_prompts]
-    return prompts
+    return prompts[:max_prompts] if max_prompts else prompts
 
 
-def generate_responses(model_dir: str | Path, prompts: list, rnd, workdir: Path, label: str = "generating"
-                       ) -> list[dict]:
+def generate_responses(ctx: StageContext, model_dir: str | Path, prompts: list, label: str) -> list[dict]:
     """One row per (prompt, sample): id, sample index, text, n_tokens, finished."""
     from posttrain import chat
     from posttrain.generation import EngineOptions, SamplingSettings, generate
     from posttrain.modeling import load_tokenizer
     from posttrain.progress import bar
 
-    r = rnd.recipe
-    tok = load_tokenizer(model_dir, trust_remote_code=r.models.trust_remote_code)
+    cfg, r = ctx.config, ctx.recipe
+    tok = load_tokenizer(model_dir, trust_remote_code=ctx.trust_remote_code)
     # The template writes BOS itself: the tokenizer must not add a second one.
     ids = [tok(chat.render_prompt(tok, p.messages), add_special_tokens=False)["input_ids"] for p in prompts]
     settings = SamplingSettings(
-        k=r.eval.samples_per_prompt, temperature=r.eval.temperature, top_p=1.0,
-        max_new_tokens=r.eval.max_new_tokens, seed=r.seed, stop_token_ids=tuple(chat.end_of_turn_ids(tok)),
+        k=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=1.0,
+        max_new_tokens=cfg.max_new_tokens, seed=r.seed, stop_token_ids=tuple(chat.end_of_turn_ids(tok)),
     )
-    options = EngineOptions(device=r.run.device, trust_remote_code=r.models.trust_remote_code)
-    with bar(len(ids), f"round {rnd.n} eval: {label}", unit="prompt") as shown:
-        gens = generate(model_dir, ids, settings, backend=r.eval.backend, options=options,
-                        vllm_python=r.sample.vllm.python, workdir=workdir,
+    options = EngineOptions(device=r.run.device, trust_remote_code=ctx.trust_remote_code)
+    with bar(len(ids), f"round {ctx.round} eval: {label}", unit="prompt") as shown:
+        gens = generate(model_dir, ids, settings, backend=cfg.backend, options=options,
+                        vllm_python=r.sample.vllm.python, workdir=ctx.out_dir,
                         on_prompts=lambda done: shown.update(done - shown.n))
     rows = []
     for p, g in zip(prompts, gens, strict=True):
@@ -105,54 +102,54 @@ def _summaries(rows: list[dict], rewards, checks) -> dict:
     }
 
 
-def evaluate_round(rnd, *, force: bool = False) -> dict:
-    """Evaluate round `rnd.n`'s final model and write `round_NN/eval/record.json`."""
+def _responses(ctx: StageContext, path: Path, model_dir: str, prompts: list, label: str,
+               cached: str | None = None) -> list[dict]:
+    """The model's responses, written to `path`. Reused from `cached` or from `path` itself
+    when they came from the same model (by content), settings, prompts and seed."""
+    key = hash_json({"model": hash_path(model_dir), "eval": ctx.config.model_dump(mode="json"),
+                     "prompts": [p.id for p in prompts], "seed": ctx.recipe.seed})
+    for source in ([Path(cached)] if cached else []) + [path]:
+        meta = source.with_suffix(".key.json")
+        if source.is_file() and meta.is_file() and read_json(meta).get("key") == key:
+            rows = list(iter_jsonl(source))
+            if source != path:
+                write_jsonl(path, rows)
+                atomic_write_json(path.with_suffix(".key.json"), {"key": key})
+            return rows
+    rows = generate_responses(ctx, model_dir, prompts, label)
+    write_jsonl(path, rows)
+    atomic_write_json(path.with_suffix(".key.json"), {"key": key})
+    return rows
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Evaluate the round's final model; see the module docstring for the metrics."""
     from posttrain.reward import active, load_reward
 
-    run_dir, n, r = rnd.run_dir, rnd.n, rnd.recipe
-    final_model = output_path(run_dir, rnd.records["average"], "model")
-    rm_model = output_path(run_dir, rnd.records["rm"], "model")
-    prompts = load_eval_prompts(rnd)
+    inp: EvalInputs = ctx.inputs
+    cfg = ctx.config
+    prompts = load_eval_prompts(inp, cfg.max_prompts)
     if not prompts:
         raise ValueError("evaluation needs held-out prompts: set data.eval_prompts in the recipe "
                          "(or eval.enabled: false)")
-    hashed = {
-        "inputs": rnd.hasher.hash_paths({"final_model": str(final_model), "rm_model": str(rm_model),
-                                         "prompts": [rnd.path(p.path) for p in r.data.eval_prompts]}),
-        "config": r.eval.model_dump(mode="json"),
-        "reward": rnd._reward_identity(),
-    }
-    plan = plan_stage(run_dir, n, "eval", hashed, force=force)
-    if plan.action == "skip":
-        log.info("round %d eval: finished earlier, skipped", n)
-        return plan.record
-    started = time.time()
-    log.info("round %d eval: starting (%d held-out prompts)", n, len(prompts))
-    out = stage_dir(run_dir, n, "eval")
-    out.mkdir(parents=True, exist_ok=True)
+    log.debug("round %d eval: %d held-out prompts", ctx.round, len(prompts))
+    out = Path(ctx.out_dir)
+    # Responses of this round's model, of the initial policy (generated once, in round 1, and
+    # reused while nothing changed) and of the previous round's model (from its eval record).
+    rows = _responses(ctx, out / "responses.jsonl", inp.final_model, prompts, "this round's model")
+    initial_rows = _responses(ctx, out / "initial_responses.jsonl", inp.initial_model, prompts,
+                              "the initial policy", cached=inp.initial_responses)
+    prev_rows = list(iter_jsonl(inp.previous_responses)) if inp.previous_responses else None
+    if prev_rows is not None and [(x["id"], x["sample"]) for x in prev_rows] != [(x["id"], x["sample"]) for x in rows]:
+        prev_rows = None  # evaluated on other prompts: no paired comparison
 
-    # Responses of this round's model; of the initial policy (generated once, in round 1's
-    # eval folder); of the previous round's model (from its eval record).
-    rows = _cached_or_generate(out / "responses.jsonl", final_model, prompts, rnd, out, "this round's model")
-    initial_path = stage_dir(run_dir, 1, "eval") / "initial_responses.jsonl"
-    initial_model = rnd.path(r.models.initial_policy or r.models.base)
-    initial_rows = _cached_or_generate(initial_path, initial_model, prompts, rnd, out, "the initial policy")
-    prev_rows = None
-    if n > 1:
-        prev = read_record(run_dir, n - 1, "eval")
-        if prev is not None:
-            prev_rows = list(iter_jsonl(output_path(run_dir, prev, "responses")))
-            if [(x["id"], x["sample"]) for x in prev_rows] != [(x["id"], x["sample"]) for x in rows]:
-                prev_rows = None  # evaluated on other prompts: no paired comparison
-
-    reward = rnd.build_reward(str(rm_model))
-    with active(reward):
-        rewards = {"ours": _score(reward, prompts, rows), "initial": _score(reward, prompts, initial_rows)}
+    with active(ctx.reward):
+        rewards = {"ours": _score(ctx.reward, prompts, rows), "initial": _score(ctx.reward, prompts, initial_rows)}
         if prev_rows is not None:
-            rewards["previous"] = _score(reward, prompts, prev_rows)
+            rewards["previous"] = _score(ctx.reward, prompts, prev_rows)
     checks = checks_initial = None
-    if r.eval.checker is not None:
-        checker = load_reward(r.eval.checker.model_dump())
+    if cfg.checker is not None:
+        checker = load_reward(cfg.checker.model_dump())
         with active(checker):
             checks, checks_initial = _score(checker, prompts, rows), _score(checker, prompts, initial_rows)
 
@@ -161,32 +158,68 @@ def evaluate_round(rnd, *, force: bool = False) -> dict:
     metrics.update({f"initial_{k}": v for k, v in initial.items()})
     metrics["win_rate_vs_initial"] = win_rate(rewards["ours"], rewards["initial"])
     metrics["win_rate_vs_previous"] = win_rate(rewards["ours"], rewards["previous"]) if "previous" in rewards else None
-    rm_metrics = rnd.records["rm"].get("metrics", {})
-    metrics["rm_heldout_accuracy"] = (rm_metrics.get("heldout") or {}).get("accuracy")
+    metrics["rm_heldout_accuracy"] = inp.rm_heldout_accuracy
     metrics["prompts"] = len(prompts)
     metrics["responses"] = len(rows)
     for row, rew, chk in zip(rows, rewards["ours"], checks or [None] * len(rows)):
         row["reward"], row["task_score"] = rew, chk
     write_jsonl(out / "responses.jsonl", rows)
-    outputs = {"responses": str((out / "responses.jsonl").relative_to(run_dir))}
-    record = write_record(run_dir, n, "eval", plan=plan, outputs=outputs, metrics=metrics, started=started)
-    shown = " ".join(f"{label}={metrics[k]:.3f}" for k, label in (
-        ("task_score", "task"), ("mean_reward", "reward"), ("win_rate_vs_previous", "win_vs_prev"),
-        ("eot_rate", "eot")) if isinstance(metrics.get(k), float))
-    log.info("round %d eval: done in %.0f s · %s", n, record["timing"]["seconds"], shown)
-    return record
+    rel = out.relative_to(ctx.run_dir)
+    return StageResult(outputs={"responses": (rel / "responses.jsonl").as_posix(),
+                                "initial_responses": (rel / "initial_responses.jsonl").as_posix()},
+                       metrics=metrics)
 
 
-def _cached_or_generate(path: Path, model_dir, prompts: list, rnd, workdir: Path, label: str) -> list[dict]:
-    """Responses already generated by the same model, settings and prompts are reused."""
-    from posttrain.files import atomic_write_json, hash_json, read_json
+# ----------------------------------------------------------------------------- the stage
 
-    key = hash_json({"model": rnd.hasher.hash_paths(str(model_dir)), "eval": rnd.recipe.eval.model_dump(mode="json"),
-                     "prompts": [p.id for p in prompts], "seed": rnd.recipe.seed})
-    meta = path.with_suffix(".key.json")
-    if path.exists() and meta.exists() and read_json(meta).get("key") == key:
-        return list(iter_jsonl(path))
-    rows = generate_responses(model_dir, prompts, rnd, workdir, label)
-    write_jsonl(path, rows)
-    atomic_write_json(meta, {"key": key})
-    return rows
+
+@dataclass
+class EvalInputs:
+    final_model: str = path_field()
+    """The round's model (the `average` stage's)."""
+    reward_model: str = path_field()
+    """The round's RM: what `reward: rm` (or "@rm") scores with."""
+    initial_model: str = path_field()
+    """The initial policy, the baseline of `win_rate_vs_initial`."""
+    prompt_files: list[str] = path_field()
+    initial_responses: str | None = path_field(default=None)
+    """Round 1's responses of the initial policy, reused when still valid."""
+    previous_responses: str | None = path_field(default=None)
+    """The previous round's evaluated responses (for `win_rate_vs_previous`)."""
+    capabilities: dict[str, dict] = field(default_factory=dict)
+    prompt_capabilities: dict[str, str] = field(default_factory=dict)
+    rm_heldout_accuracy: float | None = None
+
+
+def _resolve(rnd) -> EvalInputs:
+    r = rnd.recipe
+    first, previous = rnd.record("eval", 1), rnd.record("eval", rnd.n - 1) if rnd.n > 1 else None
+    return EvalInputs(
+        final_model=rnd.output("average", "model"), reward_model=rnd.output("rm", "model"),
+        initial_model=rnd.initial_policy(), prompt_files=[rnd.path(p.path) for p in r.data.eval_prompts],
+        initial_responses=_output_or_none(rnd, first, "initial_responses") if rnd.n > 1 else None,
+        previous_responses=_output_or_none(rnd, previous, "responses"),
+        capabilities={name: c.model_dump() for name, c in r.capabilities.items()},
+        prompt_capabilities={rnd.path(p.path): p.capability for p in r.data.eval_prompts if p.capability},
+        rm_heldout_accuracy=((rnd.record("rm") or {}).get("metrics", {}).get("heldout") or {}).get("accuracy"))
+
+
+def _output_or_none(rnd, record: dict | None, name: str) -> str | None:
+    if record is None or name not in record.get("outputs", {}):
+        return None
+    return rnd.output(record["stage"], name, record["round"])
+
+
+def _headline(m: dict) -> list[tuple[str, Any]]:
+    # the held-out task score (the checker) or else the mean reward; win rate vs the
+    # previous round's model
+    first = ("task", m.get("task_score")) if m.get("task_score") is not None else ("reward", m.get("mean_reward"))
+    return [first, ("win_vs_prev", m.get("win_rate_vs_previous"))]
+
+
+def _settings(recipe) -> dict:
+    return {"seed": recipe.seed}  # evaluation samples with the recipe's seed in every round
+
+
+STAGE = StageDef(name="eval", inputs=EvalInputs, resolve=_resolve, headline=_headline, settings=_settings,
+                 uses_reward=True, required=False, enabled=lambda recipe: recipe.eval.enabled)

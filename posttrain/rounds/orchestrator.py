@@ -1,15 +1,18 @@
-"""The round orchestrator: rm -> sample -> sft -> dpo -> average, then evaluation.
+"""The round orchestrator: runs the registered stages (posttrain.stage.REGISTRY) in order:
+rm -> sample -> sft -> dpo -> average -> eval.
 
-Each stage reads the outputs that earlier stages and rounds recorded (never a guessed
-path), is skipped when its record matches its inputs, resumed when it has no record, and
-refused when its inputs changed (unless forced). Training stages and `average` run in their
-own process (`posttrain.rounds.worker`); `sample` and `eval` run their generation in a
-child process and score in this one, so a reward object passed from Python works.
+Each stage's inputs are resolved by the stage itself (`StageDef.resolve`) from the recipe and
+the outputs that earlier stages and rounds recorded (never a guessed path). A stage is
+skipped when its record matches its inputs, resumed when it has no record, and refused when
+its inputs changed (unless forced). Most stages run in their own process
+(`posttrain.rounds.worker`); stages that use the reward (`sample`, `eval`) run here and start
+their generation in a child process, so a reward object passed from Python works.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import re
@@ -32,7 +35,8 @@ from posttrain.records import (
     stage_dir,
     write_record,
 )
-from posttrain.stage import MODEL_OUTPUTS, STAGES, format_headline, headline
+from posttrain.stage import STEPS, StageDef, format_headline, hashed_inputs, headline
+from posttrain.stage import get as get_stage
 
 log = logging.getLogger("posttrain")
 
@@ -103,95 +107,58 @@ class Round:
         self.hasher = InputHasher(run_dir)
         self.records: dict[str, dict] = {}
         for m in range(1, n):
-            for stage in STAGES:
+            for stage in STEPS:
                 rec = read_record(run_dir, m, stage)
                 if rec:
                     self.hasher.learn(rec)
 
-    # ------------------------------------------------------------------ inputs
+    # ------------------------------------------------------------------ what stages may ask (stage.Resolver)
 
     def path(self, value: str) -> str:
         return self.loaded.resolve_path(value)
 
-    def _batches(self, upto: int, only_latest: bool = False) -> list[str]:
-        batches = [b for b in self.recipe.data.preference_batches if b.round <= upto]
+    def record(self, stage: str, n: int | None = None) -> dict | None:
+        """Stage `stage`'s record in round `n` (default: this round), or None if unfinished."""
+        if n is None or n == self.n:
+            return self.records.get(stage) or read_record(self.run_dir, self.n, stage)
+        return read_record(self.run_dir, n, stage)
+
+    def output(self, stage: str, name: str, n: int | None = None) -> Any:
+        """An output of a finished stage as an absolute path (a list for list outputs)."""
+        rec = self.record(stage, n)
+        if rec is None:
+            raise RoundError(f"round {n or self.n} has no finished {stage} stage, needed by round {self.n}")
+        out = output_path(self.run_dir, rec, name)
+        return [str(p) for p in out] if isinstance(out, list) else str(out)
+
+    def preference_files(self, *, only_latest: bool) -> list[str]:
+        """The recipe's preference batches available in this round (all, or the latest round's)."""
+        batches = [b for b in self.recipe.data.preference_batches if b.round <= self.n]
         if only_latest and batches:
             latest = max(b.round for b in batches)
             batches = [b for b in batches if b.round == latest]
         return [self.path(b.path) for b in batches]
 
-    def previous_model(self) -> Path | None:
-        if self.n == 1:
-            return None
-        rec = read_record(self.run_dir, self.n - 1, "average")
-        return output_path(self.run_dir, rec, "model")
+    def previous_model(self) -> str | None:
+        """The previous round's model (None in round 1)."""
+        return None if self.n == 1 else self.output("average", "model", self.n - 1)
 
-    def inputs_for(self, stage: str) -> dict[str, Any]:
-        r = self.recipe
-        if stage == "rm":
-            return {
-                "base_model": self.path(r.models.base),
-                "preference_files": self._batches(self.n, only_latest=not r.rm.cumulative),
-                "heldout_preference_files": [self.path(p) for p in r.data.heldout_preferences],
-            }
-        if stage == "sample":
-            policy = r.sample.policy
-            if policy:
-                policy_model = self.path(policy)
-            elif self.n == 1:
-                policy_model = self.path(r.models.initial_policy or r.models.base)
-            else:
-                policy_model = str(self.previous_model())
-            return {
-                "policy_model": policy_model,
-                "prompt_files": [self.path(p.path) for p in r.data.prompts],
-                "reward_model": str(output_path(self.run_dir, self.records["rm"], "model")),
-            }
-        if stage == "sft":
-            rounds = range(1, self.n + 1) if r.sft.cumulative else [self.n]
-            top1 = []
-            for m in rounds:
-                rec = self.records["sample"] if m == self.n else read_record(self.run_dir, m, "sample")
-                if rec is None:
-                    raise RoundError(f"round {m} has no finished sample stage, needed by round {self.n} sft")
-                top1.append(str(output_path(self.run_dir, rec, "top1")))
-            init = r.models.base
-            if r.sft.init == "previous" and self.n > 1:
-                init_model = str(self.previous_model())
-            else:
-                init_model = self.path(init)
-            return {"init_model": init_model, "top1_files": top1, "sft_files": [self.path(p) for p in r.data.sft]}
-        if stage == "dpo":
-            return {
-                "sft_model": str(output_path(self.run_dir, self.records["sft"], "model")),
-                "preference_files": self._batches(self.n, only_latest=r.dpo.latest_batch_only),
-                "samples": str(output_path(self.run_dir, self.records["sample"], "samples")),
-            }
-        if stage == "average":
-            return {"models": [str(p) for p in output_path(self.run_dir, self.records["dpo"], "variants")]}
-        raise ValueError(stage)
-
-    def extra_for(self, stage: str) -> dict[str, Any]:
-        if stage != "sample":
-            return {}
-        caps = {name: c.model_dump() for name, c in self.recipe.capabilities.items()}
-        prompt_caps = {self.path(p.path): p.capability for p in self.recipe.data.prompts if p.capability}
-        return {"capabilities": caps, "prompt_capabilities": prompt_caps}
+    def initial_policy(self) -> str:
+        return self.path(self.recipe.models.initial_policy or self.recipe.models.base)
 
     # ------------------------------------------------------------------ running
 
     def stage_seed(self) -> int:
         return self.recipe.seed + 1000 * self.n
 
-    def _spec(self, stage: str, inputs: dict, extra: dict) -> dict:
-        out_dir = stage_dir(self.run_dir, self.n, stage)
+    def _spec(self, defn: StageDef, inputs) -> dict:
+        out_dir = stage_dir(self.run_dir, self.n, defn.name)
         return {
-            "stage": stage,
+            "stage": defn.name,
             "round": self.n,
             "run_dir": str(self.run_dir.resolve()),
             "out_dir": str(out_dir.resolve()),
-            "inputs": inputs,
-            "extra": extra,
+            "inputs": dataclasses.asdict(inputs),
             "seed": self.stage_seed(),
             "recipe": self.recipe.model_dump(mode="json"),
             "result": str((out_dir / ".result.json").resolve()),
@@ -228,19 +195,19 @@ class Round:
         return load_reward({"target": spec.target, "kwargs": fill_rm_placeholders(spec.kwargs, rm)})
 
     def run_stage(self, stage: str) -> dict:
-        config = getattr(self.recipe, stage)
-        inputs = self.inputs_for(stage)
-        extra = self.extra_for(stage)
+        defn = get_stage(stage)
+        config = defn.config_of(self.recipe)
+        inputs = defn.resolve(self)
         hashed = {
-            "inputs": self.hasher.hash_paths(inputs),
+            "inputs": hashed_inputs(inputs, self.hasher.hash_paths),
             "config": config.model_dump(mode="json"),
             "seed": self.stage_seed(),
             "chat": self.recipe.chat.model_dump(mode="json"),
-            "extra": extra,
+            "extra": defn.settings(self.recipe),
         }
-        if stage == "sample":
+        if defn.uses_reward:
             hashed["reward"] = self._reward_identity()
-        launch = self.launch_plan(stage)
+        launch = self.launch_plan(defn)
         if launch.launcher is not None:  # how many processes, and how, is an input of a training stage
             hashed["launch"] = launch.identity(self.hasher.hash_paths)
         if stage in self.redo:
@@ -260,19 +227,19 @@ class Round:
         log.info("round %d %s: %s", self.n, stage,
                  f"resuming (work in {out_dir})" if resumed else "starting")
         started = attempts.begin()
-        spec = self._spec(stage, inputs, extra)
+        spec = self._spec(defn, inputs)
         spec["launch"] = {"launcher": launch.launcher, "world_size": launch.world_size,
                           "parallelism": launch.parallelism}
         try:
-            if stage == "sample":
-                result = self._run_in_process(spec, reward_model=inputs["reward_model"])
+            if defn.uses_reward:
+                result = self._run_in_process(spec, reward_model=inputs.reward_model)
             else:
                 result = self._run_in_worker(stage, spec, launch.command)
         except Exception as err:
             attempts.end(f"failed: {first_line(err)}")
             raise
         try:
-            self.verify_outputs(stage, result["outputs"])
+            self.verify_outputs(defn, result["outputs"])
         except ValueError as err:
             attempts.end(f"failed: {first_line(err)}")
             raise RoundError(f"round {self.n} {stage}: its output is incomplete, so no record was written: "
@@ -287,11 +254,11 @@ class Round:
                  _summary(stage, result["metrics"]))
         return record
 
-    def verify_outputs(self, stage: str, outputs: dict) -> None:
-        """Each output the stage declares a model folder (stage.MODEL_OUTPUTS) is complete."""
+    def verify_outputs(self, defn: StageDef, outputs: dict) -> None:
+        """Each output the stage declares a model folder (StageDef.model_outputs) is complete."""
         from posttrain.modeling import verify_model_folder
 
-        for name in MODEL_OUTPUTS.get(stage, ()):
+        for name in defn.model_outputs:
             rels = outputs.get(name)
             if rels is None:
                 raise ValueError(f"the stage reported no {name!r} output")
@@ -314,12 +281,12 @@ class Round:
         result = run_spec(spec, reward=reward)
         return {"outputs": result.outputs, "metrics": result.metrics}
 
-    def launch_plan(self, stage: str):
-        """How `stage` is started: the recipe's launcher for rm, sft and dpo (posttrain.launch),
+    def launch_plan(self, defn: StageDef):
+        """How a stage is started: the recipe's launcher for training stages (posttrain.launch),
         plain Python for everything else."""
         from posttrain.launch import plan_launch
 
-        launcher = self.recipe.run.launcher if stage in ("rm", "sft", "dpo") else None
+        launcher = self.recipe.run.launcher if defn.launcher else None
         return plan_launch(launcher, base_dir=self.loaded.path.parent)
 
     def _run_in_worker(self, stage: str, spec: dict, command: list[str]) -> dict:
@@ -363,9 +330,15 @@ class Round:
         result_path.unlink()
         return result
 
-    def run(self, stages: tuple[str, ...] = STAGES) -> dict[str, dict]:
-        for stage in stages:
-            self.records[stage] = self.run_stage(stage)
+    def run(self, evaluate: bool | None = None) -> dict[str, dict]:
+        """Every registered stage the round's recipe enables, in order. `evaluate` overrides
+        whether `eval` runs (default: `eval.enabled`)."""
+        for stage in STEPS:
+            enabled = get_stage(stage).enabled(self.recipe)
+            if stage == "eval" and evaluate is not None:
+                enabled = evaluate
+            if enabled:
+                self.records[stage] = self.run_stage(stage)
         return self.records
 
 
@@ -465,7 +438,7 @@ class Attempts:
 def check_previous_round(run_dir: Path, n: int, loaded: LoadedRecipe | None = None) -> None:
     if n == 1:
         return
-    missing = [s for s in STAGES if read_record(run_dir, n - 1, s) is None]
+    missing = [s for s in STEPS if get_stage(s).required and read_record(run_dir, n - 1, s) is None]
     if missing:
         recipe = f" --recipe {loaded.path}" if loaded is not None else ""
         raise RoundError(f"round {n} needs round {n - 1} finished, but round {n - 1} has no record for: "
@@ -492,9 +465,9 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
     rerun too (without it they would refuse, as under a changed recipe).
     """
     redo = (redo,) if isinstance(redo, str) else tuple(redo)
-    unknown = sorted(set(redo) - set(STAGES))
+    unknown = sorted(set(redo) - set(STEPS))
     if unknown:
-        raise RoundError(f"--redo {', '.join(unknown)}: not a stage (stages: {', '.join(STAGES)})")
+        raise RoundError(f"--redo {', '.join(unknown)}: not a stage (stages: {', '.join(STEPS)})")
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     run_dir = Path(run_dir)
     if n > loaded.base.rounds:
@@ -508,12 +481,7 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
     _snapshot_recipe(loaded, run_dir)
     log.info("round %d of %s in %s", n, loaded.path.name, run_dir)
     rnd = Round(n, loaded, run_dir, reward=reward, force=force, redo=redo)
-    records = rnd.run()
-    if evaluate if evaluate is not None else rnd.recipe.eval.enabled:
-        from posttrain.eval import evaluate_round
-
-        records["eval"] = evaluate_round(rnd, force=force or rnd.redone)
-    return records
+    return rnd.run(evaluate)
 
 
 def parse_rounds(spec: str) -> list[int]:

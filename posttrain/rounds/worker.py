@@ -23,22 +23,22 @@ from posttrain.launch import check_world_size
 
 def build_context(spec: dict):
     from posttrain.recipe import Recipe
-    from posttrain.stage import StageContext
+    from posttrain.stage import StageContext, get
 
     recipe = Recipe.model_validate(spec["recipe"])
+    defn = get(spec["stage"])
     return StageContext(
         stage=spec["stage"],
         round=spec["round"],
         run_dir=Path(spec["run_dir"]),
         out_dir=Path(spec["out_dir"]),
-        config=getattr(recipe, spec["stage"]),
-        inputs=spec["inputs"],
+        config=defn.config_of(recipe),
+        inputs=defn.inputs(**spec["inputs"]),
         recipe=recipe,
         seed=spec["seed"],
         trust_remote_code=recipe.models.trust_remote_code,
         formatting_tokens=recipe.chat.formatting_tokens,
         report_to=list(recipe.run.report_to) or "none",
-        extra=spec.get("extra", {}),
     )
 
 
@@ -46,8 +46,9 @@ def run_spec(spec: dict, reward=None):
     ctx = build_context(spec)
     ctx.reward = reward
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    module = importlib.import_module(f"posttrain.{spec['stage']}")
-    return module.run(ctx)
+    from posttrain.stage import REGISTRY
+
+    return importlib.import_module(dict(REGISTRY)[spec["stage"]]).run(ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
