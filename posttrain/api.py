@@ -87,7 +87,8 @@ def _cell(run_dir: Path, n: int, step: str) -> str:
 
 STATUS_LEGEND = """\
 rm acc: held-out ranking accuracy · sample top1: mean reward of the kept top-1 samples, on the
-recipe's reward's scale (a checker plus a small RM tie-break can exceed 1) · sft loss: last
+recipe's reward's scale (a checker plus a small RM tie-break can exceed 1) · curate: rows kept,
+dropped, and dropped by first reason ('-' when the recipe leaves it off) · sft loss: last
 training loss · dpo acc: share of pairs whose implicit reward ranks chosen first · eval task:
 held-out task score (checker), else reward · times include resumed attempts · [2x ddp]: a
 training stage started by run.launcher: processes x parallelism"""

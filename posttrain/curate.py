@@ -38,6 +38,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from posttrain.schema import StrictModel
+from posttrain.stage import StageDef, path_field
 
 log = logging.getLogger("posttrain")
 
@@ -58,6 +59,9 @@ class RuleSpec(StrictModel):
     """Drop the row when the matches exceed this many (0: any match drops)."""
     max_per_100_words: float | None = Field(None, ge=0)
     """Drop the row when matches per 100 words of the assistant turns exceed this."""
+    rate_min_count: int = Field(2, ge=1)
+    """The rate limit applies from this many matches on (one '!' in a three-word reply is a
+    high rate but not over-use)."""
 
     @field_validator("pattern")
     @classmethod
@@ -222,15 +226,16 @@ def dialog_text(messages: list[dict]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
-_WORD = re.compile(r"\w+")
+_WORD = re.compile(r"\S+")
 
 
 def rule_violations(text: str, rules: list[RuleSpec]) -> list[dict]:
     """The rules `text` breaks, each as {rule, count, per_100_words, limit}.
 
     count = number of non-overlapping matches; per_100_words = 100 * count / words, with
-    words = runs of word characters (at least 1, so text with no words gets a finite rate).
-    A rule is broken when count > max_count or per_100_words > max_per_100_words.
+    words = whitespace-separated pieces (at least 1, so an empty text gets a finite rate).
+    A rule is broken when count > max_count, or when count >= rate_min_count and
+    per_100_words > max_per_100_words.
     """
     words = max(1, len(_WORD.findall(text)))
     out = []
@@ -240,7 +245,7 @@ def rule_violations(text: str, rules: list[RuleSpec]) -> list[dict]:
         broken = []
         if rule.max_count is not None and count > rule.max_count:
             broken.append(f"count {count} > {rule.max_count}")
-        if rule.max_per_100_words is not None and rate > rule.max_per_100_words:
+        if rule.max_per_100_words is not None and count >= rule.rate_min_count and rate > rule.max_per_100_words:
             broken.append(f"{rate:.1f} per 100 words > {rule.max_per_100_words:g}")
         if broken:
             out.append({"rule": rule.name, "count": count, "per_100_words": round(rate, 3),
@@ -523,10 +528,7 @@ def curate_rows(rows: list[CurationRow], cfg: CurateConfig, scores: Scores, *, s
 
 # ----------------------------------------------------------------------------- the stage
 #
-# Inputs (`ctx.inputs`): `top1_file` (this round's top-1 samples), `sft_files` (the recipe's SFT
-# data), `policy_model` (judge 'policy' and default embeddings), `reward_model` (the round's
-# RM: rm_quality, embed_with: rm), `preference_files` (with `preferences`: this round's DPO
-# batch). Outputs: `dropped` (dropped.jsonl: one row per dropped row with every reason),
+# Inputs: `CurateInputs`. Outputs: `dropped` (dropped.jsonl: one row per dropped row with every reason),
 # `report` (report.json: counts and thresholds); unless dry_run also `top1` and `sft` (kept
 # rows, TRL `messages` rows) and, with `preferences`, `preferences` (kept preference rows).
 # Model signals are cached under work/ (keyed by the rows and the model) so a killed stage
@@ -537,12 +539,12 @@ def _load_rows(ctx) -> list[CurationRow]:
     from posttrain import data, files
 
     rows = []
-    top1 = ctx.inputs.get("top1_file")
+    top1 = ctx.inputs.top1_file
     if top1:
         for raw in files.iter_jsonl(top1):
             rows.append(CurationRow(raw["id"], raw["messages"], "top1", "last_turn", raw))
     sft_targets = ctx.recipe.sft.targets if ctx.recipe is not None else "all_turns"
-    for ex in data.load_sft([str(p) for p in ctx.inputs.get("sft_files") or []]):
+    for ex in data.load_sft([str(p) for p in ctx.inputs.sft_files]):
         raw = {"id": ex.id, "messages": ex.messages}
         if ex.capability is not None:
             raw["capability"] = ex.capability
@@ -579,7 +581,7 @@ def _rm_scores(ctx, rows, work: Path) -> list[float | None]:
     from posttrain.reward import RMReward
 
     cfg: CurateConfig = ctx.config
-    path = ctx.inputs.get("reward_model")
+    path = ctx.inputs.reward_model
     if not path:
         raise ValueError("curate: rm_quality is on but the stage got no reward_model input")
 
@@ -612,7 +614,7 @@ def _judge(ctx, rows, work: Path) -> list[str]:
     from posttrain.generation import EngineOptions, SamplingSettings, generate
 
     cfg: JudgeConfig = ctx.config.judge
-    model = ctx.inputs["policy_model"] if cfg.model == "policy" else cfg.model
+    model = ctx.inputs.judge_model
 
     def compute():
         tok = modeling.load_tokenizer(model, trust_remote_code=ctx.trust_remote_code)
@@ -632,7 +634,7 @@ def _embeddings(ctx, rows, work: Path):
     from posttrain import files, progress
 
     cfg: DedupConfig = ctx.config.dedup
-    model = cfg.embedding_model or ctx.inputs["policy_model" if cfg.embed_with == "policy" else "reward_model"]
+    model = ctx.inputs.embedding_model
     key = _rows_key(rows, model, cfg.max_length)
     path, keyfile = work / "embeddings.npy", work / "embeddings.key"
     if path.is_file() and keyfile.is_file() and keyfile.read_text() == key:
@@ -749,7 +751,7 @@ def run(ctx):
 
     pref_summary = None
     if cfg.preferences:
-        prefs = data.load_preferences([str(p) for p in ctx.inputs.get("preference_files") or []])
+        prefs = data.load_preferences([str(p) for p in ctx.inputs.preference_files])
         kept_prefs, dropped_prefs = clean_preferences(prefs, cfg.rules.rules if cfg.rules.enabled else [])
         dropped += dropped_prefs
         pref_summary = {"read": len(prefs), "kept": len(kept_prefs),
@@ -758,10 +760,10 @@ def run(ctx):
             files.write_jsonl(out / "preferences.jsonl", [_preference_row(p) for p in kept_prefs])
             outputs["preferences"] = str(rel / "preferences.jsonl")
     if not cfg.dry_run:
-        if ctx.inputs.get("top1_file"):
+        if ctx.inputs.top1_file:
             files.write_jsonl(out / "top1.jsonl", [r.raw for r, d in zip(rows, decisions) if d.keep and r.kind == "top1"])
             outputs["top1"] = str(rel / "top1.jsonl")
-        if ctx.inputs.get("sft_files"):
+        if ctx.inputs.sft_files:
             files.write_jsonl(out / "sft.jsonl", [r.raw for r, d in zip(rows, decisions) if d.keep and r.kind == "sft"])
             outputs["sft"] = str(rel / "sft.jsonl")
     files.write_jsonl(out / "dropped.jsonl", dropped)
@@ -789,3 +791,64 @@ def run(ctx):
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+@dataclass
+class CurateInputs:
+    top1_file: str | None = path_field(default=None)
+    """This round's top-1 samples (the `sample` stage's `top1`)."""
+    sft_files: list[str] = path_field(default_factory=list)
+    """The recipe's SFT data (`data.sft`)."""
+    reward_model: str | None = path_field(default=None)
+    """This round's RM, when `rm_quality` is on (or dedup embeds with it)."""
+    judge_model: str | None = path_field(default=None)
+    """The judge (`judge.model`: the round's policy or a folder), when `judge` is on."""
+    embedding_model: str | None = path_field(default=None)
+    """What dedup embeds with: `dedup.embedding_model`, else the policy or the RM."""
+    preference_files: list[str] = path_field(default_factory=list)
+    """The preference batches this round's dpo reads, when `preferences` is on."""
+
+
+def _resolve(rnd) -> CurateInputs:
+    from posttrain.stage import get
+
+    c: CurateConfig = rnd.recipe.curate
+    policy = rm = None
+    if (c.judge.enabled and c.judge.model == "policy") or (
+            c.dedup.enabled and c.dedup.embedding_model is None and c.dedup.embed_with == "policy"):
+        policy = get("sample").resolve(rnd).policy_model  # the model this round sampled from
+    if c.rm_quality.enabled or (c.dedup.enabled and c.dedup.embedding_model is None and c.dedup.embed_with == "rm"):
+        rm = rnd.output("rm", "model")
+    judge = None
+    if c.judge.enabled:
+        judge = policy if c.judge.model == "policy" else rnd.path(c.judge.model)
+    embed = None
+    if c.dedup.enabled:
+        embed = rnd.path(c.dedup.embedding_model) if c.dedup.embedding_model else (
+            policy if c.dedup.embed_with == "policy" else rm)
+    return CurateInputs(
+        top1_file=rnd.output("sample", "top1"), sft_files=[rnd.path(p) for p in rnd.recipe.data.sft],
+        reward_model=rm if c.rm_quality.enabled else None, judge_model=judge, embedding_model=embed,
+        preference_files=rnd.preference_files(only_latest=rnd.recipe.dpo.latest_batch_only) if c.preferences else [])
+
+
+def _headline(m: dict) -> list[tuple[str, Any]]:
+    # rows kept and dropped, then the drops by their first reason (rule:<name>, quality, duplicate)
+    pairs = [("kept", m.get("kept")), ("dropped", m.get("dropped"))]
+    pairs += list((m.get("dropped_by_reason") or {}).items())
+    if m.get("dry_run"):
+        pairs.append(("dry_run", "yes"))
+    return pairs
+
+
+def curated(rnd, name: str, n: int | None = None) -> str | None:
+    """The curate stage's output `name` in round `n` when that round curated (and not as a dry
+    run), else None: sft and dpo then read the uncurated rows."""
+    rec = rnd.record("curate", n)
+    if rec is None or name not in rec.get("outputs", {}):
+        return None
+    return rnd.output("curate", name, n)
+
+
+STAGE = StageDef(name="curate", inputs=CurateInputs, resolve=_resolve, headline=_headline, required=False,
+                 enabled=lambda recipe: recipe.curate.enabled)

@@ -147,15 +147,16 @@ class EvalSettings(StrictModel):
 def _stage_configs():
     # Imported here so each stage owns its config (next to its trainer, as TRL does).
     from posttrain.average import AverageConfig
+    from posttrain.curate import CurateConfig
     from posttrain.dpo import DPOStageConfig
     from posttrain.rm import RMConfig
     from posttrain.sample import SampleConfig
     from posttrain.sft import SFTStageConfig
 
-    return RMConfig, SampleConfig, SFTStageConfig, DPOStageConfig, AverageConfig
+    return RMConfig, SampleConfig, CurateConfig, SFTStageConfig, DPOStageConfig, AverageConfig
 
 
-RMConfig, SampleConfig, SFTStageConfig, DPOStageConfig, AverageConfig = _stage_configs()
+RMConfig, SampleConfig, CurateConfig, SFTStageConfig, DPOStageConfig, AverageConfig = _stage_configs()
 
 
 class Recipe(StrictModel):
@@ -188,6 +189,8 @@ class Recipe(StrictModel):
     """Stage 1: reward model."""
     sample: SampleConfig = SampleConfig()
     """Stage 2: rejection sampling."""
+    curate: CurateConfig = CurateConfig()
+    """Data quality control between sample and sft (report 4.2.3); off unless enabled."""
     sft: SFTStageConfig = SFTStageConfig()
     """Stage 3: supervised fine-tuning."""
     dpo: DPOStageConfig = DPOStageConfig()

@@ -1,0 +1,326 @@
+"""The curate stage (report 4.2.3): each filter on hand-made rows, exact keeps, drops and reasons."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from posttrain.curate import (
+    CurateConfig,
+    CurationRow,
+    RuleSpec,
+    Scores,
+    clean_preferences,
+    curate_rows,
+    parse_judge,
+    percentile_ranks,
+    priority,
+    rm_high_quality,
+    rule_violations,
+    semantic_dedup,
+)
+from posttrain.files import iter_jsonl, read_json, write_jsonl
+
+APOLOGY = RuleSpec(name="apology", pattern=r"\b(i'?m sorry|i apologi[sz]e)\b", max_count=0)
+BANG = RuleSpec(name="exclamation", pattern="!", max_count=3, max_per_100_words=10)
+EMOJI = RuleSpec(name="emoji", pattern="[\U0001F300-\U0001FAFF]", max_count=2)
+
+
+def row(i, answer, kind="top1", user="Sort 3 1 2", earlier=None):
+    msgs = [{"role": "user", "content": user}]
+    if earlier is not None:
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": earlier}] + msgs
+    msgs.append({"role": "assistant", "content": answer})
+    return CurationRow(f"r{i}", msgs, kind, "last_turn" if kind == "top1" else "all_turns")
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def test_rule_violations_count_rate_and_case():
+    text = "I'm sorry! I apologise! Here: 1 2 3!"  # 8 words, 3 "!", 2 apologies
+    assert rule_violations(text, [APOLOGY, BANG, EMOJI]) == [
+        {"rule": "apology", "count": 2, "per_100_words": 25.0, "limit": "count 2 > 0"},
+        {"rule": "exclamation", "count": 3, "per_100_words": 37.5,
+         "limit": f"37.5 per 100 words > 10"},
+    ]
+    # One '!' in a short reply is a high rate but under rate_min_count (2): not over-use.
+    assert rule_violations("Done!", [BANG]) == []
+    # Case: ignore_case off, "I'M SORRY" does not match a lower-case pattern.
+    strict = RuleSpec(name="apology", pattern="i'm sorry", ignore_case=False, max_count=0)
+    assert rule_violations("I'M SORRY", [strict]) == []
+    assert rule_violations("ok i'm sorry", [strict])[0]["count"] == 1
+
+
+def test_rule_config_errors_name_the_problem():
+    with pytest.raises(ValidationError, match="not a valid regex"):
+        RuleSpec(name="x", pattern="(", max_count=0)
+    with pytest.raises(ValidationError, match="set max_count, max_per_100_words or both"):
+        RuleSpec(name="x", pattern="!")
+    with pytest.raises(ValidationError, match=r"\{conversation\}"):
+        CurateConfig.model_validate({"judge": {"prompt": "rate it"}})
+    with pytest.raises(ValidationError, match="capture group"):
+        CurateConfig.model_validate({"judge": {"quality_pattern": "quality: \\d"}})
+    with pytest.raises(ValidationError, match="extra"):
+        CurateConfig.model_validate({"dedupe": {}})
+
+
+def test_rules_drop_exactly_the_offending_rows_with_reasons():
+    rows = [
+        row(0, "1 2 3"),
+        row(1, "I'm sorry, 1 2 3"),  # 5 words
+        row(2, "1 2 3 \U0001F600\U0001F600\U0001F600"),
+        row(3, "1 2 3", earlier="I apologize for that"),  # top-1: only the last turn is trained
+        row(4, "1 2 3", kind="sft", earlier="I apologize for that"),  # sft data: every turn is
+    ]
+    cfg = CurateConfig.model_validate({"enabled": True, "rules": {"enabled": True}})
+    cfg.rules.rules = [APOLOGY, BANG, EMOJI]
+    decisions, summary = curate_rows(rows, cfg, Scores())
+    assert [d.keep for d in decisions] == [True, False, False, True, False]
+    assert decisions[1].reasons == [{"filter": "rule", "rule": "apology", "count": 1, "per_100_words": 20.0,
+                                     "limit": "count 1 > 0"}]
+    assert decisions[2].reasons[0]["rule"] == "emoji" and decisions[2].reasons[0]["count"] == 3
+    assert decisions[4].reasons[0]["rule"] == "apology"
+    assert summary["dropped_by_reason"] == {"rule:apology": 2, "rule:emoji": 1}
+    assert (summary["rows"], summary["kept"], summary["dropped"]) == (5, 2, 3)
+    # turns: all checks earlier assistant turns of top-1 rows too.
+    cfg.rules.turns = "all"
+    decisions, _ = curate_rows(rows, cfg, Scores())
+    assert [d.keep for d in decisions] == [True, False, False, False, False]
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def test_rm_top_quartile_by_hand():
+    # numpy's linear quantile of [1, 2, 3, 4, 5] at 0.75: position 0.75 * 4 = 3 -> 4.0
+    high, t = rm_high_quality([3.0, 1.0, None, 5.0, 2.0, 4.0], 0.75)
+    assert t == 4.0
+    assert high == [False, False, False, True, False, True]
+    # position 0.75 * 3 = 2.25 -> 3 + 0.25 * (4 - 3)
+    assert rm_high_quality([1.0, 2.0, 3.0, 4.0], 0.75)[1] == pytest.approx(3.25)
+    assert rm_high_quality([None, None], 0.75) == ([False, False], None)
+
+
+def test_parse_judge_reads_the_recipe_patterns():
+    cfg = CurateConfig().judge
+    assert parse_judge("Quality: 4\nDifficulty: 2", cfg.quality_pattern, cfg.difficulty_pattern) == (4.0, 2.0)
+    assert parse_judge("quality=3.5 difficulty = 5", cfg.quality_pattern, cfg.difficulty_pattern) == (3.5, 5.0)
+    assert parse_judge("I think it is fine", cfg.quality_pattern, cfg.difficulty_pattern) == (None, None)
+    assert parse_judge("Q 7 D 1", r"Q (\d)", r"D (\d)") == (7.0, 1.0)
+
+
+def test_quality_keeps_the_union_of_rm_and_judge():
+    rows = [row(i, f"answer {i}") for i in range(5)]
+    rm = [1.0, 2.0, 3.0, 4.0, 5.0]  # top quartile: >= 4.0 -> rows 3, 4
+    judge_q = [5.0, 2.0, None, 1.0, 1.0]  # high (>= 4): row 0 only; row 2 unparsed
+    cfg = CurateConfig.model_validate({"enabled": True, "rm_quality": {"enabled": True},
+                                       "judge": {"enabled": True}})
+    decisions, summary = curate_rows(rows, cfg, Scores(rm=rm, judge_quality=judge_q, judge_difficulty=[None] * 5))
+    assert [d.keep for d in decisions] == [True, False, False, True, True]
+    assert decisions[1].reasons == [{"filter": "quality", "rm_score": 2.0, "rm_threshold": 4.0,
+                                     "judge_quality": 2.0, "judge_threshold": 4.0}]
+    assert decisions[2].reasons[0]["judge_quality"] is None
+    assert summary["judge_unparsed"] == 1
+    assert summary["dropped_by_reason"] == {"quality": 2}
+    # The RM alone: only its top quartile.
+    cfg.judge.enabled = False
+    decisions, _ = curate_rows(rows, cfg, Scores(rm=rm))
+    assert [d.keep for d in decisions] == [False, False, False, True, True]
+    assert decisions[0].reasons == [{"filter": "quality", "rm_score": 1.0, "rm_threshold": 4.0}]
+
+
+def test_a_filter_that_is_on_without_its_scores_is_an_error():
+    cfg = CurateConfig.model_validate({"enabled": True, "rm_quality": {"enabled": True}})
+    with pytest.raises(ValueError, match="rm_quality is on but the RM scores are missing"):
+        curate_rows([row(0, "a")], cfg, Scores())
+
+
+def test_percentile_ranks_and_priority_by_hand():
+    assert percentile_ranks([-3.0, 1.0, None, 1.0, 7.0]) == [0.25, 0.75, None, 0.75, 1.0]
+    assert priority([0.5, None, 4.0], [2.0, 3.0, None]) == [1.0, 3.0, 4.0]
+
+
+# ----------------------------------------------------------------------------- dedup
+
+
+def unit(deg):
+    return [math.cos(math.radians(deg)), math.sin(math.radians(deg))]
+
+
+def test_greedy_dedup_keeps_by_priority_and_a_dropped_row_blocks_nothing():
+    # a=0 deg, b=16 deg, c=32 deg: cos(a,b) = cos(b,c) = 0.961, cos(a,c) = 0.848
+    emb = np.array([unit(0), unit(16), unit(32), unit(90)], dtype=np.float32)
+    res = semantic_dedup(emb, [1.0, 1.0, 1.0, 1.0], threshold=0.95)
+    # a first (ties by index); b is a's duplicate; c is similar only to the dropped b: kept.
+    assert res.keep == [True, False, True, True]
+    assert res.duplicate_of == [None, 0, None, None]
+    assert res.similarity[1] == pytest.approx(math.cos(math.radians(16)), abs=1e-6)
+    # b has the highest priority: it is kept, and now both a and c are its duplicates.
+    res = semantic_dedup(emb, [1.0, 2.0, 1.0, 1.0], threshold=0.95)
+    assert res.keep == [False, True, False, True]
+    assert res.duplicate_of == [1, None, 1, None]
+
+
+def test_a_similarity_equal_to_the_threshold_is_a_duplicate():
+    emb = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    assert semantic_dedup(emb, [0, 0, 0], threshold=1.0).keep == [True, False, True]
+    assert semantic_dedup(np.array([unit(0), unit(60)]), [0, 0], threshold=0.5).keep == [True, False]
+
+
+def test_dedup_stays_inside_clusters():
+    # Two far-apart groups, each of 50 copies of one direction plus small noise: k-means with
+    # 2 clusters finds them, and each keeps exactly one row (the highest priority).
+    rng = np.random.default_rng(0)
+    a, b = np.eye(16, dtype=np.float32)[0], np.eye(16, dtype=np.float32)[1]
+    emb = np.concatenate([a + 0.01 * rng.normal(size=(50, 16)), b + 0.01 * rng.normal(size=(50, 16))])
+    prio = list(rng.random(100))
+    res = semantic_dedup(emb, prio, threshold=0.9, rows_per_cluster=50)
+    assert res.n_clusters == 2
+    assert len(set(res.clusters[:50])) == 1 and len(set(res.clusters[50:])) == 1
+    assert [i for i, k in enumerate(res.keep) if k] == [int(np.argmax(prio[:50])), 50 + int(np.argmax(prio[50:]))]
+
+
+def test_dedup_rejects_bad_embeddings():
+    with pytest.raises(ValueError, match="NaN"):
+        semantic_dedup(np.array([[np.nan, 1.0]]), [0], 0.9)
+    with pytest.raises(ValueError, match="2 embeddings but 1 priorities"):
+        semantic_dedup(np.eye(2), [0], 0.9)
+
+
+def test_curate_rows_dedups_only_rows_that_passed_and_orders_by_quality():
+    rows = [row(0, "I'm sorry"), row(1, "1 2 3"), row(2, "1 2 3 "), row(3, "other")]
+    emb = np.array([unit(0), unit(0), unit(1), unit(90)], dtype=np.float32)
+    cfg = CurateConfig.model_validate({"enabled": True, "rules": {"enabled": True}, "dedup": {"enabled": True},
+                                       "judge": {"enabled": True, "high_quality": 1}})
+    cfg.rules.rules = [APOLOGY]
+    scores = Scores(judge_quality=[5.0, 2.0, 4.0, 3.0], judge_difficulty=[1.0, 1.0, 1.0, 1.0], embeddings=emb)
+    decisions, summary = curate_rows(rows, cfg, scores)
+    # row 0 fails the rule (so it is not a dedup candidate); row 2 (quality 4) beats row 1 (2).
+    assert [d.keep for d in decisions] == [False, False, True, True]
+    assert decisions[1].reasons == [{"filter": "duplicate", "of": "r2", "similarity": pytest.approx(0.9998, abs=1e-4),
+                                     "threshold": 0.95, "priority": 2.0}]
+    assert summary["dropped_by_reason"] == {"duplicate": 1, "rule:apology": 1}
+
+
+# ----------------------------------------------------------------------------- preferences
+
+
+def test_clean_preferences_checks_chosen_and_edited_not_rejected():
+    from posttrain.data import Preference
+
+    prefs = [Preference("p0", [{"role": "user", "content": "q"}], chosen="fine", rejected="I'm sorry"),
+             Preference("p1", [{"role": "user", "content": "q"}], chosen="I'm sorry", rejected="no"),
+             Preference("p2", [{"role": "user", "content": "q"}], chosen="ok", rejected="no", edited="I apologize")]
+    kept, dropped = clean_preferences(prefs, [APOLOGY])
+    assert [p.id for p in kept] == ["p0"]
+    assert [(d["id"], d["reason"], d["reasons"][0]["side"]) for d in dropped] == [
+        ("p1", "rule:apology", "chosen"), ("p2", "rule:apology", "edited")]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _ctx(tmp_path, model_dir, cfg: CurateConfig, top1, sft):
+    from posttrain.stage import StageContext
+
+    run = tmp_path / "run"
+    write_jsonl(tmp_path / "top1.jsonl", top1)
+    write_jsonl(tmp_path / "sft.jsonl", sft)
+    return StageContext(stage="curate", round=1, run_dir=run, out_dir=run / "round_01" / "curate", config=cfg,
+                        inputs={"top1_file": str(tmp_path / "top1.jsonl"), "sft_files": [str(tmp_path / "sft.jsonl")],
+                                "embedding_model": str(model_dir)})
+
+
+def _msgs(q, a):
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def test_stage_writes_kept_rows_reasons_and_resumes_from_its_cache(tmp_path, tiny_model_dir, monkeypatch):
+    from posttrain import curate
+
+    top1 = [{"id": "round_01/a", "messages": _msgs("Sort 3 1 2", "1 2 3"), "score": 1.0},
+            {"id": "round_01/b", "messages": _msgs("Sort 3 1 2", "1 2 3"), "score": 0.9},  # a's duplicate
+            {"id": "round_01/c", "messages": _msgs("Sort 9 8", "I'm sorry, 8 9"), "score": 0.5}]
+    sft = [{"id": "s1", "messages": _msgs("Sort 5 4", "4 5")}]
+    cfg = CurateConfig.model_validate({"enabled": True, "rules": {"enabled": True}, "dedup": {"enabled": True}})
+    cfg.rules.rules = [APOLOGY]
+    ctx = _ctx(tmp_path, tiny_model_dir, cfg, top1, sft)
+    ctx.out_dir.mkdir(parents=True)
+    result = curate.run(ctx)
+    out = ctx.out_dir
+    assert [r["id"] for r in iter_jsonl(out / "top1.jsonl")] == ["round_01/a"]
+    assert list(iter_jsonl(out / "top1.jsonl"))[0] == top1[0]  # written back as read
+    assert list(iter_jsonl(out / "sft.jsonl")) == [{"id": "s1", "messages": sft[0]["messages"]}]
+    dropped = {d["id"]: d for d in iter_jsonl(out / "dropped.jsonl")}
+    assert dropped["round_01/c"]["reason"] == "rule:apology"
+    assert dropped["round_01/b"]["reason"] == "duplicate"
+    assert dropped["round_01/b"]["reasons"][0]["of"] == "round_01/a"
+    assert dropped["round_01/b"]["reasons"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    m = result.metrics
+    assert (m["kept"], m["dropped"], m["dropped_by_reason"]) == (2, 2, {"duplicate": 1, "rule:apology": 1})
+    assert m["by_kind"] == {"top1": {"read": 3, "kept": 1}, "sft": {"read": 1, "kept": 1}}
+    assert [d["id"] for d in m["dropped_examples"]] == ["round_01/b", "round_01/c"]
+    assert result.outputs == {"top1": "round_01/curate/top1.jsonl", "sft": "round_01/curate/sft.jsonl",
+                              "dropped": "round_01/curate/dropped.jsonl", "report": "round_01/curate/report.json"}
+    assert read_json(out / "report.json")["kept"] == 2
+    from posttrain.stage import format_headline, headline
+
+    assert format_headline(headline("curate", m)) == "kept=2 dropped=2 duplicate=1 rule:apology=1"
+
+    # A second run (a resumed stage) reads the embeddings from work/ instead of embedding again.
+    def no_embedding(*a, **k):
+        raise AssertionError("embedded twice")
+
+    monkeypatch.setattr(curate, "embed_dialogs", no_embedding)
+    assert curate.run(ctx).metrics["kept"] == 2
+
+
+def test_dry_run_reports_but_hands_sft_nothing(tmp_path, tiny_model_dir):
+    from posttrain import curate
+
+    top1 = [{"id": "a", "messages": _msgs("q", "I'm sorry")}, {"id": "b", "messages": _msgs("q", "fine")}]
+    cfg = CurateConfig.model_validate({"enabled": True, "dry_run": True, "rules": {"enabled": True}})
+    cfg.rules.rules = [APOLOGY]
+    ctx = _ctx(tmp_path, tiny_model_dir, cfg, top1, [])
+    ctx.out_dir.mkdir(parents=True)
+    result = curate.run(ctx)
+    assert set(result.outputs) == {"dropped", "report"}  # sft then reads the uncurated files
+    assert [d["id"] for d in iter_jsonl(ctx.out_dir / "dropped.jsonl")] == ["a"]
+    assert ("dry_run", "yes") in curate.STAGE.headline(result.metrics)
+
+
+def test_duplicate_ids_across_top1_and_sft_are_refused(tmp_path, tiny_model_dir):
+    from posttrain import curate
+
+    cfg = CurateConfig.model_validate({"enabled": True})
+    ctx = _ctx(tmp_path, tiny_model_dir, cfg, [{"id": "x", "messages": _msgs("q", "a")}],
+               [{"id": "x", "messages": _msgs("q", "a")}])
+    with pytest.raises(ValueError, match="row id 'x' appears in the top1 rows and again in the sft rows"):
+        curate.run(ctx)
+
+
+def test_embeddings_are_mean_pooled_unit_vectors_and_identical_dialogs_match(tiny_model_dir):
+    from posttrain.curate import embed_dialogs
+
+    emb = embed_dialogs(tiny_model_dir, ["user: a\nassistant: b", "user: a\nassistant: b", "user: zzz"],
+                        batch_size=2)
+    assert emb.shape[0] == 3 and emb.dtype == np.float32
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert float(emb[0] @ emb[1]) == pytest.approx(1.0, abs=1e-5)  # padding does not change the mean
+    assert float(emb[0] @ emb[2]) < 0.999
+
+
+def test_general_recipe_ships_the_papers_settings_off():
+    from posttrain.recipe import load_recipe
+
+    c = load_recipe("general").for_round(1).curate
+    assert c.enabled is False
+    assert c.rules.enabled and {r.name for r in c.rules.rules} == {"emoji", "exclamation", "apology"}
+    assert c.rm_quality.enabled and c.rm_quality.quantile == 0.75
+    assert c.judge.enabled and c.dedup.enabled
+    assert rule_violations("I'm sorry, no.", c.rules.rules)[0]["rule"] == "apology"
+    assert load_recipe("demo").for_round(1).curate.enabled is False
