@@ -324,3 +324,59 @@ def test_general_recipe_ships_the_papers_settings_off():
     assert c.judge.enabled and c.dedup.enabled
     assert rule_violations("I'm sorry, no.", c.rules.rules)[0]["rule"] == "apology"
     assert load_recipe("demo").for_round(1).curate.enabled is False
+
+
+# ----------------------------------------------------------------------------- a round
+
+
+@pytest.mark.slow
+def test_a_round_with_curate_hands_sft_the_kept_rows_and_shows_its_headline(tmp_path):
+    """One small demo round with curate on (the shipped rules, an apology-laden SFT file, dedup
+    over the policy's states): the stage is recorded, sft trains on its kept rows, and status
+    and the report show its counts; a second run skips it; a changed rule refuses."""
+    import yaml
+
+    from posttrain.api import status_table
+    from posttrain.records import read_record
+    from posttrain.report import write_report
+    from posttrain.records import InputsChanged
+    from posttrain.rounds.orchestrator import run_round
+    from tests.test_rounds import small_recipe
+
+    path = small_recipe(tmp_path, n_prompts=16)
+    recipe = yaml.safe_load(path.read_text())
+    sft_rows = [{"id": f"clean{i}", "messages": _msgs(f"Sort these numbers: {i} 1 0", f"0 1 {i}")} for i in range(2, 8)]
+    sft_rows += [{"id": "sorry", "messages": _msgs("Sort these numbers: 9 8", "I'm sorry, 8 9")},
+                 {"id": "dup", "messages": _msgs("Sort these numbers: 2 1 0", "0 1 2")}]  # clean2's twin
+    write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    recipe["data"]["sft"] = [str(tmp_path / "sft.jsonl")]
+    general = yaml.safe_load((__import__("pathlib").Path(__file__).parent.parent / "recipes" / "general.yaml")
+                             .read_text())["curate"]
+    recipe["curate"] = {"enabled": True, "rules": general["rules"],
+                        "dedup": {"enabled": True, "threshold": 0.9999, "embed_with": "policy"}}
+    recipe["eval"]["enabled"] = False
+    path.write_text("# test\n" + yaml.safe_dump(recipe))
+    run_dir = tmp_path / "run"
+    records = run_round(1, path, run_dir)
+    cur = records["curate"]
+    m = cur["metrics"]
+    assert m["by_kind"]["sft"] == {"read": 8, "kept": 6}
+    dropped = {d["id"]: d for d in iter_jsonl(run_dir / cur["outputs"]["dropped"]["path"])}
+    assert dropped["sorry"]["reason"] == "rule:apology"
+    assert dropped["dup"]["reason"] == "duplicate" and dropped["dup"]["reasons"][0]["of"] == "clean2"
+    kept_top1 = list(iter_jsonl(run_dir / cur["outputs"]["top1"]["path"]))
+    sft = read_record(run_dir, 1, "sft")
+    # sft read the curated files (their hashes are its inputs) and trained on exactly their rows.
+    assert sft["inputs"]["inputs"]["sft_files"][0]["sha256"] == cur["outputs"]["sft"]["sha256"]
+    assert sft["inputs"]["inputs"]["top1_files"][0]["sha256"] == cur["outputs"]["top1"]["sha256"]
+    assert sft["metrics"]["rows_read"] == len(kept_top1) + 6
+    table = status_table(run_dir)
+    assert f"kept={m['kept']} dropped={m['dropped']}" in table and "rule:apology=1" in table
+    assert "| 1 | curate | rows |" in write_report(run_dir).read_text()
+    # Same inputs: skipped. A changed rule: refused, naming the config.
+    again = run_round(1, path, run_dir)
+    assert again["curate"]["timing"] == cur["timing"]
+    recipe["curate"]["rules"]["rules"][2]["max_count"] = 1
+    path.write_text("# test\n" + yaml.safe_dump(recipe))
+    with pytest.raises(InputsChanged, match=r"'curate' already finished with other inputs \(changed: config\)"):
+        run_round(1, path, run_dir)
