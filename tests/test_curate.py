@@ -279,6 +279,37 @@ def test_stage_writes_kept_rows_reasons_and_resumes_from_its_cache(tmp_path, tin
     assert curate.run(ctx).metrics["kept"] == 2
 
 
+def test_stage_scores_with_the_rm_and_a_judge_through_the_generation_backend(tmp_path, tiny_model_dir):
+    """The RM and the judge are real models here (the random tiny Llama, its RM head untrained):
+    the RM keeps its top quartile, and the judge's replies, which name no score, vote no, so
+    the union keeps exactly the RM's top row; every dropped row carries the judge's reply."""
+    from posttrain import curate
+
+    top1 = [{"id": f"t{i}", "messages": _msgs(f"Sort these numbers: {i} 2", f"2 {i}")} for i in range(3, 7)]
+    cfg = CurateConfig.model_validate({"enabled": True, "rm_quality": {"enabled": True},
+                                       "judge": {"enabled": True, "max_new_tokens": 4, "backend": "transformers"}})
+    ctx = _ctx(tmp_path, tiny_model_dir, cfg, top1, [])
+    ctx.inputs.reward_model = ctx.inputs.judge_model = str(tiny_model_dir)
+    ctx.inputs.sft_files = []
+    ctx.out_dir.mkdir(parents=True)
+    result = curate.run(ctx)
+    m = result.metrics
+    assert (m["kept"], m["dropped_by_reason"], m["judge_unparsed"]) == (1, {"quality": 3}, 4)
+    dropped = list(iter_jsonl(ctx.out_dir / "dropped.jsonl"))
+    assert all(d["reasons"][0]["rm_score"] < d["reasons"][0]["rm_threshold"] for d in dropped)
+    assert all(isinstance(d["judge_reply"], str) and d["reasons"][0]["judge_quality"] is None for d in dropped)
+
+
+def test_judge_prompt_renders_the_dialog_into_the_recipe_template(tiny_tokenizer):
+    from posttrain.curate import judge_prompt_ids
+
+    rows = [row(0, "1 2 3")]
+    ids = judge_prompt_ids(tiny_tokenizer, "Grade this:\n{conversation}", rows)
+    text = tiny_tokenizer.decode(ids[0])
+    assert "Grade this:\nuser: Sort 3 1 2\nassistant: 1 2 3" in text
+    assert text.rstrip().endswith("assistant<|end_header_id|>")  # the generation prompt: the judge answers next
+
+
 def test_dry_run_reports_but_hands_sft_nothing(tmp_path, tiny_model_dir):
     from posttrain import curate
 
@@ -380,3 +411,34 @@ def test_a_round_with_curate_hands_sft_the_kept_rows_and_shows_its_headline(tmp_
     path.write_text("# test\n" + yaml.safe_dump(recipe))
     with pytest.raises(InputsChanged, match=r"'curate' already finished with other inputs \(changed: config\)"):
         run_round(1, path, run_dir)
+
+
+def test_world_noise_is_opt_in_and_the_default_world_is_unchanged():
+    import random
+
+    from posttrain.world import task
+    from posttrain.world.build import OPT_IN_FIELDS, WorldConfig, seed_sft_rows
+
+    items = task.sample_items(40, random.Random(0))
+    default = WorldConfig()
+    assert default.key() == "" and not set(OPT_IN_FIELDS) & set(default.manifest_config())
+    rng = random.Random(5)
+    rows = seed_sft_rows(items, default, rng)
+    assert rng.random() == random.Random(5).random()  # the default never draws from its stream
+    assert [r["messages"][-1]["content"] for r in rows] == [it.answer for it in items]
+    noisy = WorldConfig(sft_noisy_share=0.5, sft_duplicate_share=0.25)
+    assert noisy.key() != "" and noisy.manifest_config()["sft_noisy_share"] == 0.5
+    rows = seed_sft_rows(items, noisy, random.Random(5))
+    assert len(rows) == 50
+    from posttrain.recipe import load_recipe
+
+    rules = load_recipe("general").for_round(1).curate.rules.rules
+    broken = [r for r in rows[:40] if rule_violations(r["messages"][-1]["content"], rules)]
+    padded = [r for r, it in zip(rows[:40], items) if r["messages"][-1]["content"] != it.answer]
+    assert broken == padded and 10 <= len(padded) <= 30  # every padded answer breaks a shipped rule
+    # Each near-duplicate is an earlier row with its prompt's numbers reordered, same answer.
+    def key(r):
+        return sorted(task.parse_prompt(r["messages"][0]["content"])), r["messages"][-1]["content"]
+
+    originals = [key(r) for r in rows[:40]]
+    assert all(key(d) in originals for d in rows[40:])
