@@ -197,6 +197,15 @@ class CurateConfig(StrictModel):
     show_dropped: int = Field(20, ge=0)
     """Dropped rows quoted in the stage's metrics (all are in dropped.jsonl)."""
 
+    @model_validator(mode="after")
+    def _something_to_do(self) -> "CurateConfig":
+        if self.preferences and not self.rules.enabled:
+            raise ValueError("preferences: true cleans preference rows with the rules, but rules.enabled is false")
+        if self.enabled and not any(f.enabled for f in (self.rules, self.rm_quality, self.judge, self.dedup)):
+            raise ValueError("enabled: true but no filter is on (rules, rm_quality, judge, dedup): "
+                             "turn one on, or leave curate off")
+        return self
+
 
 # ----------------------------------------------------------------------------- rows and reasons
 
@@ -331,13 +340,19 @@ def normalise(x):
     return x / np.maximum(norms, 1e-12)
 
 
+SEARCH_CHUNK = 2048
+"""Rows whose neighbours one FAISS range search returns: bounds the memory of the result lists."""
+
+
 def greedy_dedup(emb, order: list[int], threshold: float, keep, dup_of, sim) -> None:
     """Greedy keep within one group of rows (`order`: their indices, best first).
 
     A row is kept when its cosine similarity to every row already kept is below `threshold`;
     otherwise it is dropped and `dup_of`/`sim` name the first kept row at or above it. The
-    neighbours at or above the threshold come from one FAISS range search over the group
-    (exact inner products), so the loop below only walks the neighbour lists.
+    neighbours at or above the threshold come from FAISS range searches over the group (exact
+    inner products), SEARCH_CHUNK rows at a time and only for rows not already blocked by a
+    kept one (a blocked row is never kept, so its neighbours do not matter); the loop below
+    only walks those neighbour lists.
     emb: (N, D) unit rows; keep/dup_of/sim: length-N lists filled in place.
     """
     import numpy as np
@@ -348,21 +363,30 @@ def greedy_dedup(emb, order: list[int], threshold: float, keep, dup_of, sim) -> 
     index.add(x)
     # range_search keeps inner products > radius; nudge the radius down by float32 rounding so
     # a similarity equal to the threshold counts as "at or above".
-    lims, dist, nbr = index.range_search(x, float(np.nextafter(np.float32(threshold), np.float32(-1))))
-    blocked_by = np.full(len(order), -1, dtype=np.int64)
-    blocked_sim = np.zeros(len(order), dtype=np.float32)
-    for i in range(len(order)):
-        row = order[i]
-        if blocked_by[i] >= 0:
-            keep[row] = False
-            dup_of[row] = order[blocked_by[i]]
-            sim[row] = float(blocked_sim[i])
-            continue
-        keep[row] = True
-        js, ds = nbr[lims[i]:lims[i + 1]], dist[lims[i]:lims[i + 1]]
-        fresh = (js > i) & (blocked_by[js] < 0)  # later rows not yet blocked
-        blocked_by[js[fresh]] = i
-        blocked_sim[js[fresh]] = ds[fresh]
+    radius = float(np.nextafter(np.float32(threshold), np.float32(-1)))
+    m = len(order)
+    blocked_by = np.full(m, -1, dtype=np.int64)
+    blocked_sim = np.zeros(m, dtype=np.float32)
+    for start in range(0, m, SEARCH_CHUNK):
+        stop = min(start + SEARCH_CHUNK, m)
+        cand = np.flatnonzero(blocked_by[start:stop] < 0) + start
+        at = np.full(stop - start, -1, dtype=np.int64)
+        at[cand - start] = np.arange(len(cand))
+        if len(cand):
+            lims, dist, nbr = index.range_search(x[cand], radius)
+        for i in range(start, stop):
+            row = order[i]
+            if blocked_by[i] >= 0:
+                keep[row] = False
+                dup_of[row] = order[blocked_by[i]]
+                sim[row] = float(blocked_sim[i])
+                continue
+            keep[row] = True
+            k = at[i - start]
+            js, ds = nbr[lims[k]:lims[k + 1]], dist[lims[k]:lims[k + 1]]
+            fresh = (js > i) & (blocked_by[js] < 0)  # later rows not yet blocked
+            blocked_by[js[fresh]] = i
+            blocked_sim[js[fresh]] = ds[fresh]
 
 
 def semantic_dedup(emb, prio: list[float], threshold: float, rows_per_cluster: int = 1000, *,

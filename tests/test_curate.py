@@ -66,6 +66,10 @@ def test_rule_config_errors_name_the_problem():
         CurateConfig.model_validate({"judge": {"quality_pattern": "quality: \\d"}})
     with pytest.raises(ValidationError, match="extra"):
         CurateConfig.model_validate({"dedupe": {}})
+    with pytest.raises(ValidationError, match="no filter is on"):
+        CurateConfig.model_validate({"enabled": True})
+    with pytest.raises(ValidationError, match="preferences: true cleans preference rows with the rules"):
+        CurateConfig.model_validate({"preferences": True})
 
 
 def test_rules_drop_exactly_the_offending_rows_with_reasons():
@@ -182,6 +186,21 @@ def test_dedup_stays_inside_clusters():
     assert res.n_clusters == 2
     assert len(set(res.clusters[:50])) == 1 and len(set(res.clusters[50:])) == 1
     assert [i for i, k in enumerate(res.keep) if k] == [int(np.argmax(prio[:50])), 50 + int(np.argmax(prio[50:]))]
+
+
+def test_chunked_neighbour_search_gives_the_same_greedy_as_one_search(monkeypatch):
+    # Invariant: how many rows one range search covers changes memory, never the result.
+    from posttrain import curate
+
+    rng = np.random.default_rng(3)
+    emb = np.repeat(rng.normal(size=(60, 8)), 5, axis=0) + 0.05 * rng.normal(size=(300, 8))
+    prio = list(rng.random(300))
+    whole = semantic_dedup(emb, prio, 0.97, rows_per_cluster=300)
+    monkeypatch.setattr(curate, "SEARCH_CHUNK", 7)
+    chunked = semantic_dedup(emb, prio, 0.97, rows_per_cluster=300)
+    assert 50 < sum(whole.keep) < 300
+    assert (chunked.keep, chunked.duplicate_of) == (whole.keep, whole.duplicate_of)
+    assert chunked.similarity == pytest.approx(whole.similarity)
 
 
 def test_dedup_rejects_bad_embeddings():
@@ -327,7 +346,7 @@ def test_dry_run_reports_but_hands_sft_nothing(tmp_path, tiny_model_dir):
 def test_duplicate_ids_across_top1_and_sft_are_refused(tmp_path, tiny_model_dir):
     from posttrain import curate
 
-    cfg = CurateConfig.model_validate({"enabled": True})
+    cfg = CurateConfig.model_validate({"enabled": True, "rules": {"enabled": True}})
     ctx = _ctx(tmp_path, tiny_model_dir, cfg, [{"id": "x", "messages": _msgs("q", "a")}],
                [{"id": "x", "messages": _msgs("q", "a")}])
     with pytest.raises(ValueError, match="row id 'x' appears in the top1 rows and again in the sft rows"):
@@ -343,6 +362,19 @@ def test_embeddings_are_mean_pooled_unit_vectors_and_identical_dialogs_match(tin
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert float(emb[0] @ emb[1]) == pytest.approx(1.0, abs=1e-5)  # padding does not change the mean
     assert float(emb[0] @ emb[2]) < 0.999
+
+
+def test_embedding_with_the_reward_model_uses_its_backbone(tmp_path, tiny_model_dir):
+    # `embed_with: rm`: AutoModel loads a sequence classifier's backbone without its head. The
+    # tiny Llama saved as a reward model has the same backbone, so the vectors are the same.
+    from posttrain.curate import embed_dialogs
+    from posttrain.modeling import load_sequence_classifier, load_tokenizer
+
+    rm_dir = tmp_path / "rm"
+    load_sequence_classifier(tiny_model_dir, dtype="float32", device="cpu").save_pretrained(rm_dir)
+    load_tokenizer(tiny_model_dir).save_pretrained(rm_dir)
+    texts = ["user: a\nassistant: b", "user: Sort 3 1\nassistant: 1 3"]
+    assert np.allclose(embed_dialogs(rm_dir, texts), embed_dialogs(tiny_model_dir, texts), atol=1e-5)
 
 
 def test_general_recipe_ships_the_papers_settings_off():
