@@ -594,10 +594,11 @@ def _cached(path: Path, key: str, compute):
     return value
 
 
-def _rows_key(rows: list[CurationRow], *parts) -> str:
-    from posttrain.files import hash_json
+def _rows_key(rows: list[CurationRow], model: str, *parts) -> str:
+    """What a cached model signal depends on: the rows, the model's content, the settings."""
+    from posttrain.files import hash_json, hash_path
 
-    return hash_json([[r.id, r.messages] for r in rows] + [str(p) for p in parts])
+    return hash_json([[r.id, r.messages] for r in rows] + [hash_path(model)] + [str(p) for p in parts])
 
 
 def _rm_scores(ctx, rows, work: Path) -> list[float | None]:
@@ -667,8 +668,9 @@ def _embeddings(ctx, rows, work: Path):
         emb = embed_dialogs(model, [dialog_text(r.messages) for r in rows], batch_size=cfg.batch_size,
                             max_length=cfg.max_length, device=_device(ctx), trust_remote_code=ctx.trust_remote_code,
                             on_batch=lambda done: bar.update(done - bar.n))
+    keyfile.unlink(missing_ok=True)  # a key names the array beside it: never an older one
     files.atomic_write_bytes(path, _npy_bytes(emb))
-    files.atomic_write_text(keyfile, key)  # after the array: a key names a complete file
+    files.atomic_write_text(keyfile, key)
     return emb
 
 
