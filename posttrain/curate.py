@@ -6,8 +6,8 @@ The paper cleans and prunes each round's SFT data before training:
   apologetic tone ("I'm sorry", "I apologize"). Here: regex rules, each with a count and/or
   a rate limit (`RuleSpec`), checked on the assistant turns.
 - **quality**: the reward model's top quartile is high quality; so is what a model prompted
-  as a judge rates high. "A sample kept by either signal is high quality" (their union
-  recalled best), so a row is dropped only when every enabled signal says low.
+  as a judge rates high. The report found the two often disagree and their union recalled
+  high-quality data best, so a row is dropped only when every enabled signal says low.
 - **difficulty**: the judge also rates difficulty; it orders rows for deduplication.
 - **semantic deduplication**: embed whole dialogs, cluster them (k-means), sort each
   cluster by quality x difficulty and greedily keep a row only if its cosine similarity to
@@ -22,8 +22,8 @@ score, with its value). The math is in pure functions (`rule_violations`,
 Clustering and neighbour search use FAISS (`faiss-cpu`): measured on this project's 2-core
 machine for 100,000 x 128 normalised vectors and 100 clusters, `faiss.Kmeans` took 2.1 s
 against 10.2 s for scikit-learn's MiniBatchKMeans and 30 s for its KMeans; the in-cluster
-range search was on par with scikit-learn's radius_neighbors (2.5 s vs 2.2 s). FAISS also
-scales to GPU indexes unchanged. It is imported only when deduplication runs.
+range search was on par with scikit-learn's radius_neighbors (2.5 s vs 2.2 s). It is
+imported only when deduplication runs.
 """
 
 from __future__ import annotations
