@@ -1,6 +1,6 @@
 """Curation ablation on the embedded world: the demo with the `curate` stage on vs off.
 
-    .venv/bin/python bench/curate_ablation.py                      # 6 rounds x 2 settings x 2 seeds (hours on 2 cores)
+    .venv/bin/python bench/curate_ablation.py                      # 6 rounds x 2 settings x 2 seeds: 4 demos' time
     .venv/bin/python bench/curate_ablation.py --rounds 1 --quick   # smoke run: 1 round, small settings
 
 The world is the demo's with its opt-in data noise on (posttrain.world.build.WorldConfig):
