@@ -22,10 +22,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     run state. Anything else is a bug and keeps its traceback."""
     from posttrain.average import AverageError
     from posttrain.data import DataError, DataErrors
+    from posttrain.annotate.base import AnnotatorError
     from posttrain.reward.base import RewardError
 
-    return (RecipeError, RoundError, InputsChanged, FileNotFoundError, DataError, DataErrors, RewardError,
-            AverageError)
+    return (RecipeError, RoundError, InputsChanged, FileNotFoundError, FileExistsError, DataError, DataErrors,
+            RewardError, AverageError, AnnotatorError)
 
 
 USER_ERRORS = _user_errors()
@@ -75,6 +76,11 @@ def _cell(run_dir: Path, n: int, step: str) -> str:
 
         folder = stage_dir(run_dir, n, step)
         outcome = Attempts.last_outcome(folder) if folder.is_dir() else None
+        if step == "annotate" and (folder / "waiting.json").is_file():
+            from posttrain.annotate.step import waiting_summary
+            from posttrain.files import read_json
+
+            return f"waiting {waiting_summary(read_json(folder / 'waiting.json'))}"
         if outcome and outcome.startswith("failed"):
             return "failed (see posttrain.log)"
         return "partial" if folder.exists() and any(folder.iterdir()) else "-"
@@ -88,9 +94,10 @@ def _cell(run_dir: Path, n: int, step: str) -> str:
 STATUS_LEGEND = """\
 rm acc: held-out ranking accuracy · sample top1: mean reward of the kept top-1 samples, on the
 recipe's reward's scale (a checker plus a small RM tie-break can exceed 1) · curate: rows kept,
-dropped, and dropped by first reason ('-' when the recipe leaves it off) · sft loss: last
+dropped, and dropped by first reason (a column only in runs that curate) · sft loss: last
 training loss · dpo acc: share of pairs whose implicit reward ranks chosen first · eval task:
-held-out task score (checker), else reward · times include resumed attempts · [2x ddp]: a
+held-out task score (checker), else reward · annotate: pairs labelled, abstained (skipped), edited;
+waiting: labels still missing (run again once they are in) · times include resumed attempts · [2x ddp]: a
 training stage started by run.launcher: processes x parallelism"""
 
 
@@ -100,15 +107,34 @@ def status_table(run_dir, legend: bool = True) -> str:
     rounds = list_rounds(run_dir)
     if not rounds:
         return f"{run_dir}: no rounds yet"
-    rows = [["round", *STEPS]]
+    # The annotate and curate columns only for runs that annotate or curate: other runs'
+    # tables stay as they were.
+    used = {s for s in ("annotate", "curate") if any(stage_dir(run_dir, n, s).is_dir() for n in rounds)}
+    steps = tuple(s for s in STEPS if s not in ("annotate", "curate") or s in used)
+    rows = [["round", *steps]]
     for n in rounds:
-        rows.append([str(n), *(_cell(run_dir, n, s) for s in STEPS)])
+        rows.append([str(n), *(_cell(run_dir, n, s) for s in steps)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if legend:
         lines += ["", STATUS_LEGEND]
     return "\n".join(lines)
+
+
+def annotate_export(run_dir, round: int, out) -> int:
+    """Write round `round`'s annotation requests as JSONL (posttrain.annotate.jsonl); returns how many."""
+    from posttrain.annotate.jsonl import export_requests
+
+    return export_requests(run_dir, round, out)
+
+
+def annotate_import(run_dir, round: int, labels) -> dict:
+    """Check a JSONL file of labels against round `round`'s requests and add them; the next
+    run picks them up (posttrain.annotate.jsonl). Returns counts."""
+    from posttrain.annotate.jsonl import import_labels
+
+    return import_labels(run_dir, round, labels)
 
 
 def evaluate(run_dir, round: int, *, force: bool = False) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
 from posttrain.files import atomic_dir, read_json
 from posttrain.schema import StrictModel
@@ -67,21 +67,21 @@ class AverageError(ValueError):
 
 
 class AverageConfig(StrictModel):
-    """The `average` stage: weight averaging of the round's DPO variants."""
+    """The `average` stage: weight averaging of the round's DPO variants into the round's model.
 
-    weights: list[float] | None = None
-    """One weight per input model, in the order the variants are listed; normalised to sum 1.
-    None averages uniformly. Each weight must be >= 0 and their sum > 0."""
+    Each variant's weight is its `weight` in `dpo.variants`, as for rm's and sft's variants."""
+
     max_shard_size: int = Field(2 * 1024**3, gt=0)
     """Largest output shard in bytes; a bigger model is written as several shards plus
     `model.safetensors.index.json` (a single tensor larger than this gets a shard of its own)."""
 
-    @field_validator("weights")
+    @model_validator(mode="before")
     @classmethod
-    def _check_weights(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None:
-            normalise_weights(v, len(v))
-        return v
+    def _weights_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "weights" in data:
+            raise ValueError("`average.weights` moved: give each DPO variant its `weight` "
+                             "(dpo.variants: [{weight: 3}, {weight: 1}]), as for rm and sft")
+        return data
 
 
 # --------------------------------------------------------------------------------------
@@ -561,7 +561,7 @@ def run(ctx: StageContext) -> StageResult:
     if isinstance(models, (str, os.PathLike)) or not models:
         raise AverageError(f"average stage: inputs.models must be a non-empty list of model folders, got {models!r}")
     models = [Path(m) for m in models]
-    weights = normalise_weights(config.weights, len(models))
+    weights = normalise_weights(ctx.inputs.weights, len(models))
     start = time.perf_counter()
     if len(models) == 1 and not is_lora(models[0]):
         read_checkpoint(models[0])  # the single model is still checked to be a loadable checkpoint
@@ -572,7 +572,7 @@ def run(ctx: StageContext) -> StageResult:
         )
     out = Path(ctx.out_dir) / "model"
     stats: dict = {}
-    average_checkpoints(models, out, config.weights, max_shard_size=config.max_shard_size,
+    average_checkpoints(models, out, ctx.inputs.weights, max_shard_size=config.max_shard_size,
                         lora_base=ctx.inputs.base_model, stats=stats)
     return StageResult(
         outputs={"model": _relative(out, ctx.run_dir)},
@@ -589,12 +589,14 @@ def run(ctx: StageContext) -> StageResult:
 class AverageInputs:
     models: list[str] = path_field()
     """The round's DPO variants."""
+    weights: list[float] | None = None
+    """One per model (normalised); None: uniform."""
     base_model: str | None = path_field(default=None)
     """The base of LoRA inputs whose adapter config names no local base."""
 
 
 def _resolve(rnd) -> AverageInputs:
-    return AverageInputs(models=rnd.output("dpo", "variants"))
+    return AverageInputs(models=rnd.output("dpo", "variants"), weights=[v.weight for v in rnd.recipe.dpo.variants])
 
 
 def _headline(m: dict) -> list[tuple[str, Any]]:

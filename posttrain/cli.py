@@ -89,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "partial (interrupted: run the same command to resume), failed, or not started.")
     p.add_argument("run_dir", type=Path)
 
+    p = sub.add_parser("annotate", help="export a round's annotation requests / import labels (JSONL)",
+                       description="For annotation in any tool: export a round's requests (two responses per "
+                                   "prompt) as JSONL, and import the labels back; the next `posttrain run` picks "
+                                   "them up. Row formats: posttrain/annotate/jsonl.py and the README.")
+    asub = p.add_subparsers(dest="annotate_command", metavar="ACTION", required=True)
+    a = asub.add_parser("export", help="write round N's requests to OUT.jsonl")
+    a.add_argument("run_dir", type=Path)
+    a.add_argument("round", type=int)
+    a.add_argument("out", type=Path)
+    a = asub.add_parser("import", help="check LABELS.jsonl against round N's requests and add the labels")
+    a.add_argument("run_dir", type=Path)
+    a.add_argument("round", type=int)
+    a.add_argument("labels", type=Path)
+
     p = sub.add_parser("eval", help="evaluate a round's final model (also runs after every round)",
                        description="Evaluate round N's final model on the recipe's held-out prompts: task score "
                                    "(with a checker), mean reward, win rates against the initial policy and round N-1.")
@@ -132,8 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["POSTTRAIN_VERBOSE"] = "1"
     from posttrain import api
 
+    from posttrain.annotate.step import WaitingForLabels
+
     try:
         return _dispatch(args, api)
+    except WaitingForLabels as waiting:
+        # Not a failure: the round waits for people; the same command continues later.
+        print(f"posttrain {args.command}: {waiting}", file=sys.stderr)
+        if getattr(args, "run_dir", None) is not None and args.run_dir.is_dir():
+            print(api.status_table(args.run_dir, legend=False))
+        return 0
     except api.USER_ERRORS as err:
         print(f"posttrain {args.command}: {_explained(err)}", file=sys.stderr)
         return 1
@@ -188,6 +210,15 @@ def _dispatch(args, api) -> int:
             print(f"posttrain status: {args.run_dir}: no such run folder", file=sys.stderr)
             return 1
         print(api.status_table(args.run_dir))
+        return 0
+    if cmd == "annotate":
+        if args.annotate_command == "export":
+            n = api.annotate_export(args.run_dir, args.round, args.out)
+            print(f"wrote {n} requests to {args.out}")
+            return 0
+        got = api.annotate_import(args.run_dir, args.round, args.labels)
+        print(f"imported {got['imported']} labels ({got['replaced']} replacing earlier ones): "
+              f"{got['labelled']}/{got['requests']} requests labelled; run the same `posttrain run` again to go on")
         return 0
     if cmd == "eval":
         record = api.evaluate(args.run_dir, args.round, force=args.force)

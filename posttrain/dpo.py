@@ -43,13 +43,15 @@ from posttrain import files
 from posttrain.preferences import PreferenceFilter, rank
 from posttrain.stage import StageContext, StageDef, StageResult, path_field, variant_mean
 from posttrain.training import (
+    WORK,
     TrainingSettings,
+    VariantRun,
     data_counts,
-    stage_callbacks,
     last_complete_checkpoint,
     peft_config,
+    stage_callbacks,
+    train_variants,
     trainer_common_args,
-    variant_name,
 )
 
 
@@ -196,48 +198,35 @@ def preference_pairs(prefs, cfg: DPOStageConfig) -> tuple[list[Pair], Counter]:
     return pairs, counts
 
 
-def _sample_error(path, row: int, field: str, msg: str) -> ValueError:
-    return ValueError(f"{path}: row {row}: field '{field}': {msg}")
-
-
 def on_policy_pairs(samples_dir: str | Path, cfg: DPOStageConfig) -> tuple[list[Pair], Counter]:
-    """RM-best vs RM-worst of each prompt's K samples (rows as docs/design.md, "Sample shards").
+    """The reward's best vs worst of each prompt's K samples (posttrain.samples rows).
 
     A pair needs two scored, distinct responses with score(best) - score(worst) > min_score_gap.
     """
+    from posttrain.preferences import same_response
+    from posttrain.samples import iter_rows
+
     pairs, counts = [], Counter()
-    shards = sorted(Path(samples_dir).glob("shard_*.jsonl"))
-    if not shards:
-        raise FileNotFoundError(f"{samples_dir}: no shard_*.jsonl sample shards")
-    for shard in shards:
-        for i, row in enumerate(files.iter_jsonl(shard), start=1):
-            for key in ("prompt", "responses", "scores", "best", "worst", "finished"):
-                if key not in row:
-                    raise _sample_error(shard, i, key, "missing")
-            k = len(row["responses"])
-            if len(row["scores"]) != k or len(row["finished"]) != k:
-                raise _sample_error(shard, i, "scores", f"{len(row['scores'])} scores and "
-                                    f"{len(row['finished'])} finished flags for {k} responses")
-            best, worst = row["best"], row["worst"]
-            for key, idx in (("best", best), ("worst", worst)):
-                if not isinstance(idx, int) or not 0 <= idx < k:
-                    raise _sample_error(shard, i, key, f"{idx!r} is not an index into {k} responses")
-            s_best, s_worst = row["scores"][best], row["scores"][worst]
-            if s_best is None or s_worst is None:
-                counts["on_policy/dropped_unscored"] += 1
-                continue
-            if best == worst or row["responses"][best].strip() == row["responses"][worst].strip():
-                counts["on_policy/dropped_identical"] += 1
-                continue
-            if not s_best - s_worst > cfg.min_score_gap:
-                counts["on_policy/dropped_small_gap"] += 1
-                continue
-            if cfg.on_policy_require_finished and not row["finished"][best]:
-                counts["on_policy/dropped_unfinished_best"] += 1
-                continue
-            counts["on_policy/kept"] += 1
-            pairs.append(Pair(row["prompt"], row["responses"][best], row["responses"][worst],
-                              "on_policy", f"{shard}:{i}"))
+    for where, row in iter_rows(samples_dir):
+        best, worst = row.best, row.worst
+        if best is None or worst is None:
+            counts["on_policy/dropped_no_best"] += 1
+            continue
+        s_best, s_worst = row.scores[best], row.scores[worst]
+        if s_best is None or s_worst is None:
+            counts["on_policy/dropped_unscored"] += 1
+            continue
+        if best == worst or same_response(row.responses[best], row.responses[worst]):
+            counts["on_policy/dropped_identical"] += 1
+            continue
+        if not s_best - s_worst > cfg.min_score_gap:
+            counts["on_policy/dropped_small_gap"] += 1
+            continue
+        if cfg.on_policy_require_finished and not row.finished[best]:
+            counts["on_policy/dropped_unfinished_best"] += 1
+            continue
+        counts["on_policy/kept"] += 1
+        pairs.append(Pair(row.prompt, row.responses[best], row.responses[worst], "on_policy", where))
     return pairs, counts
 
 
@@ -613,7 +602,7 @@ def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, t
 
 def run(ctx: StageContext) -> StageResult:
     from posttrain import chat
-    from posttrain.distributed import main_then_wait, save_final_model
+    from posttrain.distributed import save_final_model
     from posttrain.modeling import load_tokenizer
 
     cfg: DPOStageConfig = ctx.config
@@ -645,30 +634,21 @@ def run(ctx: StageContext) -> StageResult:
 
         key = ref_cache_key(files.hash_path(sft_model), str(pick_dtype("auto", pick_device())),
                             cfg.mask_formatting, fmt_ids)
-        ref_cache = RefLogpCache(ctx.out_dir / "work" / "ref_cache", key)
+        ref_cache = RefLogpCache(ctx.out_dir / WORK / "ref_cache", key)
 
-    outputs, per_variant = [], {}
-    for i, variant in enumerate(cfg.variants):
-        name = variant_name(variant, i)
-        final = ctx.out_dir / name
-        rel = final.relative_to(ctx.run_dir).as_posix()
-        outputs.append(rel)
-        done_metrics = final / "dpo_metrics.json"
-        if done_metrics.exists():
-            per_variant[name] = files.read_json(done_metrics)
-            continue
-        seed = variant.seed if variant.seed is not None else ctx.seed + i
+    def train_one(run: VariantRun) -> dict:
         trainer, metrics = train_variant(
-            cfg=cfg, variant=variant, seed=seed, sft_model=sft_model, tokenizer=tokenizer, rows=rows,
-            work_dir=ctx.out_dir / "work" / name, ref_cache=ref_cache, trust_remote_code=ctx.trust_remote_code,
+            cfg=cfg, variant=run.variant, seed=run.seed, sft_model=sft_model, tokenizer=tokenizer, rows=rows,
+            work_dir=run.work_dir, ref_cache=ref_cache, trust_remote_code=ctx.trust_remote_code,
             report_to=ctx.report_to, callbacks=ctx.callbacks,
         )
         # Collective: the weights are gathered, LoRA merged, rank 0 writes and every rank waits.
-        save_final_model(trainer, tokenizer, final)
-        # Written after the model: its presence means this variant is finished.
-        main_then_wait(files.atomic_write_json, done_metrics, metrics)
-        per_variant[name] = metrics
-        del trainer
+        save_final_model(trainer, tokenizer, run.model_dir)
+        return metrics
+
+    runs = train_variants(ctx.out_dir, cfg, ctx.seed, train_one, keep_checkpoints=ctx.keep_checkpoints)
+    per_variant = {r.name: r.metrics for r in runs}
+    outputs = [r.model_dir.relative_to(ctx.run_dir).as_posix() for r in runs]
 
     result_metrics = {
         "pair_counts": counts,

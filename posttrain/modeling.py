@@ -35,8 +35,8 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False):
 
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
-        # Right-padding with EOS would teach the model to emit EOS forever; prefer a pad token
-        # the vocabulary already has, else reuse EOS (masked out of every loss by attention).
+        # A tokenizer without a pad token pads with EOS. Padding is masked out of attention and
+        # every loss (labels -100), so the model never learns to emit it from padding.
         tok.pad_token = tok.eos_token
     return tok
 
@@ -260,3 +260,28 @@ def verify_model_folder(path: str | os.PathLike) -> None:
             raise ModelFolderError(f"{folder / 'tokenizer.json'}: does not parse: {e}") from None
     elif not any((folder / name).is_file() for name in ("tokenizer.model", "vocab.json", "spiece.model")):
         raise ModelFolderError(f"{folder}: no tokenizer vocabulary (tokenizer.json, tokenizer.model or vocab.json)")
+
+
+# ----------------------------------------------------------------------------- sequence-classifier scores
+
+
+def backbone_and_head(model):
+    """(transformer body, score head) of a sequence classifier, seen through a PEFT wrapper."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(inner, inner.base_model_prefix, None)
+    head = getattr(inner, "score", None)
+    if body is None or head is None:
+        raise TypeError(f"{type(inner).__name__} is not a *ForSequenceClassification model with a `score` head")
+    return body, head
+
+
+def last_token_scores(model, input_ids, attention_mask):
+    """Scores of right-padded separate rows read at each row's last real token: [B]."""
+    import torch
+
+    body, head = backbone_and_head(model)
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B, L, H]
+    last = attention_mask.long().sum(-1) - 1  # [B]
+    return head(hidden[torch.arange(hidden.shape[0], device=device), last]).squeeze(-1).float()  # [B]

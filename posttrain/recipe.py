@@ -153,10 +153,12 @@ def _stage_configs():
     from posttrain.sample import SampleConfig
     from posttrain.sft import SFTStageConfig
 
-    return RMConfig, SampleConfig, CurateConfig, SFTStageConfig, DPOStageConfig, AverageConfig
+    from posttrain.annotate.step import AnnotateConfig
+
+    return RMConfig, SampleConfig, CurateConfig, SFTStageConfig, DPOStageConfig, AverageConfig, AnnotateConfig
 
 
-RMConfig, SampleConfig, CurateConfig, SFTStageConfig, DPOStageConfig, AverageConfig = _stage_configs()
+RMConfig, SampleConfig, CurateConfig, SFTStageConfig, DPOStageConfig, AverageConfig, AnnotateConfig = _stage_configs()
 
 
 class Recipe(StrictModel):
@@ -199,6 +201,9 @@ class Recipe(StrictModel):
     """Stage 5: averaging the DPO variants into the round's model."""
     eval: EvalSettings = EvalSettings()
     """Evaluation after each round."""
+    annotate: AnnotateConfig | None = None
+    """After the round's model: the next round's preference batch, from the latest models
+    (posttrain.annotate.step). None: no annotate step (the recipe's fixed batches only)."""
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per-round changes: keys are a round (`"3"`), a range (`"2-4"`) or an open range
     (`"4-"`); values are recipe sections, merged over the base for those rounds. Where
@@ -338,6 +343,13 @@ class LoadedRecipe:
                         check_reward_spec(spec, key)
                     except RewardError as e:
                         problems.setdefault(key + spec.target, f"{e} (round {n})" if self.base.overrides else str(e))
+            if recipe.annotate is not None:
+                from posttrain.annotate.base import AnnotatorError, check_annotator_spec
+
+                try:
+                    check_annotator_spec(recipe.annotate.annotator, "annotate.annotator")
+                except AnnotatorError as e:
+                    problems.setdefault("annotate.annotator" + recipe.annotate.annotator.target, str(e))
             if not files:
                 continue
             for key, value in _data_paths(recipe):
@@ -384,7 +396,8 @@ def _data_paths(recipe: Recipe) -> list[tuple[str, str]]:
             + [(f"data.heldout_preferences[{i}]", p) for i, p in enumerate(d.heldout_preferences)]
             + [(f"data.sft[{i}]", p) for i, p in enumerate(d.sft)]
             + [(f"data.prompts[{i}].path", p.path) for i, p in enumerate(d.prompts)]
-            + [(f"data.eval_prompts[{i}].path", p.path) for i, p in enumerate(d.eval_prompts)])
+            + [(f"data.eval_prompts[{i}].path", p.path) for i, p in enumerate(d.eval_prompts)]
+            + [(f"annotate.prompts[{i}]", p) for i, p in enumerate(recipe.annotate.prompts if recipe.annotate else [])])
 
 
 def _unknown_world_name(value: str) -> str | None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posttrain.files import atomic_write_text, iter_jsonl
+from posttrain.files import atomic_write_text
 from posttrain.records import output_path, read_record
+from posttrain.samples import iter_rows
 from posttrain.stage import STEPS
 from posttrain.rounds.orchestrator import list_rounds
 
@@ -36,13 +37,12 @@ def sample_score_distributions(run_dir: Path, records: dict[int, dict[str, dict]
         if "sample" not in recs:
             continue
         best, mean, worst = [], [], []
-        for shard in sorted(Path(output_path(run_dir, recs["sample"], "samples")).glob("shard_*.jsonl")):
-            for row in iter_jsonl(shard):
-                scores = [s for s in row.get("scores", []) if s is not None]
-                if scores:
-                    best.append(max(scores))
-                    mean.append(sum(scores) / len(scores))
-                    worst.append(min(scores))
+        for _, row in iter_rows(output_path(run_dir, recs["sample"], "samples")):
+            scores = [s for s in row.scores if s is not None]
+            if scores:
+                best.append(max(scores))
+                mean.append(sum(scores) / len(scores))
+                worst.append(min(scores))
         out[n] = {"best": best, "mean": mean, "worst": worst}
     return out
 
@@ -78,6 +78,11 @@ def data_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
                 rows.append([str(n), stage, "rows (dry run: none removed)" if m.get("dry_run") else "rows",
                              _fmt(m.get("rows")), f"{_fmt(m.get('kept'))} kept",
                              _reasons(m.get("dropped_by_reason") or {}), "-"])
+            elif stage == "annotate":
+                skipped = {k: v for k, v in (m.get("skipped") or {}).items() if k not in ("pool", "drawn")}
+                rows.append([str(n), stage, "pairs", _fmt((m.get("skipped") or {}).get("drawn")),
+                             f"{_fmt(m.get('labelled'))} labelled ({_fmt(m.get('edited'))} edited)",
+                             _reasons({"abstained": m.get("abstained"), **skipped}), "-"])
             elif "rows_trained" in m:
                 per_variant = m.get("rows_trained_by_variant") or {}
                 trained = _fmt(m["rows_trained"])

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import random
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -37,8 +36,9 @@ from pydantic import Field, field_validator, model_validator
 
 from posttrain import distributed, training
 from posttrain.data import STRENGTHS
-from posttrain.files import atomic_write_json, read_json
 from posttrain.preferences import PreferenceFilter, Ranking, rank
+from posttrain.modeling import backbone_and_head, last_token_scores
+from posttrain.stats import mean, pearson
 from posttrain.stage import StageContext, StageDef, StageResult, metric, path_field
 
 
@@ -259,16 +259,6 @@ def pack_batch(items: list[EncodedRanking], pad_id: int, margins: dict[str, floa
     return out
 
 
-def backbone_and_head(model):
-    """(transformer body, score head) of a sequence classifier, seen through a PEFT wrapper."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(inner, inner.base_model_prefix, None)
-    head = getattr(inner, "score", None)
-    if body is None or head is None:
-        raise TypeError(f"{type(inner).__name__} is not a *ForSequenceClassification model with a `score` head")
-    return body, head
-
-
 def _unwrapped(model):
     """The model inside a DistributedDataParallel wrapper (its config lives there)."""
     return getattr(model, "module", model)
@@ -322,16 +312,6 @@ def packed_scores(model, batch: dict) -> torch.Tensor:
     return logits[rows, last].squeeze(-1).float()  # [B, N]
 
 
-def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scores of right-padded separate rows read at each row's last real token: [B]."""
-    body, head = backbone_and_head(model)
-    device = next(model.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B, L, H]
-    last = attention_mask.long().sum(-1) - 1  # [B]
-    return head(hidden[torch.arange(hidden.shape[0], device=device), last]).squeeze(-1).float()  # [B]
-
-
 def packed_loss(model, batch: dict, global_pairs: torch.Tensor | None = None,
                 world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(Bradley-Terry loss over every kept pair of the batch, scores [B, N]); under data
@@ -373,12 +353,12 @@ def heldout_metrics(scored: list[tuple[list[float], list[tuple[int, int]], list[
             full.append(int(scores[0] > scores[1] > scores[2]))
 
     return {
-        "accuracy": _mean(kept_right),
-        "mean_margin": _mean(kept_margin),
-        "accuracy_all": _mean(all_right),
-        "accuracy_by_strength": {s: _mean(v) for s, v in sorted(right_by.items())},
+        "accuracy": mean(kept_right),
+        "mean_margin": mean(kept_margin),
+        "accuracy_all": mean(all_right),
+        "accuracy_by_strength": {s: mean(v) for s, v in sorted(right_by.items())},
         "pairs_by_strength": {s: len(v) for s, v in sorted(right_by.items())},
-        "full_order_accuracy": _mean(full),
+        "full_order_accuracy": mean(full),
         "full_order_rankings": len(full),
         "pairs": len(all_right),
     }
@@ -438,31 +418,11 @@ def length_health(scored: list[tuple[list[float], list[int], list[tuple[int, int
                 longer_wins.append(int(scores[longer] > scores[shorter]))
 
     return {
-        "accuracy_chosen_shorter": _mean(shorter_right),
+        "accuracy_chosen_shorter": mean(shorter_right),
         "pairs_chosen_shorter": len(shorter_right),
-        "prefers_longer": _mean(longer_wins),
+        "prefers_longer": mean(longer_wins),
         "score_length_correlation": pearson(all_scores, all_lengths),
     }
-
-
-def _mean(x: list[float]) -> float | None:
-    return sum(x) / len(x) if x else None
-
-
-def pearson(x: list[float], y: list[float]) -> float | None:
-    """r = sum((x - mean x)(y - mean y)) / sqrt(sum((x - mean x)^2) sum((y - mean y)^2))."""
-    n = len(x)
-    if n != len(y):
-        raise ValueError(f"pearson: {n} x values but {len(y)} y values")
-    if n < 2:
-        return None
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    if sxx == 0 or syy == 0:
-        return None
-    return sxy / (sxx * syy) ** 0.5
 
 
 class RewardModelTooWeak(RuntimeError):
@@ -535,8 +495,8 @@ def _packed_trainer_class():
 
 
 def load_reward_model(path, *, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-    """The base checkpoint as a fp32 sequence classifier with one output (a fresh score head),
-    on the CPU: the trainer places it."""
+    """A checkpoint as a fp32 sequence classifier with one output, on the CPU (the trainer
+    places it): a fresh score head for a causal LM, the trained one for a saved RM."""
     from posttrain.modeling import load_sequence_classifier
 
     return load_sequence_classifier(path, dtype="float32", device="cpu", trust_remote_code=trust_remote_code,
@@ -686,24 +646,17 @@ def run(ctx: StageContext) -> StageResult:
                     "dropped_pairs": dict(sorted(held_drops.items()))},
         "packing": cfg.packing, "margin": cfg.margin, "variants": {},
     }
-    variant_dirs = []
     n_var = len(cfg.variants)
-    for index, variant in enumerate(cfg.variants):
-        name = training.variant_name(variant, index)
-        seed = variant.seed if variant.seed is not None else ctx.seed + index
-        final = out_dir / "model" if n_var == 1 else out_dir / name / "model"
-        variant_dirs.append(final)
-        vm_file = out_dir / name / "metrics.json"
-        if final.is_dir() and vm_file.is_file():  # both written atomically: this variant is done
-            metrics["variants"][name] = read_json(vm_file)
-            continue
+
+    def train_one(run: training.VariantRun) -> dict:
         vitems = train_items
-        if variant.data_fraction is not None and variant.data_fraction < 1:
-            vitems = random.Random(seed).sample(train_items, max(1, round(variant.data_fraction * len(train_items))))
-        rng = random.Random(seed)
+        if run.variant.data_fraction is not None and run.variant.data_fraction < 1:
+            vitems = random.Random(run.seed).sample(train_items,
+                                                    max(1, round(run.variant.data_fraction * len(train_items))))
+        rng = random.Random(run.seed)
         vitems = [shuffle_responses(it, rng) for it in vitems]
 
-        def load_model(seed=seed):
+        def load_model(seed=run.seed):
             set_seed(seed)  # the fresh score head is drawn here
             model = load_reward_model(base, trust_remote_code=ctx.trust_remote_code)
             model.config.pad_token_id = tokenizer.pad_token_id
@@ -714,35 +667,29 @@ def run(ctx: StageContext) -> StageResult:
             return model
 
         tv = time.time()
-        work = out_dir / name / "checkpoints"
         train = train_packed if cfg.packing else train_pairs
-        trainer, result = train(load_model, tokenizer, vitems, cfg, variant, work_dir=work, seed=seed,
-                                report_to=ctx.report_to)
-        vm = {"seed": seed, "train_loss": result.training_loss, "steps": result.global_step,
+        trainer, result = train(load_model, tokenizer, vitems, cfg, run.variant, work_dir=run.work_dir,
+                                seed=run.seed, report_to=ctx.report_to, callbacks=ctx.callbacks)
+        vm = {"seed": run.seed, "train_loss": result.training_loss, "steps": result.global_step,
               "seconds": round(time.time() - tv, 2), "rankings": len(vitems),
               "pairs": sum(len(it.pairs) for it in vitems)}
         # Collective: every rank takes part in gathering the weights; rank 0 writes, all wait.
-        distributed.save_final_model(trainer, tokenizer, final,
+        distributed.save_final_model(trainer, tokenizer, run.model_dir,
                                      prepare=lambda m: setattr(m.config, "pad_token_id", tokenizer.pad_token_id))
         del trainer
         _free_memory()
-        if distributed.is_main():
-            if held_items and n_var > 1:
-                vm["heldout"] = _evaluate_saved(final, held_items, tokenizer.pad_token_id, cfg, ctx.trust_remote_code)
-            atomic_write_json(vm_file, vm)
-            shutil.rmtree(work, ignore_errors=True)  # the final model supersedes the resumable checkpoints
-        distributed.barrier()
-        metrics["variants"][name] = vm
+        if distributed.is_main() and held_items and n_var > 1:
+            vm["heldout"] = _evaluate_saved(run.model_dir, held_items, tokenizer.pad_token_id, cfg,
+                                            ctx.trust_remote_code)
+        return vm
 
-    # Only rank 0 writes and evaluates; the other ranks' metrics are not recorded.
-    if distributed.is_main():
-        if n_var > 1 and not (out_dir / "model").is_dir():
-            from posttrain.average import average_checkpoints
-
-            average_checkpoints([str(p) for p in variant_dirs], str(out_dir / "model"))
-        if held_items:
-            metrics["heldout"].update(_evaluate_saved(out_dir / "model", held_items, tokenizer.pad_token_id, cfg,
-                                                      ctx.trust_remote_code))
+    runs = training.train_variants(out_dir, cfg, ctx.seed, train_one, keep_checkpoints=ctx.keep_checkpoints)
+    metrics["variants"] = {r.name: r.metrics for r in runs}
+    model = training.average_variants(runs, out_dir / "model")
+    # Only rank 0 evaluates; the other ranks' metrics are not recorded.
+    if distributed.is_main() and held_items:
+        metrics["heldout"].update(_evaluate_saved(model, held_items, tokenizer.pad_token_id, cfg,
+                                                  ctx.trust_remote_code))
     distributed.barrier()
     losses = [v["train_loss"] for v in metrics["variants"].values()]
     metrics["train_loss"] = sum(losses) / len(losses) if losses else None
@@ -753,7 +700,7 @@ def run(ctx: StageContext) -> StageResult:
         trained_by_variant={k: v.get("pairs") for k, v in metrics["variants"].items()}))
     metrics["heldout"]["min_accuracy"] = cfg.min_heldout_accuracy
     check_heldout_accuracy(metrics["heldout"], cfg.min_heldout_accuracy)  # rank 0 alone has the accuracy
-    model_rel = (out_dir / "model").resolve().relative_to(Path(ctx.run_dir).resolve())
+    model_rel = model.resolve().relative_to(Path(ctx.run_dir).resolve())
     return StageResult(outputs={"model": model_rel.as_posix()}, metrics=metrics)
 
 

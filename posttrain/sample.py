@@ -35,6 +35,8 @@ from pydantic import Field
 
 from posttrain import files, progress
 from posttrain.generation import EngineOptions, Job, SamplingSettings, read_job_result, run_jobs
+from posttrain.samples import SampleRow, read_shard, shard_path, write_shard
+from posttrain.stats import mean, pearson
 from posttrain.schema import StrictModel
 from posttrain.stage import StageContext, StageDef, StageResult, path_field
 
@@ -125,10 +127,6 @@ def score_summary(scores: list[float | None]) -> dict[str, float | None]:
     if not vals:
         return {"best": None, "mean": None, "worst": None}
     return {"best": max(vals), "mean": sum(vals) / len(vals), "worst": min(vals)}
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 # --------------------------------------------------------------------------------------
@@ -229,10 +227,6 @@ def _load_or_write_manifest(samples: Path, fingerprint: str, items: list[Item], 
     return shards
 
 
-def shard_path(samples: Path, index: int) -> Path:
-    return samples / f"shard_{index:05d}.jsonl"
-
-
 def _group_seed(seed: int, shard: int, group: int) -> int:
     """A seed per (shard, settings group): resumed shards draw exactly what they would have."""
     return int(files.hash_json([seed, shard, group])[:8], 16)
@@ -316,8 +310,8 @@ def run(ctx: StageContext) -> StageResult:
                 progress.bar(len(pending), f"round {ctx.round} sample: scoring", unit="shard") as bar:
             for s in pending:
                 rows = _score_shard(ctx, [by_id[i] for i in shards[s]], plan[s], backend, policy)
-                new_tokens += sum(sum(r["n_tokens"]) for r in rows)
-                files.write_jsonl(shard_path(samples, s), rows)
+                new_tokens += sum(sum(r.n_tokens) for r in rows)
+                write_shard(shard_path(samples, s), rows)
                 for job, _ in plan[s]:
                     Path(job.out).unlink(missing_ok=True)
                 bar.update(1)
@@ -326,16 +320,16 @@ def run(ctx: StageContext) -> StageResult:
     # 3. Check the shards against the manifest, then top-1 and metrics over all shards.
     rows = []
     for s, ids in enumerate(shards):
-        shard_rows = list(files.iter_jsonl(shard_path(samples, s)))
-        if [r["id"] for r in shard_rows] != ids:
+        shard_rows = read_shard(shard_path(samples, s))
+        if [r.id for r in shard_rows] != ids:
             raise RuntimeError(f"sample: {shard_path(samples, s)} does not hold the prompts its manifest names")
         rows.extend(shard_rows)
     # SFT data is cumulative over rounds and the same prompt is sampled again each round, so a
     # top-1 row's id names its round: ids stay unique across the rounds' files.
-    top1 = [{"id": f"round_{ctx.round:02d}/{r['id']}", "prompt_id": r["id"],
-             "messages": r["prompt"] + [{"role": "assistant", "content": r["responses"][r["best"]]}],
-             "score": r["scores"][r["best"]], "capability": r["capability"]}
-            for r in rows if r["best"] is not None]
+    top1 = [{"id": f"round_{ctx.round:02d}/{r.id}", "prompt_id": r.id,
+             "messages": r.prompt + [{"role": "assistant", "content": r.responses[r.best]}],
+             "score": r.scores[r.best], "capability": r.capability}
+            for r in rows if r.best is not None]
     files.write_jsonl(Path(ctx.out_dir) / "top1.jsonl", top1)
     metrics = _metrics(rows, top1, too_long, skipped, n_read)
     metrics.update({
@@ -349,7 +343,7 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def _score_shard(ctx: StageContext, shard_items: list[Item], plan: list[tuple[Job, list[int]]],
-                 backend: str | None, policy: str) -> list[dict]:
+                 backend: str | None, policy: str) -> list[SampleRow]:
     cfg: SampleConfig = ctx.config
     gens: list[Any] = [None] * len(shard_items)
     sampling: list[dict] = [{}] * len(shard_items)
@@ -371,24 +365,21 @@ def _score_shard(ctx: StageContext, shard_items: list[Item], plan: list[tuple[Jo
         sc = scores[at:at + len(g.texts)]
         at += len(g.texts)
         best, worst = select_best(sc, g.n_tokens, g.finished if cfg.require_finished else None)
-        rows.append({
-            "id": it.id, "prompt": it.messages, "capability": it.capability, "responses": g.texts,
-            "n_tokens": g.n_tokens, "finished": g.finished, "scores": sc, "best": best, "worst": worst,
-            "prompt_tokens": len(it.prompt_ids), "sampling": smp,
-        })
+        rows.append(SampleRow(
+            id=it.id, prompt=it.messages, capability=it.capability, responses=g.texts, n_tokens=g.n_tokens,
+            finished=g.finished, scores=sc, best=best, worst=worst, prompt_tokens=len(it.prompt_ids), sampling=smp,
+        ))
     return rows
 
 
-def _metrics(rows: list[dict], top1: list[dict], too_long: list[dict], skipped: list[str], n_read: int) -> dict:
-    summaries = [score_summary(r["scores"]) for r in rows]
-    n_samples = sum(len(r["responses"]) for r in rows)
-    lengths = [n for r in rows for n in r["n_tokens"]]
-    finished = [f for r in rows for f in r["finished"]]
-    abstained = sum(s is None for r in rows for s in r["scores"])
-    without = [r["id"] for r in rows if r["best"] is None]
-    scored = [(s, n) for r in rows for s, n in zip(r["scores"], r["n_tokens"]) if s is not None]
-    from posttrain.rm import pearson
-
+def _metrics(rows: list[SampleRow], top1: list[dict], too_long: list[dict], skipped: list[str], n_read: int) -> dict:
+    summaries = [score_summary(r.scores) for r in rows]
+    n_samples = sum(len(r.responses) for r in rows)
+    lengths = [n for r in rows for n in r.n_tokens]
+    finished = [f for r in rows for f in r.finished]
+    abstained = sum(s is None for r in rows for s in r.scores)
+    without = [r.id for r in rows if r.best is None]
+    scored = [(s, n) for r in rows for s, n in zip(r.scores, r.n_tokens) if s is not None]
     return {
         "prompts_read": n_read,
         "prompts": len(rows),
@@ -400,12 +391,12 @@ def _metrics(rows: list[dict], top1: list[dict], too_long: list[dict], skipped: 
         "score_length_correlation": pearson([s for s, _ in scored], [float(n) for _, n in scored]),
         "too_long": {"count": len(too_long), "ids": [t["id"] for t in too_long]},
         "skipped_by_capability": len(skipped),
-        "score_best_mean": _mean([s["best"] for s in summaries if s["best"] is not None]),
-        "score_mean_mean": _mean([s["mean"] for s in summaries if s["mean"] is not None]),
-        "score_worst_mean": _mean([s["worst"] for s in summaries if s["worst"] is not None]),
+        "score_best_mean": mean([s["best"] for s in summaries if s["best"] is not None]),
+        "score_mean_mean": mean([s["mean"] for s in summaries if s["mean"] is not None]),
+        "score_worst_mean": mean([s["worst"] for s in summaries if s["worst"] is not None]),
         "abstained": abstained,
-        "finished_rate": _mean([float(f) for f in finished]),
-        "mean_response_tokens": _mean([float(n) for n in lengths]),
+        "finished_rate": mean([float(f) for f in finished]),
+        "mean_response_tokens": mean([float(n) for n in lengths]),
     }
 
 

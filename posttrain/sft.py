@@ -31,18 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain import files
 from posttrain.stage import StageContext, StageDef, StageResult, path_field, variant_mean
 from posttrain.training import (
-    WORK,
     LongContextMix,
     TrainingSettings,
-    stage_callbacks,
+    VariantRun,
+    average_variants,
+    data_counts,
     last_complete_checkpoint,
     peft_config,
-    data_counts,
+    stage_callbacks,
+    train_variants,
     trainer_common_args,
-    variant_name,
 )
 
 
@@ -169,8 +169,7 @@ def train_variant(*, work_dir: Path, **kwargs):
 
 def run(ctx: StageContext) -> StageResult:
     from posttrain import data
-    from posttrain.average import average_checkpoints
-    from posttrain.distributed import main_then_wait, save_final_model
+    from posttrain.distributed import save_final_model
     from posttrain.modeling import load_tokenizer
 
     cfg: SFTStageConfig = ctx.config
@@ -195,30 +194,19 @@ def run(ctx: StageContext) -> StageResult:
     if not rows:
         raise ValueError(f"sft: no training examples left (counts: {dict(counts)})")
 
-    final = ctx.out_dir / "model"
-    single = len(cfg.variants) == 1
-    per_variant, variant_dirs = {}, []
-    for i, variant in enumerate(cfg.variants):
-        name = variant_name(variant, i)
-        out = final if single else ctx.out_dir / WORK / name / "model"
-        variant_dirs.append(out)
-        done = ctx.out_dir / WORK / name / "variant_metrics.json"
-        if out.exists() and done.exists():  # written after the model: the variant is finished
-            per_variant[name] = files.read_json(done)
-            continue
-        seed = variant.seed if variant.seed is not None else ctx.seed + i
+    def train_one(run: VariantRun) -> dict:
         trainer, metrics = train_variant(
-            cfg=cfg, variant=variant, seed=seed, init_model=init_model, tokenizer=tokenizer, rows=rows,
-            work_dir=ctx.out_dir / WORK / name, trust_remote_code=ctx.trust_remote_code,
+            cfg=cfg, variant=run.variant, seed=run.seed, init_model=init_model, tokenizer=tokenizer, rows=rows,
+            work_dir=run.work_dir, trust_remote_code=ctx.trust_remote_code,
             report_to=ctx.report_to, callbacks=ctx.callbacks,
         )
         # Collective: the weights are gathered, LoRA merged, rank 0 writes and every rank waits.
-        save_final_model(trainer, tokenizer, out)
-        main_then_wait(files.atomic_write_json, done, metrics)
-        per_variant[name] = metrics
-        del trainer
-    if not single:
-        main_then_wait(average_checkpoints, variant_dirs, final)
+        save_final_model(trainer, tokenizer, run.model_dir)
+        return metrics
+
+    runs = train_variants(ctx.out_dir, cfg, ctx.seed, train_one, keep_checkpoints=ctx.keep_checkpoints)
+    per_variant = {r.name: r.metrics for r in runs}
+    final = average_variants(runs, ctx.out_dir / "model")
 
     dropped = {"prompt_too_long": counts["dropped_prompt_too_long"]}
     if mix is not None:

@@ -29,6 +29,7 @@ REGISTRY: tuple[tuple[str, str], ...] = (
     ("dpo", "posttrain.dpo"),
     ("average", "posttrain.average"),
     ("eval", "posttrain.eval"),
+    ("annotate", "posttrain.annotate.step"),
 )
 STEPS: tuple[str, ...] = tuple(name for name, _ in REGISTRY)
 """Every step of a round, in the order it runs (the columns of `posttrain status`)."""
@@ -53,6 +54,8 @@ class Resolver(Protocol):
 
     n: int
     recipe: Any
+    loaded: Any
+    """The whole recipe (posttrain.recipe.LoadedRecipe): `loaded.for_round(m)` is round m's."""
     run_dir: Path
 
     def path(self, value: str) -> str: ...
@@ -92,6 +95,9 @@ class StageDef:
     """Gets `ctx.reward` (the recipe's reward, built from the inputs' `reward_model`). Such a
     stage runs in the orchestrator's process, so a reward object passed from Python works;
     it starts its own child processes for generation."""
+    uses_annotator: bool = False
+    """Gets `ctx.annotator` (the recipe's annotator, or an object passed from Python). Such a
+    stage runs in the orchestrator's process too, for the same reason as `uses_reward`."""
     launcher: bool = False
     """A training stage: started by the recipe's `run.launcher` (several processes) when set."""
     required: bool = True
@@ -137,8 +143,12 @@ class StageContext:
     """Where training metrics go ('none', 'tensorboard', 'wandb')."""
     reward: Any = None
     """For stages with `uses_reward`: a ready reward object following posttrain.reward.Reward."""
+    annotator: Any = None
+    """For stages with `uses_annotator`: a ready annotator (posttrain.annotate.base.Annotator)."""
     callbacks: tuple = ()
     """Extra transformers TrainerCallbacks for training stages (tests, tooling)."""
+    keep_checkpoints: bool = False
+    """Keep trainer checkpoints of finished variants (`run.keep_checkpoints`)."""
 
     def __post_init__(self):
         if isinstance(self.inputs, dict):

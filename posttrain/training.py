@@ -10,19 +10,24 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal, Mapping, TypedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, TypedDict
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from posttrain.files import atomic_write_text
 from posttrain.schema import StrictModel
 
 COMPLETE_MARKER = "COMPLETE"
 WORK = "work"
-"""A training stage keeps its intermediate work (trainer checkpoints, variant models before
-averaging, caches) under `<stage folder>/work`: what resume needs until the stage finishes.
-The orchestrator deletes it once the stage's record is written (`remove_work`), unless
-the recipe sets `run.keep_checkpoints`."""
+"""A training stage keeps its intermediate work (trainer checkpoints, caches) under
+`<stage folder>/work`: what resume needs until the stage finishes. The orchestrator deletes
+it once the stage's record is written (`remove_work`), unless the recipe sets
+`run.keep_checkpoints`."""
+VARIANTS = "variants"
+"""Every training stage's variants: `<stage folder>/variants/<name>/model` (the variant's
+final model) and `.../metrics.json` (written after the model: the variant is finished)."""
 
 
 class LoraSettings(StrictModel):
@@ -62,6 +67,8 @@ class Variant(StrictModel):
     """Epochs for this variant (default: the stage's)."""
     data_fraction: float | None = Field(None, gt=0, le=1)
     """Train on this share of the stage's data, drawn with the variant's seed (a data version)."""
+    weight: float = Field(1.0, gt=0)
+    """Its weight in the average of the stage's variants (normalised over the variants)."""
 
 
 class TrainingSettings(StrictModel):
@@ -94,7 +101,20 @@ class TrainingSettings(StrictModel):
     lora: LoraSettings = LoraSettings()
     """LoRA settings."""
     variants: list[Variant] = Field(default_factory=lambda: [Variant()])
-    """Runs of this stage; with more than one, their weights are averaged into the output."""
+    """Runs of this stage (data versions, hyperparameters); with more than one, their weights
+    are averaged (each variant's `weight`) into the stage's model: by the stage itself for rm
+    and sft, by the `average` stage for dpo (the round's model)."""
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, v: list[Variant]) -> list[Variant]:
+        names = [variant_name(x, i) for i, x in enumerate(v)]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"variant names must be unique; repeated: {repeated}")
+        if not v:
+            raise ValueError("at least one variant is needed")
+        return v
 
 
 def variant_name(variant: Variant, index: int) -> str:
@@ -205,6 +225,83 @@ def merge_if_peft(model):
     return model
 
 
+@dataclass
+class VariantRun:
+    """One variant of a training stage: where it trains and where its model goes."""
+
+    index: int
+    name: str
+    variant: Variant
+    seed: int
+    """The variant's own seed, else the stage's seed plus its index."""
+    model_dir: Path
+    """`<stage>/variants/<name>/model`."""
+    work_dir: Path
+    """`<stage>/work/<name>`: its resumable trainer checkpoints."""
+    metrics: dict | None = None
+
+    @property
+    def done_marker(self) -> Path:
+        return self.model_dir.parent / "metrics.json"
+
+
+def train_variants(out_dir: str | os.PathLike, settings: TrainingSettings, seed: int,
+                   train_one: Callable[[VariantRun], dict], *, keep_checkpoints: bool = False) -> list[VariantRun]:
+    """Train every variant of a stage that is not finished yet, the one way rm, sft and dpo do.
+
+    `train_one(run)` is called on every rank; it trains, saves the model to `run.model_dir`
+    (collectively) and returns the variant's metrics. Rank 0 then writes the variant's
+    `metrics.json`, the marker that it is finished; a rerun reads it instead of training
+    again, and a variant killed before it resumes from its last complete checkpoint. A
+    finished variant's checkpoints are deleted then (its model supersedes them), unless
+    `keep_checkpoints`.
+    """
+    import shutil
+
+    from posttrain.distributed import main_then_wait
+    from posttrain.files import atomic_write_json, read_json
+
+    out_dir = Path(out_dir)
+    runs = []
+    for i, variant in enumerate(settings.variants):
+        name = variant_name(variant, i)
+        run = VariantRun(index=i, name=name, variant=variant,
+                         seed=variant.seed if variant.seed is not None else seed + i,
+                         model_dir=out_dir / VARIANTS / name / "model", work_dir=out_dir / WORK / name)
+        if run.model_dir.is_dir() and run.done_marker.is_file():
+            run.metrics = read_json(run.done_marker)
+        else:
+            run.metrics = train_one(run)
+            main_then_wait(atomic_write_json, run.done_marker, run.metrics)
+            if not keep_checkpoints:
+                main_then_wait(shutil.rmtree, run.work_dir, ignore_errors=True)
+        runs.append(run)
+    return runs
+
+
+def variant_weights(runs: list[VariantRun]) -> list[float]:
+    return [r.variant.weight for r in runs]
+
+
+def average_variants(runs: list[VariantRun], out: str | os.PathLike, **kwargs) -> Path:
+    """The stage's model at `out`: the weighted average of its variants, or the one variant's
+    model as hard links (no copy). Rank 0 writes, every rank waits."""
+    from posttrain.average import average_checkpoints
+    from posttrain.distributed import barrier, main_then_wait
+    from posttrain.files import link_tree
+
+    out = Path(out)
+    done = out.is_dir()
+    barrier()  # every rank decided before rank 0 writes: all take the same branch
+    if done:
+        return out
+    if len(runs) == 1:
+        main_then_wait(link_tree, runs[0].model_dir, out)
+    else:
+        main_then_wait(average_checkpoints, [r.model_dir for r in runs], out, variant_weights(runs), **kwargs)
+    return out
+
+
 class DataCounts(TypedDict):
     """What a training stage trained on, at the top level of its metrics (one shape for rm,
     sft and dpo, read by the orchestrator's end line, status and the report)."""
@@ -233,21 +330,30 @@ def data_counts(unit: str, *, read: int, dropped: Mapping[str, int], truncated: 
 
 
 def remove_work(stage_dir: str | os.PathLike) -> int:
-    """Delete a finished stage's `work` folder; returns the bytes freed.
+    """Delete a finished stage's `work` folder, and the variant models its record does not
+    name as outputs (rm's and sft's variants once averaged); returns the bytes freed.
 
     Only once the stage's record exists: before that, the work is what a killed stage
     resumes from (and the record is what makes the orchestrator skip the stage instead).
     """
     import shutil
 
+    from posttrain.files import read_json
     from posttrain.records import RECORD
 
     stage_dir = Path(stage_dir)
     if not (stage_dir / RECORD).is_file():
         raise RuntimeError(f"{stage_dir}: no {RECORD} yet; its work folder is still needed to resume")
-    work = stage_dir / WORK
-    if not work.is_dir():
-        return 0
-    freed = sum(p.stat().st_size for p in work.rglob("*") if p.is_file() and not p.is_symlink())
-    shutil.rmtree(work)
+    record = read_json(stage_dir / RECORD)
+    run_dir = stage_dir.parent.parent
+    named = [(run_dir / p).resolve() for out in record.get("outputs", {}).values()
+             for p in (out["path"] if isinstance(out["path"], list) else [out["path"]])]
+    doomed = [stage_dir / WORK]
+    doomed += [v for v in sorted((stage_dir / VARIANTS).glob("*"))
+               if not any(p == v.resolve() or p.is_relative_to(v.resolve()) for p in named)]
+    freed = 0
+    for folder in doomed:
+        if folder.is_dir():
+            freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+            shutil.rmtree(folder)
     return freed

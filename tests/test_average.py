@@ -22,6 +22,7 @@ from posttrain.average import (
     run,
 )
 from posttrain.stage import StageContext, headline
+from posttrain.training import Variant
 
 # --------------------------------------------------------------------------------------
 # helpers
@@ -148,12 +149,13 @@ def test_plan_shards_by_hand():
     assert plan_shards(sizes, 100) == [["a", "b", "c", "d", "e"]]
 
 
-def test_config_rejects_bad_weights():
-    assert AverageConfig(weights=[1, 2]).weights == [1, 2]
-    with pytest.raises(ValueError, match="must sum to a positive number"):
-        AverageConfig(weights=[0, 0])
+def test_config_says_where_weights_went_and_rejects_unknown_keys():
+    with pytest.raises(ValueError, match=r"moved: give each DPO variant its `weight`"):
+        AverageConfig(weights=[1, 2])
     with pytest.raises(ValueError, match="extra"):
         AverageConfig(weigths=[1])
+    with pytest.raises(ValueError, match="greater than 0"):
+        Variant(weight=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -373,10 +375,10 @@ def test_existing_output_is_kept_when_averaging_fails(models, tmp_path):
 # the stage
 
 
-def _ctx(tmp_path, models, config=None):
+def _ctx(tmp_path, models, config=None, weights=None):
     out = tmp_path / "round_01" / "average"
     return StageContext(stage="average", round=1, run_dir=tmp_path, out_dir=out,
-                        config=config or AverageConfig(), inputs={"models": list(models)})
+                        config=config or AverageConfig(), inputs={"models": list(models), "weights": weights})
 
 
 def test_stage_one_input_is_passed_through(tmp_path, models):
@@ -388,7 +390,7 @@ def test_stage_one_input_is_passed_through(tmp_path, models):
 
 
 def test_stage_averages_variants(tmp_path, models):
-    res = run(_ctx(tmp_path, models[:2], AverageConfig(weights=[3, 1], max_shard_size=10**9)))
+    res = run(_ctx(tmp_path, models[:2], AverageConfig(max_shard_size=10**9), weights=[3, 1]))
     assert res.outputs == {"model": "round_01/average/model"}
     assert headline("average", res.metrics) == [("models", 2)]  # what status shows
     got = read_weights(tmp_path / res.outputs["model"])

@@ -260,11 +260,11 @@ def test_dpo_with_nll_on_two_processes_equals_one_and_rank0_alone_publishes(tmp_
     # Rank 0 sleeps 3 s between writing v0 and publishing it: rank 1 must wait, not move on.
     two = _run(tmp_path, "two", "dpo", {**cfg, "batch_size": 2}, inputs, TORCHRUN_2, str(tiny_model_dir),
                dump=True, delay=3.0)
-    a, b = _weights(one / "v0"), _weights(two / "v0")
+    a, b = _weights(one / "variants" / "v0" / "model"), _weights(two / "variants" / "v0" / "model")
     assert _max_diff(a, _weights(Path(tiny_model_dir))) > 1e-4
     assert _max_diff(a, b) < 1e-4  # 2e-6 measured; 3e-3 with a per-rank NLL token mean
-    _assert_complete(two / "v0")
-    assert (two / "v0" / "dpo_metrics.json").is_file()
+    _assert_complete(two / "variants" / "v0" / "model")
+    assert (two / "variants" / "v0" / "metrics.json").is_file()
 
     def ref_rows(out):
         (cache,) = (out / "work" / "ref_cache").glob("ref_logps-*.json")
@@ -276,9 +276,9 @@ def test_dpo_with_nll_on_two_processes_equals_one_and_rank0_alone_publishes(tmp_
 
     dump = tmp_path / "two-dump"
     published = [json.loads(line) for line in (dump / "times0.jsonl").read_text().splitlines()]
-    published = [e["t"] for e in published if e["event"] == "published" and e["out"].endswith("/v0")]
+    published = [e["t"] for e in published if e["event"] == "published" and e["out"].endswith("/v0/model")]
     returned = [json.loads(line) for line in (dump / "times1.jsonl").read_text().splitlines()]
-    returned = [e["t"] for e in returned if e["event"] == "returned" and e["out"].endswith("/v0")]
+    returned = [e["t"] for e in returned if e["event"] == "returned" and e["out"].endswith("/v0/model")]
     assert len(published) == 1 and len(returned) == 1
     assert returned[0] >= published[0], "rank 1 went on before rank 0 had published the model"
 

@@ -313,7 +313,7 @@ def test_lora_output_is_merged_and_reloads(tiny_model_dir, tmp_path):
                      lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, learning_rate=1e-2,
                      variants=[{}, {"seed": 5, "learning_rate": 5e-3}])
     res = dpo.run(ctx)
-    assert res.outputs["variants"] == ["round_01/dpo/v0", "round_01/dpo/v1"]
+    assert res.outputs["variants"] == ["round_01/dpo/variants/v0/model", "round_01/dpo/variants/v1/model"]
     assert [k for k, _ in headline("dpo", res.metrics)] == ["acc", "pairs"]  # what status shows
     base = load_file(Path(tiny_model_dir) / "model.safetensors")
     assert res.metrics["ref_cache"]["computed"] == 6 and res.metrics["ref_cache"]["hits"] == 6

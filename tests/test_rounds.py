@@ -43,7 +43,7 @@ def test_status_table_shows_states_metrics_and_partial_stages(tmp_path):
     (tmp_path / "round_01" / "sample" / "samples").mkdir(parents=True)
     table = status_table(tmp_path)
     lines = table.splitlines()
-    assert lines[0].split() == ["round", "rm", "sample", "curate", "sft", "dpo", "average", "eval"]
+    assert lines[0].split() == ["round", "rm", "sample", "sft", "dpo", "average", "eval"]
     assert "done 12s acc=0.812" in lines[2]
     assert "partial" in lines[2]
     assert lines[2].split()[0] == "1"

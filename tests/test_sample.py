@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from posttrain import files, generation
+from posttrain.files import write_jsonl
 from posttrain import sample as sample_stage
 from posttrain.sample import SampleConfig, score_summary, select_best
 from posttrain.stage import StageContext, headline
@@ -246,13 +247,30 @@ def test_seen_conversation_row_system_wins_over_the_capabilitys():
 
 def test_metrics_count_prompts_without_top1_and_the_score_length_correlation():
     from posttrain.sample import _metrics
+    from posttrain.samples import SampleRow
 
-    rows = [{"id": "a", "responses": ["x", "xx"], "n_tokens": [1, 3], "finished": [True, True],
-             "scores": [0.0, 1.0], "best": 1},
-            {"id": "b", "responses": ["y", "yy"], "n_tokens": [2, 4], "finished": [True, False],
-             "scores": [None, None], "best": None},
-            {"id": "c", "responses": ["z"], "n_tokens": [5], "finished": [True], "scores": [2.0], "best": 0}]
+    rows = [SampleRow(id="a", prompt=[], capability=None, responses=["x", "xx"], n_tokens=[1, 3],
+                      finished=[True, True], scores=[0.0, 1.0], best=1, worst=0),
+            SampleRow(id="b", prompt=[], capability=None, responses=["y", "yy"], n_tokens=[2, 4],
+                      finished=[True, False], scores=[None, None], best=None, worst=None),
+            SampleRow(id="c", prompt=[], capability=None, responses=["z"], n_tokens=[5], finished=[True],
+                      scores=[2.0], best=0, worst=0)]
     m = _metrics(rows, top1=[{}, {}], too_long=[], skipped=[], n_read=3)
     assert (m["top1"], m["prompts_without_top1"], m["prompts_without_top1_ids"]) == (2, 1, ["b"])
     # by hand over the scored samples (score, length): (0, 1), (1, 3), (2, 5): exactly linear
     assert m["score_length_correlation"] == pytest.approx(1.0)
+
+
+def test_a_broken_shard_row_names_the_shard_row_and_field(tmp_path):
+    from posttrain.samples import SampleRowError, iter_rows
+
+    good = {"id": "a", "prompt": [], "capability": None, "responses": ["x", "y"], "n_tokens": [1, 1],
+            "finished": [True, True], "scores": [0.5, 0.1], "best": 0, "worst": 1}
+    write_jsonl(tmp_path / "shard_00000.jsonl", [good, {**good, "id": "b", "best": 2}])
+    with pytest.raises(SampleRowError, match=r"shard_00000.jsonl: row 2: field 'best': 2 is not an index"):
+        list(iter_rows(tmp_path))
+    write_jsonl(tmp_path / "shard_00000.jsonl", [{**good, "scores": [0.5]}])
+    with pytest.raises(SampleRowError, match=r"row 1: field 'scores': expected a list of 2 values"):
+        list(iter_rows(tmp_path))
+    write_jsonl(tmp_path / "shard_00000.jsonl", [good])
+    assert [(w.rsplit("/", 1)[-1], r.best) for w, r in iter_rows(tmp_path)] == [("shard_00000.jsonl:1", 0)]

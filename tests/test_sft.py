@@ -152,8 +152,8 @@ def test_two_variants_are_averaged(tiny_model_dir, tmp_path):
     assert res.metrics["examples"] == {"kept": 9}
     assert headline("sft", res.metrics) == [("loss", pytest.approx(variant_mean(res.metrics, "loss", "last"))),
                                             ("examples", 9)]  # the status column reads what the stage wrote
-    v0 = load_file(ctx.out_dir / "work" / "v0" / "model" / "model.safetensors")
-    v1 = load_file(ctx.out_dir / "work" / "v1" / "model" / "model.safetensors")
+    v0 = load_file(ctx.out_dir / "variants" / "v0" / "model" / "model.safetensors")
+    v1 = load_file(ctx.out_dir / "variants" / "v1" / "model" / "model.safetensors")
     avg = load_file(ctx.run_dir / res.outputs["model"] / "model.safetensors")
     base = load_file(Path(tiny_model_dir) / "model.safetensors")
     for k in base:
@@ -231,5 +231,5 @@ def test_the_stage_counts_what_it_trained_on_per_variant(tiny_model_dir, tmp_pat
     assert m["rows_trained_by_variant"] == {"v0": 9, "v1": round(9 * 0.5)}
     assert m["dropped"] == {"prompt_too_long": 1}
     assert m["truncated"] == 1
-    assert (ctx.out_dir / "work" / "v1" / "model" / "model.safetensors").exists()
-    assert not (ctx.out_dir / "variants").exists()
+    assert (ctx.out_dir / "variants" / "v1" / "model" / "model.safetensors").exists()
+    assert not (ctx.out_dir / "work" / "v1").exists()  # a finished variant's checkpoints are gone

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import yaml
 
@@ -34,6 +37,38 @@ def test_remove_work_only_once_the_record_exists(tmp_path):
     assert training.remove_work(stage) == 1000
     assert not (stage / "work").exists() and (stage / "model" / "model.safetensors").is_file()
     assert training.remove_work(stage) == 0  # nothing left: fine
+
+
+def test_remove_work_keeps_the_variants_the_record_names(tmp_path):
+    """rm's and sft's variants, once averaged into the stage's model, go with the work; dpo's
+    are its outputs and stay."""
+    run_dir = tmp_path / "run"
+    for stage, outputs in (("sft", {"model": "round_01/sft/model"}),
+                           ("dpo", {"variants": ["round_01/dpo/variants/v0/model", "round_01/dpo/variants/v1/model"]}),
+                           ("rm", {"model": "round_01/rm/model"})):
+        folder = run_dir / "round_01" / stage
+        for name in ("v0", "v1") if stage != "rm" else ("v0",):
+            (folder / "variants" / name / "model").mkdir(parents=True)
+            (folder / "variants" / name / "model" / "model.safetensors").write_bytes(b"x" * 10)
+        atomic_write_json(folder / "record.json", {"stage": stage, "outputs": {
+            k: {"path": v} for k, v in outputs.items()}})
+        freed = training.remove_work(folder)
+        left = sorted(p.name for p in (folder / "variants").glob("*")) if (folder / "variants").exists() else []
+        assert (stage, freed, left) == {"sft": ("sft", 20, []), "dpo": ("dpo", 0, ["v0", "v1"]),
+                                         "rm": ("rm", 10, [])}[stage]
+
+
+def test_a_one_variant_stage_model_is_its_variant_linked_not_copied(tmp_path):
+    src = tmp_path / "variants" / "v0" / "model"
+    src.mkdir(parents=True)
+    (src / "model.safetensors").write_bytes(b"w" * 100)
+    run = training.VariantRun(index=0, name="v0", variant=training.Variant(), seed=0, model_dir=src,
+                              work_dir=tmp_path / "work" / "v0")
+    out = training.average_variants([run], tmp_path / "model")
+    assert out == tmp_path / "model"
+    assert os.path.samefile(out / "model.safetensors", src / "model.safetensors")
+    shutil.rmtree(tmp_path / "variants")  # what remove_work does once the record exists
+    assert (out / "model.safetensors").read_bytes() == b"w" * 100
 
 
 @pytest.mark.parametrize("keep", [False, True])

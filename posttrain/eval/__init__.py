@@ -22,6 +22,7 @@ from typing import Any
 
 from posttrain.files import atomic_write_json, hash_json, hash_path, iter_jsonl, read_json, write_jsonl
 from posttrain.stage import StageContext, StageDef, StageResult, path_field
+from posttrain.stats import mean
 
 log = logging.getLogger("posttrain")
 
@@ -32,11 +33,6 @@ def win_rate(ours: list[float | None], theirs: list[float | None]) -> float | No
     if not pairs:
         return None
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
-
-
-def _mean(xs) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
 
 
 def load_eval_prompts(inputs: "EvalInputs", max_prompts: int | None) -> list:
@@ -94,11 +90,11 @@ def _score(reward, prompts: list, rows: list[dict]) -> list[float | None]:
 
 def _summaries(rows: list[dict], rewards, checks) -> dict:
     return {
-        "mean_reward": _mean(rewards),
-        "task_score": _mean(checks) if checks is not None else None,
-        "mean_length": _mean([r["n_tokens"] for r in rows]),
-        "eot_rate": _mean([1.0 if r["finished"] else 0.0 for r in rows]),
-        "empty_rate": _mean([1.0 if r["finished"] and not r["text"].strip() else 0.0 for r in rows]),
+        "mean_reward": mean(rewards),
+        "task_score": mean(checks) if checks is not None else None,
+        "mean_length": mean([r["n_tokens"] for r in rows]),
+        "eot_rate": mean([1.0 if r["finished"] else 0.0 for r in rows]),
+        "empty_rate": mean([1.0 if r["finished"] and not r["text"].strip() else 0.0 for r in rows]),
     }
 
 

@@ -62,19 +62,21 @@ def reward_name(reward: Any) -> str:
     return name if isinstance(name, str) and name else type(reward).__name__
 
 
-def _import_target(target: str) -> Any:
+def import_target(target: str, what: str = "reward", error: type[Exception] = RewardError) -> Any:
+    """The object an import path `package.module:Name` names, imported (never called).
+    Failures raise `error`, naming `what` (reward, annotator) and the target."""
     module_name, _, attr_path = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise RewardError(f"reward target {target!r}: cannot import module {module_name!r}: {e}") from e
+        raise error(f"{what} target {target!r}: cannot import module {module_name!r}: {e}") from e
     obj: Any = module
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError as e:
-            raise RewardError(f"reward target {target!r}: module {module_name!r} has no attribute "
-                              f"{attr_path!r}") from e
+            raise error(f"{what} target {target!r}: module {module_name!r} has no attribute "
+                        f"{attr_path!r}") from e
     return obj
 
 
@@ -100,7 +102,7 @@ def resolve_reward_target(target: str) -> Any:
 
     A class must have a `score` method (the reward protocol); a function must carry the
     `@reward_factory` mark. Raises RewardError otherwise."""
-    obj = _import_target(target)
+    obj = import_target(target)
     if isinstance(obj, type):
         if not callable(inspect.getattr_static(obj, "score", None)):
             raise RewardError(f"reward target {target!r}: class {obj.__qualname__} has no score(prompts, responses) "

@@ -81,7 +81,7 @@ class RMReward:
     def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float | None]:
         import torch
 
-        from posttrain.rm import last_token_scores
+        from posttrain.modeling import last_token_scores
 
         self.setup()
         rows = [self.encode(p, r) for p, r in zip(prompts, responses)]

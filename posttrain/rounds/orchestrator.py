@@ -37,6 +37,7 @@ from posttrain.records import (
 )
 from posttrain.stage import STEPS, StageDef, format_headline, hashed_inputs, headline
 from posttrain.stage import get as get_stage
+from posttrain.annotate.step import WaitingForLabels
 
 log = logging.getLogger("posttrain")
 
@@ -95,8 +96,9 @@ class Round:
     """One round of one run: resolves inputs, plans and runs each stage, writes records."""
 
     def __init__(self, n: int, recipe: LoadedRecipe, run_dir: Path, *, reward=None, force: bool = False,
-                 redo: tuple[str, ...] = ()):
+                 redo: tuple[str, ...] = (), annotator=None):
         self.n = n
+        self.annotator_override = annotator
         self.redo = frozenset(redo)
         self.redone = False  # once a stage is redone, later ones whose inputs changed rerun
         self.loaded = recipe
@@ -132,12 +134,17 @@ class Round:
         return [str(p) for p in out] if isinstance(out, list) else str(out)
 
     def preference_files(self, *, only_latest: bool) -> list[str]:
-        """The recipe's preference batches available in this round (all, or the latest round's)."""
-        batches = [b for b in self.recipe.data.preference_batches if b.round <= self.n]
+        """The preference batches available in this round (all, or the latest round's): the
+        recipe's fixed batches and those the annotate step labelled in earlier rounds (from
+        their records; posttrain.annotate.step.annotated_batches)."""
+        from posttrain.annotate.step import annotated_batches
+
+        batches = [(b.round, self.path(b.path)) for b in self.recipe.data.preference_batches if b.round <= self.n]
+        batches += annotated_batches(self)
         if only_latest and batches:
-            latest = max(b.round for b in batches)
-            batches = [b for b in batches if b.round == latest]
-        return [self.path(b.path) for b in batches]
+            latest = max(r for r, _ in batches)
+            batches = [b for b in batches if b[0] == latest]
+        return [path for _, path in batches]
 
     def previous_model(self) -> str | None:
         """The previous round's model (None in round 1)."""
@@ -207,6 +214,12 @@ class Round:
         }
         if defn.uses_reward:
             hashed["reward"] = self._reward_identity()
+        if defn.uses_annotator and self.annotator_override is not None:
+            from posttrain.reward import reward_fingerprint
+
+            obj = self.annotator_override  # a recipe's annotator is part of the config already
+            hashed["annotator"] = {"object": f"{type(obj).__module__}:{type(obj).__qualname__}",
+                                   "fingerprint": reward_fingerprint(obj)}
         launch = self.launch_plan(defn)
         if launch.launcher is not None:  # how many processes, and how, is an input of a training stage
             hashed["launch"] = launch.identity(self.hasher.hash_paths)
@@ -233,8 +246,14 @@ class Round:
         try:
             if defn.uses_reward:
                 result = self._run_in_process(spec, reward_model=inputs.reward_model)
+            elif defn.uses_annotator:
+                result = self._run_with_annotator(spec, config)
             else:
                 result = self._run_in_worker(stage, spec, launch.command)
+        except WaitingForLabels as waiting:  # not a failure: the round waits for people
+            attempts.end("waiting")
+            log.info("%s", waiting)
+            raise
         except Exception as err:
             attempts.end(f"failed: {first_line(err)}")
             raise
@@ -279,6 +298,15 @@ class Round:
 
         reward = self.build_reward(reward_model)
         result = run_spec(spec, reward=reward)
+        return {"outputs": result.outputs, "metrics": result.metrics}
+
+    def _run_with_annotator(self, spec: dict, config) -> dict:
+        from posttrain.annotate.base import load_annotator
+        from posttrain.rounds.worker import run_spec
+
+        annotator = load_annotator(self.annotator_override if self.annotator_override is not None
+                                   else config.annotator)
+        result = run_spec(spec, annotator=annotator)
         return {"outputs": result.outputs, "metrics": result.metrics}
 
     def launch_plan(self, defn: StageDef):
@@ -438,7 +466,12 @@ class Attempts:
 def check_previous_round(run_dir: Path, n: int, loaded: LoadedRecipe | None = None) -> None:
     if n == 1:
         return
-    missing = [s for s in STEPS if get_stage(s).required and read_record(run_dir, n - 1, s) is None]
+    previous = loaded.for_round(n - 1) if loaded is not None else None
+    missing = [s for s in STEPS if get_stage(s).required and read_record(run_dir, n - 1, s) is None
+               and (previous is None or get_stage(s).enabled(previous))]
+    waiting = stage_dir(run_dir, n - 1, "annotate") / "waiting.json"
+    if missing == ["annotate"] and waiting.is_file():
+        raise WaitingForLabels(n - 1, read_json(waiting))
     if missing:
         recipe = f" --recipe {loaded.path}" if loaded is not None else ""
         raise RoundError(f"round {n} needs round {n - 1} finished, but round {n - 1} has no record for: "
@@ -455,11 +488,14 @@ def _snapshot_recipe(loaded: LoadedRecipe, run_dir: Path) -> None:
 
 def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | os.PathLike, *,
               reward=None, force: bool = False, evaluate: bool | None = None,
-              redo: str | tuple[str, ...] | list[str] = ()) -> dict[str, dict]:
+              redo: str | tuple[str, ...] | list[str] = (), annotator=None) -> dict[str, dict]:
     """Run round `n` of `recipe` in `run_dir`. Returns the stage records (and `eval`).
 
     `reward` may be a reward object (posttrain.reward.Reward) or an import-path spec; it
-    replaces the recipe's reward for sampling and evaluation.
+    replaces the recipe's reward for sampling and evaluation. `annotator` likewise replaces
+    the recipe's `annotate.annotator` (posttrain.annotate.base.Annotator).
+    When the annotate step waits for labels, WaitingForLabels is raised (not a failure: run
+    the same call again once they are in).
     `redo`: stages (e.g. "dpo") to run again from scratch even though they finished: the
     record and the stage's folder are removed first; later stages whose inputs then change
     rerun too (without it they would refuse, as under a changed recipe).
@@ -480,7 +516,7 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
     setup_logging(run_dir)
     _snapshot_recipe(loaded, run_dir)
     log.info("round %d of %s in %s", n, loaded.path.name, run_dir)
-    rnd = Round(n, loaded, run_dir, reward=reward, force=force, redo=redo)
+    rnd = Round(n, loaded, run_dir, reward=reward, force=force, redo=redo, annotator=annotator)
     return rnd.run(evaluate)
 
 

@@ -39,12 +39,14 @@ def build_context(spec: dict):
         trust_remote_code=recipe.models.trust_remote_code,
         formatting_tokens=recipe.chat.formatting_tokens,
         report_to=list(recipe.run.report_to) or "none",
+        keep_checkpoints=recipe.run.keep_checkpoints,
     )
 
 
-def run_spec(spec: dict, reward=None):
+def run_spec(spec: dict, reward=None, annotator=None):
     ctx = build_context(spec)
     ctx.reward = reward
+    ctx.annotator = annotator
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     from posttrain.stage import REGISTRY
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import files
+from posttrain.annotate.base import strength_of  # noqa: F401  (the world's strength rule; re-exported)
 from posttrain.data import STRENGTHS
 from posttrain.world import task
 
@@ -451,16 +452,6 @@ def tokenizer_corpus(rng: random.Random, n: int = 2000) -> list[str]:
     return corpus
 
 
-def strength_of(gap: float, thresholds: tuple[float, float, float]) -> str | None:
-    """Label for a score gap chosen - rejected >= 0; None for a tie (the pair is dropped)."""
-    if gap <= 0:
-        return None
-    for label, t in zip(STRENGTHS, thresholds):
-        if gap >= t:
-            return label
-    return STRENGTHS[-1]
-
-
 def encode_transcripts(tokenizer, items: list[tuple[list[dict], str]], max_len: int | None = None):
     """Token ids and labels for (prompt messages, answer) pairs, right-padded to `max_len`
     (default: the longest pair).
@@ -575,13 +566,16 @@ def usable_response(generation: dict) -> str | None:
 
 def annotate(model, tokenizer, items: list[task.TaskItem], config: WorldConfig, rng: random.Random,
              seed: int, id_prefix: str) -> tuple[list[dict], dict[str, int]]:
-    """Simulated annotators: two responses per prompt from two sampling setups, the better
-    (by task score) is chosen, strength from the score gap, and on a share of rows an edit
-    that fixes the chosen response (the reference answer).
+    """Simulated annotators: two responses per prompt from two sampling setups, labelled by
+    `posttrain.annotate.world.simulated_judgement` (the better by task score is chosen,
+    strength from the score gap, and on a share of rows an edit that fixes the chosen
+    response: the reference answer). The annotate step's WorldAnnotator uses the same rule.
 
     A pair is dropped, and counted, when a response is empty or unfinished (`usable_response`)
     or when the two score the same (a tie, identical responses included).
     """
+    from posttrain.annotate.world import simulated_judgement  # it imports posttrain.world: not at the top
+
     prompts = [it.messages() for it in items]
     t_a, t_b = config.annotation_temperatures
     gen_a = generate_responses(model, tokenizer, prompts, n=1, temperature=t_a,
@@ -597,23 +591,23 @@ def annotate(model, tokenizer, items: list[task.TaskItem], config: WorldConfig, 
             bad = a[0] if ra is None else b[0]
             counts["empty" if not bad["text"].strip() else "unfinished"] += 1
             continue
-        sa, sb = task.score(it.prompt, ra), task.score(it.prompt, rb)
-        if sa == sb:
+        judged = simulated_judgement(it.prompt, ra, rb, edit_draw, thresholds=config.strength_thresholds,
+                                     edit_share=config.edit_share)
+        if judged is None:
             counts["ties"] += 1
             continue
-        (chosen, s_c), (rejected, s_r) = ((ra, sa), (rb, sb)) if sa > sb else ((rb, sb), (ra, sa))
-        strength = strength_of(s_c - s_r, config.strength_thresholds)
+        chosen, rejected = (ra, rb) if judged.preferred == "a" else (rb, ra)
         row = {
             "id": f"{id_prefix}-{i:04d}",
             "prompt": prompts[i],
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}],
-            "strength": strength,
+            "strength": judged.strength,
         }
-        if s_c < 1.0 and edit_draw < config.edit_share:
-            row["edited"] = [{"role": "assistant", "content": it.answer}]
+        if judged.edited is not None:
+            row["edited"] = [{"role": "assistant", "content": judged.edited}]
             counts["edited"] += 1
-        counts[strength] += 1
+        counts[judged.strength] += 1
         rows.append(row)
     return rows, counts
 
