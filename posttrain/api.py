@@ -15,7 +15,7 @@ from posttrain.rounds.orchestrator import (
     run_round,
     run_rounds,
 )
-from posttrain.stage import STEPS, format_headline, headline
+from posttrain.stage import STEPS, WAITING_FILE, format_headline, headline
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors the CLI prints as one message (exit 1): a bad recipe, data, reward target or
@@ -76,11 +76,10 @@ def _cell(run_dir: Path, n: int, step: str) -> str:
 
         folder = stage_dir(run_dir, n, step)
         outcome = Attempts.last_outcome(folder) if folder.is_dir() else None
-        if step == "annotate" and (folder / "waiting.json").is_file():
-            from posttrain.annotate.step import waiting_summary
+        if (folder / WAITING_FILE).is_file():
             from posttrain.files import read_json
 
-            return f"waiting {waiting_summary(read_json(folder / 'waiting.json'))}"
+            return f"waiting {read_json(folder / WAITING_FILE).get('summary', '')}".rstrip()
         if outcome and outcome.startswith("failed"):
             return "failed (see posttrain.log)"
         return "partial" if folder.exists() and any(folder.iterdir()) else "-"

@@ -146,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["POSTTRAIN_VERBOSE"] = "1"
     from posttrain import api
 
-    from posttrain.annotate.step import WaitingForLabels
+    from posttrain.stage import StageWaiting
 
     try:
         return _dispatch(args, api)
-    except WaitingForLabels as waiting:
+    except StageWaiting as waiting:
         # Not a failure: the round waits for people; the same command continues later.
         print(f"posttrain {args.command}: {waiting}", file=sys.stderr)
         if getattr(args, "run_dir", None) is not None and args.run_dir.is_dir():

@@ -35,6 +35,16 @@ STEPS: tuple[str, ...] = tuple(name for name, _ in REGISTRY)
 """Every step of a round, in the order it runs (the columns of `posttrain status`)."""
 
 
+WAITING_FILE = "waiting.json"
+
+
+class StageWaiting(Exception):
+    """A stage waits for something outside posttrain (people labelling): not a failure. Before
+    raising it the stage writes `WAITING_FILE` in its folder, `{"summary": "...", ...}`; the
+    round stops there, `posttrain status` shows "waiting <summary>", the next round refuses
+    to start, and the same command continues once the wait is over."""
+
+
 def get(name: str) -> StageDef:
     """The definition of stage `name` (imports its module)."""
     modules = dict(REGISTRY)
@@ -102,6 +112,9 @@ class StageDef:
     """A training stage: started by the recipe's `run.launcher` (several processes) when set."""
     required: bool = True
     """The next round needs this stage's record (evaluation is not needed)."""
+    preference_batches: Callable[[Resolver], list[tuple[int, str]]] | None = None
+    """For a stage that produces preference data: (round it is for, file) of every batch its
+    earlier rounds made for this round (`Resolver.preference_files` adds them to the recipe's)."""
     enabled: Callable[[Any], bool] = _always
     """Whether the stage runs in a round, given the round's recipe."""
     config: str | None = None

@@ -436,12 +436,12 @@ def test_cli_annotate_export_and_import(tmp_path, capsys):
 
 def test_cli_run_that_waits_for_labels_is_not_a_failure(tmp_path, capsys, monkeypatch):
     from posttrain import api
-    from posttrain.annotate.step import WaitingForLabels
+    from posttrain.annotate.step import WaitingForLabels, waiting_summary
     from posttrain.cli import main
 
     folder = tmp_path / "round_01" / "annotate"
     info = {"requests": 8, "labelled": 3, "waiting": 5, "where": "http://localhost:8080/projects/1/data"}
-    atomic_write_json(folder / "waiting.json", info)
+    atomic_write_json(folder / "waiting.json", {**info, "summary": waiting_summary(info)})
 
     def waits(*args, **kwargs):
         raise WaitingForLabels(1, info)

@@ -52,12 +52,12 @@ from posttrain.annotate.base import (
 )
 from posttrain.data import STRENGTHS
 from posttrain.schema import StrictModel
-from posttrain.stage import StageContext, StageDef, StageResult, metric, path_field
+from posttrain.stage import WAITING_FILE, StageContext, StageDef, StageResult, StageWaiting, metric, path_field
 
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
-REQUESTS, MANIFEST, LABELS, WAITING, BATCH = ("requests.jsonl", "requests.json", "labels.jsonl", "waiting.json",
+REQUESTS, MANIFEST, LABELS, WAITING, BATCH = ("requests.jsonl", "requests.json", "labels.jsonl", WAITING_FILE,
                                               "preferences.jsonl")
 
 MODEL_CHOICE = r"^(round|previous|sft|dpo:\d+)$"
@@ -130,7 +130,7 @@ class AnnotateConfig(StrictModel):
         return self
 
 
-class WaitingForLabels(Exception):
+class WaitingForLabels(StageWaiting):
     """The annotate step has asked for labels that are not all there yet: the round waits
     (this is not a failure; run the same command again once people have labelled)."""
 
@@ -367,7 +367,7 @@ def run(ctx: StageContext) -> StageResult:
     if missing:
         info = {"requests": len(requests), "labelled": len(requests) - missing, "waiting": missing,
                 "where": where(annotator), "annotator": getattr(annotator, "name", type(annotator).__name__)}
-        files.atomic_write_json(out / WAITING, info)
+        files.atomic_write_json(out / WAITING, {**info, "summary": waiting_summary(info)})
         raise WaitingForLabels(ctx.round, info)
     (out / WAITING).unlink(missing_ok=True)
     if not (out / LABELS).exists():
@@ -472,4 +472,4 @@ def _headline(m: dict) -> list[tuple[str, Any]]:
 
 
 STAGE = StageDef(name="annotate", inputs=AnnotateInputs, resolve=_resolve, headline=_headline,
-                 uses_annotator=True, enabled=enabled)
+                 uses_annotator=True, enabled=enabled, preference_batches=annotated_batches)

@@ -35,9 +35,8 @@ from posttrain.records import (
     stage_dir,
     write_record,
 )
-from posttrain.stage import STEPS, StageDef, format_headline, hashed_inputs, headline
+from posttrain.stage import STEPS, WAITING_FILE, StageDef, StageWaiting, format_headline, hashed_inputs, headline
 from posttrain.stage import get as get_stage
-from posttrain.annotate.step import WaitingForLabels
 
 log = logging.getLogger("posttrain")
 
@@ -135,12 +134,13 @@ class Round:
 
     def preference_files(self, *, only_latest: bool) -> list[str]:
         """The preference batches available in this round (all, or the latest round's): the
-        recipe's fixed batches and those the annotate step labelled in earlier rounds (from
-        their records; posttrain.annotate.step.annotated_batches)."""
-        from posttrain.annotate.step import annotated_batches
-
+        recipe's fixed batches and those stages made in earlier rounds (the annotate step's
+        labelled batches; `StageDef.preference_batches`, from their records)."""
         batches = [(b.round, self.path(b.path)) for b in self.recipe.data.preference_batches if b.round <= self.n]
-        batches += annotated_batches(self)
+        for step in STEPS:
+            made = get_stage(step).preference_batches
+            if made is not None:
+                batches += made(self)
         if only_latest and batches:
             latest = max(r for r, _ in batches)
             batches = [b for b in batches if b[0] == latest]
@@ -250,7 +250,7 @@ class Round:
                 result = self._run_with_annotator(spec, config)
             else:
                 result = self._run_in_worker(stage, spec, launch.command)
-        except WaitingForLabels as waiting:  # not a failure: the round waits for people
+        except StageWaiting as waiting:  # not a failure: the round waits (for people labelling)
             attempts.end("waiting")
             log.info("%s", waiting)
             raise
@@ -469,9 +469,11 @@ def check_previous_round(run_dir: Path, n: int, loaded: LoadedRecipe | None = No
     previous = loaded.for_round(n - 1) if loaded is not None else None
     missing = [s for s in STEPS if get_stage(s).required and read_record(run_dir, n - 1, s) is None
                and (previous is None or get_stage(s).enabled(previous))]
-    waiting = stage_dir(run_dir, n - 1, "annotate") / "waiting.json"
-    if missing == ["annotate"] and waiting.is_file():
-        raise WaitingForLabels(n - 1, read_json(waiting))
+    waiting = [s for s in missing if (stage_dir(run_dir, n - 1, s) / WAITING_FILE).is_file()]
+    if waiting and waiting == missing:
+        summary = read_json(stage_dir(run_dir, n - 1, waiting[0]) / WAITING_FILE).get("summary", "")
+        raise StageWaiting(f"round {n - 1} {waiting[0]}: waiting: {summary}. Round {n} starts once it is "
+                           f"done: run round {n - 1} again to pick it up.")
     if missing:
         recipe = f" --recipe {loaded.path}" if loaded is not None else ""
         raise RoundError(f"round {n} needs round {n - 1} finished, but round {n - 1} has no record for: "
@@ -494,8 +496,8 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
     `reward` may be a reward object (posttrain.reward.Reward) or an import-path spec; it
     replaces the recipe's reward for sampling and evaluation. `annotator` likewise replaces
     the recipe's `annotate.annotator` (posttrain.annotate.base.Annotator).
-    When the annotate step waits for labels, WaitingForLabels is raised (not a failure: run
-    the same call again once they are in).
+    When a stage waits (the annotate step, for labels), posttrain.stage.StageWaiting is
+    raised (not a failure: run the same call again once they are in).
     `redo`: stages (e.g. "dpo") to run again from scratch even though they finished: the
     record and the stage's folder are removed first; later stages whose inputs then change
     rerun too (without it they would refuse, as under a changed recipe).
