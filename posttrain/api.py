@@ -92,7 +92,8 @@ def _cell(run_dir: Path, n: int, step: str) -> str:
 
 STATUS_LEGEND = """\
 rm acc: held-out ranking accuracy · sample top1: mean reward of the kept top-1 samples, on the
-recipe's reward's scale (a checker plus a small RM tie-break can exceed 1) · sft loss: last
+recipe's reward's scale (a checker plus a small RM tie-break can exceed 1) · curate: rows kept,
+dropped, and dropped by first reason (a column only in runs that curate) · sft loss: last
 training loss · dpo acc: share of pairs whose implicit reward ranks chosen first · eval task:
 held-out task score (checker), else reward · annotate: pairs labelled, abstained (skipped), edited;
 waiting: labels still missing (run again once they are in) · times include resumed attempts · [2x ddp]: a
@@ -105,9 +106,10 @@ def status_table(run_dir, legend: bool = True) -> str:
     rounds = list_rounds(run_dir)
     if not rounds:
         return f"{run_dir}: no rounds yet"
-    # The annotate column only for runs that annotate: other runs' tables stay as they were.
-    annotating = any(stage_dir(run_dir, n, "annotate").is_dir() for n in rounds)
-    steps = tuple(s for s in STEPS if s != "annotate" or annotating)
+    # The annotate and curate columns only for runs that annotate or curate: other runs'
+    # tables stay as they were.
+    used = {s for s in ("annotate", "curate") if any(stage_dir(run_dir, n, s).is_dir() for n in rounds)}
+    steps = tuple(s for s in STEPS if s not in ("annotate", "curate") or s in used)
     rows = [["round", *steps]]
     for n in rounds:
         rows.append([str(n), *(_cell(run_dir, n, s) for s in steps)])

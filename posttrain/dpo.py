@@ -680,8 +680,12 @@ class DPOInputs:
 
 def _resolve(rnd) -> DPOInputs:
     r = rnd.recipe
+    from posttrain.curate import curated
+
+    cleaned = curated(rnd, "preferences")  # this round's batch after curate.preferences
     return DPOInputs(sft_model=rnd.output("sft", "model"),
-                     preference_files=rnd.preference_files(only_latest=r.dpo.latest_batch_only),
+                     preference_files=[cleaned] if cleaned else rnd.preference_files(
+                         only_latest=r.dpo.latest_batch_only),
                      samples=rnd.output("sample", "samples"))
 
 

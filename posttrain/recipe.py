@@ -147,6 +147,7 @@ class EvalSettings(StrictModel):
 def _stage_configs():
     # Imported here so each stage owns its config (next to its trainer, as TRL does).
     from posttrain.average import AverageConfig
+    from posttrain.curate import CurateConfig
     from posttrain.dpo import DPOStageConfig
     from posttrain.rm import RMConfig
     from posttrain.sample import SampleConfig
@@ -154,10 +155,10 @@ def _stage_configs():
 
     from posttrain.annotate.step import AnnotateConfig
 
-    return RMConfig, SampleConfig, SFTStageConfig, DPOStageConfig, AverageConfig, AnnotateConfig
+    return RMConfig, SampleConfig, CurateConfig, SFTStageConfig, DPOStageConfig, AverageConfig, AnnotateConfig
 
 
-RMConfig, SampleConfig, SFTStageConfig, DPOStageConfig, AverageConfig, AnnotateConfig = _stage_configs()
+RMConfig, SampleConfig, CurateConfig, SFTStageConfig, DPOStageConfig, AverageConfig, AnnotateConfig = _stage_configs()
 
 
 class Recipe(StrictModel):
@@ -190,6 +191,8 @@ class Recipe(StrictModel):
     """Stage 1: reward model."""
     sample: SampleConfig = SampleConfig()
     """Stage 2: rejection sampling."""
+    curate: CurateConfig = CurateConfig()
+    """Data quality control between sample and sft (report 4.2.3); off unless enabled."""
     sft: SFTStageConfig = SFTStageConfig()
     """Stage 3: supervised fine-tuning."""
     dpo: DPOStageConfig = DPOStageConfig()

@@ -74,6 +74,10 @@ def data_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
                              _reasons({"no_top1": m.get("prompts_without_top1"),
                                        "prompt_too_long": (m.get("too_long") or {}).get("count"),
                                        "skipped_by_capability": m.get("skipped_by_capability")}), "-"])
+            elif stage == "curate":  # kept rows go on to sft ("trained" here: handed on)
+                rows.append([str(n), stage, "rows (dry run: none removed)" if m.get("dry_run") else "rows",
+                             _fmt(m.get("rows")), f"{_fmt(m.get('kept'))} kept",
+                             _reasons(m.get("dropped_by_reason") or {}), "-"])
             elif stage == "annotate":
                 skipped = {k: v for k, v in (m.get("skipped") or {}).items() if k not in ("pool", "drawn")}
                 rows.append([str(n), stage, "pairs", _fmt((m.get("skipped") or {}).get("drawn")),

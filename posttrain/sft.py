@@ -245,12 +245,16 @@ class SFTInputs:
 
 
 def _resolve(rnd) -> SFTInputs:
+    from posttrain.curate import curated
+
     r = rnd.recipe
     rounds = range(1, rnd.n + 1) if r.sft.cumulative else [rnd.n]
-    top1 = [rnd.output("sample", "top1", m) for m in rounds]
+    # A round that curated (posttrain.curate) hands on its kept rows instead.
+    top1 = [curated(rnd, "top1", m) or rnd.output("sample", "top1", m) for m in rounds]
+    sft_files = curated(rnd, "sft")
     init = rnd.previous_model() if r.sft.init == "previous" else None
     return SFTInputs(init_model=init or rnd.path(r.models.base), top1_files=top1,
-                     sft_files=[rnd.path(p) for p in r.data.sft])
+                     sft_files=[sft_files] if sft_files else [rnd.path(p) for p in r.data.sft])
 
 
 def _headline(m: dict) -> list[tuple[str, Any]]:

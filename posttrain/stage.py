@@ -24,6 +24,7 @@ from typing import Any, Protocol
 REGISTRY: tuple[tuple[str, str], ...] = (
     ("rm", "posttrain.rm"),
     ("sample", "posttrain.sample"),
+    ("curate", "posttrain.curate"),
     ("sft", "posttrain.sft"),
     ("dpo", "posttrain.dpo"),
     ("average", "posttrain.average"),

@@ -94,11 +94,33 @@ class WorldConfig:
     eval_samples: int = 4
     max_new_tokens: int = 24
 
+    # Opt-in noise that gives data curation (posttrain.curate) something real to clean. Off
+    # in the default world, whose files (and world.json) stay byte for byte what they were.
+    sft_noisy_share: float = 0.0
+    """Share of seed SFT rows whose writer wrapped the right answer in an apology, exclamation
+    marks or emojis ("I'm sorry! 2 4 7 9 😊😊"): what report 4.2.3's rule-based cleaning
+    removes. The task's checker gives such an answer no credit, so training on it hurts."""
+    sft_duplicate_share: float = 0.0
+    """Share of extra seed SFT rows that repeat an earlier seed row with the numbers of its
+    prompt shuffled: near-duplicate dialogs for semantic dedup."""
+
+    def manifest_config(self) -> dict[str, Any]:
+        """The config as world.json records it: the opt-in fields only when they are on, so a
+        default world's manifest is the same as before they existed."""
+        d = asdict(self)
+        for name in OPT_IN_FIELDS:
+            if d[name] == 0:
+                del d[name]
+        return d
+
     def key(self) -> str:
         """'' for the default config, else a short hash: part of the cache folder's name."""
         if self == WorldConfig():
             return ""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        return hashlib.sha256(json.dumps(self.manifest_config(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+OPT_IN_FIELDS = ("sft_noisy_share", "sft_duplicate_share")
 
 
 @dataclass(frozen=True)
@@ -447,6 +469,36 @@ def pretrain(model, ids, labels, config: WorldConfig, seed: int) -> list[float]:
     return log
 
 
+NOISY_ANSWERS = (
+    "I'm sorry, here it is: {answer}",
+    "{answer}!!! \U0001F60A\U0001F60A\U0001F60A",
+    "I apologize for the wait! {answer}!",
+    "\U0001F389\U0001F389 {answer} \U0001F389\U0001F389",
+)
+"""How a careless writer pads the right answer (world setting `sft_noisy_share`)."""
+
+
+def seed_sft_rows(items: list[task.TaskItem], config: WorldConfig, rng: random.Random) -> list[dict]:
+    """The seed SFT rows: each item's right answer; with the opt-in settings on, a share of them
+    padded (`sft_noisy_share`) and extra near-duplicates (`sft_duplicate_share`). With both at 0
+    `rng` is never drawn from, so the default world's file is unchanged."""
+    rows = []
+    for i, it in enumerate(items):
+        answer = it.answer
+        if config.sft_noisy_share > 0 and rng.random() < config.sft_noisy_share:
+            answer = rng.choice(NOISY_ANSWERS).format(answer=answer)
+        rows.append({"id": f"sft_seed-{i:04d}", "messages": it.messages() + [{"role": "assistant", "content": answer}]})
+    n_dup = round(config.sft_duplicate_share * len(items))
+    for j in range(n_dup):
+        src = rows[rng.randrange(len(rows))]
+        numbers = list(task.parse_prompt(src["messages"][0]["content"]))
+        rng.shuffle(numbers)
+        dup = task.TaskItem(tuple(numbers))
+        rows.append({"id": f"sft_seed-dup{j:04d}",
+                     "messages": dup.messages() + [{"role": "assistant", "content": src["messages"][-1]["content"]}]})
+    return rows
+
+
 def usable_response(generation: dict) -> str | None:
     """The text of a sampled response an annotator may rank, or None.
 
@@ -640,11 +692,7 @@ def _build_world(out: Path, seed: int, config: WorldConfig) -> dict:
     files.write_jsonl(out / "prompts" / "train.jsonl", [prompt_row("train", i, it) for i, it in enumerate(train)])
     files.write_jsonl(out / "prompts" / "heldout.jsonl",
                       [prompt_row("heldout", i, it) for i, it in enumerate(heldout)])
-    files.write_jsonl(out / "sft_seed.jsonl", [
-        {"id": f"sft_seed-{i:04d}",
-         "messages": it.messages() + [{"role": "assistant", "content": it.answer}]}
-        for i, it in enumerate(sft_seed)
-    ])
+    files.write_jsonl(out / "sft_seed.jsonl", seed_sft_rows(sft_seed, config, rng_for("sft_noise")))
 
     validated = validate_world_files(World.at(out, config.rounds))
     timings["total"] = time.perf_counter() - t0
@@ -652,7 +700,7 @@ def _build_world(out: Path, seed: int, config: WorldConfig) -> dict:
         "seed": seed,
         "version": WORLD_VERSION,
         "task": "sort the numbers of the last user message ascending (posttrain.world.task)",
-        "config": asdict(config),
+        "config": config.manifest_config(),
         "sizes": {
             "train_prompts": len(train), "heldout_prompts": len(heldout), "sft_seed": len(sft_seed),
             "transcripts": len(transcripts), "parameters": sum(p.numel() for p in model.parameters()),
