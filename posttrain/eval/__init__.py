@@ -62,9 +62,10 @@ def generate_responses(model_dir: str | Path, prompts: list, rnd, workdir: Path,
                        ) -> list[dict]:
     """One row per (prompt, sample): id, sample index, text, n_tokens, finished."""
     from posttrain import chat
-    from posttrain.generation import EngineOptions, SamplingSettings, generate
+    from posttrain.generation import SamplingSettings, generate
     from posttrain.modeling import load_tokenizer
     from posttrain.progress import bar
+    from posttrain.sample import engine_options
 
     r = rnd.recipe
     tok = load_tokenizer(model_dir, trust_remote_code=r.models.trust_remote_code)
@@ -74,11 +75,13 @@ def generate_responses(model_dir: str | Path, prompts: list, rnd, workdir: Path,
         k=r.eval.samples_per_prompt, temperature=r.eval.temperature, top_p=1.0,
         max_new_tokens=r.eval.max_new_tokens, seed=r.seed, stop_token_ids=tuple(chat.end_of_turn_ids(tok)),
     )
-    options = EngineOptions(device=r.run.device, trust_remote_code=r.models.trust_remote_code)
+    # The engines run as sampling's do (tensor parallel size, engines, memory, the cluster): a
+    # model that needs TP > 1 to sample needs it to be evaluated.
+    options = engine_options(r.sample, device=r.run.device, trust_remote_code=r.models.trust_remote_code)
     with bar(len(ids), f"round {rnd.n} eval: {label}", unit="prompt") as shown:
         gens = generate(model_dir, ids, settings, backend=r.eval.backend, options=options,
                         vllm_python=r.sample.vllm.python, workdir=workdir,
-                        on_prompts=lambda done: shown.update(done - shown.n))
+                        on_prompts=lambda done: shown.update(done - shown.n), cluster=r.sample.cluster)
     rows = []
     for p, g in zip(prompts, gens, strict=True):
         for i, (text, n, fin) in enumerate(zip(g.texts, g.n_tokens, g.finished)):
@@ -86,13 +89,12 @@ def generate_responses(model_dir: str | Path, prompts: list, rnd, workdir: Path,
     return rows
 
 
-def _score(reward, prompts: list, rows: list[dict]) -> list[float | None]:
-    from posttrain.reward import checked_score
-
+def _score(score, prompts: list, rows: list[dict]) -> list[float | None]:
+    """`score` is what posttrain.cluster.scoring yields: checked scores, here or on the cluster."""
     by_id = {p.id: p for p in prompts}
     convs = [by_id[r["id"]].messages for r in rows]
     metas = [{**by_id[r["id"]].meta, "capability": by_id[r["id"]].capability} for r in rows]
-    return checked_score(reward, convs, [r["text"] for r in rows], metas)
+    return score(convs, [r["text"] for r in rows], metas)
 
 
 def _summaries(rows: list[dict], rewards, checks) -> dict:
@@ -107,7 +109,8 @@ def _summaries(rows: list[dict], rewards, checks) -> dict:
 
 def evaluate_round(rnd, *, force: bool = False) -> dict:
     """Evaluate round `rnd.n`'s final model and write `round_NN/eval/record.json`."""
-    from posttrain.reward import active, load_reward
+    from posttrain.cluster import scoring
+    from posttrain.reward import load_reward
 
     run_dir, n, r = rnd.run_dir, rnd.n, rnd.recipe
     final_model = output_path(run_dir, rnd.records["average"], "model")
@@ -146,15 +149,15 @@ def evaluate_round(rnd, *, force: bool = False) -> dict:
                 prev_rows = None  # evaluated on other prompts: no paired comparison
 
     reward = rnd.build_reward(str(rm_model))
-    with active(reward):
-        rewards = {"ours": _score(reward, prompts, rows), "initial": _score(reward, prompts, initial_rows)}
+    with scoring(reward, r.sample.cluster) as score:  # with a cluster, the RM loads there, not here
+        rewards = {"ours": _score(score, prompts, rows), "initial": _score(score, prompts, initial_rows)}
         if prev_rows is not None:
-            rewards["previous"] = _score(reward, prompts, prev_rows)
+            rewards["previous"] = _score(score, prompts, prev_rows)
     checks = checks_initial = None
     if r.eval.checker is not None:
         checker = load_reward(r.eval.checker.model_dump())
-        with active(checker):
-            checks, checks_initial = _score(checker, prompts, rows), _score(checker, prompts, initial_rows)
+        with scoring(checker, r.sample.cluster) as check:
+            checks, checks_initial = _score(check, prompts, rows), _score(check, prompts, initial_rows)
 
     metrics = _summaries(rows, rewards["ours"], checks)
     initial = _summaries(initial_rows, rewards["initial"], checks_initial)
