@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from posttrain import files, progress
 from posttrain.cluster import ClusterSettings
@@ -98,6 +98,15 @@ class SampleConfig(StrictModel):
     cluster: ClusterSettings | None = None
     """Generate and score on a Ray cluster (posttrain.cluster), e.g. `{address: auto, engines: 8}`.
     Absent: everything runs on this machine, and Ray is not needed. Evaluation uses it too."""
+
+    @model_serializer(mode="wrap")
+    def _no_cluster_key_when_off(self, handler):
+        # Without a cluster the section dumps (and hashes, in stage records) as before it existed,
+        # so runs recorded earlier are not seen as having other inputs.
+        out = handler(self)
+        if isinstance(out, dict) and out.get("cluster", ...) is None:
+            out.pop("cluster")
+        return out
 
     @model_validator(mode="after")
     def _one_place_for_engines(self):

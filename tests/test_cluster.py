@@ -186,3 +186,20 @@ def test_reward_pool_scores_as_the_reward_does_here(ray_cluster):
     responses = ["a" * i for i in range(5)] + ["1 starts with a digit", "twelve chars"]
     with cluster.scoring(LengthReward(), ClusterSettings(reward_actors=2)) as score:
         assert score(prompts, responses, [{}] * 7) == checked_score(LengthReward(), prompts, responses)
+
+
+class BrokenReward:
+    name = "broken"
+
+    def score(self, prompts, responses):
+        raise ValueError("no score today")
+
+
+@pytest.mark.slow
+def test_a_reward_error_on_the_cluster_is_the_rewards_error(ray_cluster):
+    from posttrain.reward import RewardError
+
+    # raised as the reward's error (naming it), not retried as if an actor had died
+    with pytest.raises(RewardError, match="reward 'broken' raised ValueError: no score today"):
+        with cluster.scoring(BrokenReward(), ClusterSettings()) as score:
+            score([[{"role": "user", "content": "q"}]], ["a"], [{}])
