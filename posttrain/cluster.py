@@ -103,7 +103,9 @@ def connect(settings: ClusterSettings):
     ray = require_ray()
     if ray.is_initialized():
         return ray
-    kwargs: dict[str, Any] = {"runtime_env": _runtime_env(settings), "log_to_driver": False}
+    # Quiet terminal: Ray's own start-up lines and the actors' output go nowhere near it.
+    kwargs: dict[str, Any] = {"runtime_env": _runtime_env(settings), "log_to_driver": False,
+                              "logging_level": logging.WARNING}
     if settings.address == "local":
         kwargs.update(num_cpus=settings.num_cpus, include_dashboard=False)
     else:
@@ -149,6 +151,9 @@ class GenerationWorker:
                 # vLLM's Ray executor places its workers on this actor's placement group and sets
                 # each worker's GPU; this actor itself holds none (Ray gave it an empty list).
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                # The engine core must run in this process: a vLLM V1 engine-core subprocess does
+                # not inherit the actor's placement group and would look for GPUs elsewhere.
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             self.engine = VLLMEngine(model_dir, engine_options, max_model_len=max_model_len)
         else:
             self.engine = TransformersGenerator(model_dir, options=engine_options)

@@ -203,3 +203,19 @@ def test_a_reward_error_on_the_cluster_is_the_rewards_error(ray_cluster):
     with pytest.raises(RewardError, match="reward 'broken' raised ValueError: no score today"):
         with cluster.scoring(BrokenReward(), ClusterSettings()) as score:
             score([[{"role": "user", "content": "q"}]], ["a"], [{}])
+
+
+@pytest.mark.slow
+def test_eval_generation_on_the_cluster_equals_this_machine(tmp_path, eot_model_dir, ray_cluster, tiny_tokenizer):
+    """Evaluation calls generation.generate (one job); on the cluster it gives the same samples."""
+    from posttrain import generation
+    from posttrain.generation import SamplingSettings
+    from test_generation import encode_prompts, eot_id
+
+    ids = encode_prompts(tiny_tokenizer)
+    settings = SamplingSettings(k=2, temperature=1.0, max_new_tokens=10, seed=3,
+                                stop_token_ids=(eot_id(tiny_tokenizer),))
+    here = generation.generate(eot_model_dir, ids, settings, backend="transformers", in_process=True)
+    there = generation.generate(eot_model_dir, ids, settings, backend="transformers", workdir=tmp_path,
+                                cluster=ClusterSettings(engines=2))
+    assert there == here and len(there) == len(ids)
