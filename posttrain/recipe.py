@@ -335,6 +335,13 @@ class LoadedRecipe:
                         check_reward_spec(spec, key)
                     except RewardError as e:
                         problems.setdefault(key + spec.target, f"{e} (round {n})" if self.base.overrides else str(e))
+            if recipe.sample.cluster is not None:  # found now, not after the rm stage trained
+                from posttrain.cluster import ClusterError, require_ray
+
+                try:
+                    require_ray()
+                except ClusterError as e:
+                    problems.setdefault("sample.cluster", f"sample.cluster: {e}")
             if not files:
                 continue
             for key, value in _data_paths(recipe):

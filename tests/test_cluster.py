@@ -32,6 +32,20 @@ def test_a_cluster_without_ray_installed_is_a_clear_error(monkeypatch):
         cluster.connect(ClusterSettings())
 
 
+def test_validate_refuses_a_cluster_without_ray_before_anything_runs(tmp_path, monkeypatch):
+    import yaml
+
+    from posttrain.recipe import RecipeError, load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "models": {"base": "some/model"},
+                                    "sample": {"cluster": {"address": "auto", "engines": 2}}}))
+    loaded = load_recipe(path)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(RecipeError, match=r"r.yaml: sample.cluster: .*needs Ray"):
+        loaded.check(files=False)  # what `posttrain validate` and run_round call first
+
+
 def test_sampling_on_one_machine_never_imports_ray(tmp_path, eot_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     ctx = make_ctx(tmp_path, eot_model_dir, write_prompts(tmp_path / "prompts.jsonl"), LengthReward())
