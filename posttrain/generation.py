@@ -105,6 +105,9 @@ class EngineOptions:
     cpu_kv_cache_gib: int = 1
     """vLLM on CPU: memory for the KV cache (VLLM_CPU_KVCACHE_SPACE)."""
     trust_remote_code: bool = False
+    distributed_executor_backend: str | None = None
+    """vLLM: None (one process, or vLLM's own choice for TP); 'ray' when the engine is a Ray actor
+    whose tensor-parallel workers go to its placement group (set by posttrain.cluster)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineOptions:
@@ -447,6 +450,8 @@ class VLLMEngine:
             tensor_parallel_size=options.tensor_parallel_size, seed=seed,
             enable_prefix_caching=options.enable_prefix_caching, trust_remote_code=options.trust_remote_code,
         )
+        if options.distributed_executor_backend is not None:
+            kwargs["distributed_executor_backend"] = options.distributed_executor_backend
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len  # no KV memory reserved for lengths never reached
         if on_cpu:
@@ -569,7 +574,7 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _child_env(backend: str, workdir: Path, gpus: list[int] | None) -> dict[str, str]:
+def _child_env(backend: str, workdir: Path, gpus: list[str] | None) -> dict[str, str]:
     env = dict(os.environ)
     # The child finds this very posttrain source even in an environment that did not install it.
     root = str(Path(__file__).resolve().parent.parent)
@@ -581,19 +586,8 @@ def _child_env(backend: str, workdir: Path, gpus: list[int] | None) -> dict[str,
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if gpus is not None:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)  # the entries as given: indices, GPU- or MIG- UUIDs
     return env
-
-
-def _visible_gpus() -> list[int]:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [int(x) for x in visible.split(",") if x.strip().isdigit()]
-    try:
-        import torch
-    except ImportError:
-        return []
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 @dataclass
@@ -609,13 +603,14 @@ class Job:
 def generate(model_dir: str | os.PathLike, prompt_ids: list[list[int]], settings: SamplingSettings, *,
              backend: str = "auto", options: EngineOptions | None = None, vllm_python: str | None = None,
              workdir: str | os.PathLike | None = None, in_process: bool = False,
-             on_prompts: Callable[[int], None] | None = None) -> list[Generation]:
+             on_prompts: Callable[[int], None] | None = None, cluster=None) -> list[Generation]:
     """K responses for each prompt (token ids, chat template already applied).
 
     Runs the backend in child processes (one per vLLM engine; one for transformers) unless
     `in_process`, and returns one Generation per prompt, in order. `workdir` holds the
     request/response files and vLLM's caches (a temporary folder inside it, removed after).
     `on_prompts(n)` is called now and then with the number of prompts done (for a bar).
+    `cluster` (posttrain.cluster.ClusterSettings) runs the engines as Ray actors instead.
     """
     options = options or EngineOptions()
     if not prompt_ids:
@@ -628,7 +623,7 @@ def generate(model_dir: str | os.PathLike, prompt_ids: list[list[int]], settings
     with tempfile.TemporaryDirectory(prefix="posttrain-gen-", dir=workdir) as tmp:
         job = Job(prompt_ids, settings, str(Path(tmp) / "result.json"))
         run_jobs(model_dir, [job], backend=backend, options=options, vllm_python=vllm_python, workdir=tmp,
-                 on_prompts=on_prompts)
+                 on_prompts=on_prompts, cluster=cluster)
         return read_job_result(job.out)
 
 
@@ -646,7 +641,7 @@ def _write_result(path: str | os.PathLike, gens: list[Generation], seconds: floa
 def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "auto",
              options: EngineOptions | None = None, vllm_python: str | None = None,
              workdir: str | os.PathLike, progress=None, in_process: bool = False,
-             on_prompts: Callable[[int], None] | None = None) -> str:
+             on_prompts: Callable[[int], None] | None = None, cluster=None) -> str:
     """Run every job whose `out` is missing with one engine load (per vLLM engine), in child processes.
 
     Each result file is written atomically as soon as its job is done, so a killed run keeps
@@ -656,8 +651,18 @@ def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "a
     with the number of finished jobs while the children run, `on_prompts(done)` with the
     number of prompts done (the transformers backend reports within a job, batch by batch,
     through `<out>.progress`; vLLM by finished job or part). Returns the backend used.
+
+    With `cluster` (posttrain.cluster.ClusterSettings) the engines are Ray actors, possibly on
+    other nodes, and this process writes the same result files as they report (cluster.py).
     """
     options = options or EngineOptions()
+    if cluster is not None and not in_process:
+        from posttrain.cluster import run_jobs_on_ray
+
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        pending = [j for j in jobs if not Path(j.out).exists() and j.prompt_ids]
+        return run_jobs_on_ray(model_dir, pending, backend=backend, options=options, settings=cluster,
+                               progress=progress, on_prompts=on_prompts)
     backend, python = resolve_backend(backend, vllm_python)
     jobs = [j for j in jobs if not Path(j.out).exists() and j.prompt_ids]
     if not jobs:
@@ -668,11 +673,7 @@ def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "a
     engines = max(1, min(engines, max(len(j.prompt_ids) for j in jobs)))
     if in_process:  # tests and notebooks: no child, one engine, the same result files
         engines = 1
-    gpus = _visible_gpus() if engines > 1 else []
-    tp = options.tensor_parallel_size
-    if engines > 1 and gpus and len(gpus) < engines * tp:
-        raise GenerationError(f"vllm: {engines} engines x tensor_parallel_size {tp} need "
-                              f"{engines * tp} GPUs, {len(gpus)} visible")
+    engine_gpus = _engine_gpus(engines, options.tensor_parallel_size)
 
     def part(job: Job, e: int) -> str:
         return job.out if engines == 1 else f"{job.out}.part{e}of{engines}"
@@ -692,9 +693,8 @@ def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "a
         req = workdir / f"request_{os.getpid()}_{e}.json"
         req.write_text(json.dumps(request))
         log = open(workdir / f"worker_{e}.log", "w+b")
-        engine_gpus = gpus[e * tp:(e + 1) * tp] if gpus else None
         proc = subprocess.Popen([python, "-m", "posttrain.generation", str(req)],
-                                env=_child_env(backend, workdir, engine_gpus), stdout=log,
+                                env=_child_env(backend, workdir, engine_gpus[e] if engine_gpus else None), stdout=log,
                                 stderr=subprocess.STDOUT)
         procs.append((proc, req, log))
     try:
@@ -735,6 +735,18 @@ def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "a
     if on_prompts is not None:
         on_prompts(sum(len(j.prompt_ids) for j in jobs))
     return backend
+
+
+def _engine_gpus(engines: int, tensor_parallel_size: int) -> list[list[str]] | None:
+    """Each engine's CUDA_VISIBLE_DEVICES entries; None (inherit) for one engine or no GPU."""
+    if engines == 1:
+        return None
+    from posttrain import gpus
+
+    try:
+        return gpus.assign(gpus.visible_devices(), engines, tensor_parallel_size)
+    except gpus.GPUAssignmentError as err:
+        raise GenerationError(f"vllm: {err}") from None
 
 
 def _prompts_done(out: str, n_prompts: int) -> int:

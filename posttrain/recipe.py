@@ -350,6 +350,13 @@ class LoadedRecipe:
                     check_annotator_spec(recipe.annotate.annotator, "annotate.annotator")
                 except AnnotatorError as e:
                     problems.setdefault("annotate.annotator" + recipe.annotate.annotator.target, str(e))
+            if recipe.sample.cluster is not None:  # found now, not after the rm stage trained
+                from posttrain.cluster import ClusterError, require_ray
+
+                try:
+                    require_ray()
+                except ClusterError as e:
+                    problems.setdefault("sample.cluster", f"sample.cluster: {e}")
             if not files:
                 continue
             for key, value in _data_paths(recipe):

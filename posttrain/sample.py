@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_serializer, model_validator
 
 from posttrain import files, progress
+from posttrain.cluster import ClusterSettings
 from posttrain.generation import EngineOptions, Job, SamplingSettings, read_job_result, run_jobs
 from posttrain.samples import SampleRow, read_shard, shard_path, write_shard
 from posttrain.stats import mean, pearson
@@ -95,6 +96,35 @@ class SampleConfig(StrictModel):
     """transformers backend: most sequences (prompts x K) decoded together."""
     vllm: VLLMSettings = VLLMSettings()
     """vLLM backend settings."""
+    cluster: ClusterSettings | None = None
+    """Generate and score on a Ray cluster (posttrain.cluster), e.g. `{address: auto, engines: 8}`.
+    Absent: everything runs on this machine, and Ray is not needed. Evaluation uses it too."""
+
+    @model_serializer(mode="wrap")
+    def _no_cluster_key_when_off(self, handler):
+        # Without a cluster the section dumps (and hashes, in stage records) as before it existed,
+        # so runs recorded earlier are not seen as having other inputs.
+        out = handler(self)
+        if isinstance(out, dict) and out.get("cluster", ...) is None:
+            out.pop("cluster")
+        return out
+
+    @model_validator(mode="after")
+    def _one_place_for_engines(self):
+        if self.cluster is not None and self.vllm.engines != 1:
+            raise ValueError("sample.vllm.engines counts engines on this machine; with sample.cluster "
+                             "set sample.cluster.engines instead")
+        return self
+
+
+def engine_options(cfg: SampleConfig, *, device: str = "auto", trust_remote_code: bool = False) -> EngineOptions:
+    """How engines run, from the recipe's sample section: sampling and evaluation both use it."""
+    return EngineOptions(
+        dtype=cfg.dtype, device=device, max_batch_sequences=cfg.max_batch_sequences,
+        trust_remote_code=trust_remote_code, tensor_parallel_size=cfg.vllm.tensor_parallel_size,
+        engines=cfg.vllm.engines, gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
+        enable_prefix_caching=cfg.vllm.enable_prefix_caching, cpu_kv_cache_gib=cfg.vllm.cpu_kv_cache_gib,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -288,33 +318,35 @@ def run(ctx: StageContext) -> StageResult:
             job = Job([shard_items[p].prompt_ids for p in positions], sampling, str(work / f"shard_{s:05d}.g{g}.json"))
             jobs.append(job)
             plan[s].append((job, positions))
-    options = EngineOptions(
-        dtype=cfg.dtype, max_batch_sequences=cfg.max_batch_sequences, trust_remote_code=ctx.trust_remote_code,
-        tensor_parallel_size=cfg.vllm.tensor_parallel_size, engines=cfg.vllm.engines,
-        gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
-        enable_prefix_caching=cfg.vllm.enable_prefix_caching, cpu_kv_cache_gib=cfg.vllm.cpu_kv_cache_gib,
-    )
+    options = engine_options(cfg, trust_remote_code=ctx.trust_remote_code)
     gen_started = time.perf_counter()
     backend = None
     if jobs:
         work.mkdir(parents=True, exist_ok=True)
         with progress.bar(len(jobs), f"round {ctx.round} sample: generating", unit="shard") as bar:
             backend = run_jobs(policy, jobs, backend=cfg.backend, options=options, vllm_python=cfg.vllm.python,
-                               workdir=work, progress=lambda done: bar.update(done - bar.n))
+                               workdir=work, progress=lambda done: bar.update(done - bar.n), cluster=cfg.cluster)
     gen_seconds = time.perf_counter() - gen_started
 
     # 2. Score and write each pending shard, in order.
     new_tokens = 0
     if pending:
-        with reward_api.active(ctx.reward), \
-                progress.bar(len(pending), f"round {ctx.round} sample: scoring", unit="shard") as bar:
-            for s in pending:
-                rows = _score_shard(ctx, [by_id[i] for i in shards[s]], plan[s], backend, policy)
-                new_tokens += sum(sum(r.n_tokens) for r in rows)
-                write_shard(shard_path(samples, s), rows)
-                for job, _ in plan[s]:
-                    Path(job.out).unlink(missing_ok=True)
-                bar.update(1)
+        def save(s: int, rows: list[SampleRow]) -> None:
+            nonlocal new_tokens
+            new_tokens += sum(sum(r.n_tokens) for r in rows)
+            write_shard(shard_path(samples, s), rows)
+            for job, _ in plan[s]:
+                Path(job.out).unlink(missing_ok=True)
+
+        with progress.bar(len(pending), f"round {ctx.round} sample: scoring", unit="shard") as bar:
+            if cfg.cluster is None:
+                with reward_api.active(ctx.reward):
+                    for s in pending:
+                        save(s, _score_shard(ctx, [by_id[i] for i in shards[s]], plan[s], backend, policy))
+                        bar.update(1)
+            else:
+                _score_on_cluster(ctx, pending, {s: [by_id[i] for i in shards[s]] for s in pending}, plan,
+                                  backend, policy, save, lambda: bar.update(1))
     shutil.rmtree(work, ignore_errors=True)
 
     # 3. Check the shards against the manifest, then top-1 and metrics over all shards.
@@ -344,7 +376,32 @@ def run(ctx: StageContext) -> StageResult:
 
 def _score_shard(ctx: StageContext, shard_items: list[Item], plan: list[tuple[Job, list[int]]],
                  backend: str | None, policy: str) -> list[SampleRow]:
-    cfg: SampleConfig = ctx.config
+    gens, sampling, prompts, responses, metas = _shard_samples(shard_items, plan, backend, policy)
+    return _shard_rows(ctx, shard_items, gens, sampling, _score(ctx.reward, prompts, responses, metas))
+
+
+def _score_on_cluster(ctx: StageContext, pending: list[int], items: dict[int, list[Item]], plan: dict,
+                      backend: str | None, policy: str, save, tick) -> None:
+    """Each pending shard scored whole by one of the cluster's reward actors (the same call the
+    local path makes), and written the moment its scores come back."""
+    from posttrain.cluster import RewardPool
+
+    in_flight: dict[int, tuple] = {}
+
+    def load(s: int) -> tuple:
+        in_flight[s] = _shard_samples(items[s], plan[s], backend, policy)
+        return in_flight[s][2:]
+
+    with RewardPool(ctx.reward, ctx.config.cluster) as pool:
+        for s, scores in pool.score_each(pending, load):
+            gens, sampling = in_flight.pop(s)[:2]
+            save(s, _shard_rows(ctx, items[s], gens, sampling, scores))
+            tick()
+
+
+def _shard_samples(shard_items: list[Item], plan: list[tuple[Job, list[int]]], backend: str | None,
+                   policy: str) -> tuple[list, list[dict], list, list[str], list[dict]]:
+    """A shard's generations and sampling records, and the (prompt, response, meta) triples to score."""
     gens: list[Any] = [None] * len(shard_items)
     sampling: list[dict] = [{}] * len(shard_items)
     for job, positions in plan:
@@ -359,7 +416,12 @@ def _score_shard(ctx: StageContext, shard_items: list[Item], plan: list[tuple[Jo
         prompts += [it.messages] * len(g.texts)
         responses += g.texts
         metas += [it.meta] * len(g.texts)
-    scores = _score(ctx.reward, prompts, responses, metas)
+    return gens, sampling, prompts, responses, metas
+
+
+def _shard_rows(ctx: StageContext, shard_items: list[Item], gens: list, sampling: list[dict],
+                scores: list[float | None]) -> list[SampleRow]:
+    cfg: SampleConfig = ctx.config
     rows, at = [], 0
     for it, g, smp in zip(shard_items, gens, sampling):
         sc = scores[at:at + len(g.texts)]

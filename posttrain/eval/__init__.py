@@ -55,9 +55,10 @@ def load_eval_prompts(inputs: "EvalInputs", max_prompts: int | None) -> list:
 def generate_responses(ctx: StageContext, model_dir: str | Path, prompts: list, label: str) -> list[dict]:
     """One row per (prompt, sample): id, sample index, text, n_tokens, finished."""
     from posttrain import chat
-    from posttrain.generation import EngineOptions, SamplingSettings, generate
+    from posttrain.generation import SamplingSettings, generate
     from posttrain.modeling import load_tokenizer
     from posttrain.progress import bar
+    from posttrain.sample import engine_options
 
     cfg, r = ctx.config, ctx.recipe
     tok = load_tokenizer(model_dir, trust_remote_code=ctx.trust_remote_code)
@@ -67,11 +68,13 @@ def generate_responses(ctx: StageContext, model_dir: str | Path, prompts: list, 
         k=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=1.0,
         max_new_tokens=cfg.max_new_tokens, seed=r.seed, stop_token_ids=tuple(chat.end_of_turn_ids(tok)),
     )
-    options = EngineOptions(device=r.run.device, trust_remote_code=ctx.trust_remote_code)
+    # The engines run as sampling's do (tensor parallel size, engines, memory, the cluster): a
+    # model that needs TP > 1 to sample needs it to be evaluated.
+    options = engine_options(r.sample, device=r.run.device, trust_remote_code=ctx.trust_remote_code)
     with bar(len(ids), f"round {ctx.round} eval: {label}", unit="prompt") as shown:
         gens = generate(model_dir, ids, settings, backend=cfg.backend, options=options,
                         vllm_python=r.sample.vllm.python, workdir=ctx.out_dir,
-                        on_prompts=lambda done: shown.update(done - shown.n))
+                        on_prompts=lambda done: shown.update(done - shown.n), cluster=r.sample.cluster)
     rows = []
     for p, g in zip(prompts, gens, strict=True):
         for i, (text, n, fin) in enumerate(zip(g.texts, g.n_tokens, g.finished)):
@@ -79,13 +82,12 @@ def generate_responses(ctx: StageContext, model_dir: str | Path, prompts: list, 
     return rows
 
 
-def _score(reward, prompts: list, rows: list[dict]) -> list[float | None]:
-    from posttrain.reward import checked_score
-
+def _score(score, prompts: list, rows: list[dict]) -> list[float | None]:
+    """`score` is what posttrain.cluster.scoring yields: checked scores, here or on the cluster."""
     by_id = {p.id: p for p in prompts}
     convs = [by_id[r["id"]].messages for r in rows]
     metas = [{**by_id[r["id"]].meta, "capability": by_id[r["id"]].capability} for r in rows]
-    return checked_score(reward, convs, [r["text"] for r in rows], metas)
+    return score(convs, [r["text"] for r in rows], metas)
 
 
 def _summaries(rows: list[dict], rewards, checks) -> dict:
@@ -120,7 +122,8 @@ def _responses(ctx: StageContext, path: Path, model_dir: str, prompts: list, lab
 
 def run(ctx: StageContext) -> StageResult:
     """Evaluate the round's final model; see the module docstring for the metrics."""
-    from posttrain.reward import active, load_reward
+    from posttrain.cluster import scoring
+    from posttrain.reward import load_reward
 
     inp: EvalInputs = ctx.inputs
     cfg = ctx.config
@@ -139,15 +142,16 @@ def run(ctx: StageContext) -> StageResult:
     if prev_rows is not None and [(x["id"], x["sample"]) for x in prev_rows] != [(x["id"], x["sample"]) for x in rows]:
         prev_rows = None  # evaluated on other prompts: no paired comparison
 
-    with active(ctx.reward):
-        rewards = {"ours": _score(ctx.reward, prompts, rows), "initial": _score(ctx.reward, prompts, initial_rows)}
+    cluster = ctx.recipe.sample.cluster
+    with scoring(ctx.reward, cluster) as score:  # with a cluster, the RM loads there, not here
+        rewards = {"ours": _score(score, prompts, rows), "initial": _score(score, prompts, initial_rows)}
         if prev_rows is not None:
-            rewards["previous"] = _score(ctx.reward, prompts, prev_rows)
+            rewards["previous"] = _score(score, prompts, prev_rows)
     checks = checks_initial = None
     if cfg.checker is not None:
         checker = load_reward(cfg.checker.model_dump())
-        with active(checker):
-            checks, checks_initial = _score(checker, prompts, rows), _score(checker, prompts, initial_rows)
+        with scoring(checker, cluster) as check:
+            checks, checks_initial = _score(check, prompts, rows), _score(check, prompts, initial_rows)
 
     metrics = _summaries(rows, rewards["ours"], checks)
     initial = _summaries(initial_rows, rewards["initial"], checks_initial)
