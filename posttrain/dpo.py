@@ -31,6 +31,7 @@ relative to the run folder; the `average` stage averages them). Optional
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from pydantic import Field, model_validator
 
 from posttrain import files
 from posttrain.data import STRENGTHS
+from posttrain.packing import block_attention_mask, model_attention_mask, supports_block_mask
 from posttrain.stage import StageContext, StageResult
 from posttrain.training import (
     TrainingSettings,
@@ -55,6 +57,7 @@ from posttrain.training import (
 )
 
 
+log = logging.getLogger(__name__)
 REF_CACHE_VERSION = 1
 # Logged by the trainer at every logging step; the record keeps each as a series.
 TRAINING_SERIES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
@@ -98,6 +101,11 @@ class DPOStageConfig(TrainingSettings):
     """Compute reference log-probs once (cached on disk) instead of running a live reference model."""
     ref_batch_size: int | None = Field(None, gt=0)
     """Batch size for the reference pass (default: batch_size)."""
+    packed: bool = True
+    """Chosen and rejected in one row after one shared prompt, under a block attention mask
+    (`pack_pairs`), for the policy and the reference pass; the same log-probs as separate rows with
+    the prompt computed once. Needs attention 'sdpa' or 'eager': with any other implementation the
+    stage falls back to separate rows and says so in its log and metrics. False: separate rows."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -339,6 +347,71 @@ class PairCollator:
         return out
 
 
+def pack_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B pairs as B packed rows: the prompt once, then chosen, then rejected (posttrain.packing).
+
+    A row is `prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected`: the prompt's last token opens
+    each response's segment (one duplicated token per response), so the log-prob of every response
+    token, its first included, is a next-token prediction inside its own segment. Segment 0 (the
+    rest of the prompt) is visible to both responses; each response segment's position ids start
+    at P - 1, where that token sits in a row of its own, so every log-prob equals the separate row's.
+
+    Returns input_ids, position_ids, segment_ids, shift_labels [B, L] (shift_labels[b, t] = the
+    token predicted at t, -100 where nothing is scored) and, aligned with those prediction
+    positions, completion_targets and dpo_targets [2B, L] (rows chosen_1..chosen_B,
+    rejected_1..rejected_B, as PairCollator's rows): the NLL term's and the DPO term's tokens.
+    """
+    B = len(examples)
+    L = max(len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"]) + 1 for ex in examples)
+    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    segment_ids = torch.full((B, L), -1, dtype=torch.long)
+    shift_labels = torch.full((B, L), -100, dtype=torch.long)
+    completion = torch.zeros((2 * B, L), dtype=torch.long)
+    dpo_targets = torch.zeros((2 * B, L), dtype=torch.long)
+    for b, ex in enumerate(examples):
+        prompt = list(ex["prompt_ids"])
+        P = len(prompt)
+        if P == 0:
+            raise ValueError("pack_pairs: a pair with an empty prompt cannot be packed")
+        input_ids[b, :P - 1] = torch.tensor(prompt[:-1], dtype=torch.long)
+        position_ids[b, :P - 1] = torch.arange(P - 1)
+        segment_ids[b, :P - 1] = 0
+        start = P - 1
+        for k, side in enumerate(("chosen", "rejected")):
+            resp = list(ex[f"{side}_ids"])
+            n = len(resp)
+            seg = slice(start, start + n + 1)
+            input_ids[b, seg] = torch.tensor([prompt[-1]] + resp, dtype=torch.long)
+            position_ids[b, seg] = torch.arange(P - 1, P + n)
+            segment_ids[b, seg] = k + 1
+            pred = slice(start, start + n)  # the positions that predict resp[0..n-1]
+            shift_labels[b, pred] = torch.tensor(resp, dtype=torch.long)
+            completion[k * B + b, pred] = torch.tensor(list(ex[f"{side}_loss_mask"]), dtype=torch.long)
+            dpo_targets[k * B + b, pred] = torch.tensor(list(ex[f"{side}_dpo_mask"]), dtype=torch.long)
+            start += n + 1
+    return {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
+            "shift_labels": shift_labels, "completion_targets": completion, "dpo_targets": dpo_targets}
+
+
+@dataclass
+class PackedPairCollator:
+    """Pads tokenized pairs into B packed rows (`pack_pairs`), with the reference sums when the rows carry them.
+
+    The trainer recognises a packed batch by its `segment_ids` and builds the block attention mask
+    on the model's device, in the form its attention implementation takes.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        out = pack_pairs(examples, self.pad_token_id)
+        if "ref_chosen_logps" in examples[0]:
+            out["ref_chosen_logps"] = torch.tensor([float(ex["ref_chosen_logps"]) for ex in examples])
+            out["ref_rejected_logps"] = torch.tensor([float(ex["ref_rejected_logps"]) for ex in examples])
+        return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference log-prob cache
 
@@ -452,11 +525,30 @@ def masked_dpo_trainer_class():
             t = inputs["completion_mask"].size(1) - 1
             return out.log_probs[:, -t:], out  # (2B, T), zero where the label is -100
 
+        def _packed_per_token_logps(self, model, inputs):
+            """Log-probs of packed rows (`pack_pairs`): [B, L] at the prediction positions, zero elsewhere."""
+            param = next(model.parameters())
+            visible = block_attention_mask(inputs["segment_ids"].to(param.device))
+            mask = model_attention_mask(visible, model, param.dtype)
+            out = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"],
+                        shift_labels=inputs["shift_labels"], fused_lm_head=True, use_cache=False)
+            return out.log_probs  # [B, L]
+
+        def _response_logps(self, model, inputs):
+            """(per-token log-probs, NLL-term mask, DPO-term mask), each [2B, T], rows chosen_1..chosen_B,
+            rejected_1..rejected_B, for either batch layout (PairCollator's or PackedPairCollator's)."""
+            if "segment_ids" in inputs:
+                per_row = self._packed_per_token_logps(model, inputs)  # [B, L]: both responses in one row
+                return (torch.cat([per_row, per_row], dim=0), inputs["completion_targets"],
+                        inputs["dpo_targets"])
+            per_tok, _ = self._per_token_logps(model, inputs)
+            return per_tok, inputs["completion_mask"][:, 1:], inputs["dpo_mask"][:, 1:]
+
         def compute_ref_log_probs(self, model, inputs):
             with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                     self._ref_context(), self.accelerator.autocast():
-                ref_tok, _ = self._per_token_logps(model, inputs)
-            return masked_logp_sum(ref_tok, inputs["dpo_mask"][:, 1:]).chunk(2, dim=0)
+                ref_tok, _, dpo_mask = self._response_logps(model, inputs)
+            return masked_logp_sum(ref_tok, dpo_mask).chunk(2, dim=0)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             cache = self._ref_cache
@@ -494,10 +586,7 @@ def masked_dpo_trainer_class():
             if return_outputs:
                 raise NotImplementedError("MaskedDPOTrainer does not return logits")
             mode = "train" if self.model.training else "eval"
-            per_tok, _ = self._per_token_logps(model, inputs)
-            shift = slice(1, None)
-            completion = inputs["completion_mask"][:, shift]
-            dpo_mask = inputs["dpo_mask"][:, shift]
+            per_tok, completion, dpo_mask = self._response_logps(model, inputs)
             nll_mask = dpo_mask if self._mask_formatting_in_nll else completion
             if self.precompute_ref_logps:
                 ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -578,6 +667,18 @@ def _series(log_history: list[dict]) -> dict[str, Any]:
     return out
 
 
+def use_packed_rows(cfg: DPOStageConfig, model) -> bool:
+    """Whether this model trains on packed rows: `cfg.packed`, and its attention takes a block mask."""
+    if not cfg.packed:
+        return False
+    if supports_block_mask(model):
+        return True
+    impl = getattr(model.config, "_attn_implementation", None)
+    log.warning("dpo: packed: true, but attention %r takes no block mask ('sdpa' and 'eager' do); "
+                "training on separate chosen/rejected rows instead", impl)
+    return False
+
+
 def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, tokenizer, rows: list[dict],
                   work_dir: Path, ref_cache: RefLogpCache | None, trust_remote_code: bool = False,
                   report_to="none", callbacks=(), max_steps: int | None = None):
@@ -613,17 +714,19 @@ def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, t
     ref_model = None
     if not cfg.precompute_ref and lora is None:
         ref_model = load_causal_lm_for_training(sft_model, trust_remote_code=trust_remote_code).eval()
+    packed = use_packed_rows(cfg, model)
+    collator = (PackedPairCollator if packed else PairCollator)(tokenizer.pad_token_id)
     trainer_cls = masked_dpo_trainer_class()
     trainer = trainer_cls(
         model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=PairCollator(tokenizer.pad_token_id), peft_config=lora,
+        data_collator=collator, peft_config=lora,
         callbacks=[*stage_callbacks(), *callbacks],
         ref_cache=ref_cache if cfg.precompute_ref else None,
         mask_formatting_in_nll=cfg.mask_formatting_in_nll,
     )
     resume = last_complete_checkpoint(work_dir)
     trainer.train(resume_from_checkpoint=resume)
-    metrics = {"pairs": len(rows), "steps": trainer.state.global_step,
+    metrics = {"pairs": len(rows), "steps": trainer.state.global_step, "packed": packed,
                "resumed_from": None if resume is None else Path(resume).name,
                **_series(trainer.state.log_history)}
     return trainer, metrics
