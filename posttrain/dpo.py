@@ -461,30 +461,27 @@ _TRAINER_CLASS = None
 
 
 def masked_dpo_trainer_class():
-    """trl.DPOTrainer with separate DPO / NLL masks and an on-disk reference cache (built lazily)."""
+    """trl.DPOTrainer with separate DPO / NLL masks, packed rows and an on-disk reference cache (built lazily).
+
+    Built on posttrain.trl_compat.dpo_trainer_base, which holds every override of TRL's private
+    methods (and checks them against the tested TRL version); this class implements its public hooks.
+    """
     global _TRAINER_CLASS
     if _TRAINER_CLASS is not None:
         return _TRAINER_CLASS
-    import contextlib
-    from unittest import mock
-
-    import trl.trainer.dpo_trainer as trl_dpo_module
-    from accelerate.utils import is_peft_model
     from torch.utils.data import DataLoader
-    from trl import DPOTrainer
-    from trl.models import prepare_deepspeed as trl_prepare_deepspeed
-    from trl.models.utils import disable_gradient_checkpointing
-    from trl.trainer.utils import use_adapter
 
-    class MaskedDPOTrainer(DPOTrainer):
-        """DPOTrainer whose loss takes the DPO term over `dpo_mask` and the NLL term over
-        `completion_mask` (or `dpo_mask` when `mask_formatting_in_nll`).
+    from posttrain.trl_compat import dpo_trainer_base
 
-        Overrides: `_prepare_dataset` (rows come pre-tokenized by `encode_pair`),
-        `_set_signature_columns_if_needed` (keep the mask columns), `_precompute_ref_logps`
-        (our cache), `compute_ref_log_probs` and `_compute_loss` (the masks). Only the loss
-        types ["sigmoid"] and ["sigmoid", "sft"] are supported, with TRL's meaning.
+    class MaskedDPOTrainer(dpo_trainer_base()):
+        """DPOTrainer whose loss takes the DPO term over the DPO mask and the NLL term over the
+        completion mask (or the DPO mask when `mask_formatting_in_nll`), on separate rows
+        (PairCollator) or packed ones (PackedPairCollator), with reference log-probs from our
+        cache. Only the loss types ["sigmoid"] and ["sigmoid", "sft"] are supported, with TRL's meaning.
         """
+
+        signature_columns = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_loss_mask", "rejected_loss_mask",
+                             "chosen_dpo_mask", "rejected_dpo_mask", "ref_chosen_logps", "ref_rejected_logps")
 
         def __init__(self, *args, ref_cache: RefLogpCache | None = None, mask_formatting_in_nll: bool = False,
                      **kwargs):
@@ -496,27 +493,7 @@ def masked_dpo_trainer_class():
                                  f"got {targs.loss_type}")
             if targs.precompute_ref_log_probs and ref_cache is None:
                 raise ValueError("precompute_ref_log_probs needs a ref_cache")
-            # TRL hashes every weight (copied to CPU) for its own cache key; only its
-            # `_precompute_ref_logps` reads that hash and we replace that method, so skip the work.
-            with mock.patch.object(trl_dpo_module, "hash_module", lambda module: "unused"):
-                super().__init__(*args, **kwargs)
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset
-
-        def _set_signature_columns_if_needed(self):
-            if self._signature_columns is None:
-                self._signature_columns = [
-                    "prompt_ids", "chosen_ids", "rejected_ids", "chosen_loss_mask", "rejected_loss_mask",
-                    "chosen_dpo_mask", "rejected_dpo_mask", "ref_chosen_logps", "ref_rejected_logps",
-                ]
-
-        def _ref_context(self):
-            if self.ref_model is None and is_peft_model(self.model):
-                # LoRA: the reference is the base model, i.e. the adapters switched off.
-                unwrapped = self.accelerator.unwrap_model(self.model)
-                return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-            return contextlib.nullcontext()
+            super().__init__(*args, **kwargs)
 
         def _per_token_logps(self, model, inputs):
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
@@ -545,12 +522,11 @@ def masked_dpo_trainer_class():
             return per_tok, inputs["completion_mask"][:, 1:], inputs["dpo_mask"][:, 1:]
 
         def compute_ref_log_probs(self, model, inputs):
-            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                    self._ref_context(), self.accelerator.autocast():
+            with self.reference_context():
                 ref_tok, _, dpo_mask = self._response_logps(model, inputs)
             return masked_logp_sum(ref_tok, dpo_mask).chunk(2, dim=0)
 
-        def _precompute_ref_logps(self, dataset, name, batch_size):
+        def precompute_reference(self, dataset, batch_size):
             cache = self._ref_cache
             uids = dataset["uid"]
             missing = cache.missing(uids)
@@ -559,15 +535,7 @@ def masked_dpo_trainer_class():
                 todo = dataset.select(missing)
                 loader = self.accelerator.prepare(DataLoader(todo, batch_size=batch_size,
                                                              collate_fn=self.data_collator, shuffle=False))
-                # As TRL does: before `train` prepares the model, DeepSpeed's parameters are still
-                # on the CPU (ZeRO-1/2) or partitioned (ZeRO-3); an inference engine places and
-                # gathers them. Built once, reused by later passes.
-                if self.ref_model is None and self.is_deepspeed_enabled:
-                    if self._precompute_engine is None:
-                        self._precompute_engine = trl_prepare_deepspeed(self.model, self.accelerator)
-                    model = self._precompute_engine
-                else:
-                    model = self.ref_model or self.model
+                model = self.reference_model_for_precompute()
                 chosen, rejected = [], []
                 for batch in loader:
                     c, r = self.compute_ref_log_probs(model, batch)
@@ -582,13 +550,10 @@ def masked_dpo_trainer_class():
             dataset = dataset.add_column("ref_chosen_logps", [r[0] for r in ref])
             return dataset.add_column("ref_rejected_logps", [r[1] for r in ref])
 
-        def _compute_loss(self, model, inputs, return_outputs):
-            if return_outputs:
-                raise NotImplementedError("MaskedDPOTrainer does not return logits")
-            mode = "train" if self.model.training else "eval"
+        def loss(self, model, inputs):
             per_tok, completion, dpo_mask = self._response_logps(model, inputs)
             nll_mask = dpo_mask if self._mask_formatting_in_nll else completion
-            if self.precompute_ref_logps:
+            if self.uses_precomputed_reference:
                 ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
                 ref_c, ref_r = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
@@ -602,16 +567,18 @@ def masked_dpo_trainer_class():
             loss = res["loss"]
             chosen_rewards = self.beta * (res["chosen_logps"] - ref_c).detach()
             rejected_rewards = self.beta * (res["rejected_logps"] - ref_r).detach()
-            gather = self.accelerator.gather
-            m = self._metrics[mode]
-            m["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-            m["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-            m["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
-            m["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
-            m["logps/chosen"].append(gather(res["chosen_logps"].detach()).mean().item())
-            m["logps/rejected"].append(gather(res["rejected_logps"].detach()).mean().item())
-            m["nll"].append(gather(res["nll"].detach()).mean().item())  # the global token mean (see token_mean_nll)
-            m["dpo_loss"].append(gather(res["dpo"].detach()).mean().item())
+
+            def mean(x):
+                return self.accelerator.gather(x).mean().item()
+
+            self.record_metric("rewards/chosen", mean(chosen_rewards))
+            self.record_metric("rewards/rejected", mean(rejected_rewards))
+            self.record_metric("rewards/accuracies", mean((chosen_rewards > rejected_rewards).float()))
+            self.record_metric("rewards/margins", mean(chosen_rewards - rejected_rewards))
+            self.record_metric("logps/chosen", mean(res["chosen_logps"].detach()))
+            self.record_metric("logps/rejected", mean(res["rejected_logps"].detach()))
+            self.record_metric("nll", mean(res["nll"].detach()))  # the global token mean (see token_mean_nll)
+            self.record_metric("dpo_loss", mean(res["dpo"].detach()))
             return loss
 
     _TRAINER_CLASS = MaskedDPOTrainer
