@@ -17,6 +17,12 @@ tokens out of the DPO term would also mask them out of the NLL term. `MaskedDPOT
 second mask, `dpo_mask`, and the loss uses `completion_mask` for the NLL term and
 `dpo_mask` for the DPO term. The math is in the pure functions below.
 
+By default (`packed`) a pair is one row, `prompt | chosen | rejected`, under a block attention
+mask (`pack_pairs`, posttrain.packing): the prompt is computed once for both responses and every
+log-prob equals the separate rows' (tests/test_dpo.py, to 1e-4), for the policy and the reference
+pass. Attention implementations that take no custom 4D mask fall back to separate rows.
+TRL's private methods are overridden in posttrain.trl_compat only.
+
 Reference log-probs are computed once per (model, pair, mask) and kept in a cache on disk
 (`RefLogpCache`) whose file key names the model's content hash, dtype and masking, and
 whose row key hashes the pair's tokens and its DPO mask: variants of one stage share it,
