@@ -154,7 +154,8 @@ def sampling_prompts(tok, n: int, lo: int, hi: int, seed: int = 0) -> list[list[
         msgs = [{"role": "user", "content": rng.choice(words)}, {"role": "assistant", "content": rng.choice(words)},
                 {"role": "user", "content": rng.choice(words)}]
         while True:
-            ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+            ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True,
+                                          return_dict=True)["input_ids"]
             if len(ids) >= target:
                 break
             rng.choice(msgs)["content"] += " " + " ".join(rng.choice(words) for _ in range(4))
@@ -251,7 +252,8 @@ def bench_sft(model_dir: Path, tok, pairs, a, root: Path) -> str:
                                                f"({res[p][-1]['per_cpu_s']:.2f} per CPU-s)" for p in res), flush=True)
     k = rate_key(torch.cuda.is_available())
     return ratio_line("sft", [r[k] for r in res["ours"]], [r[k] for r in res["trl"]],
-                      "rows/s" if k == "per_s" else "rows per CPU-second", "sft stage's trainer vs plain TRL SFTTrainer",
+                      "rows/s" if k == "per_s" else "rows per CPU-second",
+                      "sft stage's trainer vs plain TRL SFTTrainer",
                       wall=([r["per_s"] for r in res["ours"]], [r["per_s"] for r in res["trl"]]))
 
 

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_tested_versions_are_the_pinned_and_installed_ones():
     pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements" / "ci.txt").read_text(), re.M))
     for name, version in trl_compat.TESTED_VERSIONS.items():
-        assert pins.get(name) == version, f"requirements/ci.txt pins {name}=={pins.get(name)}, trl_compat tested {version}"
+        assert pins.get(name) == version, (f"requirements/ci.txt pins {name}=={pins.get(name)}, "
+                                           f"trl_compat tested {version}")
     assert trl_compat.installed_versions() == trl_compat.TESTED_VERSIONS
     with warnings.catch_warnings():
         warnings.simplefilter("error")
