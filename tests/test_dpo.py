@@ -493,3 +493,4 @@ def test_the_stage_counts_pairs_read_trained_dropped_and_truncated(tiny_model_di
     assert (m["unit"], m["rows_read"], m["rows_trained"], m["truncated"]) == ("pairs", 9, 7, 1)
     assert m["dropped"] == {"on_policy/too_long": 1, "on_policy/unscored": 1}
     assert m["rows_trained_by_variant"] == {"v0": 7} and m["pairs"] == 7
+    assert m["variants"]["v0"]["packed"] is True  # the default, on an sdpa model
