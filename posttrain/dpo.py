@@ -17,6 +17,12 @@ tokens out of the DPO term would also mask them out of the NLL term. `MaskedDPOT
 second mask, `dpo_mask`, and the loss uses `completion_mask` for the NLL term and
 `dpo_mask` for the DPO term. The math is in the pure functions below.
 
+By default (`packed`) a pair is one row, `prompt | chosen | rejected`, under a block attention
+mask (`pack_pairs`, posttrain.packing): the prompt is computed once for both responses and every
+log-prob equals the separate rows' (tests/test_dpo.py, to 1e-4), for the policy and the reference
+pass. Attention implementations that take no custom 4D mask fall back to separate rows.
+TRL's private methods are overridden in posttrain.trl_compat only.
+
 Reference log-probs are computed once per (model, pair, mask) and kept in a cache on disk
 (`RefLogpCache`) whose file key names the model's content hash, dtype and masking, and
 whose row key hashes the pair's tokens and its DPO mask: variants of one stage share it,
@@ -29,6 +35,7 @@ the `average` stage averages them).
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -40,6 +47,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from posttrain import files
+from posttrain.packing import block_attention_mask, model_attention_mask, supports_block_mask
 from posttrain.preferences import PreferenceFilter, rank
 from posttrain.stage import StageContext, StageDef, StageResult, path_field, variant_mean
 from posttrain.training import (
@@ -55,6 +63,7 @@ from posttrain.training import (
 )
 
 
+log = logging.getLogger(__name__)
 REF_CACHE_VERSION = 1
 # Logged by the trainer at every logging step; the record keeps each as a series.
 TRAINING_SERIES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
@@ -90,6 +99,11 @@ class DPOStageConfig(TrainingSettings, PreferenceFilter):
     """Compute reference log-probs once (cached on disk) instead of running a live reference model."""
     ref_batch_size: int | None = Field(None, gt=0)
     """Batch size for the reference pass (default: batch_size)."""
+    packed: bool = True
+    """Chosen and rejected in one row after one shared prompt, under a block attention mask
+    (`pack_pairs`), for the policy and the reference pass; the same log-probs as separate rows with
+    the prompt computed once. Needs attention 'sdpa' or 'eager': with any other implementation the
+    stage falls back to separate rows and says so in its log and metrics. False: separate rows."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -310,6 +324,71 @@ class PairCollator:
         return out
 
 
+def pack_pairs(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B pairs as B packed rows: the prompt once, then chosen, then rejected (posttrain.packing).
+
+    A row is `prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected`: the prompt's last token opens
+    each response's segment (one duplicated token per response), so the log-prob of every response
+    token, its first included, is a next-token prediction inside its own segment. Segment 0 (the
+    rest of the prompt) is visible to both responses; each response segment's position ids start
+    at P - 1, where that token sits in a row of its own, so every log-prob equals the separate row's.
+
+    Returns input_ids, position_ids, segment_ids, shift_labels [B, L] (shift_labels[b, t] = the
+    token predicted at t, -100 where nothing is scored) and, aligned with those prediction
+    positions, completion_targets and dpo_targets [2B, L] (rows chosen_1..chosen_B,
+    rejected_1..rejected_B, as PairCollator's rows): the NLL term's and the DPO term's tokens.
+    """
+    B = len(examples)
+    L = max(len(ex["prompt_ids"]) + len(ex["chosen_ids"]) + len(ex["rejected_ids"]) + 1 for ex in examples)
+    input_ids = torch.full((B, L), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    segment_ids = torch.full((B, L), -1, dtype=torch.long)
+    shift_labels = torch.full((B, L), -100, dtype=torch.long)
+    completion = torch.zeros((2 * B, L), dtype=torch.long)
+    dpo_targets = torch.zeros((2 * B, L), dtype=torch.long)
+    for b, ex in enumerate(examples):
+        prompt = list(ex["prompt_ids"])
+        P = len(prompt)
+        if P == 0:
+            raise ValueError("pack_pairs: a pair with an empty prompt cannot be packed")
+        input_ids[b, :P - 1] = torch.tensor(prompt[:-1], dtype=torch.long)
+        position_ids[b, :P - 1] = torch.arange(P - 1)
+        segment_ids[b, :P - 1] = 0
+        start = P - 1
+        for k, side in enumerate(("chosen", "rejected")):
+            resp = list(ex[f"{side}_ids"])
+            n = len(resp)
+            seg = slice(start, start + n + 1)
+            input_ids[b, seg] = torch.tensor([prompt[-1]] + resp, dtype=torch.long)
+            position_ids[b, seg] = torch.arange(P - 1, P + n)
+            segment_ids[b, seg] = k + 1
+            pred = slice(start, start + n)  # the positions that predict resp[0..n-1]
+            shift_labels[b, pred] = torch.tensor(resp, dtype=torch.long)
+            completion[k * B + b, pred] = torch.tensor(list(ex[f"{side}_loss_mask"]), dtype=torch.long)
+            dpo_targets[k * B + b, pred] = torch.tensor(list(ex[f"{side}_dpo_mask"]), dtype=torch.long)
+            start += n + 1
+    return {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
+            "shift_labels": shift_labels, "completion_targets": completion, "dpo_targets": dpo_targets}
+
+
+@dataclass
+class PackedPairCollator:
+    """Pads tokenized pairs into B packed rows (`pack_pairs`), with the reference sums when the rows carry them.
+
+    The trainer recognises a packed batch by its `segment_ids` and builds the block attention mask
+    on the model's device, in the form its attention implementation takes.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        out = pack_pairs(examples, self.pad_token_id)
+        if "ref_chosen_logps" in examples[0]:
+            out["ref_chosen_logps"] = torch.tensor([float(ex["ref_chosen_logps"]) for ex in examples])
+            out["ref_rejected_logps"] = torch.tensor([float(ex["ref_rejected_logps"]) for ex in examples])
+        return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference log-prob cache
 
@@ -359,30 +438,27 @@ _TRAINER_CLASS = None
 
 
 def masked_dpo_trainer_class():
-    """trl.DPOTrainer with separate DPO / NLL masks and an on-disk reference cache (built lazily)."""
+    """trl.DPOTrainer with separate DPO / NLL masks, packed rows and an on-disk reference cache (built lazily).
+
+    Built on posttrain.trl_compat.dpo_trainer_base, which holds every override of TRL's private
+    methods (and checks them against the tested TRL version); this class implements its public hooks.
+    """
     global _TRAINER_CLASS
     if _TRAINER_CLASS is not None:
         return _TRAINER_CLASS
-    import contextlib
-    from unittest import mock
-
-    import trl.trainer.dpo_trainer as trl_dpo_module
-    from accelerate.utils import is_peft_model
     from torch.utils.data import DataLoader
-    from trl import DPOTrainer
-    from trl.models import prepare_deepspeed as trl_prepare_deepspeed
-    from trl.models.utils import disable_gradient_checkpointing
-    from trl.trainer.utils import use_adapter
 
-    class MaskedDPOTrainer(DPOTrainer):
-        """DPOTrainer whose loss takes the DPO term over `dpo_mask` and the NLL term over
-        `completion_mask` (or `dpo_mask` when `mask_formatting_in_nll`).
+    from posttrain.trl_compat import dpo_trainer_base
 
-        Overrides: `_prepare_dataset` (rows come pre-tokenized by `encode_pair`),
-        `_set_signature_columns_if_needed` (keep the mask columns), `_precompute_ref_logps`
-        (our cache), `compute_ref_log_probs` and `_compute_loss` (the masks). Only the loss
-        types ["sigmoid"] and ["sigmoid", "sft"] are supported, with TRL's meaning.
+    class MaskedDPOTrainer(dpo_trainer_base()):
+        """DPOTrainer whose loss takes the DPO term over the DPO mask and the NLL term over the
+        completion mask (or the DPO mask when `mask_formatting_in_nll`), on separate rows
+        (PairCollator) or packed ones (PackedPairCollator), with reference log-probs from our
+        cache. Only the loss types ["sigmoid"] and ["sigmoid", "sft"] are supported, with TRL's meaning.
         """
+
+        signature_columns = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_loss_mask", "rejected_loss_mask",
+                             "chosen_dpo_mask", "rejected_dpo_mask", "ref_chosen_logps", "ref_rejected_logps")
 
         def __init__(self, *args, ref_cache: RefLogpCache | None = None, mask_formatting_in_nll: bool = False,
                      **kwargs):
@@ -394,27 +470,7 @@ def masked_dpo_trainer_class():
                                  f"got {targs.loss_type}")
             if targs.precompute_ref_log_probs and ref_cache is None:
                 raise ValueError("precompute_ref_log_probs needs a ref_cache")
-            # TRL hashes every weight (copied to CPU) for its own cache key; only its
-            # `_precompute_ref_logps` reads that hash and we replace that method, so skip the work.
-            with mock.patch.object(trl_dpo_module, "hash_module", lambda module: "unused"):
-                super().__init__(*args, **kwargs)
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset
-
-        def _set_signature_columns_if_needed(self):
-            if self._signature_columns is None:
-                self._signature_columns = [
-                    "prompt_ids", "chosen_ids", "rejected_ids", "chosen_loss_mask", "rejected_loss_mask",
-                    "chosen_dpo_mask", "rejected_dpo_mask", "ref_chosen_logps", "ref_rejected_logps",
-                ]
-
-        def _ref_context(self):
-            if self.ref_model is None and is_peft_model(self.model):
-                # LoRA: the reference is the base model, i.e. the adapters switched off.
-                unwrapped = self.accelerator.unwrap_model(self.model)
-                return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-            return contextlib.nullcontext()
+            super().__init__(*args, **kwargs)
 
         def _per_token_logps(self, model, inputs):
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
@@ -423,13 +479,31 @@ def masked_dpo_trainer_class():
             t = inputs["completion_mask"].size(1) - 1
             return out.log_probs[:, -t:], out  # (2B, T), zero where the label is -100
 
-        def compute_ref_log_probs(self, model, inputs):
-            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                    self._ref_context(), self.accelerator.autocast():
-                ref_tok, _ = self._per_token_logps(model, inputs)
-            return masked_logp_sum(ref_tok, inputs["dpo_mask"][:, 1:]).chunk(2, dim=0)
+        def _packed_per_token_logps(self, model, inputs):
+            """Log-probs of packed rows (`pack_pairs`): [B, L] at the prediction positions, zero elsewhere."""
+            param = next(model.parameters())
+            visible = block_attention_mask(inputs["segment_ids"].to(param.device))
+            mask = model_attention_mask(visible, model, param.dtype)
+            out = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"],
+                        shift_labels=inputs["shift_labels"], fused_lm_head=True, use_cache=False)
+            return out.log_probs  # [B, L]
 
-        def _precompute_ref_logps(self, dataset, name, batch_size):
+        def _response_logps(self, model, inputs):
+            """(per-token log-probs, NLL-term mask, DPO-term mask), each [2B, T], rows chosen_1..chosen_B,
+            rejected_1..rejected_B, for either batch layout (PairCollator's or PackedPairCollator's)."""
+            if "segment_ids" in inputs:
+                per_row = self._packed_per_token_logps(model, inputs)  # [B, L]: both responses in one row
+                return (torch.cat([per_row, per_row], dim=0), inputs["completion_targets"],
+                        inputs["dpo_targets"])
+            per_tok, _ = self._per_token_logps(model, inputs)
+            return per_tok, inputs["completion_mask"][:, 1:], inputs["dpo_mask"][:, 1:]
+
+        def compute_ref_log_probs(self, model, inputs):
+            with self.reference_context():
+                ref_tok, _, dpo_mask = self._response_logps(model, inputs)
+            return masked_logp_sum(ref_tok, dpo_mask).chunk(2, dim=0)
+
+        def precompute_reference(self, dataset, batch_size):
             cache = self._ref_cache
             uids = dataset["uid"]
             missing = cache.missing(uids)
@@ -438,15 +512,7 @@ def masked_dpo_trainer_class():
                 todo = dataset.select(missing)
                 loader = self.accelerator.prepare(DataLoader(todo, batch_size=batch_size,
                                                              collate_fn=self.data_collator, shuffle=False))
-                # As TRL does: before `train` prepares the model, DeepSpeed's parameters are still
-                # on the CPU (ZeRO-1/2) or partitioned (ZeRO-3); an inference engine places and
-                # gathers them. Built once, reused by later passes.
-                if self.ref_model is None and self.is_deepspeed_enabled:
-                    if self._precompute_engine is None:
-                        self._precompute_engine = trl_prepare_deepspeed(self.model, self.accelerator)
-                    model = self._precompute_engine
-                else:
-                    model = self.ref_model or self.model
+                model = self.reference_model_for_precompute()
                 chosen, rejected = [], []
                 for batch in loader:
                     c, r = self.compute_ref_log_probs(model, batch)
@@ -461,16 +527,10 @@ def masked_dpo_trainer_class():
             dataset = dataset.add_column("ref_chosen_logps", [r[0] for r in ref])
             return dataset.add_column("ref_rejected_logps", [r[1] for r in ref])
 
-        def _compute_loss(self, model, inputs, return_outputs):
-            if return_outputs:
-                raise NotImplementedError("MaskedDPOTrainer does not return logits")
-            mode = "train" if self.model.training else "eval"
-            per_tok, _ = self._per_token_logps(model, inputs)
-            shift = slice(1, None)
-            completion = inputs["completion_mask"][:, shift]
-            dpo_mask = inputs["dpo_mask"][:, shift]
+        def loss(self, model, inputs):
+            per_tok, completion, dpo_mask = self._response_logps(model, inputs)
             nll_mask = dpo_mask if self._mask_formatting_in_nll else completion
-            if self.precompute_ref_logps:
+            if self.uses_precomputed_reference:
                 ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
                 ref_c, ref_r = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
@@ -484,16 +544,18 @@ def masked_dpo_trainer_class():
             loss = res["loss"]
             chosen_rewards = self.beta * (res["chosen_logps"] - ref_c).detach()
             rejected_rewards = self.beta * (res["rejected_logps"] - ref_r).detach()
-            gather = self.accelerator.gather
-            m = self._metrics[mode]
-            m["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-            m["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-            m["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
-            m["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
-            m["logps/chosen"].append(gather(res["chosen_logps"].detach()).mean().item())
-            m["logps/rejected"].append(gather(res["rejected_logps"].detach()).mean().item())
-            m["nll"].append(gather(res["nll"].detach()).mean().item())  # the global token mean (see token_mean_nll)
-            m["dpo_loss"].append(gather(res["dpo"].detach()).mean().item())
+
+            def mean(x):
+                return self.accelerator.gather(x).mean().item()
+
+            self.record_metric("rewards/chosen", mean(chosen_rewards))
+            self.record_metric("rewards/rejected", mean(rejected_rewards))
+            self.record_metric("rewards/accuracies", mean((chosen_rewards > rejected_rewards).float()))
+            self.record_metric("rewards/margins", mean(chosen_rewards - rejected_rewards))
+            self.record_metric("logps/chosen", mean(res["chosen_logps"].detach()))
+            self.record_metric("logps/rejected", mean(res["rejected_logps"].detach()))
+            self.record_metric("nll", mean(res["nll"].detach()))  # the global token mean (see token_mean_nll)
+            self.record_metric("dpo_loss", mean(res["dpo"].detach()))
             return loss
 
     _TRAINER_CLASS = MaskedDPOTrainer
@@ -549,6 +611,18 @@ def _series(log_history: list[dict]) -> dict[str, Any]:
     return out
 
 
+def use_packed_rows(cfg: DPOStageConfig, model) -> bool:
+    """Whether this model trains on packed rows: `cfg.packed`, and its attention takes a block mask."""
+    if not cfg.packed:
+        return False
+    if supports_block_mask(model):
+        return True
+    impl = getattr(model.config, "_attn_implementation", None)
+    log.warning("dpo: packed: true, but attention %r takes no block mask ('sdpa' and 'eager' do); "
+                "training on separate chosen/rejected rows instead", impl)
+    return False
+
+
 def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, tokenizer, rows: list[dict],
                   work_dir: Path, ref_cache: RefLogpCache | None, trust_remote_code: bool = False,
                   report_to="none", callbacks=(), max_steps: int | None = None):
@@ -584,17 +658,19 @@ def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, t
     ref_model = None
     if not cfg.precompute_ref and lora is None:
         ref_model = load_causal_lm_for_training(sft_model, trust_remote_code=trust_remote_code).eval()
+    packed = use_packed_rows(cfg, model)
+    collator = (PackedPairCollator if packed else PairCollator)(tokenizer.pad_token_id)
     trainer_cls = masked_dpo_trainer_class()
     trainer = trainer_cls(
         model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=PairCollator(tokenizer.pad_token_id), peft_config=lora,
+        data_collator=collator, peft_config=lora,
         callbacks=[*stage_callbacks(), *callbacks],
         ref_cache=ref_cache if cfg.precompute_ref else None,
         mask_formatting_in_nll=cfg.mask_formatting_in_nll,
     )
     resume = last_complete_checkpoint(work_dir)
     trainer.train(resume_from_checkpoint=resume)
-    metrics = {"pairs": len(rows), "steps": trainer.state.global_step,
+    metrics = {"pairs": len(rows), "steps": trainer.state.global_step, "packed": packed,
                "resumed_from": None if resume is None else Path(resume).name,
                **_series(trainer.state.log_history)}
     return trainer, metrics

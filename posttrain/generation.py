@@ -224,11 +224,13 @@ def shared_prefill_decode(model, prompt_ids: list[list[int]], settings: Sampling
     import torch
     from transformers import DynamicCache
 
+    from posttrain.trl_compat import preallocated_cache
+
     k = settings.k
     device = next(model.parameters()).device
     stop = torch.tensor(sorted(settings.stop_token_ids) or [-1], device=device)
     ids, mask, positions = (t.to(device) for t in left_pad(prompt_ids, pad_id))
-    cache = _preallocated_cache(model, settings.max_new_tokens) or DynamicCache(config=model.config)
+    cache = preallocated_cache(model, settings.max_new_tokens) or DynamicCache(config=model.config)
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -258,61 +260,6 @@ def shared_prefill_decode(model, prompt_ids: list[list[int]], settings: Sampling
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
     return [outputs[i * k:(i + 1) * k] for i in range(len(prompt_ids))]
-
-
-def _preallocated_cache(model, extra: int):
-    """A KV cache whose layers keep keys/values in a buffer with room for `extra` more tokens.
-
-    DynamicCache appends with torch.cat, copying every layer's whole cache at every decode
-    step (O(length) memory traffic per token, the largest cost of decoding B*K rows with a
-    long shared prompt); here a step writes one slot. None for models with sliding-window or
-    other non-full attention layers (they keep DynamicCache).
-    """
-    import torch
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layer_types = getattr(cfg, "layer_types", None) or []
-    if getattr(cfg, "sliding_window", None) or any(t != "full_attention" for t in layer_types):
-        return None
-
-    class PreallocatedLayer(DynamicLayer):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.buffers = None  # (keys, values): [B, H, capacity, D]
-            self.length = 0
-
-        def _views(self):
-            self.keys = self.buffers[0][:, :, :self.length]
-            self.values = self.buffers[1][:, :, :self.length]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            new = key_states.shape[-2]
-            if self.buffers is None or self.length + new > self.buffers[0].shape[-2]:
-                grow = new + extra
-                self.buffers = tuple(
-                    torch.cat([b[:, :, :self.length], b.new_empty(*b.shape[:2], grow, b.shape[-1])], dim=-2)
-                    if b is not None else s.new_empty(*s.shape[:2], grow, s.shape[-1])
-                    for b, s in zip(self.buffers or (None, None), (key_states, value_states)))
-            self.buffers[0][:, :, self.length:self.length + new] = key_states
-            self.buffers[1][:, :, self.length:self.length + new] = value_states
-            self.length += new
-            self._views()
-            return self.keys, self.values
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            if self.buffers is not None:
-                self.buffers = tuple(b.repeat_interleave(repeats, dim=0) for b in self.buffers)
-                self._views()
-
-        def batch_select_indices(self, indices) -> None:
-            if self.buffers is not None:
-                self.buffers = tuple(b[indices] for b in self.buffers)
-                self._views()
-
-    return Cache(layer_class_to_replicate=PreallocatedLayer)
 
 
 class TransformersGenerator:

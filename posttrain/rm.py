@@ -36,10 +36,10 @@ from pydantic import Field, field_validator, model_validator
 
 from posttrain import distributed, training
 from posttrain.data import STRENGTHS
+from posttrain.packing import block_attention_mask, model_attention_mask  # noqa: F401 (rm.block_attention_mask is used by tests)
 from posttrain.preferences import PreferenceFilter, Ranking, rank
-from posttrain.modeling import backbone_and_head, last_token_scores
-from posttrain.stats import mean, pearson
 from posttrain.stage import StageContext, StageDef, StageResult, metric, path_field
+from posttrain.stats import mean, pearson
 
 
 # Llama 2 report, table 28 ("margin small"): the margin grows with the annotated strength.
@@ -202,24 +202,6 @@ def shuffle_responses(enc: EncodedRanking, rng: random.Random) -> EncodedRanking
                           strengths=list(enc.strengths), source=enc.source)
 
 
-def block_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Which key each query may attend to in packed rows.
-
-    segment_ids: [B, L] long; 0 = prompt, k >= 1 = the k-th response, -1 = padding.
-    Returns bool [B, 1, L, L] (True = attend): causal, and a key is visible if it is in the
-    prompt or in the query's own segment. A padding query sees only itself, so no softmax row is
-    empty (an all-masked row gives NaN in SDPA).
-    """
-    B, L = segment_ids.shape
-    q = segment_ids[:, :, None]  # [B, L, 1]
-    k = segment_ids[:, None, :]  # [B, 1, L]
-    causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril()  # [L, L]
-    visible = ((k == 0) | (k == q)) & (k >= 0) & (q >= 0) & causal  # [B, L, L]
-    eye = torch.eye(L, dtype=torch.bool, device=segment_ids.device)
-    visible = visible | (eye & (q < 0))
-    return visible[:, None]  # [B, 1, L, L]
-
-
 def pack_batch(items: list[EncodedRanking], pad_id: int, margins: dict[str, float] | None = None) -> dict:
     """Right-padded packed rows for a batch of rankings.
 
@@ -272,18 +254,6 @@ def score_head(model):
     if head is None:
         raise TypeError(f"{type(inner).__name__} is not a *ForSequenceClassification model with a `score` head")
     return head
-
-
-def model_attention_mask(visible: torch.Tensor, model, dtype: torch.dtype) -> torch.Tensor:
-    """The 4D mask in the form the model's attention takes: bool for SDPA, additive float for eager."""
-    impl = getattr(_unwrapped(model).config, "_attn_implementation", None) or "eager"
-    if impl == "sdpa":
-        return visible
-    if impl == "eager":
-        zero = torch.zeros((), dtype=dtype, device=visible.device)
-        return torch.where(visible, zero, torch.finfo(dtype).min)
-    raise ValueError(f"packed reward-model rows need attn_implementation 'sdpa' or 'eager' (a custom 4D mask); "
-                     f"the model uses {impl!r}. Load it with attn_implementation='sdpa' or set packing: false")
 
 
 def packed_scores(model, batch: dict) -> torch.Tensor:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, TypedDict
+from typing import Literal, Mapping, TypedDict
 
 from pydantic import Field, field_validator
 

@@ -139,7 +139,7 @@ def test_encoded_pair_masks_only_the_end_of_turn_inside_the_response(tiny_tokeni
 
 
 def _trainer(tok, model_dir, rows, tmp_path, *, cache_dir=None, mask_formatting=True, nll_in=False,
-             precompute=True, nll_coef=0.2):
+             precompute=True, nll_coef=0.2, packed=False, attn="sdpa"):
     from datasets import Dataset
     from trl import DPOConfig
 
@@ -155,10 +155,16 @@ def _trainer(tok, model_dir, rows, tmp_path, *, cache_dir=None, mask_formatting=
                      loss_weights=[1.0, nll_coef] if nll_coef else [1.0], precompute_ref_log_probs=precompute,
                      max_length=None, gradient_checkpointing=False, disable_tqdm=True)
     data = Dataset.from_list([{k: v for k, v in r.items() if k != "source"} for r in rows])
-    ref_model = None if precompute else load_causal_lm(model_dir)
+    def model():
+        m = load_causal_lm(model_dir)
+        m.set_attn_implementation(attn)
+        return m
+
+    ref_model = None if precompute else model()
+    collator = (dpo.PackedPairCollator if packed else dpo.PairCollator)(tok.pad_token_id)
     trainer = dpo.masked_dpo_trainer_class()(
-        model=load_causal_lm(model_dir), ref_model=ref_model, args=args, train_dataset=data, processing_class=tok,
-        data_collator=dpo.PairCollator(tok.pad_token_id), ref_cache=cache, mask_formatting_in_nll=nll_in)
+        model=model(), ref_model=ref_model, args=args, train_dataset=data, processing_class=tok,
+        data_collator=collator, ref_cache=cache, mask_formatting_in_nll=nll_in)
     return trainer, cache
 
 
@@ -239,6 +245,124 @@ def test_reference_cache_is_invalidated_when_the_masking_changes(tiny_tokenizer,
     assert (c3.computed, c3.hits) == (0, len(masked))
     assert t3.train_dataset["ref_chosen_logps"] == t1.train_dataset["ref_chosen_logps"]
     assert dpo.ref_cache_key("m", "float32", True, [1, 2]) != dpo.ref_cache_key("m", "float32", True, [1, 3])
+
+
+# ---------------------------------------------------------------------------------------- packed rows
+
+
+def test_pack_pairs_layout_by_hand():
+    ex = {"prompt_ids": [11, 12, 13], "chosen_ids": [21, 22], "rejected_ids": [31],
+          "chosen_loss_mask": [1, 1], "rejected_loss_mask": [1], "chosen_dpo_mask": [1, 0], "rejected_dpo_mask": [1]}
+    short = {"prompt_ids": [11], "chosen_ids": [21], "rejected_ids": [31], "chosen_loss_mask": [1],
+             "rejected_loss_mask": [1], "chosen_dpo_mask": [1], "rejected_dpo_mask": [1]}
+    b = dpo.pack_pairs([ex, short], pad_token_id=0)
+    # prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected, then padding
+    assert b["input_ids"].tolist() == [[11, 12, 13, 21, 22, 13, 31], [11, 21, 11, 31, 0, 0, 0]]
+    assert b["segment_ids"].tolist() == [[0, 0, 1, 1, 1, 2, 2], [1, 1, 2, 2, -1, -1, -1]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 1, 0, 1, 0, 0, 0]]
+    # position t predicts shift_labels[t]; a segment's last token predicts nothing
+    assert b["shift_labels"].tolist() == [[-100, -100, 21, 22, -100, 31, -100], [21, -100, 31, -100, -100, -100, -100]]
+    # rows: chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1
+    assert b["completion_targets"].tolist() == [[0, 0, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0],
+                                                [0, 0, 0, 0, 0, 1, 0], [0, 0, 1, 0, 0, 0, 0]]
+    assert b["dpo_targets"].tolist()[0] == [0, 0, 1, 0, 0, 0, 0]
+
+
+CHATML_PAIRS = [
+    ([{"role": "system", "content": "answer briefly"}, {"role": "user", "content": "sort 3 1 2"},
+      {"role": "assistant", "content": "1 2 3"}, {"role": "user", "content": "now reverse it"}],
+     "3 2 1", "the numbers are 1 2 3 in order"),
+    ([{"role": "user", "content": "add 2 5"}], "7", "25 maybe, or 7"),
+    ([{"role": "user", "content": "count: 4, 4"}, {"role": "assistant", "content": "2"},
+      {"role": "user", "content": "and 4, 4, 4?"}, {"role": "assistant", "content": "3"},
+      {"role": "user", "content": "sum them"}], "20", "12"),
+]
+
+
+@pytest.fixture(scope="module")
+def chatml_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from posttrain.modeling import save_checkpoint
+    from posttrain.world.tiny import build_chatml_tokenizer
+
+    tok = build_chatml_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=256, tie_word_embeddings=True,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("chatml") / "model"
+    save_checkpoint(LlamaForCausalLM(config), tok, out)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_equal_separate_rows_in_logps_loss_and_gradients(chatml_model_dir, tmp_path, attn):
+    """Multi-turn ChatML prompts, formatting tokens masked out of the DPO term, the NLL term on."""
+    from posttrain.modeling import load_tokenizer
+
+    tok = load_tokenizer(chatml_model_dir)
+    pairs = [dpo.Pair(p, c, r, "preferences", f"chatml:{i}") for i, (p, c, r) in enumerate(CHATML_PAIRS)]
+    rows, counts = dpo.encode_pairs(tok, pairs, dpo.DPOStageConfig(max_length=256))
+    assert len(rows) == len(CHATML_PAIRS) and not counts
+    assert any(r["chosen_dpo_mask"] != r["chosen_loss_mask"] for r in rows)  # formatting really is masked
+    sep, _ = _trainer(tok, chatml_model_dir, rows, tmp_path / "sep", attn=attn)
+    pk, _ = _trainer(tok, chatml_model_dir, rows, tmp_path / "pk", packed=True, attn=attn)
+    # the reference pass (cached) ran packed for one and separate for the other
+    assert pk.train_dataset["ref_chosen_logps"] == pytest.approx(sep.train_dataset["ref_chosen_logps"], abs=1e-4)
+    assert pk.train_dataset["ref_rejected_logps"] == pytest.approx(sep.train_dataset["ref_rejected_logps"], abs=1e-4)
+
+    examples = [sep.train_dataset[i] for i in range(len(rows))]
+    b_sep, b_pk = sep.data_collator(examples), pk.data_collator(examples)
+    assert "segment_ids" in b_pk and b_pk["input_ids"].numel() < b_sep["input_ids"].numel()
+    with torch.no_grad():
+        lp_s, nll_s, dpo_s = sep._response_logps(sep.model, b_sep)
+        lp_p, nll_p, dpo_p = pk._response_logps(pk.model, b_pk)
+    for mask_s, mask_p in ((dpo_s, dpo_p), (nll_s, nll_p)):  # per-response sums under both masks
+        assert mask_p.sum(1).tolist() == mask_s.sum(1).tolist()
+        assert dpo.masked_logp_sum(lp_p, mask_p).tolist() == pytest.approx(
+            dpo.masked_logp_sum(lp_s, mask_s).tolist(), abs=1e-4)
+    # per token too: the i-th response token of each row
+    for r in range(lp_s.shape[0]):
+        tok_s = lp_s[r][nll_s[r].bool()]
+        tok_p = lp_p[r][nll_p[r].bool()]
+        assert torch.allclose(tok_s, tok_p, atol=1e-4)
+
+    # one optimisation step's loss and gradients
+    for trainer, batch in ((sep, b_sep), (pk, b_pk)):
+        trainer.model.train()
+        trainer.model.zero_grad()
+        trainer._loss = trainer.compute_loss(trainer.model, batch)
+        trainer._loss.backward()
+    assert pk._loss.item() == pytest.approx(sep._loss.item(), abs=1e-5)
+    grads_s = dict(sep.model.named_parameters())
+    for name, p in pk.model.named_parameters():
+        g_s = grads_s[name].grad
+        assert torch.allclose(p.grad, g_s, atol=1e-5, rtol=1e-3), name
+
+
+def test_live_reference_on_packed_rows_equals_the_cached_one(tiny_tokenizer, tiny_model_dir, tmp_path):
+    rows = _rows(tiny_tokenizer)
+    cached, _ = _trainer(tiny_tokenizer, tiny_model_dir, rows, tmp_path / "a", packed=True)
+    live, _ = _trainer(tiny_tokenizer, tiny_model_dir, rows, tmp_path / "b", precompute=False, packed=True)
+    b1 = cached.data_collator([cached.train_dataset[i] for i in range(len(rows))])
+    b2 = live.data_collator([live.train_dataset[i] for i in range(len(rows))])
+    assert "ref_chosen_logps" not in b2 and "segment_ids" in b2
+    assert cached.compute_loss(cached.model, b1).item() == pytest.approx(live.compute_loss(live.model, b2).item(),
+                                                                         rel=1e-5)
+
+
+def test_packed_falls_back_to_separate_rows_without_a_block_mask(caplog):
+    from types import SimpleNamespace
+
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    sdpa = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    on, off = dpo.DPOStageConfig(), dpo.DPOStageConfig(packed=False)
+    assert on.packed  # the default
+    assert dpo.use_packed_rows(on, sdpa) and not dpo.use_packed_rows(off, sdpa)
+    with caplog.at_level("WARNING", logger="posttrain.dpo"):
+        assert not dpo.use_packed_rows(on, flash)
+    assert "flash_attention_2" in caplog.text and "separate" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------- stage
@@ -370,3 +494,4 @@ def test_the_stage_counts_pairs_read_trained_dropped_and_truncated(tiny_model_di
     assert (m["unit"], m["rows_read"], m["rows_trained"], m["truncated"]) == ("pairs", 9, 7, 1)
     assert m["dropped"] == {"on_policy/too_long": 1, "on_policy/unscored": 1}
     assert m["rows_trained_by_variant"] == {"v0": 7} and m["pairs"] == 7
+    assert m["variants"]["v0"]["packed"] is True  # the default, on an sdpa model

@@ -12,6 +12,7 @@ import torch
 
 from posttrain import rm
 from posttrain.preferences import PreferenceFilter, rank
+from posttrain.modeling import last_token_scores
 from posttrain.stats import pearson
 from posttrain.stage import headline
 
@@ -183,7 +184,7 @@ def test_packed_scores_equal_separate_rows(tiny_model_dir, attn):
         L = max(map(len, rows))
         input_ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
-        separate = rm.last_token_scores(model, input_ids, mask)
+        separate = last_token_scores(model, input_ids, mask)
         # The stock HF classifier (score at the last non-pad token) agrees too.
         hf = model(input_ids=input_ids, attention_mask=mask).logits.squeeze(-1)
     got = [packed[0, 0], packed[0, 1], packed[0, 2], packed[1, 0], packed[1, 1]]
@@ -201,7 +202,7 @@ def test_packed_loss_gradient_matches_separate_rows(tiny_model_dir):
     model.zero_grad()
     rows = [item.prompt_ids + r for r in item.response_ids]
     L = max(map(len, rows))
-    s = rm.last_token_scores(model, torch.tensor([r + [0] * (L - len(r)) for r in rows]),
+    s = last_token_scores(model, torch.tensor([r + [0] * (L - len(r)) for r in rows]),
                              torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows]))
     loss2 = rm.bradley_terry_loss(s[[0, 0, 1]], s[[1, 2, 2]])
     loss2.backward()

@@ -11,7 +11,6 @@ every rank has finished.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from pathlib import Path
