@@ -4,11 +4,11 @@
     .venv/bin/python bench/dpo.py --quick    # smoke run
 
 1. Per-step time: the same DPO training steps with reference log-probs read from the
-   on-disk cache (posttrain.dpo.RefLogpCache) vs computed by a live reference model every
+   on-disk cache (posttrain.stages.dpo.RefLogpCache) vs computed by a live reference model every
    step (forward, backward and AdamW update). Both trainers live in one process and their
    steps are interleaved on the same batches, so a busy machine slows both alike; a rep's
    ratio is the median of adjacent live/cached step-time ratios (first steps are warm-up).
-2. End to end: a two-variant `dpo` stage (posttrain.dpo.run) whose variants share one
+2. End to end: a two-variant `dpo` stage (posttrain.stages.dpo.run) whose variants share one
    reference cache (computed once, by the first variant) vs the same stage with live
    references. Includes model loading, the reference pass and saving.
 
@@ -44,7 +44,7 @@ def build_model(out: Path, *, hidden: int, layers: int, inter: int):
 
 
 def synthetic_pairs(n: int, seed: int = 0):
-    from posttrain.dpo import Pair
+    from posttrain.stages.dpo import Pair
 
     rng = random.Random(seed)
     words = "sort reverse add count the numbers please answer briefly quick brown fox lazy dog".split()
@@ -61,7 +61,7 @@ def make_trainer(cached: bool, *, cfg, model_dir, tok, rows, root: Path, cache_k
     from datasets import Dataset
     from trl import DPOConfig
 
-    from posttrain import dpo
+    from posttrain.stages import dpo
     from posttrain.modeling import load_causal_lm
 
     args = DPOConfig(output_dir=str(root / ("cached" if cached else "live")), use_cpu=True, bf16=False,
@@ -111,7 +111,7 @@ def per_step_rep(*, cfg, model_dir, tok, rows, root: Path, cache_key: str, steps
 
 
 def stage_run(cached: bool, *, cfg, model_dir, root: Path, pref_file: Path) -> float:
-    from posttrain import dpo
+    from posttrain.stages import dpo
     from posttrain.stage import StageContext
 
     run_dir = Path(tempfile.mkdtemp(dir=root, prefix="stage-"))
@@ -138,7 +138,9 @@ def main(argv=None) -> None:
 
     import torch
 
-    from posttrain import dpo, files
+    from posttrain import files
+
+    from posttrain.stages import dpo
     from posttrain.training import Variant
 
     torch.set_num_threads(a.threads)

@@ -5,7 +5,7 @@
 
 Start (SFT model and reference): the world's base model. Data: the world's round-1
 preference batch (significantly_better/better, edited answers as chosen). For each setting
-and seed, one `dpo` stage run (posttrain.dpo.run), then:
+and seed, one `dpo` stage run (posttrain.stages.dpo.run), then:
 
 - chosen log-prob change: mean over training pairs of log pi(chosen response incl. its
   <|eot_id|>) after DPO minus before, and the same for the <|eot_id|> token alone;
@@ -85,7 +85,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from posttrain import dpo
+    from posttrain.stages import dpo
     from posttrain.modeling import load_tokenizer
     from posttrain.stage import StageContext
     from posttrain.world import build

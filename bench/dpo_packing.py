@@ -9,11 +9,11 @@ Three trainers train the same saved model (same seed) on the same multi-turn Cha
 default) with the same settings: beta 0.1, the NLL term on chosen (weight 0.2), reference
 log-probs precomputed, batch 4 pairs, AdamW, one epoch, no checkpoints:
 
-- packed: posttrain.dpo's trainer with `PackedPairCollator`, the `dpo` stage's default
+- packed: posttrain.stages.dpo's trainer with `PackedPairCollator`, the `dpo` stage's default
   (one row `prompt | chosen | rejected` under a block attention mask);
 - TRL: plain `trl.DPOTrainer` on the conversational rows (it tokenizes them itself; two rows
   per pair, the prompt computed twice), the baseline;
-- ours, separate rows: posttrain.dpo's trainer with `PairCollator` (isolates what packing
+- ours, separate rows: posttrain.stages.dpo's trainer with `PairCollator` (isolates what packing
   buys from the rest of our trainer).
 
 Per repetition it reports pairs/s of the training loop alone (a callback times
@@ -82,7 +82,7 @@ def _n_tokens(tok, messages, generation_prompt: bool) -> int:
 
 def multi_turn_pairs(tok, n: int, prompt_tokens: int, response_tokens: int, seed: int = 0):
     """n pairs: system + user/assistant/user turns grown to ~prompt_tokens, responses to ~response_tokens."""
-    from posttrain.dpo import Pair
+    from posttrain.stages.dpo import Pair
 
     rng = random.Random(seed)
 
@@ -144,7 +144,7 @@ def train_one(path: str, *, model_dir: Path, tok, pairs, rows, a, seed: int, wor
     from transformers import set_seed
     from trl import DPOTrainer
 
-    from posttrain import dpo
+    from posttrain.stages import dpo
     from posttrain.modeling import load_causal_lm
 
     set_seed(seed)
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from posttrain import dpo
+    from posttrain.stages import dpo
 
     if a.threads:
         torch.set_num_threads(a.threads)

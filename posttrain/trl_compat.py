@@ -14,7 +14,7 @@ method that was renamed is silently never called. So:
 What lives here:
 
 - `dpo_trainer_base()`: trl.DPOTrainer with its private hooks routed to public-named ones that
-  posttrain.dpo implements (pre-tokenized rows, the collator's columns, our reference pass and
+  posttrain.stages.dpo implements (pre-tokenized rows, the collator's columns, our reference pass and
   our loss), plus helpers over TRL's private state (metrics, the DeepSpeed reference engine, the
   LoRA reference context).
 - `preallocated_cache(model, extra)`: a transformers KV cache whose layers (a subclass of the
@@ -139,7 +139,7 @@ def _skipped_model_hash():
     With precompute_ref_log_probs, TRL hashes every weight (copied to the CPU: minutes and a
     model's size of host memory at 8B) for the key of its own reference cache. Only its
     `_precompute_ref_logps` reads that hash, and dpo_trainer_base replaces that method (our
-    cache is keyed by the checkpoint's content hash, posttrain.dpo.ref_cache_key), so the
+    cache is keyed by the checkpoint's content hash, posttrain.stages.dpo.ref_cache_key), so the
     module-level name is swapped for a constant while __init__ runs and restored after.
     `PRIVATE_SOURCE` checks that __init__ still calls it by that name.
     """

@@ -23,7 +23,9 @@ def main(model_dir: str, out_dir: str) -> int:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from posttrain import distributed, rm
+    from posttrain import distributed
+
+    from posttrain.stages import rm
     from posttrain.modeling import load_tokenizer, save_checkpoint
 
     torch.set_num_threads(1)

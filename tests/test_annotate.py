@@ -152,8 +152,8 @@ def _fake_step_folder(run_dir, requests):
 
 
 def test_jsonl_export_import_round_trip_and_refusals(tmp_path):
-    from posttrain.annotate.jsonl import export_requests, import_labels
-    from posttrain.annotate.step import preference_rows, read_labels_file
+    from posttrain.stages.annotate import export_requests, import_labels
+    from posttrain.stages.annotate import preference_rows, read_labels_file
 
     requests = [req("r01-a", "Sort these numbers: 2 1", "1 2", "2 1"), req("r01-b", "hi", "x", "y")]
     folder = _fake_step_folder(tmp_path, requests)
@@ -209,7 +209,7 @@ def test_jsonl_export_import_round_trip_and_refusals(tmp_path):
 
 
 def _ctx(tmp_path, model_dir, annotator, **cfg):
-    from posttrain.annotate.step import AnnotateConfig
+    from posttrain.stages.annotate import AnnotateConfig
     from posttrain.stage import StageContext
 
     prompts = [{"id": f"p{i}", "prompt": f"Sort these numbers: {i} 3 1"} for i in range(6)]
@@ -228,8 +228,9 @@ def _ctx(tmp_path, model_dir, annotator, **cfg):
 
 
 def test_annotate_step_waits_for_labels_then_writes_a_loadable_batch(tmp_path, tiny_model_dir):
-    from posttrain.annotate.jsonl import ExternalAnnotator, import_labels
-    from posttrain.annotate.step import WaitingForLabels, run
+    from posttrain.annotate.jsonl import ExternalAnnotator
+    from posttrain.stages.annotate import import_labels
+    from posttrain.stages.annotate import WaitingForLabels, run
 
     ctx = _ctx(tmp_path, tiny_model_dir, ExternalAnnotator())
     with pytest.raises(WaitingForLabels, match=r"waiting for labels: 0/\d+ labelled, export with `posttrain annotate export \S+ 1 requests.jsonl`"):
@@ -271,8 +272,9 @@ def test_annotate_step_waits_for_labels_then_writes_a_loadable_batch(tmp_path, t
 
 
 def test_annotate_step_starts_again_when_its_inputs_change_while_waiting(tmp_path, tiny_model_dir):
-    from posttrain.annotate.jsonl import ExternalAnnotator, import_labels
-    from posttrain.annotate.step import WaitingForLabels, read_labels_file, run
+    from posttrain.annotate.jsonl import ExternalAnnotator
+    from posttrain.stages.annotate import import_labels
+    from posttrain.stages.annotate import WaitingForLabels, read_labels_file, run
 
     ctx = _ctx(tmp_path, tiny_model_dir, ExternalAnnotator())
     with pytest.raises(WaitingForLabels):
@@ -292,7 +294,7 @@ def test_annotate_step_starts_again_when_its_inputs_change_while_waiting(tmp_pat
 
 
 def test_ranking_accuracy_by_hand():
-    from posttrain.annotate.step import ranking_accuracy
+    from posttrain.stages.annotate import ranking_accuracy
 
     got = ranking_accuracy([1.0, 2.0, None, 3.0], [0.0, 2.0, 1.0, 4.0],
                            ["better", "better", "better", "slightly_better"])
@@ -436,7 +438,7 @@ def test_cli_annotate_export_and_import(tmp_path, capsys):
 
 def test_cli_run_that_waits_for_labels_is_not_a_failure(tmp_path, capsys, monkeypatch):
     from posttrain import api
-    from posttrain.annotate.step import WaitingForLabels, waiting_summary
+    from posttrain.stages.annotate import WaitingForLabels, waiting_summary
     from posttrain.cli import main
 
     folder = tmp_path / "round_01" / "annotate"

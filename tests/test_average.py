@@ -1,4 +1,4 @@
-"""posttrain.average: streaming weight averaging against in-memory hand computations."""
+"""posttrain.stages.average: streaming weight averaging against in-memory hand computations."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from posttrain.average import (
+from posttrain.stages.average import (
     INDEX_FILE,
     AverageConfig,
     AverageError,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from posttrain import cluster
-from posttrain import sample as sample_stage
+from posttrain.stages import sample as sample_stage
 from posttrain.cluster import ClusterError, ClusterSettings
-from posttrain.sample import SampleConfig
+from posttrain.stages.sample import SampleConfig
 from test_sample import LengthReward, make_ctx, read_shards, write_prompts
 
 TESTS = Path(__file__).resolve().parent
@@ -73,7 +73,7 @@ def test_cluster_settings_are_strict():
 
 
 def test_eval_runs_engines_with_samplings_settings():
-    from posttrain.sample import engine_options
+    from posttrain.stages.sample import engine_options
 
     cfg = SampleConfig(dtype="float32", vllm={"tensor_parallel_size": 4, "engines": 2, "gpu_memory_utilization": 0.5})
     opts = engine_options(cfg, device="cpu", trust_remote_code=True)

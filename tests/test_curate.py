@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from posttrain.curate import (
+from posttrain.stages.curate import (
     CurateConfig,
     CurationRow,
     RuleSpec,
@@ -190,7 +190,7 @@ def test_dedup_stays_inside_clusters():
 
 def test_chunked_neighbour_search_gives_the_same_greedy_as_one_search(monkeypatch):
     # Invariant: how many rows one range search covers changes memory, never the result.
-    from posttrain import curate
+    from posttrain.stages import curate
 
     rng = np.random.default_rng(3)
     emb = np.repeat(rng.normal(size=(60, 8)), 5, axis=0) + 0.05 * rng.normal(size=(300, 8))
@@ -259,7 +259,7 @@ def _msgs(q, a):
 
 
 def test_stage_writes_kept_rows_reasons_and_resumes_from_its_cache(tmp_path, tiny_model_dir, monkeypatch):
-    from posttrain import curate
+    from posttrain.stages import curate
 
     top1 = [{"id": "round_01/a", "messages": _msgs("Sort 3 1 2", "1 2 3"), "score": 1.0},
             {"id": "round_01/b", "messages": _msgs("Sort 3 1 2", "1 2 3"), "score": 0.9},  # a's duplicate
@@ -302,7 +302,7 @@ def test_stage_scores_with_the_rm_and_a_judge_through_the_generation_backend(tmp
     """The RM and the judge are real models here (the random tiny Llama, its RM head untrained):
     the RM keeps its top quartile, and the judge's replies, which name no score, vote no, so
     the union keeps exactly the RM's top row; every dropped row carries the judge's reply."""
-    from posttrain import curate
+    from posttrain.stages import curate
 
     top1 = [{"id": f"t{i}", "messages": _msgs(f"Sort these numbers: {i} 2", f"2 {i}")} for i in range(3, 7)]
     cfg = CurateConfig.model_validate({"enabled": True, "rm_quality": {"enabled": True},
@@ -320,7 +320,7 @@ def test_stage_scores_with_the_rm_and_a_judge_through_the_generation_backend(tmp
 
 
 def test_judge_prompt_renders_the_dialog_into_the_recipe_template(tiny_tokenizer):
-    from posttrain.curate import judge_prompt_ids
+    from posttrain.stages.curate import judge_prompt_ids
 
     rows = [row(0, "1 2 3")]
     ids = judge_prompt_ids(tiny_tokenizer, "Grade this:\n{conversation}", rows)
@@ -330,7 +330,7 @@ def test_judge_prompt_renders_the_dialog_into_the_recipe_template(tiny_tokenizer
 
 
 def test_dry_run_reports_but_hands_sft_nothing(tmp_path, tiny_model_dir):
-    from posttrain import curate
+    from posttrain.stages import curate
 
     top1 = [{"id": "a", "messages": _msgs("q", "I'm sorry")}, {"id": "b", "messages": _msgs("q", "fine")}]
     cfg = CurateConfig.model_validate({"enabled": True, "dry_run": True, "rules": {"enabled": True}})
@@ -344,7 +344,7 @@ def test_dry_run_reports_but_hands_sft_nothing(tmp_path, tiny_model_dir):
 
 
 def test_duplicate_ids_across_top1_and_sft_are_refused(tmp_path, tiny_model_dir):
-    from posttrain import curate
+    from posttrain.stages import curate
 
     cfg = CurateConfig.model_validate({"enabled": True, "rules": {"enabled": True}})
     ctx = _ctx(tmp_path, tiny_model_dir, cfg, [{"id": "x", "messages": _msgs("q", "a")}],
@@ -354,7 +354,7 @@ def test_duplicate_ids_across_top1_and_sft_are_refused(tmp_path, tiny_model_dir)
 
 
 def test_embeddings_are_mean_pooled_unit_vectors_and_identical_dialogs_match(tiny_model_dir):
-    from posttrain.curate import embed_dialogs
+    from posttrain.stages.curate import embed_dialogs
 
     emb = embed_dialogs(tiny_model_dir, ["user: a\nassistant: b", "user: a\nassistant: b", "user: zzz"],
                         batch_size=2)
@@ -367,7 +367,7 @@ def test_embeddings_are_mean_pooled_unit_vectors_and_identical_dialogs_match(tin
 def test_embedding_with_the_reward_model_uses_its_backbone(tmp_path, tiny_model_dir):
     # `embed_with: rm`: AutoModel loads a sequence classifier's backbone without its head. The
     # tiny Llama saved as a reward model has the same backbone, so the vectors are the same.
-    from posttrain.curate import embed_dialogs
+    from posttrain.stages.curate import embed_dialogs
     from posttrain.modeling import load_sequence_classifier, load_tokenizer
 
     rm_dir = tmp_path / "rm"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain import dpo
+from posttrain.stages import dpo
 from posttrain.stage import StageContext, headline
 
 PAIRS = [
@@ -360,7 +360,7 @@ def test_packed_falls_back_to_separate_rows_without_a_block_mask(caplog):
     on, off = dpo.DPOStageConfig(), dpo.DPOStageConfig(packed=False)
     assert on.packed  # the default
     assert dpo.use_packed_rows(on, sdpa) and not dpo.use_packed_rows(off, sdpa)
-    with caplog.at_level("WARNING", logger="posttrain.dpo"):
+    with caplog.at_level("WARNING", logger="posttrain.stages.dpo"):
         assert not dpo.use_packed_rows(on, flash)
     assert "flash_attention_2" in caplog.text and "separate" in caplog.text
 

@@ -100,7 +100,7 @@ def test_annotate_step_waits_for_people_in_label_studio_and_picks_up_their_label
         label_studio, tmp_path, tiny_model_dir, monkeypatch):
     from posttrain.annotate import AnnotatorError
     from posttrain.annotate.labelstudio import LabelStudioAnnotator
-    from posttrain.annotate.step import WaitingForLabels, load_requests, run
+    from posttrain.stages.annotate import WaitingForLabels, load_requests, run
     from posttrain.api import status_table
     from tests.test_annotate import _ctx
 

@@ -111,7 +111,7 @@ def test_chatml_masks_match_the_hand_written_expectation(tokenizer):
     assert enc.input_ids[-1] == eot and enc.labels()[-1] == eot  # <|im_end|> is a target
 
     from posttrain.data import SFTExample
-    from posttrain.sft import encode_sft_examples
+    from posttrain.stages.sft import encode_sft_examples
 
     rows, _ = encode_sft_examples(tokenizer, [SFTExample("x", CONVERSATION)], 512, targets="last_turn")
     assert rows[0]["labels"] == enc.labels()

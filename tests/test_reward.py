@@ -285,7 +285,7 @@ def test_weighted_reward_from_specs_and_component_errors(custom_module):
 @pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
     from posttrain.modeling import save_checkpoint
-    from posttrain.rm import load_reward_model
+    from posttrain.stages.rm import load_reward_model
 
     torch.manual_seed(0)
     model = load_reward_model(tiny_model_dir)
@@ -298,7 +298,7 @@ def rm_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
 
 def test_rm_reward_scores_equal_a_plain_forward(rm_dir, tiny_tokenizer):
     from posttrain import chat
-    from posttrain.rm import load_reward_model
+    from posttrain.stages.rm import load_reward_model
 
     r = R.RMReward(rm_dir, batch_size=2, device="cpu", dtype="float32")
     got = R.checked_score(r, PROMPTS, RESPONSES)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from posttrain import rm
+from posttrain.stages import rm
 from posttrain.preferences import PreferenceFilter, rank
 from posttrain.modeling import last_token_scores
 from posttrain.stats import pearson

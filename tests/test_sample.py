@@ -9,8 +9,8 @@ import pytest
 
 from posttrain import files, generation
 from posttrain.files import write_jsonl
-from posttrain import sample as sample_stage
-from posttrain.sample import SampleConfig, score_summary, select_best
+from posttrain.stages import sample as sample_stage
+from posttrain.stages.sample import SampleConfig, score_summary, select_best
 from posttrain.stage import StageContext, headline
 from test_generation import eot_prone_model
 
@@ -235,7 +235,7 @@ def test_config_rejects_unknown_keys():
 
 def test_seen_conversation_row_system_wins_over_the_capabilitys():
     from posttrain.data import Prompt
-    from posttrain.sample import seen_conversation
+    from posttrain.stages.sample import seen_conversation
 
     user = [{"role": "user", "content": "Sort these numbers: 3 1 2"}]
     own = Prompt(id="a", messages=user, capability="math", system="Row prompt.", meta={}, source="f:1")
@@ -246,7 +246,7 @@ def test_seen_conversation_row_system_wins_over_the_capabilitys():
 
 
 def test_metrics_count_prompts_without_top1_and_the_score_length_correlation():
-    from posttrain.sample import _metrics
+    from posttrain.stages.sample import _metrics
     from posttrain.samples import SampleRow
 
     rows = [SampleRow(id="a", prompt=[], capability=None, responses=["x", "xx"], n_tokens=[1, 3],

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain import sft
+from posttrain.stages import sft
 from posttrain.data import SFTExample
 from posttrain.stage import StageContext, headline, variant_mean
 from posttrain.training import Variant

@@ -66,12 +66,12 @@ def test_every_private_override_lives_in_the_fence_and_is_listed():
     from transformers.cache_utils import DynamicLayer
     from trl import DPOTrainer
 
-    from posttrain import dpo
+    from posttrain.stages import dpo
 
     base = trl_compat.dpo_trainer_base()
     listed = {k.split(":")[1].split(".")[1] for k in trl_compat.PRIVATE_API if k.startswith("trl:DPOTrainer.")}
     assert _private_overrides(base, (DPOTrainer, Trainer)) <= listed
-    # posttrain.dpo's trainer overrides no private TRL / transformers method itself
+    # posttrain.stages.dpo's trainer overrides no private TRL / transformers method itself
     trainer = dpo.masked_dpo_trainer_class()
     assert trainer.__mro__[1] is base
     assert _private_overrides(trainer, (DPOTrainer, Trainer)) == set()

@@ -75,7 +75,7 @@ def test_sample_stage_with_vllm(eot_model_dir, tmp_path):
     import json
 
     from posttrain import files
-    from posttrain import sample as sample_stage
+    from posttrain.stages import sample as sample_stage
     from test_sample import CAPABILITIES, LengthReward, make_ctx, read_shards, write_prompts
 
     ctx = make_ctx(tmp_path, eot_model_dir, write_prompts(tmp_path / "prompts.jsonl"), LengthReward(),

@@ -7,7 +7,7 @@
 Built in: `world:WorldAnnotator` (the embedded task's simulated annotators), `ai:RewardAnnotator`
 (AI feedback: a reward judges the pair), `labelstudio:LabelStudioAnnotator` (people, through a
 Label Studio server), `jsonl:ExternalAnnotator` (any other tool, through `posttrain annotate
-export/import`). The `annotate` step (posttrain.annotate.step) runs them each round.
+export/import`). The `annotate` step (posttrain.stages.annotate) runs them each round.
 """
 
 from posttrain.annotate.base import (

@@ -10,7 +10,6 @@ every rank has finished.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
@@ -47,9 +46,9 @@ def run_spec(spec: dict, reward=None, annotator=None):
     ctx.reward = reward
     ctx.annotator = annotator
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    from posttrain.stage import REGISTRY
+    from posttrain.stage import module
 
-    return importlib.import_module(dict(REGISTRY)[spec["stage"]]).run(ctx)
+    return module(spec["stage"]).run(ctx)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,7 @@ class WorldConfig:
     eval_samples: int = 4
     max_new_tokens: int = 24
 
-    # Opt-in noise that gives data curation (posttrain.curate) something real to clean. Off
+    # Opt-in noise that gives data curation (posttrain.stages.curate) something real to clean. Off
     # in the default world, whose files (and world.json) stay byte for byte what they were.
     sft_noisy_share: float = 0.0
     """Share of seed SFT rows whose writer wrapped the right answer in an apology, exclamation

@@ -245,11 +245,11 @@ class SFTInputs:
 
 
 def _resolve(rnd) -> SFTInputs:
-    from posttrain.curate import curated
+    from posttrain.stages.curate import curated
 
     r = rnd.recipe
     rounds = range(1, rnd.n + 1) if r.sft.cumulative else [rnd.n]
-    # A round that curated (posttrain.curate) hands on its kept rows instead.
+    # A round that curated (posttrain.stages.curate) hands on its kept rows instead.
     top1 = [curated(rnd, "top1", m) or rnd.output("sample", "top1", m) for m in rounds]
     sft_files = curated(rnd, "sft")
     init = rnd.previous_model() if r.sft.init == "previous" else None

@@ -756,7 +756,7 @@ class DPOInputs:
 
 def _resolve(rnd) -> DPOInputs:
     r = rnd.recipe
-    from posttrain.curate import curated
+    from posttrain.stages.curate import curated
 
     cleaned = curated(rnd, "preferences")  # this round's batch after curate.preferences
     return DPOInputs(sft_model=rnd.output("sft", "model"),

@@ -39,7 +39,7 @@ def load_eval_prompts(inputs: "EvalInputs", max_prompts: int | None) -> list:
     """The held-out prompts, each holding the conversation the policy sees (system prompts
     applied exactly as in sampling), which is what is rendered and scored."""
     from posttrain.data import load_prompts
-    from posttrain.sample import seen_conversation
+    from posttrain.stages.sample import seen_conversation
 
     prompts = []
     for path in inputs.prompt_files:
@@ -58,7 +58,7 @@ def generate_responses(ctx: StageContext, model_dir: str | Path, prompts: list, 
     from posttrain.generation import SamplingSettings, generate
     from posttrain.modeling import load_tokenizer
     from posttrain.progress import bar
-    from posttrain.sample import engine_options
+    from posttrain.stages.sample import engine_options
 
     cfg, r = ctx.config, ctx.recipe
     tok = load_tokenizer(model_dir, trust_remote_code=ctx.trust_remote_code)

@@ -30,6 +30,7 @@ recipe's, or passes an object given from Python). Outputs: `requests`, `labels`,
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 from collections import Counter
@@ -473,3 +474,44 @@ def _headline(m: dict) -> list[tuple[str, Any]]:
 
 STAGE = StageDef(name="annotate", inputs=AnnotateInputs, resolve=_resolve, headline=_headline,
                  uses_annotator=True, enabled=enabled, preference_batches=annotated_batches)
+
+
+# ----------------------------------------------------------------------------- export / import (posttrain annotate)
+
+
+def _step_folder(run_dir: str | os.PathLike, round: int) -> Path:
+    from posttrain.records import stage_dir
+
+    folder = stage_dir(run_dir, round, "annotate")
+    if not (folder / "requests.json").is_file():
+        raise FileNotFoundError(f"{folder}: round {round} has no annotation requests yet (its annotate step "
+                                "makes them after the round's model; run the round first)")
+    return folder
+
+
+def export_requests(run_dir: str | os.PathLike, round: int, out: str | os.PathLike) -> int:
+    """Write round `round`'s requests to `out` (JSONL, the format above); returns how many."""
+    from posttrain.files import write_jsonl
+
+    folder = _step_folder(run_dir, round)
+    return write_jsonl(out, [r.to_row() for r in load_requests(folder)])
+
+
+def import_labels(run_dir: str | os.PathLike, round: int, path: str | os.PathLike) -> dict:
+    """Check the labels in `path` against round `round`'s requests and add them to the step's
+    labels (a label for a request labelled before replaces it). The next `posttrain run`
+    picks them up. Refused once the step has finished: its batch is recorded."""
+    from posttrain.annotate.jsonl import read_labels
+    from posttrain.records import RECORD
+
+    folder = _step_folder(run_dir, round)
+    if (folder / RECORD).is_file():
+        raise FileExistsError(f"{folder}: round {round}'s annotate step has finished and its batch is recorded; "
+                              "labels cannot change under it (run it again with --redo annotate to relabel)")
+    requests = load_requests(folder)
+    new = read_labels(path, {r.id: r for r in requests})
+    labels = read_labels_file(folder)
+    replaced = sum(label.request_id in labels for label in new)
+    labels.update({label.request_id: label for label in new})
+    write_labels_file(folder, labels, requests)
+    return {"imported": len(new), "replaced": replaced, "labelled": len(labels), "requests": len(requests)}
