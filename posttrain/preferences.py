@@ -95,9 +95,14 @@ def rank(pref: Any, settings: PreferenceFilter, *, edited_strength: str | None =
                 strengths.append(s)
     if not kept:
         return None, drops
-    used = sorted({k for p in kept for k in p})
-    remap = {old: new for new, old in enumerate(used)}
+    kept_responses, kept = keep_paired(responses, kept)
     source = str(getattr(pref, "source", ""))
     return Ranking(id=str(getattr(pref, "id", source)), source=source, prompt=list(pref.prompt),
-                   responses=[responses[k] for k in used], pairs=[(remap[a], remap[b]) for a, b in kept],
-                   strengths=strengths), drops
+                   responses=kept_responses, pairs=kept, strengths=strengths), drops
+
+
+def keep_paired(items: list, pairs: list[tuple[int, int]]) -> tuple[list, list[tuple[int, int]]]:
+    """The items that some pair uses, in order, and the pairs re-indexed into that list."""
+    used = sorted({k for p in pairs for k in p})
+    remap = {old: new for new, old in enumerate(used)}
+    return [items[k] for k in used], [(remap[a], remap[b]) for a, b in pairs]

@@ -37,7 +37,7 @@ from pydantic import Field, field_validator, model_validator
 from posttrain import distributed, training
 from posttrain.data import STRENGTHS
 from posttrain.packing import block_attention_mask, model_attention_mask  # noqa: F401 (rm.block_attention_mask is used by tests)
-from posttrain.preferences import PreferenceFilter, Ranking, rank
+from posttrain.preferences import PreferenceFilter, Ranking, keep_paired, rank
 from posttrain.stage import StageContext, StageDef, StageResult, metric, path_field
 from posttrain.stats import mean, pearson
 
@@ -184,10 +184,8 @@ def encode_ranking(tokenizer, ranking: Ranking, max_length: int) -> tuple[Encode
             strengths.append(s)
     if not pairs:
         return None, drops
-    used = sorted({k for p in pairs for k in p})
-    remap = {old: new for new, old in enumerate(used)}
-    return EncodedRanking(prompt_ids=prompt_ids, response_ids=[responses[k] for k in used],
-                          pairs=[(remap[a], remap[b]) for a, b in pairs], strengths=strengths,
+    response_ids, pairs = keep_paired(responses, pairs)
+    return EncodedRanking(prompt_ids=prompt_ids, response_ids=response_ids, pairs=pairs, strengths=strengths,
                           source=ranking.source), drops
 
 
