@@ -225,6 +225,12 @@ def demo(run_dir="runs/demo", rounds: str | None = None, recipe: str = "demo", w
                   f"from the initial policy to a perfect score")
     else:
         print("no evaluation recorded")
+    accuracy = [(n, ((rec or {}).get("metrics", {}).get("rm_accuracy") or {}).get("accuracy"))
+                for n in list_rounds(run_dir) for rec in [read_record(run_dir, n, "annotate")]]
+    accuracy = [(n, a) for n, a in accuracy if isinstance(a, float)]
+    if accuracy:
+        print("reward model's accuracy on the next batch (the latest models' pairs, never trained on): "
+              + "; ".join(f"round {n}: {a:.3f}" for n, a in accuracy))
     print(f"report: {path}")
     return 0
 

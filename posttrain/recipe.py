@@ -139,6 +139,9 @@ class EvalSettings(StrictModel):
     """A programmatic checker giving the task score (e.g. unit tests, answer match)."""
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     """Generation backend."""
+    variants: bool = False
+    """Also evaluate each of the round's DPO variants, so the averaged model can be compared
+    with every model it averages (`variants` in the eval metrics; with two or more variants)."""
 
 
 # --------------------------------------------------------------------------- the recipe

@@ -48,7 +48,8 @@ def sample_score_distributions(run_dir: Path, records: dict[int, dict[str, dict]
 
 
 def rm_health_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
-    """Per round: how well the reward model ranks held-out pairs, and how much it follows length."""
+    """Per round: how well the reward model ranks held-out pairs and the next batch (the pairs
+    annotated on this round's models, which it has not seen), and how much it follows length."""
     rows = []
     for n, recs in sorted(records.items()):
         h = (recs.get("rm", {}).get("metrics") or {}).get("heldout") or {}
@@ -59,8 +60,23 @@ def rm_health_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
                      f"{_fmt(shorter)} ({h.get('pairs_chosen_shorter', 0)} pairs)" if shorter is not None else "-",
                      _fmt(h.get("prefers_longer")), _fmt(h.get("score_length_correlation")),
                      _fmt((recs.get("sample", {}).get("metrics") or {}).get("score_length_correlation")),
-                     _fmt(h.get("min_accuracy"))])
+                     _fmt(h.get("min_accuracy")),
+                     _fmt(((recs.get("annotate", {}).get("metrics") or {}).get("rm_accuracy") or {}).get("accuracy"))])
     return rows
+
+
+def variant_rows(records: dict[int, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """The variants' names, and per round that evaluated them: the averaged model's task score
+    (else mean reward), each variant's, and the averaged model minus the best variant."""
+    evals = {n: recs["eval"]["metrics"] for n, recs in sorted(records.items())
+             if ((recs.get("eval") or {}).get("metrics") or {}).get("variants")}
+    names = sorted({v for m in evals.values() for v in m["variants"]})
+    rows = []
+    for n, m in evals.items():
+        key = "task_score" if m.get("task_score") is not None else "mean_reward"
+        rows.append([str(n), _fmt(m.get(key)), *(_fmt((m["variants"].get(v) or {}).get(key)) for v in names),
+                     _fmt(m.get("average_minus_best_variant"))])
+    return names, rows
 
 
 def data_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
@@ -230,9 +246,19 @@ def write_report(run_dir: Path) -> Path:
                   "Held-out pairs the reward model ranks right; where the better response is the shorter "
                   "one (a model that ranks by length fails these); how often it scores the longer response "
                   "higher (0.5: no preference); how its scores correlate with length, on held-out responses "
-                  "and on the round's samples. Below `rm.min_heldout_accuracy` the round stops.", ""]
+                  "and on the round's samples. Below `rm.min_heldout_accuracy` the round stops. The last "
+                  "column ranks the next batch: the pairs annotated on this round's models, which this RM "
+                  "never saw (`annotate.rm_accuracy`); falling there while rising held-out means the RM "
+                  "no longer knows the policy it ranks.", ""]
         lines += _table(["round", "accuracy", "pairs", "accuracy, better is shorter", "prefers longer",
-                         "score~length (held-out)", "score~length (samples)", "min accuracy"], health)
+                         "score~length (held-out)", "score~length (samples)", "min accuracy",
+                         "accuracy, next batch"], health)
+    names, soups = variant_rows(records)
+    if soups:
+        lines += ["", "## The averaged model and its variants", "",
+                  "Task score (else mean reward) of the round's model, the weight average of its DPO variants, "
+                  "and of each variant alone, on the same held-out prompts (`eval.variants`).", ""]
+        lines += _table(["round", "averaged", *names, "averaged - best variant"], soups)
     counts = data_rows(records)
     if counts:
         lines += ["", "## Data per stage", "",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from posttrain.report import data_rows, rm_health_rows, write_report
+from posttrain.report import data_rows, rm_health_rows, variant_rows, write_report
 from posttrain.files import atomic_write_json
 
 RM = {"heldout": {"accuracy": 0.349, "pairs": 43, "accuracy_chosen_shorter": 0.2, "pairs_chosen_shorter": 20,
@@ -18,7 +18,7 @@ SFT = {"unit": "examples", "rows_read": 221, "rows_trained": 171, "rows_trained_
 def test_health_and_data_tables_from_the_records():
     records = {1: {"rm": {"metrics": RM}, "sample": {"metrics": SAMPLE}, "sft": {"metrics": SFT}}}
     assert rm_health_rows(records) == [
-        ["1", "0.349", "43", "0.200 (20 pairs)", "0.580", "0.460", "0.410", "0.300"]]
+        ["1", "0.349", "43", "0.200 (20 pairs)", "0.580", "0.460", "0.410", "0.300", "-"]]
     assert data_rows(records) == [
         ["1", "rm", "pairs", "400", "280", "too_long 102, held_out 18", "0"],
         ["1", "sample", "prompts", "32", "21 top-1", "no_top1 11", "-"],
@@ -34,3 +34,22 @@ def test_write_report_has_both_sections(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "## Reward model health" in text and "| 1 | 0.349 | 43 | 0.200 (20 pairs) |" in text
     assert "## Data per stage" in text and "| 1 | sft | examples | 221 | 171 (v0 171, v1 86) |" in text
+
+
+EVAL = {"task_score": 0.81, "mean_reward": 1.2, "average_minus_best_variant": 0.02,
+        "variants": {"v0": {"task_score": 0.79, "mean_reward": 1.1}, "v1": {"task_score": 0.75, "mean_reward": 0.9}}}
+
+
+def test_the_averaged_model_against_each_variant():
+    records = {1: {"eval": {"metrics": EVAL}}, 2: {"eval": {"metrics": {"task_score": 0.9}}}}
+    assert variant_rows(records) == (["v0", "v1"], [["1", "0.810", "0.790", "0.750", "0.020"]])
+
+
+def test_without_variants_the_report_has_no_variant_section(tmp_path):
+    atomic_write_json(tmp_path / "round_01" / "eval" / "record.json",
+                      {"stage": "eval", "round": 1, "outputs": {}, "metrics": {"task_score": 0.5}})
+    assert "its variants" not in write_report(tmp_path).read_text()
+    atomic_write_json(tmp_path / "round_02" / "eval" / "record.json",
+                      {"stage": "eval", "round": 2, "outputs": {}, "metrics": EVAL})
+    text = write_report(tmp_path).read_text()
+    assert "## The averaged model and its variants" in text and "| 2 | 0.810 | 0.790 | 0.750 | 0.020 |" in text

@@ -75,6 +75,8 @@ def small_recipe(tmp_path: Path, *, n_prompts: int = 24, shard_size: int = 8) ->
     recipe["sft"].update(epochs=1)
     recipe["dpo"].update(epochs=1)
     recipe["eval"].update(max_prompts=16)
+    if "annotate" in recipe:
+        recipe["annotate"].update(prompts=[str(tmp_path / "prompts.jsonl")], comparisons=16)
     path = tmp_path / "small.yaml"
     path.write_text("# posttrain run --recipe small.yaml --run-dir run --rounds 1-2\n" + yaml.safe_dump(recipe))
     return path
@@ -100,7 +102,8 @@ def test_two_rounds_end_to_end_through_the_cli(tmp_path):
             for out in rec["outputs"].values():
                 paths = out["path"] if isinstance(out["path"], list) else [out["path"]]
                 assert all((run_dir / p).exists() for p in paths)
-    # Round 2 trained its RM on both batches (cumulative) and sampled from round 1's model.
+    # Round 2 trained its RM on both batches (the recipe's and the one annotated on round 1's
+    # models, cumulative) and sampled from round 1's model.
     rm2 = read_record(run_dir, 2, "rm")
     assert len(rm2["inputs"]["inputs"]["preference_files"]) == 2
     sample2 = read_record(run_dir, 2, "sample")
@@ -113,6 +116,11 @@ def test_two_rounds_end_to_end_through_the_cli(tmp_path):
     per_prompt = yaml.safe_load(recipe.read_text())["eval"]["samples_per_prompt"]
     assert ev["win_rate_vs_previous"] is not None
     assert (ev["prompts"], ev["responses"]) == (16, 16 * per_prompt)
+    # The averaged model is evaluated beside each DPO variant it averages.
+    assert sorted(ev["variants"]) == ["v0", "v1"]
+    assert all(0.0 <= v["task_score"] <= 1.0 for v in ev["variants"].values())
+    best = max(v["task_score"] for v in ev["variants"].values())
+    assert ev["average_minus_best_variant"] == pytest.approx(ev["task_score"] - best)
     # The sampled scores are recorded for every prompt.
     shards = sorted((run_dir / "round_01" / "sample" / "samples").glob("shard_*.jsonl"))
     rows = [r for s in shards for r in iter_jsonl(s)]

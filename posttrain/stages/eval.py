@@ -7,7 +7,10 @@ Metrics (in `round_NN/eval/record.json`):
   this round's response to the previous round's / the initial policy's (ties count half);
 - `mean_length` (generated tokens), `eot_rate` (responses that end with the end-of-turn
   token), `empty_rate` (responses that stop with no content);
-- `rm_heldout_accuracy`: copied from this round's `rm` record.
+- `rm_heldout_accuracy`: copied from this round's `rm` record;
+- `variants` (with `eval.variants` and two or more DPO variants): each variant's `task_score`
+  and `mean_reward` on the same prompts, so the averaged model can be compared with each
+  model it averages; `average_minus_best_variant` is the task score (else reward) gap.
 The initial policy's responses are generated once (round 1, output `initial_responses`) and
 reused by later rounds while the model, prompts and settings are the same; the previous
 round's responses come from its eval record.
@@ -120,6 +123,27 @@ def _responses(ctx: StageContext, path: Path, model_dir: str, prompts: list, lab
     return rows
 
 
+def _evaluate_variants(ctx: StageContext, models: list[str], prompts: list, out: Path) -> dict[str, dict]:
+    """Each DPO variant's task score and mean reward, on the prompts and settings the round's
+    model is evaluated with (responses kept in `variants/<name>.jsonl`, reused on resume)."""
+    from posttrain.cluster import scoring
+    from posttrain.reward import load_reward
+
+    cfg, cluster = ctx.config, ctx.recipe.sample.cluster
+    found = {}
+    for model in models:
+        name = Path(model).parent.name  # <dpo>/variants/<name>/model
+        rows = _responses(ctx, out / "variants" / f"{name}.jsonl", model, prompts, f"DPO variant {name}")
+        with scoring(ctx.reward, cluster) as score:
+            rewards = _score(score, prompts, rows)
+        checks = None
+        if cfg.checker is not None:
+            with scoring(load_reward(cfg.checker.model_dump()), cluster) as check:
+                checks = _score(check, prompts, rows)
+        found[name] = {"task_score": mean(checks) if checks is not None else None, "mean_reward": mean(rewards)}
+    return found
+
+
 def run(ctx: StageContext) -> StageResult:
     """Evaluate the round's final model; see the module docstring for the metrics."""
     from posttrain.cluster import scoring
@@ -159,6 +183,12 @@ def run(ctx: StageContext) -> StageResult:
     metrics["win_rate_vs_initial"] = win_rate(rewards["ours"], rewards["initial"])
     metrics["win_rate_vs_previous"] = win_rate(rewards["ours"], rewards["previous"]) if "previous" in rewards else None
     metrics["rm_heldout_accuracy"] = inp.rm_heldout_accuracy
+    if inp.variant_models:
+        metrics["variants"] = _evaluate_variants(ctx, inp.variant_models, prompts, out)
+        key = "task_score" if checks is not None else "mean_reward"
+        best = max((v[key] for v in metrics["variants"].values() if v[key] is not None), default=None)
+        metrics["average_minus_best_variant"] = (metrics[key] - best if best is not None and metrics[key] is not None
+                                                 else None)
     metrics["prompts"] = len(prompts)
     metrics["responses"] = len(rows)
     for row, rew, chk in zip(rows, rewards["ours"], checks or [None] * len(rows)):
@@ -189,6 +219,8 @@ class EvalInputs:
     capabilities: dict[str, dict] = field(default_factory=dict)
     prompt_capabilities: dict[str, str] = field(default_factory=dict)
     rm_heldout_accuracy: float | None = None
+    variant_models: list[str] = path_field(default_factory=list)
+    """The round's DPO variants, evaluated beside the averaged model (`eval.variants`)."""
 
 
 def _resolve(rnd) -> EvalInputs:
@@ -201,7 +233,14 @@ def _resolve(rnd) -> EvalInputs:
         previous_responses=_output_or_none(rnd, previous, "responses"),
         capabilities={name: c.model_dump() for name, c in r.capabilities.items()},
         prompt_capabilities={rnd.path(p.path): p.capability for p in r.data.eval_prompts if p.capability},
-        rm_heldout_accuracy=((rnd.record("rm") or {}).get("metrics", {}).get("heldout") or {}).get("accuracy"))
+        rm_heldout_accuracy=((rnd.record("rm") or {}).get("metrics", {}).get("heldout") or {}).get("accuracy"),
+        variant_models=_variant_models(rnd))
+
+
+def _variant_models(rnd) -> list[str]:
+    if not rnd.recipe.eval.variants or len(rnd.recipe.dpo.variants) < 2 or rnd.record("dpo") is None:
+        return []
+    return rnd.output("dpo", "variants")
 
 
 def _output_or_none(rnd, record: dict | None, name: str) -> str | None:
