@@ -129,7 +129,7 @@ def test_two_rounds_end_to_end_through_the_cli(tmp_path):
     # A second run of the same command skips everything.
     again = cli("run", "--rounds", "1-2", "--recipe", str(recipe), "--run-dir", str(run_dir))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("finished earlier, skipped") == 12
+    assert again.stderr.count("finished earlier, skipped") == 14  # 5 stages, eval and annotate, x 2 rounds
 
     status = cli("status", str(run_dir))
     assert status.returncode == 0 and "done" in status.stdout
