@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import copy
 import importlib.util
-import json
 import os
 import random
 import statistics
@@ -171,8 +170,6 @@ def vllm_python() -> str | None:
 
 
 def bench_sample(model_dir: Path, tok, a, root: Path) -> tuple[str, str | None]:
-    import torch
-
     from posttrain.modeling import load_causal_lm
 
     sb = _bench_module("sample")

@@ -142,7 +142,6 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     The result loads with transformers and vLLM like any checkpoint; the weights carry the
     quantisation's error (a Q4 file gives a model close to, not equal to, the original).
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_file = Path(gguf_file)

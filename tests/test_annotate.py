@@ -388,7 +388,7 @@ def test_round_two_trains_on_what_round_one_annotated(tmp_path):
     assert read_record(run_dir, 2, "rm")["metrics"]["rankings"] > read_record(run_dir, 1, "rm")["metrics"]["rankings"]
 
     status = cli("status", str(run_dir))
-    assert f"done" in status.stdout and "labelled=" in status.stdout
+    assert "done" in status.stdout and "labelled=" in status.stdout
 
 
 def test_validate_checks_the_annotator_target_before_anything_runs(tmp_path):

@@ -45,7 +45,7 @@ def test_rule_violations_count_rate_and_case():
     assert rule_violations(text, [APOLOGY, BANG, EMOJI]) == [
         {"rule": "apology", "count": 2, "per_100_words": 25.0, "limit": "count 2 > 0"},
         {"rule": "exclamation", "count": 3, "per_100_words": 37.5,
-         "limit": f"37.5 per 100 words > 10"},
+         "limit": "37.5 per 100 words > 10"},
     ]
     # One '!' in a short reply is a high rate but under rate_min_count (2): not over-use.
     assert rule_violations("Done!", [BANG]) == []

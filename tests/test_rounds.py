@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.files import atomic_write_json, hash_path, iter_jsonl, read_json, write_jsonl
+from posttrain.files import atomic_write_json, iter_jsonl, write_jsonl
 from posttrain.records import read_record
 from posttrain.rounds.orchestrator import RoundError, check_previous_round, parse_rounds
 

@@ -3,11 +3,9 @@ fault a failure is, and the small things of `status`, `--help` and pipes."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
