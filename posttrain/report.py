@@ -145,6 +145,11 @@ def _plots(folder: Path, records, dists) -> list[str]:
             pts = series(k)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        pts = [(n, ((records[n].get("annotate", {}).get("metrics") or {}).get("rm_accuracy") or {}).get("accuracy"))
+               for n in rounds]
+        pts = [(x, y) for x, y in pts if isinstance(y, float)]
+        if pts:  # the pairs annotated on this round's models, which its RM never saw
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--", label="RM accuracy, next batch")
         base = records[rounds[0]]["eval"]["metrics"].get("initial_task_score")
         if isinstance(base, (int, float)):
             ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="task score of the initial policy")
