@@ -30,17 +30,21 @@ def fake_run(run_dir: Path, name: str, scores: list[float], *, annotated: int = 
     return run_dir
 
 
-def test_the_rm_loop_passes_when_it_rises_through_round_4_and_closes_60_percent(tmp_path, capsys):
-    run = fake_run(tmp_path / "a", "demo", [0.6, 0.7, 0.75, 0.8, 0.79, 0.81])  # round 5 may dip
+def test_the_rm_loop_passes_when_it_rises_and_closes_60_percent(tmp_path, capsys):
+    # Round 3 may sit a little below round 2 (a plateau seen through sampling noise), round 5 too.
+    run = fake_run(tmp_path / "a", "demo", [0.6, 0.75, 0.72, 0.8, 0.79, 0.81])
     assert check_demo.check(run) == []
     assert "closes 62% of the gap" in capsys.readouterr().out
 
 
 def test_each_failed_claim_is_named(tmp_path):
-    run = fake_run(tmp_path / "b", "demo", [0.6, 0.7, 0.7, 0.75, 0.76, 0.77], annotated=3, variants=False)
+    run = fake_run(tmp_path / "b", "demo", [0.6, 0.6, 0.75, 0.7, 0.76, 0.77], annotated=3, variants=False)
     failures = check_demo.check(run)
-    assert "round 3's task score 0.700 is not above round 2's 0.700" in failures
+    assert "round 2's task score 0.600 is not above round 1's 0.600" in failures
+    assert "round 4's task score 0.700 is more than 0.04 below the best round before it (0.750)" in failures
     assert "round 6 closes 54% of the gap, less than 60%" in failures
+    run = fake_run(tmp_path / "b2", "demo", [0.6, 0.7, 0.69, 0.7, 0.8, 0.8])
+    assert check_demo.check(run) == ["round 4's task score 0.700 is not above round 2's 0.700"]
     assert "round 4 annotated no batch" in failures and "round 5 annotated no batch" in failures
     assert "round 1's eval did not compare the averaged model with two variants" in failures
 
