@@ -198,13 +198,20 @@ def _recipe_for_world_seed(recipe: str, seed: int, run_dir: Path):
     return load_recipe(path)
 
 
-def demo(run_dir="runs/demo", rounds: str | None = None, recipe: str = "demo", world_seed: int = 0) -> int:
-    """Build the embedded world, run the loop on it, write the report, print the scores."""
+def demo_run_dir(recipe: str, world_seed: int = 0) -> Path:
+    """runs/<recipe name or file stem>, with -world<S> for a world seed other than 0."""
+    return Path("runs") / (Path(recipe).stem + (f"-world{world_seed}" if world_seed else ""))
+
+
+def demo(run_dir=None, rounds: str | None = None, recipe: str = "demo", world_seed: int = 0) -> int:
+    """Build the embedded world, run the loop on it, write the report, print the scores.
+    `run_dir` defaults to runs/<recipe name>, with -world<S> for a world seed other than 0,
+    so two loops or two worlds never share a folder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from posttrain.world.build import ensure_world
 
     w = ensure_world(seed=world_seed)
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir) if run_dir is not None else demo_run_dir(recipe, world_seed)
     run(_recipe_for_world_seed(recipe, world_seed, run_dir), run_dir, rounds=rounds)
     path = report(run_dir)
     print(status_table(run_dir))

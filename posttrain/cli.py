@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="six rounds on the embedded world, then the report (no download)",
                        description="Build the embedded world (tiny model, synthetic task, simulated annotators) "
                                    "and run the loop on it, then write the report.")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="run folder (default: runs/<recipe>, with -world<S> for a world seed other than 0: "
+                        "runs/demo, runs/demo_checker, runs/demo-world1)")
     p.add_argument("--rounds", default=None, help="rounds to run (default: the recipe's, six)")
     p.add_argument("--recipe", default="demo", help="recipe (default: the shipped demo recipe)")
     p.add_argument("--world-seed", type=int, default=0,

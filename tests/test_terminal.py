@@ -178,3 +178,14 @@ def test_demo_on_another_world_seed_points_every_world_path_there(tmp_path, monk
     assert loaded.resolve_path(recipe.models.base) == str(tmp_path / "w")
     assert asked == ["world@2:base_model"]
     assert _recipe_for_world_seed("demo", 0, tmp_path / "run0").path.name == "demo.yaml"
+
+
+def test_each_demo_loop_and_world_gets_its_own_default_run_folder():
+    from posttrain.api import demo_run_dir
+    from posttrain.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).run_dir is None  # chosen from the recipe and world seed
+    assert demo_run_dir("demo") == Path("runs/demo")
+    assert demo_run_dir("demo_checker") == Path("runs/demo_checker")
+    assert demo_run_dir("demo", 1) == Path("runs/demo-world1")
+    assert demo_run_dir("/my/recipes/loop.yaml") == Path("runs/loop")
