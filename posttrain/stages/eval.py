@@ -123,24 +123,13 @@ def _responses(ctx: StageContext, path: Path, model_dir: str, prompts: list, lab
     return rows
 
 
-def _evaluate_variants(ctx: StageContext, models: list[str], prompts: list, out: Path) -> dict[str, dict]:
-    """Each DPO variant's task score and mean reward, on the prompts and settings the round's
-    model is evaluated with (responses kept in `variants/<name>.jsonl`, reused on resume)."""
-    from posttrain.cluster import scoring
-    from posttrain.reward import load_reward
-
-    cfg, cluster = ctx.config, ctx.recipe.sample.cluster
+def _variant_responses(ctx: StageContext, models: list[str], prompts: list, out: Path) -> dict[str, list[dict]]:
+    """Each DPO variant's responses, on the prompts and settings the round's model is evaluated
+    with (kept in `variants/<name>.jsonl`, reused on resume), by variant name."""
     found = {}
     for model in models:
         name = Path(model).parent.name  # <dpo>/variants/<name>/model
-        rows = _responses(ctx, out / "variants" / f"{name}.jsonl", model, prompts, f"DPO variant {name}")
-        with scoring(ctx.reward, cluster) as score:
-            rewards = _score(score, prompts, rows)
-        checks = None
-        if cfg.checker is not None:
-            with scoring(load_reward(cfg.checker.model_dump()), cluster) as check:
-                checks = _score(check, prompts, rows)
-        found[name] = {"task_score": mean(checks) if checks is not None else None, "mean_reward": mean(rewards)}
+        found[name] = _responses(ctx, out / "variants" / f"{name}.jsonl", model, prompts, f"DPO variant {name}")
     return found
 
 
@@ -166,16 +155,21 @@ def run(ctx: StageContext) -> StageResult:
     if prev_rows is not None and [(x["id"], x["sample"]) for x in prev_rows] != [(x["id"], x["sample"]) for x in rows]:
         prev_rows = None  # evaluated on other prompts: no paired comparison
 
+    variant_rows = _variant_responses(ctx, inp.variant_models, prompts, out)
+
     cluster = ctx.recipe.sample.cluster
     with scoring(ctx.reward, cluster) as score:  # with a cluster, the RM loads there, not here
         rewards = {"ours": _score(score, prompts, rows), "initial": _score(score, prompts, initial_rows)}
         if prev_rows is not None:
             rewards["previous"] = _score(score, prompts, prev_rows)
+        variant_rewards = {name: _score(score, prompts, vrows) for name, vrows in variant_rows.items()}
     checks = checks_initial = None
+    variant_checks: dict[str, list] = {}
     if cfg.checker is not None:
         checker = load_reward(cfg.checker.model_dump())
         with scoring(checker, cluster) as check:
             checks, checks_initial = _score(check, prompts, rows), _score(check, prompts, initial_rows)
+            variant_checks = {name: _score(check, prompts, vrows) for name, vrows in variant_rows.items()}
 
     metrics = _summaries(rows, rewards["ours"], checks)
     initial = _summaries(initial_rows, rewards["initial"], checks_initial)
@@ -183,8 +177,9 @@ def run(ctx: StageContext) -> StageResult:
     metrics["win_rate_vs_initial"] = win_rate(rewards["ours"], rewards["initial"])
     metrics["win_rate_vs_previous"] = win_rate(rewards["ours"], rewards["previous"]) if "previous" in rewards else None
     metrics["rm_heldout_accuracy"] = inp.rm_heldout_accuracy
-    if inp.variant_models:
-        metrics["variants"] = _evaluate_variants(ctx, inp.variant_models, prompts, out)
+    if variant_rows:
+        metrics["variants"] = {name: {"task_score": mean(variant_checks[name]) if checks is not None else None,
+                                      "mean_reward": mean(variant_rewards[name])} for name in variant_rows}
         key = "task_score" if checks is not None else "mean_reward"
         best = max((v[key] for v in metrics["variants"].values() if v[key] is not None), default=None)
         metrics["average_minus_best_variant"] = (metrics[key] - best if best is not None and metrics[key] is not None
