@@ -208,6 +208,7 @@ def demo(run_dir=None, rounds: str | None = None, recipe: str = "demo", world_se
     `run_dir` defaults to runs/<recipe name>, with -world<S> for a world seed other than 0,
     so two loops or two worlds never share a folder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from posttrain.stages.annotate import next_batch_accuracy
     from posttrain.world.build import ensure_world
 
     w = ensure_world(seed=world_seed)
@@ -232,9 +233,8 @@ def demo(run_dir=None, rounds: str | None = None, recipe: str = "demo", world_se
                   f"from the initial policy to a perfect score")
     else:
         print("no evaluation recorded")
-    accuracy = [(n, ((rec or {}).get("metrics", {}).get("rm_accuracy") or {}).get("accuracy"))
-                for n in list_rounds(run_dir) for rec in [read_record(run_dir, n, "annotate")]]
-    accuracy = [(n, a) for n, a in accuracy if isinstance(a, float)]
+    accuracy = [(n, next_batch_accuracy(read_record(run_dir, n, "annotate"))) for n in list_rounds(run_dir)]
+    accuracy = [(n, a) for n, a in accuracy if a is not None]
     if accuracy:
         print("reward model's accuracy on the next batch (the latest models' pairs, never trained on): "
               + "; ".join(f"round {n}: {a:.3f}" for n, a in accuracy))

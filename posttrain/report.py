@@ -8,6 +8,7 @@ from posttrain.files import atomic_write_text
 from posttrain.records import output_path, read_record
 from posttrain.samples import iter_rows
 from posttrain.stage import STEPS
+from posttrain.stages.annotate import next_batch_accuracy
 from posttrain.rounds.orchestrator import list_rounds
 
 EVAL_METRICS = [
@@ -61,7 +62,7 @@ def rm_health_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
                      _fmt(h.get("prefers_longer")), _fmt(h.get("score_length_correlation")),
                      _fmt((recs.get("sample", {}).get("metrics") or {}).get("score_length_correlation")),
                      _fmt(h.get("min_accuracy")),
-                     _fmt(((recs.get("annotate", {}).get("metrics") or {}).get("rm_accuracy") or {}).get("accuracy"))])
+                     _fmt(next_batch_accuracy(recs.get("annotate")))])
     return rows
 
 
@@ -145,9 +146,8 @@ def _plots(folder: Path, records, dists) -> list[str]:
             pts = series(k)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        pts = [(n, ((records[n].get("annotate", {}).get("metrics") or {}).get("rm_accuracy") or {}).get("accuracy"))
-               for n in rounds]
-        pts = [(x, y) for x, y in pts if isinstance(y, float)]
+        pts = [(n, next_batch_accuracy(records[n].get("annotate"))) for n in rounds]
+        pts = [(x, y) for x, y in pts if y is not None]
         if pts:  # the pairs annotated on this round's models, which its RM never saw
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--", label="RM accuracy, next batch")
         base = records[rounds[0]]["eval"]["metrics"].get("initial_task_score")

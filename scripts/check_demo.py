@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from posttrain.records import read_record
+from posttrain.stages.annotate import next_batch_accuracy
 
 ROUNDS = 6
 
@@ -90,10 +91,9 @@ def check(run_dir: Path) -> list[str]:
         failures.append(f"round {ROUNDS} closes {closed:.0%} of the gap, less than {claims.min_gap_closed:.0%}")
     for n in range(1, claims.annotated_through + 1):
         rec = read_record(run_dir, n, "annotate")
-        accuracy = ((rec or {}).get("metrics", {}).get("rm_accuracy") or {}).get("accuracy")
         if rec is None or not rec["metrics"].get("labelled"):
             failures.append(f"round {n} annotated no batch")
-        elif not isinstance(accuracy, float):
+        elif next_batch_accuracy(rec) is None:
             failures.append(f"round {n}'s annotate record has no reward model accuracy on its batch")
     if claims.variants:
         for n in range(1, ROUNDS + 1):

@@ -331,6 +331,13 @@ def ranking_accuracy(chosen: list[float | None], rejected: list[float | None],
                             if any(t == s for *_, t in scored)}}
 
 
+def next_batch_accuracy(record: dict | None) -> float | None:
+    """From an annotate record: the round's RM's accuracy on the batch labelled on its own
+    models (`rm_accuracy`, which it never trained on); None when not measured."""
+    value = (((record or {}).get("metrics") or {}).get("rm_accuracy") or {}).get("accuracy")
+    return value if isinstance(value, float) else None
+
+
 def reward_model_accuracy(ctx: StageContext, rows: list[dict]) -> dict:
     """This round's RM on the batch just labelled (chosen vs rejected, edits left out)."""
     from posttrain.reward import RMReward, active, checked_score
