@@ -379,3 +379,55 @@ def test_fingerprint_follows_the_weights_not_the_folder(tiny_model_dir, tmp_path
     assert reward_fingerprint(combo_a) == reward_fingerprint(combo_b)
     assert reward_fingerprint(combo_a) != reward_fingerprint(WeightedReward([(_Const(), 1.0), (a, 0.02)]))
     assert reward_fingerprint(_Const()) == "const"  # no fingerprint(): the name
+
+
+# ----------------------------------------------------------------------------- reasons, isolation
+
+
+def test_one_sample_that_raises_is_that_samples_zero_with_a_reason(caplog):
+    class Picky:
+        name = "picky"
+
+        def score(self, prompts, responses):
+            if any(r == "boom" for r in responses):
+                raise ValueError("cannot read " + next(r for r in responses if r == "boom"))
+            return [R.Scored(1.0, "correct", "42 == 42") if r == "ok" else 0.5 for r in responses]
+
+    verdicts = R.checked_verdicts(Picky(), PROMPTS, ["ok", "boom", "half"])
+    assert verdicts == [R.Scored(1.0, "correct", "42 == 42"),
+                        R.Scored(0.0, "reward_error", "ValueError: cannot read boom"),
+                        R.Scored(0.5, "scored", "")]
+    assert "reward 'picky' raised on sample 1" in caplog.text   # its traceback is in the log
+    assert R.checked_score(Picky(), PROMPTS, ["ok", "boom", "half"]) == [1.0, 0.0, 0.5]
+    with pytest.raises(R.RewardError, match="reward 'picky' raised ValueError: cannot read boom"):
+        R.checked_verdicts(Picky(), PROMPTS[:2], ["boom", "boom"])   # every sample raises: the reward's fault
+
+
+def test_an_infrastructure_fault_fails_the_batch():
+    class NoSandbox:
+        name = "sandboxed"
+
+        def score(self, prompts, responses):
+            raise R.RewardInfraError("reward 'sandboxed': the sandbox cannot start")
+
+    with pytest.raises(R.RewardInfraError, match="cannot start"):
+        R.checked_verdicts(NoSandbox(), PROMPTS, RESPONSES)
+
+
+def test_scored_values_are_checked_and_reasons_combine():
+    class Told:
+        def __init__(self, name, verdicts):
+            self.name, self.verdicts = name, verdicts
+
+        def score(self, prompts, responses):
+            return self.verdicts
+
+    with pytest.raises(R.RewardError, match="returned nan for sample 0"):
+        R.checked_verdicts(Told("t", [R.Scored(float("nan"), "x")]), PROMPTS[:1], ["a"])
+    with pytest.raises(R.RewardError, match="without a reason"):
+        R.checked_verdicts(Told("t", [R.Scored(1.0, "")]), PROMPTS[:1], ["a"])
+    checker = Told("checker", [R.Scored(1.0, "correct", "4 == 4"), R.Scored(None, "no_reference")])
+    plain = Told("rm", [0.5, 0.25])
+    both = R.WeightedReward([(checker, 1.0), (plain, 0.1)])
+    assert R.checked_verdicts(both, PROMPTS[:2], ["a", "b"]) == [
+        R.Scored(1.05, "correct", "4 == 4"), R.Scored(0.025, "no_reference", "")]

@@ -7,8 +7,10 @@ optionally `setup()` / `teardown()`. Recipes name one by import path:
 
 and `load_reward(spec)` builds it (the target must be a reward class, or a function marked
 `@reward_factory`; anything else is refused before it is called); Python code may pass an instance instead. Callers score through
-`checked_score(reward, prompts, responses)`, which fails loudly, naming the reward, on a wrong
-number of scores, NaN/inf, a non-number, or an exception inside the reward.
+`checked_verdicts(reward, prompts, responses)` (a `Scored(value, reason, detail)` per sample) or
+`checked_score` (the values alone), which fail loudly, naming the reward, on a wrong number of
+scores, NaN/inf or a non-number; an exception inside the reward fails only the samples that cause
+it (each scores 0.0, reason "reward_error"), unless every sample raises.
 
 Built in: `RMReward` (the trained reward model) and `WeightedReward` (a weighted sum of rewards,
 with a declared policy for abstentions).
@@ -17,11 +19,15 @@ with a declared policy for abstentions).
 from posttrain.reward.base import (
     Reward,
     RewardError,
+    RewardInfraError,
     RewardSpec,
+    Scored,
     active,
     check_reward_spec,
     check_scores,
+    check_verdicts,
     checked_score,
+    checked_verdicts,
     load_reward,
     resolve_reward_target,
     reward_factory,
@@ -34,7 +40,7 @@ from posttrain.reward.combine import WeightedReward, combine_scores
 from posttrain.reward.rm_reward import RMReward
 
 __all__ = [
-    "Reward", "RewardError", "RewardSpec", "RMReward", "WeightedReward", "active", "check_scores",
-    "check_reward_spec", "checked_score", "combine_scores", "load_reward", "resolve_reward_target",
+    "Reward", "RewardError", "RewardInfraError", "RewardSpec", "RMReward", "Scored", "WeightedReward", "active",
+    "check_scores", "check_verdicts", "check_reward_spec", "checked_score", "checked_verdicts", "combine_scores", "load_reward", "resolve_reward_target",
     "reward_factory", "reward_fingerprint", "reward_name", "setup", "teardown",
 ]

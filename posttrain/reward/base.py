@@ -4,15 +4,21 @@ A reward is anything with a `name` and a `score(prompts, responses)` method:
 
     prompts:   list[list[message]]   B prompt conversations ({"role", "content"} dicts)
     responses: list[str]             B assistant responses, one per prompt
-    returns:   list[float | None]    B scores; None means "this reward abstains on that sample"
+    returns:   list[float | None | Scored]   B scores; None means "this reward abstains on that
+               sample"; a `Scored(value, reason, detail)` says why (tests passed or failed, a
+               timeout, an unparseable answer), and that reason is kept with the sample
 
 `setup()` and `teardown()` are optional: callers use `active(reward)` (a context manager)
 around a batch of work so a reward that holds a model loads it once and frees it afterwards.
 
-Callers never call `reward.score` directly: `checked_score` validates the answer and fails
-loudly, naming the reward, on a wrong length, a NaN/inf, a non-number, or an exception
-raised inside the reward (chained, so its traceback stays visible). What abstention means is
-the caller's decision (skip the sample, count it as zero, ...), never the reward's.
+Callers never call `reward.score` directly: `checked_verdicts` (or `checked_score`, its
+values alone) validates the answer and fails loudly, naming the reward, on a wrong length, a
+NaN/inf or a non-number. An exception raised inside the reward is one sample's failure when it
+can be: the batch is scored again one sample at a time, and a sample that still raises scores
+0.0 with reason "reward_error" (its traceback in the log), while the others keep their scores.
+Only when every sample raises, or the reward raises `RewardInfraError` (its sandbox or server
+cannot start), does the call raise (chained, so the traceback stays visible). What abstention
+means is the caller's decision (skip the sample, count it as zero, ...), never the reward's.
 """
 
 from __future__ import annotations
@@ -21,13 +27,17 @@ import contextlib
 import importlib
 import inspect
 import math
+import logging
 import numbers
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import Field
 
 from posttrain.schema import StrictModel
+
+log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
 
@@ -43,6 +53,33 @@ class Reward(Protocol):
 
 class RewardError(RuntimeError):
     """A reward broke its contract or raised; the message names the reward."""
+
+
+class RewardInfraError(RewardError):
+    """The reward cannot score anything (its sandbox, model or server cannot start): never one
+    sample's fault, so it fails the batch instead of scoring samples 0."""
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A score with the reason for it, as a reward may return it in place of a bare float.
+
+    value:  the score, or None (abstain).
+    reason: a short category that the report counts per round, e.g. "passed", "failed",
+            "error", "timeout", "crash", "correct", "wrong", "unparseable", "abstain".
+    detail: what a person auditing the verdict reads ("3/5 tests passed; test 2: got 4"),
+            at most DETAIL_CHARS characters once checked.
+    """
+
+    value: float | None
+    reason: str
+    detail: str = ""
+
+
+DETAIL_CHARS = 300
+PLAIN_REASON = "scored"     # a reward that returned a bare float
+ABSTAIN_REASON = "abstain"  # a reward that returned None
+ERROR_REASON = "reward_error"
 
 
 class RewardSpec(StrictModel):
@@ -189,18 +226,23 @@ def load_reward(spec: RewardSpec | dict | Any) -> Reward:
     return reward
 
 
-def check_scores(name: str, scores: Any, n: int) -> list[float | None]:
-    """Validate a reward's answer for a batch of `n` samples; returns plain floats / None."""
+def check_verdicts(name: str, scores: Any, n: int) -> list[Scored]:
+    """Validate a reward's answer for a batch of `n` samples: one `Scored` per sample."""
     if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence) and not hasattr(scores, "tolist"):
         raise RewardError(f"reward {name!r} returned {type(scores).__name__}, expected a list of {n} floats or None")
     if hasattr(scores, "tolist") and not isinstance(scores, Sequence):
         scores = scores.tolist()  # numpy array / torch tensor
     if len(scores) != n:
         raise RewardError(f"reward {name!r} returned {len(scores)} scores for {n} samples")
-    out: list[float | None] = []
+    out: list[Scored] = []
     for i, s in enumerate(scores):
+        reason, detail = None, ""
+        if isinstance(s, Scored):
+            if not isinstance(s.reason, str) or not s.reason or not isinstance(s.detail, str):
+                raise RewardError(f"reward {name!r} returned a Scored without a reason string for sample {i}")
+            reason, detail, s = s.reason[:64], s.detail[:DETAIL_CHARS], s.value
         if s is None:
-            out.append(None)
+            out.append(Scored(None, reason or ABSTAIN_REASON, detail))
             continue
         if isinstance(s, bool) or not isinstance(s, numbers.Real):
             if hasattr(s, "item") and getattr(s, "ndim", 1) == 0:
@@ -210,16 +252,36 @@ def check_scores(name: str, scores: Any, n: int) -> list[float | None]:
         f = float(s)
         if not math.isfinite(f):
             raise RewardError(f"reward {name!r} returned {f} for sample {i}")
-        out.append(f)
+        out.append(Scored(f, reason or PLAIN_REASON, detail))
     return out
 
 
-def checked_score(reward: Reward, prompts: list[list[Message]], responses: list[str],
-                  metas: list[dict] | None = None) -> list[float | None]:
-    """`reward.score(prompts, responses)`, validated; every failure raises RewardError naming the reward.
+def check_scores(name: str, scores: Any, n: int) -> list[float | None]:
+    """Validate a reward's answer for a batch of `n` samples; returns plain floats / None."""
+    return [v.value for v in check_verdicts(name, scores, n)]
+
+
+def _call_score(reward: Any, prompts: list[list[Message]], responses: list[str], metas: list[dict] | None) -> Any:
+    with_meta = getattr(reward, "score_with_meta", None)
+    if metas is not None and callable(with_meta):
+        return with_meta(prompts, responses, metas)
+    return reward.score(prompts, responses)
+
+
+def _raised(name: str, e: Exception) -> RewardError:
+    err = RewardError(f"reward {name!r} raised {type(e).__name__}: {e}")
+    err.__cause__ = e
+    return err
+
+
+def checked_verdicts(reward: Reward, prompts: list[list[Message]], responses: list[str],
+                     metas: list[dict] | None = None) -> list[Scored]:
+    """`reward.score(prompts, responses)`, validated: one `Scored` (value, reason, detail) per sample.
 
     With `metas` (one dict per sample: the prompt row's other fields, such as unit tests or a
     reference answer) a reward that has `score_with_meta(prompts, responses, metas)` gets them.
+    A broken contract raises RewardError naming the reward. An exception inside the reward is
+    isolated to the samples that cause it (see the module docstring).
     """
     name = reward_name(reward)
     if len(prompts) != len(responses) or (metas is not None and len(metas) != len(prompts)):
@@ -227,17 +289,36 @@ def checked_score(reward: Reward, prompts: list[list[Message]], responses: list[
                          + ("" if metas is None else f" and {len(metas)} metas"))
     if not prompts:
         return []
-    with_meta = getattr(reward, "score_with_meta", None)
     try:
-        if metas is not None and callable(with_meta):
-            scores = with_meta(prompts, responses, metas)
-        else:
-            scores = reward.score(prompts, responses)
+        return check_verdicts(name, _call_score(reward, prompts, responses, metas), len(prompts))
     except RewardError:
         raise
-    except Exception as e:  # re-raised with the reward's name; the original stays chained
-        raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
-    return check_scores(name, scores, len(prompts))
+    except Exception as batch_error:  # whose fault? score the samples one at a time to find out
+        if len(prompts) == 1:
+            raise _raised(name, batch_error) from batch_error
+        first = batch_error
+    out: list[Scored] = []
+    failed = 0
+    for i in range(len(prompts)):
+        try:
+            out += check_verdicts(name, _call_score(reward, prompts[i:i + 1], responses[i:i + 1],
+                                                    None if metas is None else metas[i:i + 1]), 1)
+        except RewardError:
+            raise
+        except Exception as e:
+            failed += 1
+            log.warning("reward %r raised on sample %d; it scores 0.0 (reason %r)", name, i, ERROR_REASON,
+                        exc_info=e)
+            out.append(Scored(0.0, ERROR_REASON, f"{type(e).__name__}: {e}"[:DETAIL_CHARS]))
+    if failed == len(prompts):
+        raise _raised(name, first) from first
+    return out
+
+
+def checked_score(reward: Reward, prompts: list[list[Message]], responses: list[str],
+                  metas: list[dict] | None = None) -> list[float | None]:
+    """`checked_verdicts`, the values alone: a float (or None, abstain) per sample."""
+    return [v.value for v in checked_verdicts(reward, prompts, responses, metas)]
 
 
 def _call_hook(reward: Any, hook: str) -> None:

@@ -20,8 +20,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from posttrain.reward.base import (
+    PLAIN_REASON,
     Message,
-    checked_score,
+    Scored,
+    checked_verdicts,
     load_reward,
     reward_fingerprint,
     reward_name,
@@ -97,12 +99,27 @@ class WeightedReward:
         for r in self.rewards:
             teardown(r)
 
-    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[float | None]:
-        columns = [checked_score(r, prompts, responses) for r in self.rewards]
-        return combine_scores(columns, self.weights, self.abstain)
+    def score(self, prompts: list[list[Message]], responses: list[str]) -> list[Scored]:
+        return self._combine([checked_verdicts(r, prompts, responses) for r in self.rewards])
 
     def score_with_meta(self, prompts: list[list[Message]], responses: list[str],
-                        metas: list[dict]) -> list[float | None]:
+                        metas: list[dict]) -> list[Scored]:
         """As `score`, passing each prompt row's fields on to the parts that use them."""
-        columns = [checked_score(r, prompts, responses, metas) for r in self.rewards]
-        return combine_scores(columns, self.weights, self.abstain)
+        return self._combine([checked_verdicts(r, prompts, responses, metas) for r in self.rewards])
+
+    def _combine(self, columns: list[list[Scored]]) -> list[Scored]:
+        """The weighted values, each with its components' reasons ("code_tests=failed; rm=scored"),
+        or the one reason when a single component carries one."""
+        values = combine_scores([[v.value for v in col] for col in columns], self.weights, self.abstain)
+        out = []
+        for i, value in enumerate(values):
+            parts = [(reward_name(r), col[i]) for r, col in zip(self.rewards, columns)]
+            told = [(n, v) for n, v in parts if v.reason != PLAIN_REASON]
+            if not told:
+                out.append(Scored(value, PLAIN_REASON))
+            elif len(told) == 1:
+                out.append(Scored(value, told[0][1].reason, told[0][1].detail))
+            else:
+                out.append(Scored(value, "; ".join(f"{n}={v.reason}" for n, v in told),
+                                  "; ".join(f"{n}: {v.detail}" for n, v in told if v.detail)))
+        return out
