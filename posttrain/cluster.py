@@ -186,10 +186,11 @@ class RewardWorker:
     def where(self) -> dict:
         return {"node": _node(), "pid": os.getpid()}
 
-    def score(self, prompts: list, responses: list[str], metas: list[dict] | None) -> list[float | None]:
-        from posttrain.reward import checked_score
+    def score(self, prompts: list, responses: list[str], metas: list[dict] | None) -> list:
+        """One `Scored` (value, reason, detail) per sample, as the local path scores them."""
+        from posttrain.reward import checked_verdicts
 
-        return checked_score(self.reward, prompts, responses, metas)
+        return checked_verdicts(self.reward, prompts, responses, metas)
 
     def teardown(self) -> None:
         from posttrain.reward import teardown
@@ -415,8 +416,8 @@ class RewardPool:
         _stop(ray, actors)
 
     def score_each(self, keys: list, load: Callable[[Any], tuple[list, list[str], list[dict] | None]]
-                   ) -> Iterator[tuple[Any, list[float | None]]]:
-        """(key, scores) for each key, as each finishes; `load(key)` gives its (prompts, responses,
+                   ) -> Iterator[tuple[Any, list]]:
+        """(key, verdicts: one `Scored` per sample) for each key, as each finishes; `load(key)` gives its (prompts, responses,
         metas) when it is sent, so only the requests in flight are held in memory. A request is
         scored whole by one actor, in one call, as the local path scores it."""
         def call(actor, key):
@@ -431,8 +432,8 @@ class RewardPool:
         chunks = {(s, e): (prompts[s:e], responses[s:e], None if metas is None else metas[s:e])
                   for s, e in _split(len(prompts), len(self.actors)) if e > s}
         out: list[float | None] = [None] * len(prompts)
-        for (s, e), scores in self.score_each(list(chunks), chunks.__getitem__):
-            out[s:e] = scores
+        for (s, e), verdicts in self.score_each(list(chunks), chunks.__getitem__):
+            out[s:e] = [v.value for v in verdicts]
         return out
 
 

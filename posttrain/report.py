@@ -48,6 +48,24 @@ def sample_score_distributions(run_dir: Path, records: dict[int, dict[str, dict]
     return out
 
 
+def reason_rows(records: dict[int, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """The scoring reasons seen, and per round the share of the sampled responses that scored
+    for each reason (the sample stage's `reasons` counts: "passed", "timeout", "wrong", ...)."""
+    counts = {n: (recs.get("sample", {}).get("metrics") or {}).get("reasons") or {}
+              for n, recs in sorted(records.items())}
+    counts = {n: c for n, c in counts.items() if c}
+    totals: dict[str, int] = {}
+    for c in counts.values():
+        for reason, k in c.items():
+            totals[reason] = totals.get(reason, 0) + k
+    names = sorted(totals, key=lambda r: (-totals[r], r))
+    rows = []
+    for n, c in counts.items():
+        total = sum(c.values())
+        rows.append([str(n), str(total), *(f"{c.get(r, 0) / total:.1%}" if total else "-" for r in names)])
+    return names, rows
+
+
 def rm_health_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
     """Per round: how well the reward model ranks held-out pairs and the next batch (the pairs
     annotated on this round's models, which it has not seen), and how much it follows length."""
@@ -279,6 +297,13 @@ def write_report(run_dir: Path) -> Path:
             keys = [k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)][:6]
             lines.append(f"| {n} | {stage} | {rec['timing']['seconds']:.0f} | "
                          + ", ".join(f"{k}={_fmt(m[k])}" for k in keys) + " |")
+    reasons, shares = reason_rows(records)
+    if shares and reasons != ["scored"]:  # a reward that gives no reasons says nothing here
+        lines += ["", "## Why sampled responses scored what they did", "",
+                  "Share of each round's sampled responses per reason the reward gave (`Scored.reason`: "
+                  "tests passed or failed, a timeout, an unparseable answer, an abstention, a reward error). "
+                  "Each response's reason and detail are in the sample shards.", ""]
+        lines += _table(["round", "responses", *reasons], shares)
     if dists:
         lines += ["", "## Sampled responses", "", "| round | prompts | best (mean) | mean (mean) | worst (mean) |",
                   "|---|---|---|---|---|"]

@@ -44,6 +44,11 @@ class SampleRow:
     prompt_tokens: int = 0
     sampling: dict[str, Any] = field(default_factory=dict)
     """The settings that produced the responses (k, temperature, seed, backend, policy)."""
+    reasons: list[str] = field(default_factory=list)
+    """Why each response scored what it did (posttrain.reward.Scored.reason: "passed", "timeout",
+    "wrong", "scored" for a bare number, ...); empty in shards written before reasons existed."""
+    details: list[str] = field(default_factory=list)
+    """What a person auditing a verdict reads, per response ("3/5 tests passed; test 2: got 4")."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -57,6 +62,10 @@ class SampleRow:
         for key in ("n_tokens", "finished", "scores"):
             if not isinstance(row[key], list) or len(row[key]) != k:
                 raise SampleRowError(path, line, key, f"expected a list of {k} values, one per response")
+        for key in ("reasons", "details"):
+            value = row.get(key, [])
+            if not isinstance(value, list) or value and (len(value) != k or not all(isinstance(v, str) for v in value)):
+                raise SampleRowError(path, line, key, f"expected a list of {k} strings, one per response")
         for key in ("best", "worst"):
             idx = row[key]
             if idx is not None and (not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < k):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from posttrain.report import data_rows, rm_health_rows, variant_rows, write_report
+from posttrain.report import data_rows, reason_rows, rm_health_rows, variant_rows, write_report
 from posttrain.files import atomic_write_json
+from posttrain.samples import shard_path, write_shard
 
 RM = {"heldout": {"accuracy": 0.349, "pairs": 43, "accuracy_chosen_shorter": 0.2, "pairs_chosen_shorter": 20,
                   "prefers_longer": 0.58, "score_length_correlation": 0.46, "min_accuracy": 0.3},
@@ -53,3 +54,20 @@ def test_without_variants_the_report_has_no_variant_section(tmp_path):
                       {"stage": "eval", "round": 2, "outputs": {}, "metrics": EVAL})
     text = write_report(tmp_path).read_text()
     assert "## The averaged model and its variants" in text and "| 2 | 0.810 | 0.790 | 0.750 | 0.020 |" in text
+
+
+def test_the_share_of_samples_per_scoring_reason_each_round(tmp_path):
+    records = {1: {"sample": {"metrics": {"reasons": {"failed": 6, "passed": 2}}}},
+               2: {"sample": {"metrics": {"reasons": {"passed": 6, "timeout": 1, "failed": 1}}}},
+               3: {"rm": {"metrics": RM}}}
+    assert reason_rows(records) == (["passed", "failed", "timeout"],
+                                    [["1", "8", "25.0%", "75.0%", "0.0%"], ["2", "8", "75.0%", "12.5%", "12.5%"]])
+    for n, recs in records.items():
+        for stage, rec in recs.items():
+            outputs = {"samples": {"path": f"round_{n:02d}/sample/samples"}} if stage == "sample" else {}
+            write_shard(shard_path(tmp_path / f"round_{n:02d}" / stage / "samples", 0), [])
+            atomic_write_json(tmp_path / f"round_{n:02d}" / stage / "record.json",
+                              {"stage": stage, "round": n, "outputs": outputs, "timing": {"seconds": 1.0}, **rec})
+    text = write_report(tmp_path).read_text()
+    assert "## Why sampled responses scored what they did" in text
+    assert "| round | responses | passed | failed | timeout |" in text and "| 2 | 8 | 75.0% | 12.5% | 12.5% |" in text

@@ -9,6 +9,7 @@ import pytest
 
 from posttrain import files, generation
 from posttrain.files import write_jsonl
+from posttrain.reward import Scored
 from posttrain.stages import sample as sample_stage
 from posttrain.stages.sample import SampleConfig, score_summary, select_best
 from posttrain.stage import StageContext, headline
@@ -274,3 +275,33 @@ def test_a_broken_shard_row_names_the_shard_row_and_field(tmp_path):
         list(iter_rows(tmp_path))
     write_jsonl(tmp_path / "shard_00000.jsonl", [good])
     assert [(w.rsplit("/", 1)[-1], r.best) for w, r in iter_rows(tmp_path)] == [("shard_00000.jsonl:1", 0)]
+
+
+class ReasonedReward:
+    """Says why: "short" or "long" by length; raises on a response containing "e" after its third
+    character, which the reward protocol turns into that one sample's 0.0 (reason reward_error)."""
+
+    name = "reasoned"
+
+    def score(self, prompts, responses):
+        if any("e" in r[3:] for r in responses):
+            raise ValueError("no 'e' please")
+        return [Scored(float(len(r)), "long" if len(r) > 8 else "short", f"{len(r)} chars") for r in responses]
+
+
+def test_shards_keep_each_samples_reason_and_the_metrics_count_them(tmp_path, eot_model_dir, in_process_jobs):
+    ctx = make_ctx(tmp_path, eot_model_dir, write_prompts(tmp_path / "prompts.jsonl"), ReasonedReward())
+    m = sample_stage.run(ctx).metrics
+    rows = read_shards(ctx.out_dir)
+    counts: dict[str, int] = {}
+    for r in rows:
+        assert len(r["reasons"]) == len(r["details"]) == len(r["responses"])
+        for text, score, reason, detail in zip(r["responses"], r["scores"], r["reasons"], r["details"]):
+            if "e" in text[3:]:
+                assert (score, reason, detail) == (0.0, "reward_error", "ValueError: no 'e' please")
+            else:
+                assert (score, reason, detail) == (len(text), "long" if len(text) > 8 else "short",
+                                                   f"{len(text)} chars")
+            counts[reason] = counts.get(reason, 0) + 1
+    assert m["reasons"] == dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    assert sum(m["reasons"].values()) == m["samples"]

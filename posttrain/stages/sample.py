@@ -276,11 +276,12 @@ def _groups(shard_items: list[Item]) -> list[tuple[dict, list[int]]]:
 # --------------------------------------------------------------------------------------
 
 
-def _score(reward: Any, prompts: list[list[dict]], responses: list[str], metas: list[dict]) -> list[float | None]:
-    """checked_score, passing each prompt's meta (reference answers, unit tests) to rewards that use it."""
-    from posttrain.reward import checked_score
+def _score(reward: Any, prompts: list[list[dict]], responses: list[str], metas: list[dict]) -> list:
+    """checked_verdicts (a Scored per sample), passing each prompt's meta (reference answers, unit
+    tests) to rewards that use it."""
+    from posttrain.reward import checked_verdicts
 
-    return checked_score(reward, prompts, responses, metas)
+    return checked_verdicts(reward, prompts, responses, metas)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -393,9 +394,9 @@ def _score_on_cluster(ctx: StageContext, pending: list[int], items: dict[int, li
         return in_flight[s][2:]
 
     with RewardPool(ctx.reward, ctx.config.cluster) as pool:
-        for s, scores in pool.score_each(pending, load):
+        for s, verdicts in pool.score_each(pending, load):
             gens, sampling = in_flight.pop(s)[:2]
-            save(s, _shard_rows(ctx, items[s], gens, sampling, scores))
+            save(s, _shard_rows(ctx, items[s], gens, sampling, verdicts))
             tick()
 
 
@@ -420,18 +421,30 @@ def _shard_samples(shard_items: list[Item], plan: list[tuple[Job, list[int]]], b
 
 
 def _shard_rows(ctx: StageContext, shard_items: list[Item], gens: list, sampling: list[dict],
-                scores: list[float | None]) -> list[SampleRow]:
+                verdicts: list) -> list[SampleRow]:
     cfg: SampleConfig = ctx.config
     rows, at = [], 0
     for it, g, smp in zip(shard_items, gens, sampling):
-        sc = scores[at:at + len(g.texts)]
+        told = verdicts[at:at + len(g.texts)]
         at += len(g.texts)
+        sc = [v.value for v in told]
         best, worst = select_best(sc, g.n_tokens, g.finished if cfg.require_finished else None)
         rows.append(SampleRow(
             id=it.id, prompt=it.messages, capability=it.capability, responses=g.texts, n_tokens=g.n_tokens,
-            finished=g.finished, scores=sc, best=best, worst=worst, prompt_tokens=len(it.prompt_ids), sampling=smp,
+            finished=g.finished, scores=sc, reasons=[v.reason for v in told], details=[v.detail for v in told],
+            best=best, worst=worst, prompt_tokens=len(it.prompt_ids), sampling=smp,
         ))
     return rows
+
+
+def reason_counts(rows: list[SampleRow]) -> dict[str, int]:
+    """Samples per scoring reason ("passed", "timeout", ...), most frequent first; shards written
+    before reasons existed count as "unrecorded"."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        for reason in r.reasons or ["unrecorded"] * len(r.responses):
+            counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _metrics(rows: list[SampleRow], top1: list[dict], too_long: list[dict], skipped: list[str], n_read: int) -> dict:
@@ -457,6 +470,7 @@ def _metrics(rows: list[SampleRow], top1: list[dict], too_long: list[dict], skip
         "score_mean_mean": mean([s["mean"] for s in summaries if s["mean"] is not None]),
         "score_worst_mean": mean([s["worst"] for s in summaries if s["worst"] is not None]),
         "abstained": abstained,
+        "reasons": reason_counts(rows),
         "finished_rate": mean([float(f) for f in finished]),
         "mean_response_tokens": mean([float(n) for n in lengths]),
     }
