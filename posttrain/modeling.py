@@ -66,12 +66,12 @@ def load_causal_lm(path: str | os.PathLike, *, dtype="auto", device: str = "auto
 
 
 def load_causal_lm_for_training(path: str | os.PathLike, *, trust_remote_code: bool = False):
-    """A causal LM for a trainer: in the dtype the device prefers (bf16 on a GPU that has it) but
-    still on the CPU, so the trainer places it; under several processes no rank first holds
-    the whole model on its device (ZeRO-3 partitions it while loading when the trainer's
-    arguments exist before this call; FSDP shards it when the trainer prepares it)."""
-    return load_causal_lm(path, dtype=pick_dtype("auto", pick_device()), device="cpu",
-                          trust_remote_code=trust_remote_code)
+    """A causal LM for a trainer: fp32 master weights (a GPU computes in bf16 under the trainer's
+    autocast, `TrainingSettings.precision`; AdamW updating bf16 weights would lose most 1e-5
+    steps to rounding), still on the CPU, so the trainer places it; under several processes no
+    rank first holds the whole model on its device (ZeRO-3 partitions it while loading when the
+    trainer's arguments exist before this call; FSDP shards it when the trainer prepares it)."""
+    return load_causal_lm(path, dtype="float32", device="cpu", trust_remote_code=trust_remote_code)
 
 
 def load_sequence_classifier(path: str | os.PathLike, *, dtype="auto", device: str = "auto",

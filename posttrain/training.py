@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Mapping, TypedDict
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer
 
 from posttrain.files import atomic_write_text
 from posttrain.schema import StrictModel
@@ -94,6 +94,11 @@ class TrainingSettings(StrictModel):
     """Longest tokenized example (prompt + response); longer ones are truncated or reported."""
     gradient_checkpointing: bool = False
     """Trade compute for memory (worth it on big models, noise on tiny ones)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """`bf16`: mixed precision, bf16 compute (autocast) over fp32 master weights and fp32 optimizer
+    state, so a 1e-5 update is not lost to bf16 rounding; `fp32`: fp32 throughout; `auto`: bf16
+    on a GPU that has it, fp32 elsewhere (a CPU's bf16 matmuls are slow). The weights are always
+    loaded and trained in fp32, and saved so."""
     save_steps: int = Field(200, gt=0)
     """Save a resumable checkpoint every this many optimizer steps."""
     logging_steps: int = Field(10, gt=0)
@@ -104,6 +109,15 @@ class TrainingSettings(StrictModel):
     """Runs of this stage (data versions, hyperparameters); with more than one, their weights
     are averaged (each variant's `weight`) into the stage's model: by the stage itself for rm
     and sft, by the `average` stage for dpo (the round's model)."""
+
+    @model_serializer(mode="wrap")
+    def _no_precision_key_when_auto(self, handler):
+        # The default dumps (and hashes, in stage records) as before the setting existed, so runs
+        # recorded earlier are not seen as having other inputs.
+        out = handler(self)
+        if isinstance(out, dict) and out.get("precision") == "auto":
+            out.pop("precision")
+        return out
 
     @field_validator("variants")
     @classmethod
@@ -119,6 +133,15 @@ class TrainingSettings(StrictModel):
 
 def variant_name(variant: Variant, index: int) -> str:
     return variant.name or f"v{index}"
+
+
+def mixed_bf16(settings: TrainingSettings) -> bool:
+    """Whether a stage trains with bf16 autocast over fp32 master weights (`precision`)."""
+    import torch
+
+    if settings.precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return settings.precision == "bf16"
 
 
 def trainer_common_args(settings: TrainingSettings, variant: Variant, *, output_dir: str | os.PathLike,
@@ -139,7 +162,7 @@ def trainer_common_args(settings: TrainingSettings, variant: Variant, *, output_
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
         **_checkpointing_arg(settings.gradient_checkpointing),
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        bf16=mixed_bf16(settings),  # autocast over the fp32 weights load_causal_lm_for_training gives
         use_cpu=not on_gpu,
         save_strategy="steps",
         save_steps=settings.save_steps,

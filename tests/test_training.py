@@ -85,3 +85,57 @@ def test_the_orchestrator_removes_a_finished_stages_work_unless_kept(tmp_path, k
     atomic_write_json(stage / "record.json", {"stage": "sft", "round": 1})
     Round(1, load_recipe(tmp_path / "recipe.yaml"), run_dir)._remove_work("sft")
     assert (stage / "work").exists() == keep
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+
+def _one_step(model_dir, tmp_path, precision: str, *, weights_dtype=None):
+    """One AdamW step at lr 1e-5 through the arguments every stage uses; returns the trainer, the
+    weights before, and the dtypes the model's linear layers computed in."""
+    import torch
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from posttrain.modeling import load_causal_lm_for_training
+
+    settings = training.TrainingSettings(learning_rate=1e-5, batch_size=4, precision=precision, save_steps=100)
+    common = training.trainer_common_args(settings, training.Variant(), output_dir=tmp_path, seed=0)
+    args = TrainingArguments(**{**common, "save_strategy": "no"}, max_steps=1)
+    model = load_causal_lm_for_training(model_dir)
+    if weights_dtype is not None:
+        model = model.to(weights_dtype)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    computed = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, i, out: computed.add(out.dtype))
+    ids = list(range(3, 19))
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list([{"input_ids": ids, "labels": ids}] * 4))
+    trainer.train()
+    return trainer, before, computed
+
+
+def test_bf16_trains_over_fp32_master_weights_so_small_steps_are_kept(tiny_model_dir, tmp_path):
+    import torch
+
+    trainer, before, computed = _one_step(tiny_model_dir, tmp_path / "mixed", "bf16")
+    assert computed == {torch.bfloat16}                       # the compute is bf16 (autocast) ...
+    params = dict(trainer.model.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.float32}  # ... over fp32 weights
+    state = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
+    assert state and {t.dtype for t in state} == {torch.float32}  # and fp32 AdamW moments
+    changed = sum(not torch.equal(before[k], p.detach()) for k, p in params.items())
+    assert changed == len(params)                              # every weight took its 1e-5 step
+
+    # What fp32 masters prevent: the same step on bf16 weights is mostly rounded away.
+    pure, before_bf16, _ = _one_step(tiny_model_dir, tmp_path / "pure", "bf16", weights_dtype=torch.bfloat16)
+    kept = [(p.detach() != before_bf16[k]).float().mean().item() for k, p in pure.model.named_parameters()
+            if p.ndim == 2]
+    assert sum(kept) / len(kept) < 0.5
+
+
+def test_auto_precision_is_fp32_on_a_cpu_and_the_default_hashes_as_before():
+    assert training.mixed_bf16(training.TrainingSettings()) is False  # no GPU here
+    assert "precision" not in training.TrainingSettings().model_dump()
+    assert training.TrainingSettings(precision="bf16").model_dump()["precision"] == "bf16"

@@ -706,9 +706,11 @@ def run(ctx: StageContext) -> StageResult:
 
     ref_cache = None
     if cfg.precompute_ref:
-        from posttrain.modeling import pick_device, pick_dtype
+        import torch
 
-        key = ref_cache_key(files.hash_path(sft_model), str(pick_dtype("auto", pick_device())),
+        from posttrain.training import mixed_bf16
+
+        key = ref_cache_key(files.hash_path(sft_model), str(torch.bfloat16 if mixed_bf16(cfg) else torch.float32),
                             cfg.mask_formatting, fmt_ids)
         ref_cache = RefLogpCache(ctx.out_dir / WORK / "ref_cache", key)
 
