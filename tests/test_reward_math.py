@@ -137,6 +137,18 @@ def verdict(response, reference):
     ("The answer is 2.0", "2"),
     ("The answer is −7", "-7"),               # a Unicode minus
     ("so 18 in all.\n#### 18", "Natalia sold 48/2 = 24 clips.\n#### 18"),  # GSM8K's answer field as shipped
+    ("The answer is $540$ meters.", "540"),
+    (r"The answer is \(540\) meters.", "540"),
+    ("It is 30°C", "30"),
+    (r"\boxed{30^\circ \text{C}}", "30"),
+    (r"\boxed{1{,}234}", "1234"),
+    ("Answer: total cost = $64", "64"),
+    (r"\boxed{3 \text{ cm}^2}", "3"),
+    ("Answer: (-5)", "-5"),
+    (r"\boxed{(A)}", "A"),
+    (r"$\boxed{5}$.", "5"),
+    (r"\boxed{\boxed{5}}", "5"),
+    ("Answer: $$5$$", "5"),
 ])
 def test_units_and_words_after_the_answer_read_as_the_number(response, reference):
     v = verdict(response, reference)
@@ -160,6 +172,10 @@ def test_units_and_words_after_the_answer_read_as_the_number(response, reference
     (r"\boxed{5^{2}}", "5"),
     (r"\boxed{\phantom{6}5}", "5"),
     ("The answer is 6 not 5", "6"),
+    ("Answer: not x = 5", "5"),
+    ("Answer: approximately x = 5", "5"),
+    ("Answer: 5\u200b", "5"),                  # a zero-width character is not a unit
+    ("Answer: ５", "5"),                         # nor is a fullwidth digit a digit
 ])
 def test_a_unit_strip_never_turns_a_wrong_answer_into_a_right_one(response, reference):
     assert verdict(response, reference).value == 0.0

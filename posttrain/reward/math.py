@@ -7,11 +7,13 @@ holds a `#### X` line (GSM8K's `answer` field as shipped, with its working) mean
 
 Every sample gets a `Scored(value, reason, detail)`; the reasons:
 
-* "correct" (1.0) and "wrong" (0.0), detail e.g. "answer 540 vs reference 540";
+* "correct" (1.0) and "wrong" (0.0), detail e.g. "answer '540 meters' (answer is) vs
+  reference '540'" (the answer as read, where it was found, the reference);
 * "hedged" (0.0): the final answer names several candidates ("4 or 5", "either 4 or 5",
   "3, 4, or 5", "between 4 and 5", `4 \\text{ or } 5`), or the response boxes two different
-  answers (anywhere in it: a self-correction that keeps both boxes is a hedge too), or a
-  `####` answer that differs from a boxed one;
+  answers (anywhere in it: a self-correction that keeps both boxes is a hedge too; so are
+  more than `MAX_BOX_READINGS` different boxes), or a `####` answer that differs from a
+  boxed one;
 * "unparseable" (0.0): no final answer found;
 * "no_reference" (None, abstain): the prompt has no reference, so in a `WeightedReward` the
   trained RM decides those.
@@ -24,18 +26,20 @@ The final answer, first kind found wins (not the position in the text):
 3. the last "answer is X" / "answer: X", up to the end of its sentence or line;
 4. the last number in the response (hedged when it ends "4 or 5", "between 4 and 5").
 
-Reading an answer: `$...$`, `\\(...\\)`, `\\text{}` and friends, `\\left`/`\\right`, LaTeX
-spacing, Markdown bold and a trailing period are removed, and a leading `x =` too. It is a
-number when it is one number (integers, decimals, thousands commas `1,234`, fractions
-`a/b` and `\\frac{a}{b}`, `\\dfrac`, negatives, scientific `1e-3`) with at most a currency
-sign before it (`$1,234.50`), a percent sign (`50%` reads 50, the number the text writes,
-so `0.5` does not match `50%`) or a degree sign (`-5^\\circ`) after it, and then only words
+Reading an answer: math delimiters (`$...$`, `\\(...\\)`), a box around the whole answer,
+`\\text{}` and friends, `\\left`/`\\right`, LaTeX spacing, `{,}`, Markdown bold, enclosing
+parentheses, a trailing period and a leading `x =` (or "total cost =") are removed. It is a
+number when it is one number (integers, decimals, thousands commas `1,234`, fractions `a/b`
+and `\\frac{a}{b}`, `\\dfrac`, negatives, scientific `1e-3`) with at most a currency sign before
+it (`$1,234.50`, `\\$64`), a percent sign (`50%` reads 50, the number the text writes, so `0.5`
+does not match `50%`) or a degree sign (`-5^\\circ`, `30°C`) after it, and then only words
 (units: "540 meters", `540\\text{ meters}`, "20 cups", "3 cm", "12 km/h", "5 m^2"). Words
 that change the number never strip: "or", "and", "to", "not", "thousand", "half",
 "squared", "pi", "more", ... (`_CHANGES_THE_NUMBER`), nor a single letter other than a
 unit (m, g, s, h, l, L: "5x" is not 5), nor a factorial "5!", nor anything with an operator
 or another digit ("3 - 1", "2^3", "5 or 6" are not 3, 2 and 5). Anything else compares as
-normalised text (case-insensitive, whitespace removed).
+normalised text (case-insensitive, whitespace removed). Only boxes and a `####` answer are
+checked against each other for a hedge: an "answer is" in the working may be about a step.
 
 Comparing numbers, exactly (fractions, never floats): a reference with an integer value
 must be matched exactly (reference 1000000 rejects 1000001 and 1000000.5; "2.0" matches 2).
@@ -44,14 +48,16 @@ A non-integer reference accepts |answer - reference| <= abs_tol + rel_tol * |ref
 `MAX_EXACT_DIGITS` significant digits or a larger power of ten are compared as written
 (digits and exponent): such a number is simply right when equal, else wrong.
 
-Cost: every step is one pass over the response (no regex that can backtrack across it,
-no repeated rescans), so a 1 MB response, 20,000 unclosed `\\boxed{`, or a 5000-digit
-number score in milliseconds and never raise.
+Cost: linear in the response's length, a fixed number of passes over it (possessive
+regexes that cannot backtrack across it; braces matched with one stack; the last number
+found from the end), so a 1 MB response, 200,000 unclosed `\\boxed{` or a 5000-digit
+number score in well under a second each, and never raise.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 import re
@@ -77,7 +83,7 @@ _NUM = r"(?:\d{1,3}(?:,\d{3})++(?!\d)|\d++)(?:\.\d++)?+(?:[eE][-+]?+\d++)?+|\.\d
 _NUMBER = re.compile(_NUM, re.ASCII)
 _SIGNED_NUMBER = re.compile(rf"[-−]?(?:{_NUM})", re.ASCII)
 _NOT_IN_A_NUMBER = re.compile(r"[^0-9,.eE+\-−]")
-_CURRENCY = r"[$€£¥]"
+_CURRENCY = r"[$€£¥¤]"
 _ONE_NUMBER = re.compile(rf"""
     (?:{_CURRENCY}\s*+)?(?P<sign>[-+−]?)\s*+(?:{_CURRENCY}\s*+)?
     (?: \\frac\s*+(?:\{{\s*+(?P<fsign>[-+−]?)\s*+(?P<fn>{_NUM})\s*+\}}|(?P<fn1>\d))
@@ -89,26 +95,27 @@ _ONE_NUMBER = re.compile(rf"""
 _CHANGES_THE_NUMBER = frozenset("""
     or nor and either neither between to from not no never than
     plus minus times over divided by multiplied mod modulo base power powers exponent
-    squared cubed square cube root roots sqrt factorial pi e i
+    squared cubed square cube root roots sqrt factorial pi
     half halves third thirds quarter quarters fourth fourths fifth fifths sixth sixths
     seventh sevenths eighth eighths ninth ninths tenth tenths hundredth hundredths
     thousandth thousandths millionth millionths point repeating recurring
     hundred hundreds thousand thousands million millions billion billions trillion trillions
-    dozen dozens score grand lakh lakhs crore crores k
+    dozen dozens score grand lakh lakhs crore crores
     more less fewer greater smaller larger above below under least most
     about approximately approx around roughly nearly almost maybe perhaps possibly probably
     wrong incorrect false except
 """.split())
 _UNIT_LETTERS = frozenset("mgshlL")
-_UNIT_EXPONENT = re.compile(r"(?<=[A-Za-z])\^\{?[23]\}?", re.ASCII)
+_UNIT_EXPONENT = re.compile(r"(?<=[A-Za-z])\s*+\^\s*+\{?[23]\}?", re.ASCII)
 _TAIL_CHARS = re.compile(r"[A-Za-z\s.,;:()'\"/²³!?-]*+", re.ASCII)
 _WORD = re.compile(r"[A-Za-z]+", re.ASCII)
 
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|textsf|mathrm|mathbf|mathit|mathsf|mbox|operatorname)"
                            r"\s*+\{([^{}]*+)\}")
 _LATEX_SPACE = re.compile(r"\\(?:left|right|displaystyle)(?![A-Za-z])|\\[!,;:>]")
-_DEGREES = re.compile(r"\^\s*+\{\s*+\\circ\s*+\}|\^\s*+\\circ(?![A-Za-z])|\\circ(?![A-Za-z])|°|\\degree(?![A-Za-z])")
-_LEADING_NAME = re.compile(r"\\?[A-Za-z][\w{}]*+\s*+=(?!=)\s*+", re.ASCII)
+_DEGREES = re.compile(r"(?:\^\s*+\{\s*+\\circ\s*+\}|\^\s*+\\circ(?![A-Za-z])|\\circ(?![A-Za-z])|°|\\degree(?![A-Za-z]))"
+                      r"(?:\s*+[CF](?![A-Za-z]))?+")
+_LEADING_NAME = re.compile(r"(?:\\?[A-Za-z][\w{}]*+\s*+){1,4}+=(?!=)\s*+", re.ASCII)  # "x =", "total cost ="
 _CONNECTOR = re.compile(r"\b(?:or|nor|either|neither|between|and|to)\b|[,;&]", re.IGNORECASE)
 _PLUS_MINUS = re.compile(r"±|∓|\\(?:pm|mp)(?![A-Za-z])")
 
@@ -116,6 +123,7 @@ _HASHES = re.compile(r"(?<!#)####(?!#)[ \t]*+(?=[^\sA-Za-z])([^\n]*+)")
 _SAID = re.compile(r"answer(?:\s++is\b|\s*+:)\s*+:?+", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.(?=\s|$)")
 _BRACES = re.compile(r"\\(?:boxed|fbox)\s*+\{|[{}]")
+_BOX_OPENING = re.compile(r"\\(?:boxed|fbox)\s*+\{")
 
 
 # ------------------------------------------------------------------------------ numbers
@@ -146,12 +154,6 @@ def _decimal(token: str) -> tuple[str, int] | None:
     return significant, exponent - len(frac) + len(digits) - len(significant)
 
 
-def _exact(digits: str, exponent: int) -> Fraction | None:
-    if len(digits) > MAX_EXACT_DIGITS or abs(exponent) > MAX_EXACT_DIGITS:
-        return None
-    return Fraction(int(digits or "0")) * Fraction(10) ** exponent
-
-
 def _number(negative: bool, numerator: str, denominator: str | None = None) -> Number | None:
     top = _decimal(numerator)
     bottom = _decimal(denominator) if denominator is not None else ("1", 0)
@@ -159,10 +161,12 @@ def _number(negative: bool, numerator: str, denominator: str | None = None) -> N
         return None  # an absurd exponent, or a division by zero
     sign = "-" if negative and top[0] else ""
     key = f"{sign}{top[0] or '0'}e{top[1]}" + ("" if denominator is None else f"/{bottom[0]}e{bottom[1]}")
-    a, b = _exact(*top), _exact(*bottom)
-    if a is None or b is None:
+    if max(len(top[0]), len(bottom[0]), abs(top[1]), abs(bottom[1])) > MAX_EXACT_DIGITS:
         return Number(None, key)
-    return Number((-a if sign else a) / b, key)
+    shift = top[1] - bottom[1]  # (t * 10^et) / (b * 10^eb) = t * 10^shift / b
+    p, q = int(top[0] or "0"), int(bottom[0])
+    value = Fraction(p * 10 ** shift, q) if shift >= 0 else Fraction(p, q * 10 ** -shift)
+    return Number(-value if sign else value, key)
 
 
 def same_number(answer: Number, reference: Number, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> bool:
@@ -213,30 +217,47 @@ def last_boxed(text: str) -> str | None:
     return boxes[-1] if boxes else None
 
 
+def _strip_end(s: str) -> str:
+    s = s.strip()
+    while s.endswith("."):
+        s = s[:-1].rstrip()
+    return s
+
+
+def _unbox(s: str) -> str:
+    """The content of a box that is the whole of `s` (`\\boxed{5}`), else `s`."""
+    boxes = outermost_boxes(s)
+    if len(boxes) == 1 and s.endswith(boxes[0] + "}") and _BOX_OPENING.fullmatch(s[:len(s) - len(boxes[0]) - 1]):
+        return _strip_end(boxes[0])
+    return s
+
+
 def _clean(text: str) -> str:
     """Strip the wrappers that do not change an answer's value (see the module docstring)."""
-    s = text.strip()
-    for _ in range(3):  # `$\boxed{5}$`, `\boxed{\boxed{5}}`: a few levels, each one pass
-        s = s.strip().strip("$").strip()
-        for opening, closing in (("\\(", "\\)"), ("\\[", "\\]")):
-            if s.startswith(opening) and s.endswith(closing):
-                s = s[len(opening):len(s) - len(closing)].strip()
-        inner = last_boxed(s)
-        if inner is None:
+    s = text.replace("\\$", "¤")  # an escaped dollar is money; the others delimit math
+    if s.count("$") >= 2:
+        s = s.replace("$", "")
+    for delimiter in ("\\(", "\\)", "\\[", "\\]"):
+        s = s.replace(delimiter, " ")
+    s = _strip_end(s)
+    for _ in range(3):  # `\boxed{\boxed{5}}`: a few levels, each one pass
+        inner = _unbox(s)
+        if inner is s:
             break
         s = inner
     s = _TEXT_WRAPPER.sub(r" \1 ", s)
     s = _LATEX_SPACE.sub("", s)
-    s = _DEGREES.sub(" ", s)
-    s = s.replace("\\ ", " ").replace("~", " ").replace("\\%", "%").replace("\\$", "$")
+    s = _DEGREES.sub(" ", s.replace("{,}", ","))
+    s = s.replace("\\ ", " ").replace("~", " ").replace("\\%", "%")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("**", "").replace("`", "")
-    s = s.strip().strip("$").strip()
-    m = _LEADING_NAME.match(s)
-    if m:
-        s = s[m.end():]
     s = s.strip()
-    while s.endswith("."):
-        s = s[:-1].rstrip()
+    m = _LEADING_NAME.match(s)
+    if m and not any(w.lower() in _CHANGES_THE_NUMBER for w in _WORD.findall(m.group())):
+        s = s[m.end():]
+    s = _strip_end(s)
+    inner = s[1:-1]
+    if s.startswith("(") and s.endswith(")") and not any(c in inner for c in "(),"):
+        s = inner.strip()  # "(-5)", "(A)"; a tuple "(1, 2)" stays
     return s
 
 
@@ -317,10 +338,16 @@ def _shown(text: str) -> str:
     return s if len(s) <= SHOWN_CHARS else s[:SHOWN_CHARS - 1] + "…"
 
 
+@functools.lru_cache(maxsize=4096)
+def _read_reference(text: str) -> Reading:
+    """A reference is read once for all the samples of its prompt."""
+    return read(text)
+
+
 def read(text: str) -> Reading:
     s = _clean(text)
     number = _one_number(s)
-    return Reading(number, number is None and _several(s), re.sub(r"\s++", "", s).lower(), _shown(s))
+    return Reading(number, number is None and _several(s), re.sub(r"\s++", "", s).lower(), _shown(s.replace("¤", "$")))
 
 
 def _matches(answer: Reading, reference: Reading, rel_tol: float, abs_tol: float) -> bool:
@@ -413,8 +440,9 @@ def find_final_answer(response: str) -> FinalAnswer | None:
         final = read(found.text).identity()
         for box in others:
             if read(box).identity() != final:
+                final_shown = f"{'#### ' if found.source == '####' else ''}'{_shown(_clean(found.text))}'"
                 return FinalAnswer(found.text, found.source,
-                                   f"boxed '{_shown(_clean(box))}' and {found.source} '{_shown(_clean(found.text))}'")
+                                   f"different final answers: boxed '{_shown(_clean(box))}' and {final_shown}")
     return found
 
 
@@ -441,7 +469,7 @@ def reference_text(reference: Any) -> str | None:
 def judge(response: str, reference: Any, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> Scored:
     """One sample's verdict: Scored(value, reason, detail), the reasons of the module docstring."""
     ref_text = reference_text(reference)
-    ref = read(ref_text) if ref_text is not None else None
+    ref = _read_reference(ref_text) if ref_text is not None else None
     if ref is None or not ref.text:
         return Scored(None, "no_reference", "the prompt has no reference answer")
     found = find_final_answer(response)
@@ -449,7 +477,7 @@ def judge(response: str, reference: Any, rel_tol: float = 1e-6, abs_tol: float =
         return Scored(0.0, "unparseable", "no final answer: no \\boxed{}, '####', 'answer is' or number")
     answer = read(found.text)
     if not answer.text:
-        return Scored(0.0, "unparseable", f"no final answer: the {found.source} answer is empty")
+        return Scored(0.0, "unparseable", f"no final answer: an empty answer ({found.source})")
     said = f"answer '{answer.shown}' ({found.source}) vs reference '{ref.shown}'"
     if found.hedged:
         return Scored(0.0, "hedged", f"{found.hedged}; {said}")
@@ -463,7 +491,7 @@ def judge(response: str, reference: Any, rel_tol: float = 1e-6, abs_tol: float =
 def answers_match(answer: str, reference: Any, rel_tol: float = 1e-6, abs_tol: float = 1e-9) -> bool:
     """Is the answer text `answer` (already extracted) the reference?"""
     ref_text = reference_text(reference)
-    return ref_text is not None and _matches(read(answer), read(ref_text), rel_tol, abs_tol)
+    return ref_text is not None and _matches(read(answer), _read_reference(ref_text), rel_tol, abs_tol)
 
 
 class MathAnswerReward:
