@@ -288,6 +288,8 @@ def _one_number(s: str) -> Number | None:
 
 
 def _several(s: str) -> bool:
+    """Does a cleaned answer name more than one number, joined as alternatives or a list
+    ("4 or 5", "between 4 and 5", "3, 4, 5", "\\pm 2")? ("3 - 1" and "2^3" do not.)"""
     count = sum(1 for _ in itertools.islice(_NUMBER.finditer(s), 2))
     if count and _PLUS_MINUS.search(s):
         return True  # "\pm 5" is two answers
@@ -308,12 +310,6 @@ def to_number(text: str) -> Fraction | None:
 
 def normalize_text(text: str) -> str:
     return re.sub(r"\s++", "", _clean(text)).lower()
-
-
-def several_candidates(text: str) -> bool:
-    """Does the answer name more than one number, joined as alternatives or a list
-    ("4 or 5", "between 4 and 5", "3, 4, 5", "\\pm 2")? ("3 - 1" and "2^3" do not.)"""
-    return _several(_clean(text))
 
 
 @dataclass(frozen=True)
