@@ -216,6 +216,7 @@ def test_integers_compare_exactly_and_non_integers_with_a_tolerance():
     r"\boxed{4} or \boxed{5}",
     r"First \boxed{4}. Hmm, let me redo it. \boxed{5}",   # two different boxes: a hedge too
     "\\boxed{4}\n#### 5",                                # a #### answer that a box contradicts
+    "#### 4\n#### 5",
     "x = 4 or x = 5",
     "Answer: x = 4 or x = 5",
     "I am not sure: it is 4 or 5",

@@ -12,8 +12,8 @@ Every sample gets a `Scored(value, reason, detail)`; the reasons:
 * "hedged" (0.0): the final answer names several candidates ("4 or 5", "either 4 or 5",
   "3, 4, or 5", "between 4 and 5", `4 \\text{ or } 5`), or the response boxes two different
   answers (anywhere in it: a self-correction that keeps both boxes is a hedge too; so are
-  more than `MAX_BOX_READINGS` different boxes), or a `####` answer that differs from a
-  boxed one;
+  more than `MAX_BOX_READINGS` different boxes), or two `####` answers, or a box and a
+  `####` answer, that differ;
 * "unparseable" (0.0): no final answer found;
 * "no_reference" (None, abstain): the prompt has no reference, so in a `WeightedReward` the
   trained RM decides those.
@@ -38,7 +38,7 @@ that change the number never strip: "or", "and", "to", "not", "thousand", "half"
 "squared", "pi", "more", ... (`_CHANGES_THE_NUMBER`), nor a single letter other than a
 unit (m, g, s, h, l, L: "5x" is not 5), nor a factorial "5!", nor anything with an operator
 or another digit ("3 - 1", "2^3", "5 or 6" are not 3, 2 and 5). Anything else compares as
-normalised text (case-insensitive, whitespace removed). Only boxes and a `####` answer are
+normalised text (case-insensitive, whitespace removed). Only boxes and `####` answers are
 checked against each other for a hedge: an "answer is" in the working may be about a step.
 
 Comparing numbers, exactly (fractions, never floats): a reference with an integer value
@@ -73,9 +73,9 @@ Message = dict[str, Any]
 MAX_EXACT_DIGITS = 1000
 """Numbers with more significant digits (or a larger power of ten) are compared as written."""
 MAX_BOX_READINGS = 64
-"""At most this many different `\\boxed{}` contents are read to see whether they agree; a
-response with more is hedged (it is a list of guesses, and reading them all is work an
-adversary chooses)."""
+"""At most this many different final answers (`\\boxed{}` contents, `####` lines) are read
+to see whether they agree; a response with more is hedged (it is a list of guesses, and
+reading them all is work an adversary chooses)."""
 SHOWN_CHARS = 60
 
 # One unsigned number as written. Possessive quantifiers: nothing here can backtrack.
@@ -406,11 +406,9 @@ class FinalAnswer:
 def find_final_answer(response: str) -> FinalAnswer | None:
     """The final answer by the precedence of the module docstring, or None."""
     boxes = outermost_boxes(response)
-    hashes = None
-    for hashes in _HASHES.finditer(response):
-        pass
-    if hashes is not None:
-        found = FinalAnswer(hashes.group(1).strip(), "####")
+    hashes = [m.group(1).strip() for m in _HASHES.finditer(response)]
+    if hashes:
+        found = FinalAnswer(hashes[-1], "####")
     elif boxes:
         found = FinalAnswer(boxes[-1], "\\boxed")
     else:
@@ -428,17 +426,20 @@ def find_final_answer(response: str) -> FinalAnswer | None:
         previous, last = numbers
         hedge = "its last number ends a hedge" if previous and _hedged_last_number(response, previous, last) else ""
         return FinalAnswer(response[last[0]:last[1]], "last number", hedge)
-    # Every box (and a #### answer) must give the same answer; else the response hedged.
-    others = list(dict.fromkeys(box for box in boxes if box != found.text))
+    # Every box and every #### answer must give the same answer; else the response hedged.
+    others: dict[str, str] = {}  # answer as written -> where
+    for where, texts in (("\\boxed", boxes), ("####", hashes)):
+        for text in texts:
+            if text != found.text:
+                others.setdefault(text, where)
+    if len(others) >= MAX_BOX_READINGS:
+        return FinalAnswer(found.text, found.source, f"{len(others) + 1} different final answers")
     if others:
-        if len(others) >= MAX_BOX_READINGS:
-            return FinalAnswer(found.text, found.source, f"{len(others) + 1} different boxed answers")
         final = read(found.text).identity()
-        for box in others:
-            if read(box).identity() != final:
-                final_shown = f"{'#### ' if found.source == '####' else ''}'{_shown(_clean(found.text))}'"
-                return FinalAnswer(found.text, found.source,
-                                   f"different final answers: boxed '{_shown(_clean(box))}' and {final_shown}")
+        for text, where in others.items():
+            if read(text).identity() != final:
+                return FinalAnswer(found.text, found.source, f"different final answers: {where} "
+                                   f"'{_shown(_clean(text))}' and {found.source} '{_shown(_clean(found.text))}'")
     return found
 
 
