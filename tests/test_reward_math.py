@@ -181,6 +181,21 @@ def test_a_unit_strip_never_turns_a_wrong_answer_into_a_right_one(response, refe
     assert verdict(response, reference).value == 0.0
 
 
+def test_real_dataset_formats():
+    """GSM8K's `answer` field (working with calculator annotations, then `#### X`) and MATH's
+    `solution` (a box in prose) work as references, and as responses in their style."""
+    gsm8k = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+             "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+    assert verdict(gsm8k, gsm8k).reason == "correct"
+    assert verdict("She sold 72 clips.", gsm8k).reason == "correct"
+    assert verdict("She sold 24 + 48 = 72 clips.\n#### 73", gsm8k).reason == "wrong"
+    math_solution = r"The two roots sum to $\frac{-b}{a}$, so the answer is $\boxed{\frac{14}{3}}$."
+    assert verdict(r"Final Answer: The final answer is $\frac{14}{3}$. I hope it is correct.",
+                   math_solution).reason == "correct"       # Minerva's answer format
+    assert verdict(r"So $x = \dfrac{14}{3}$, i.e. \boxed{\dfrac{14}{3}}", math_solution).reason == "correct"
+    assert verdict(r"\boxed{4.6667}", math_solution).reason == "wrong"   # 4.6667 is not 14/3 at rel_tol 1e-6
+
+
 def test_four_hashes_win_over_an_answer_is_line_and_a_markdown_heading_is_not_one():
     assert verdict("The answer is 7 before we double.\n#### 18", "18").reason == "correct"
     assert verdict("The answer is 7 before we double.\n#### 18", "7").reason == "wrong"

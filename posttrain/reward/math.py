@@ -3,7 +3,8 @@
 The reference comes the same two ways as the code reward's tests (see
 `posttrain.reward.code`): `score_with_meta(prompts, responses, metas)` with `metas[i]["answer"]`,
 or `score(prompts, responses)` with `prompts_file=` rows carrying `answer`. A reference that
-holds a `#### X` line (GSM8K's `answer` field as shipped, with its working) means X.
+holds a `#### X` line (GSM8K's `answer` field as shipped, with its working) means X; one
+that holds a `\\boxed{X}` (a MATH `solution`) means its last box.
 
 Every sample gets a `Scored(value, reason, detail)`; the reasons:
 
@@ -450,8 +451,9 @@ def extract_answer(response: str) -> str | None:
 
 
 def reference_text(reference: Any) -> str | None:
-    """The reference answer as text: after the last `####` line when it has one (a GSM8K
-    `answer` with its working); None when there is none."""
+    """The reference answer as text: after the last `####` line when it has one (GSM8K's
+    `answer`, with its working), else the last box when it has one (a MATH `solution`);
+    None when there is none."""
     if reference is None or isinstance(reference, bool):
         return None
     text = str(reference)
@@ -460,6 +462,8 @@ def reference_text(reference: Any) -> str | None:
         pass
     if marked is not None:
         text = marked.group(1)
+    else:
+        text = last_boxed(text) or text
     return text if text.strip() else None
 
 
