@@ -112,6 +112,27 @@ def test_annotator_targets_are_checked_before_anything_is_called():
         load_annotator({"target": "no_such_module_xyz:Thing"})
 
 
+
+def test_annotator_kwargs_are_checked_against_the_signature_and_so_are_its_reward_specs():
+    from posttrain.annotate import check_annotator_spec
+
+    ai = "posttrain.annotate.ai:RewardAnnotator"
+    with pytest.raises(AnnotatorError) as info:
+        check_annotator_spec({"target": ai, "kwargs": {"reward": "@rm", "treshold": [1, 2, 3]}}, "annotate.annotator")
+    assert str(info.value) == (f"annotate.annotator.kwargs.treshold: not an argument of {ai} "
+                               "(it takes: reward, thresholds)")
+    with pytest.raises(AnnotatorError, match=r"^annotate\.annotator\.kwargs: .*RewardAnnotator needs 'reward'"):
+        check_annotator_spec({"target": ai}, "annotate.annotator")
+    with pytest.raises(AnnotatorError, match=r"^annotate\.annotator\.kwargs\.reward\.kwargs\.no_such_kwarg: "
+                                             r"not an argument of posttrain\.reward\.math:MathAnswerReward"):
+        check_annotator_spec({"target": ai, "kwargs": {"reward": {"target": "posttrain.reward.math:MathAnswerReward",
+                                                                   "kwargs": {"no_such_kwarg": 1}}}}, "annotate.annotator")
+    with pytest.raises(AnnotatorError, match=r"^annotator\.kwargs\.no_such_kwarg: not an argument of "
+                                             r"posttrain\.annotate\.world:WorldAnnotator"):
+        load_annotator({"target": "posttrain.annotate.world:WorldAnnotator", "kwargs": {"no_such_kwarg": 1}})
+    check_annotator_spec({"target": ai, "kwargs": {"reward": "@rm"}}, "annotate.annotator")  # a placeholder is fine
+
+
 class Liar:
     name = "liar"
 

@@ -52,6 +52,16 @@ RECIPES = {
     "recipe_override_past_rounds.yaml": r"overrides\.99: round 99 is past the recipe's last round \(6\)",
     "recipe_alias_bomb.yaml": r"more than 100000 values once YAML aliases are expanded",
     "recipe_deep_nesting.yaml": r"nested (too deep to read|deeper than 32 levels)",
+    # issue 24: kwargs are checked against each target's signature, built-ins included
+    "recipe_reward_no_such_kwarg.yaml": r"reward\.kwargs\.no_such_kwarg: not an argument of "
+                                        r"posttrain\.reward\.math:MathAnswerReward \(it takes: prompts_file, rel_tol, abs_tol\)",
+    "recipe_nested_no_such_kwarg.yaml": r"reward\.kwargs\.components\[0\]\[0\]\.kwargs\.tolerance: not an argument of "
+                                        r"posttrain\.reward\.math:MathAnswerReward",
+    "recipe_checker_no_such_kwarg.yaml": r"eval\.checker\.kwargs\.no_such_kwarg: not an argument of "
+                                         r"posttrain\.reward\.code:CodeTestReward \(it takes: prompts_file, ",
+    "recipe_annotator_no_such_kwarg.yaml": r"annotate\.annotator\.kwargs\.no_such_kwarg: not an argument of "
+                                           r"posttrain\.annotate\.world:WorldAnnotator \(it takes: thresholds, ",
+    "recipe_reward_missing_kwarg.yaml": r"reward\.kwargs: posttrain\.reward:RMReward needs 'path', which the kwargs do not give",
 }
 
 

@@ -91,6 +91,7 @@ def test_math_variant_answers_by_hand(tmp_path):
 
 
 def test_math_preferences_are_right_by_the_checker(tmp_path):
+    from posttrain.reward import checked_score
     from posttrain.reward.math import MathAnswerReward
 
     v = build_math_variant(tmp_path, seed=1)
@@ -102,13 +103,13 @@ def test_math_preferences_are_right_by_the_checker(tmp_path):
     # The preference prompts are not in the prompt files (disjoint), so the reference is
     # recomputed from the chosen working's last number: it must be what the checker reads.
     metas = [{"answer": r["chosen"][0]["content"].rsplit(" ", 1)[1].rstrip(".")} for r in rows]
-    assert reward.score_with_meta(prompts, [r["chosen"][0]["content"] for r in rows], metas) == [1.0] * len(rows)
-    assert reward.score_with_meta(prompts, [r["rejected"][0]["content"] for r in rows], metas) == [0.0] * len(rows)
+    assert checked_score(reward, prompts, [r["chosen"][0]["content"] for r in rows], metas) == [1.0] * len(rows)
+    assert checked_score(reward, prompts, [r["rejected"][0]["content"] for r in rows], metas) == [0.0] * len(rows)
     # Through prompts_file (the plain protocol): the file's own prompts find their answers.
     by_file = MathAnswerReward(prompts_file=str(v.train_prompts))
     rows = _read(v.train_prompts)
-    assert by_file.score([r["prompt"] for r in rows], [f"The answer is {answers[_prompt_text(r)]}." for r in rows]) \
-        == [1.0] * len(rows)
+    assert checked_score(by_file, [r["prompt"] for r in rows],
+                         [f"The answer is {answers[_prompt_text(r)]}." for r in rows]) == [1.0] * len(rows)
 
 
 def test_code_preferences_pass_and_fail_their_tests(tmp_path):
@@ -312,8 +313,8 @@ def test_one_round_of_math_with_the_rm_end_to_end(tmp_path, tiny_model_dir):
     assert sorted(r["id"] for r in rows) == sorted(answers)
     prompts = [r["prompt"] for r in rows for _ in r["responses"]]
     responses = [x for r in rows for x in r["responses"]]
-    checks = MathAnswerReward().score_with_meta(prompts, responses,
-                                                [{"answer": answers[r["id"]]} for r in rows for _ in r["responses"]])
+    checks = posttrain.reward.checked_score(MathAnswerReward(), prompts, responses,
+                                            [{"answer": answers[r["id"]]} for r in rows for _ in r["responses"]])
     assert set(checks) <= {0.0, 1.0}
     rm = RMReward(rm_path, device="cpu")
     with posttrain.reward.active(rm):

@@ -104,6 +104,18 @@ def test_every_shipped_recipe_validates_for_every_round(path):
     loaded = load_recipe(path)
     for n in range(1, loaded.base.rounds + 1):
         loaded.for_round(n)
+    loaded.check(files=False)  # every reward, checker and annotator target and its kwargs
+
+
+def test_check_names_the_round_whose_override_misspells_a_reward_kwarg(tmp_path):
+    math_reward = {"target": "posttrain.reward.math:MathAnswerReward", "kwargs": {"rel_tol": 0.01}}
+    loaded = load_recipe(write(tmp_path, {**MINIMAL, "reward": math_reward,
+                                          "overrides": {"3": {"reward": {"kwargs": {"rel_tolerance": 0.1}}}}}))
+    with pytest.raises(RecipeError) as info:
+        loaded.check(files=False)
+    assert str(info.value) == (f"{tmp_path / 'r.yaml'}: reward.kwargs.rel_tolerance: not an argument of "
+                               "posttrain.reward.math:MathAnswerReward (it takes: prompts_file, rel_tol, abs_tol) "
+                               "(round 3)")
 
 
 def test_validate_command_prints_the_resolved_recipe(capsys):

@@ -58,6 +58,20 @@ CUSTOM = textwrap.dedent('''
                     return 1.0
         return Broken()
 
+    class Recorded:
+        """Counts its constructions: checking a spec must never build it."""
+        built = 0
+
+        def __init__(self, path, /, scale=1.0, *, device="cpu"):
+            Recorded.built += 1
+
+        def score(self, prompts, responses):
+            return [0.0] * len(responses)
+
+    @reward_factory
+    def anything(**kwargs):
+        return WordCount(scale=len(kwargs))
+
     NOT_CALLABLE = 3
 
     def unmarked(kind):
@@ -107,7 +121,8 @@ def test_load_reward_errors_name_the_target(custom_module):
         R.load_reward({"target": "no_such_module:X"})
     with pytest.raises(R.RewardError, match="has no attribute 'Missing'"):
         R.load_reward({"target": "my_rewards:Missing"})
-    with pytest.raises(R.RewardError, match="rejected kwargs \\['bogus'\\]"):
+    with pytest.raises(R.RewardError, match=r"^reward\.kwargs\.bogus: not an argument of my_rewards:WordCount "
+                                            r"\(it takes: scale\)$"):
         R.load_reward({"target": "my_rewards:WordCount", "kwargs": {"bogus": 1}})
     with pytest.raises(R.RewardError, match="is a int, not a reward class"):
         R.load_reward({"target": "my_rewards:NOT_CALLABLE"})
@@ -148,6 +163,58 @@ def test_nested_specs_are_checked_before_anything_is_built(custom_module, tmp_pa
     R.check_reward_spec({"target": "my_rewards:make", "kwargs": {"kind": "nan"}}, "reward")  # marked: fine
     with pytest.raises(TypeError, match="marks functions"):
         R.reward_factory(print)
+
+
+MATH = "posttrain.reward.math:MathAnswerReward"
+
+
+def test_a_misspelled_kwarg_is_an_error_naming_the_recipe_key_built_ins_included(custom_module):
+    """Issue 24: validate accepted `{no_such_kwarg: 1}` on a built-in reward."""
+    with pytest.raises(R.RewardError) as info:
+        R.check_reward_spec({"target": MATH, "kwargs": {"no_such_kwarg": 1}}, "reward")
+    assert str(info.value) == (f"reward.kwargs.no_such_kwarg: not an argument of {MATH} "
+                               "(it takes: prompts_file, rel_tol, abs_tol)")
+    with pytest.raises(R.RewardError, match=r"^eval\.checker\.kwargs\.rel_tl: not an argument"):
+        R.check_reward_spec({"target": MATH, "kwargs": {"rel_tl": 0.1}}, "eval.checker")
+    with pytest.raises(R.RewardError, match=r"^reward\.kwargs\.componets: not an argument of "
+                                            r"posttrain\.reward:WeightedReward .*; reward\.kwargs: "
+                                            r"posttrain\.reward:WeightedReward needs 'components'"):
+        R.check_reward_spec({"target": "posttrain.reward:WeightedReward", "kwargs": {"componets": []}}, "reward")
+    with pytest.raises(R.RewardError, match=r"^reward\.kwargs: posttrain\.reward:RMReward needs 'path'"):
+        R.check_reward_spec({"target": "posttrain.reward:RMReward"}, "reward")
+    R.check_reward_spec({"target": MATH, "kwargs": {"rel_tol": 0.0, "prompts_file": "p.jsonl"}}, "reward")  # fine
+
+
+def test_kwargs_are_checked_against_the_signature_without_building_anything(custom_module):
+    import my_rewards
+
+    with pytest.raises(R.RewardError, match=r"^reward\.kwargs: my_rewards:Recorded needs 'path'"):
+        R.check_reward_spec({"target": "my_rewards:Recorded", "kwargs": {"scale": 2}}, "reward")
+    with pytest.raises(R.RewardError, match=r"needs 'path'"):  # positional-only: no key can give it
+        R.check_reward_spec({"target": "my_rewards:Recorded", "kwargs": {"path": "x"}}, "reward")
+    with pytest.raises(R.RewardError, match=r"^reward\.kwargs\.devcie: not an argument of my_rewards:Recorded "
+                                            r"\(it takes: scale, device\)"):
+        R.load_reward({"target": "my_rewards:Recorded", "kwargs": {"devcie": "cpu"}})
+    assert my_rewards.Recorded.built == 0
+    R.check_reward_spec({"target": "my_rewards:anything", "kwargs": {"whatever": 1, "at": "all"}}, "reward")
+    assert R.load_reward({"target": "my_rewards:anything", "kwargs": {"a": 1, "b": 2}}).scale == 2  # **kwargs
+
+
+def test_nested_specs_kwargs_are_checked_and_rm_placeholders_stay_valid(custom_module):
+    components = [[{"target": MATH, "kwargs": {"prompts_file": "p.jsonl"}}, 1.0], ["@rm", 0.01]]
+    R.check_reward_spec({"target": "posttrain.reward:WeightedReward", "kwargs": {"components": components}}, "reward")
+    components[0][0]["kwargs"]["tolerance"] = 0.1
+    spec = {"target": "posttrain.reward:WeightedReward", "kwargs": {"components": [
+        [{"target": "posttrain.reward:WeightedReward", "kwargs": {"components": components}}, 1.0]]}}
+    with pytest.raises(R.RewardError) as info:
+        R.check_reward_spec(spec, "reward")
+    assert str(info.value).startswith("reward.kwargs.components[0][0].kwargs.components[0][0].kwargs.tolerance: "
+                                      f"not an argument of {MATH}")
+    with pytest.raises(R.RewardError, match=r"tolerance: not an argument"):
+        R.load_reward(spec)
+    with pytest.raises(R.RewardError, match=r"^reward\.kwargs\.components\[0\]\[0\]\.kwargs: expected a mapping"):
+        R.check_reward_spec({"target": "posttrain.reward:WeightedReward",
+                             "kwargs": {"components": [[{"target": MATH, "kwargs": [1]}, 1.0]]}}, "reward")
 
 
 def test_setup_and_teardown_through_active(custom_module):

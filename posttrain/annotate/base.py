@@ -37,7 +37,7 @@ from pydantic import Field
 
 from posttrain.data import STRENGTHS
 from posttrain.files import hash_json
-from posttrain.reward.base import import_target
+from posttrain.reward.base import check_kwargs, import_target
 from posttrain.schema import StrictModel
 
 Side = Literal["a", "b"]
@@ -205,21 +205,22 @@ def resolve_annotator_target(target: str) -> Any:
 
 
 def check_annotator_spec(spec: AnnotatorSpec | dict, where: str) -> None:
-    """Check a recipe's annotator spec (and reward specs in its kwargs, for AI feedback)
-    without calling anything; raises AnnotatorError naming the recipe key."""
-    from posttrain.reward.base import RewardError, check_reward_spec, nested_reward_specs
+    """Check a recipe's annotator spec without calling anything: the target is an annotator,
+    its kwargs fit its signature, and every reward spec in them (for AI feedback) passes
+    `check_reward_spec`. Raises AnnotatorError naming the recipe key."""
+    from posttrain.reward.base import RewardError, check_nested_reward_specs
 
     if isinstance(spec, dict):
         spec = AnnotatorSpec.model_validate(spec)
     try:
-        resolve_annotator_target(spec.target)
+        target_obj = resolve_annotator_target(spec.target)
     except AnnotatorError as e:
         raise AnnotatorError(f"{where}.target: {e}") from None
-    for path, target in nested_reward_specs(spec.kwargs, f"{where}.kwargs"):
-        try:
-            check_reward_spec({"target": target}, path.removesuffix(".target"))
-        except RewardError as e:
-            raise AnnotatorError(str(e)) from None
+    check_kwargs(target_obj, spec.kwargs, spec.target, f"{where}.kwargs", AnnotatorError)
+    try:
+        check_nested_reward_specs(spec.kwargs, f"{where}.kwargs")
+    except RewardError as e:
+        raise AnnotatorError(str(e)) from None
 
 
 def load_annotator(spec: AnnotatorSpec | dict | Any) -> Annotator:
@@ -235,6 +236,7 @@ def load_annotator(spec: AnnotatorSpec | dict | Any) -> Annotator:
             raise AnnotatorError(f"{annotator_name(spec)!r} is not an annotator: it has no annotate(requests) method")
         return spec
     factory = resolve_annotator_target(spec.target)
+    check_kwargs(factory, spec.kwargs, spec.target, "annotator.kwargs", AnnotatorError)
     try:
         annotator = factory(**spec.kwargs)
     except TypeError as e:

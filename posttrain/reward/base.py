@@ -26,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import math
 import logging
+import math
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -152,10 +152,37 @@ def resolve_reward_target(target: str) -> Any:
                       "@posttrain.reward.reward_factory (nothing was called)")
 
 
-def nested_reward_specs(kwargs: Any, where: str) -> list[tuple[str, str]]:
-    """(key path, target) of every reward spec inside a reward's kwargs (e.g. the components
-    of a WeightedReward), so they can be checked before anything is built."""
-    found: list[tuple[str, str]] = []
+def check_kwargs(target_obj: Any, kwargs: dict[str, Any], target: str, where: str,
+                 error: type[Exception] = RewardError) -> None:
+    """Do `kwargs` fit the signature of `target_obj` (a class's constructor or a factory)?
+    Checked with `inspect.signature`, never by calling it: a key it does not take and a
+    required argument left out raise `error`, naming the recipe key (`where` is the kwargs'
+    key path, e.g. "reward.kwargs") and what the target takes. A target with `**kwargs`
+    takes any key; one without a readable signature (a builtin) is left to the call."""
+    try:
+        signature = inspect.signature(target_obj)
+    except (TypeError, ValueError):
+        return
+    params = list(signature.parameters.values())
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes = f"it takes: {', '.join(named)}" if named else "it takes no arguments"
+    problems = []
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        problems += [f"{where}.{key}: not an argument of {target} ({takes})" for key in kwargs if key not in named]
+    missing = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               and (p.name not in kwargs or p.kind is p.POSITIONAL_ONLY)]
+    if missing:
+        problems.append(f"{where}: {target} needs {', '.join(map(repr, missing))}, which the kwargs do not give "
+                        f"({takes})")
+    if problems:
+        raise error("; ".join(problems))
+
+
+def nested_reward_specs(kwargs: Any, where: str) -> list[tuple[str, dict]]:
+    """(key path, spec) of every reward spec (a dict of `target` and `kwargs`) inside a
+    reward's kwargs (e.g. the components of a WeightedReward), so they can be checked
+    before anything is built. Specs inside nested specs are found too."""
+    found: list[tuple[str, dict]] = []
     stack: list[tuple[str, Any, int]] = [(where, kwargs, 0)]
     while stack:
         path, value, depth = stack.pop()
@@ -163,26 +190,43 @@ def nested_reward_specs(kwargs: Any, where: str) -> list[tuple[str, str]]:
             raise RewardError(f"{path}: nested deeper than 32 levels")
         if isinstance(value, dict):
             if isinstance(value.get("target"), str) and set(value) <= {"target", "kwargs"}:
-                found.append((f"{path}.target", value["target"]))
+                found.append((path, value))
             stack.extend((f"{path}.{k}", v, depth + 1) for k, v in value.items())
         elif isinstance(value, (list, tuple)):
             stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in enumerate(value))
-    return sorted(found)
+    return sorted(found, key=lambda item: item[0])
+
+
+def _check_spec(path: str, spec: dict) -> None:
+    """One spec (`path` is its key path): an import path naming a reward, and kwargs that fit it."""
+    target, kwargs = spec["target"], spec.get("kwargs", {})
+    try:
+        RewardSpec(target=target)
+    except ValueError as e:  # pydantic: not an import path
+        raise RewardError(f"{path}.target: {target!r} is not an import path 'package.module:Name'") from e
+    if not isinstance(kwargs, dict):
+        raise RewardError(f"{path}.kwargs: expected a mapping of argument names to values, got {type(kwargs).__name__}")
+    try:
+        target_obj = resolve_reward_target(target)
+    except RewardError as e:
+        raise RewardError(f"{path}.target: {e}") from None
+    check_kwargs(target_obj, kwargs, target, f"{path}.kwargs")
+
+
+def check_nested_reward_specs(kwargs: Any, where: str) -> None:
+    """`check_reward_spec` for every reward spec inside `kwargs` (`where`: their key path)."""
+    for path, spec in nested_reward_specs(kwargs, where):
+        _check_spec(path, spec)
 
 
 def check_reward_spec(spec: RewardSpec | dict, where: str) -> None:
     """Check a recipe's reward spec and every spec nested in its kwargs without calling
-    anything; raises RewardError naming the recipe key (`where`, e.g. "eval.checker")."""
-    if isinstance(spec, dict):
-        spec = RewardSpec.model_validate(spec)
-    for path, target in [(f"{where}.target", spec.target)] + nested_reward_specs(spec.kwargs, f"{where}.kwargs"):
-        try:
-            RewardSpec(target=target)
-            resolve_reward_target(target)
-        except RewardError as e:
-            raise RewardError(f"{path}: {e}") from None
-        except ValueError as e:  # pydantic: not an import path
-            raise RewardError(f"{path}: {target!r} is not an import path 'package.module:Name'") from e
+    anything: each target imports and is a reward (`resolve_reward_target`), and its kwargs
+    fit its signature (`check_kwargs`). Raises RewardError naming the recipe key (`where`,
+    e.g. "eval.checker"); a "@rm" placeholder is a value like any other, so it passes."""
+    spec = (spec if isinstance(spec, RewardSpec) else RewardSpec.model_validate(spec)).model_dump()
+    _check_spec(where, spec)
+    check_nested_reward_specs(spec["kwargs"], f"{where}.kwargs")
 
 
 def reward_fingerprint(reward: Any) -> str:
@@ -210,6 +254,7 @@ def load_reward(spec: RewardSpec | dict | Any) -> Reward:
             raise RewardError(f"{reward_name(spec)!r} is not a reward: it has no score(prompts, responses) method")
         return spec
     factory = resolve_reward_target(spec.target)
+    check_kwargs(factory, spec.kwargs, spec.target, "reward.kwargs")
     try:
         reward = factory(**spec.kwargs)
     except TypeError as e:
