@@ -164,7 +164,7 @@ def row_problems(meta: dict) -> list[tuple[str, str]]:
         text = str(e).removeprefix("row: ")
         m = re.match(r"field '(\w+)'(\[\d+\])?: (.*)", text, re.DOTALL)
         if m:
-            return [(m.group(1), (m.group(2) or "") + (": " if m.group(2) else "") + m.group(3))]
+            return [(m.group(1) + (m.group(2) or ""), m.group(3))]
         key = next((k for k in FORM_FIELDS if k in meta), "tests")
         return [(key, text)]
     return []
