@@ -423,7 +423,7 @@ class Remote:
         line, self.buf = self.buf.split(b"\n", 1)
         try:
             msg = json.loads(line)
-        except (ValueError, RecursionError):
+        except (ValueError, RecursionError, MemoryError):
             raise self._fail("the program broke the protocol") from None
         if type(msg) is not dict or type(msg.get("seq")) is not int:
             raise self._fail("the program broke the protocol")
@@ -575,6 +575,14 @@ def assert_compare(left, op, right):
 
 
 def run_judge(job_fd, req_w, ans_r, rep_w, lim):
+    try:
+        judge(job_fd, req_w, ans_r, rep_w, lim)
+    except BaseException as e:  # never the program's doing, but still only this sample's failure
+        send(rep_w, {"load": False, "kind": "crash", "error": ("the judge failed: %s: %s" % (type(e).__name__, e))[:300]})
+    os._exit(0)
+
+
+def judge(job_fd, req_w, ans_r, rep_w, lim):
     job = read_all(job_fd)
     remote = Remote(req_w, ans_r, lim)
     signal.signal(signal.SIGALRM, _on_alarm)
