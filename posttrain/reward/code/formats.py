@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import builtins
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,13 +210,17 @@ def bound_names(tree: ast.AST) -> set[str]:
     return names
 
 
-def program_names(suite: Suite) -> list[str]:
-    """Names the tests read that neither they nor the builtins define: the judge asks the
-    program for these (builtins stay the judge's own, so a program's `abs` never judges)."""
+def free_names(suite: Suite) -> tuple[list[str], list[str]]:
+    """(program names, modules): the names the tests read that neither they nor the builtins
+    define. Standard-library module names (`math` in MBPP's `assert math.isclose(...)`, which
+    relies on the program's import) the judge imports itself; the rest it asks the program
+    for. Builtins stay the judge's own, so a program's `abs` or `math` never judges."""
     trees = [ast.parse(suite.setup)] + [ast.parse(t) for t in suite.tests]
     bound = set().union(*(bound_names(t) for t in trees))
     loads = {n.id for t in trees for n in ast.walk(t) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    return sorted((loads - bound - _BUILTIN_NAMES) | set(suite.program_names))
+    free = (loads - bound - _BUILTIN_NAMES) | set(suite.program_names)
+    modules = {n for n in free if n in sys.stdlib_module_names and n not in suite.program_names}
+    return sorted(free - modules), sorted(modules)
 
 
 class _Explain(ast.NodeTransformer):

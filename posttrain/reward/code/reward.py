@@ -12,7 +12,7 @@ from typing import Any
 
 from posttrain.reward.base import RewardInfraError, Scored
 from posttrain.reward.code.formats import (COMPARE_FUNCTION, FORM_FIELDS, Suite, explained, extract_code,
-                                           normalise_output, program_names, suite_from_meta)
+                                           free_names, normalise_output, suite_from_meta)
 from posttrain.reward.code.references import ReferenceIndex
 from posttrain.reward.code.sandbox import Interpreter, Limits, Raw, Slot, find_interpreter
 
@@ -65,8 +65,9 @@ def run_tests(code: str, suite: Suite, slot: Slot) -> RunResult:
     if suite.mode == "stdio":
         raw = slot.run("stdio", [{"program": code, "inputs": suite.inputs}])
         return _stdio_result(raw, suite, slot)
+    names, modules = free_names(suite)
     judge_job = {"setup": explained(suite.setup) if suite.setup else "", "tests": [explained(t) for t in suite.tests],
-                 "names": program_names(suite), "compare_function": COMPARE_FUNCTION}
+                 "names": names, "modules": modules, "compare_function": COMPARE_FUNCTION}
     raw = slot.run("calls", [{"program": code}, judge_job])
     return _calls_result(raw, n, slot)
 
