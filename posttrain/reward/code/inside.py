@@ -243,21 +243,22 @@ def run_cases(job, rep_w, out_w, prog_uid, lim):
         pidfd = os.pidfd_open(pid)
         deadline = time.monotonic() + lim["test_s"]
         out, flood, timeout = bytearray(), False, False
+        watch = [out_r, pidfd]
         while True:
             left = deadline - time.monotonic()
-            ready = select.select([out_r, pidfd], [], [], max(0.0, left))[0] if left > 0 else []
+            ready = select.select(watch, [], [], left)[0] if left > 0 else []
             if not ready:
                 timeout = True
                 break
-            if out_r in ready:
-                chunk = os.read(out_r, 1 << 16)
-                if chunk:
-                    out += chunk
-                    if len(out) > lim["max_output_bytes"]:
-                        flood = True
-                        break
-                    continue
             if pidfd in ready:
+                break
+            chunk = os.read(out_r, 1 << 16)
+            if not chunk:
+                watch = [pidfd]  # it closed its stdout; wait for its exit
+                continue
+            out += chunk
+            if len(out) > lim["max_output_bytes"]:
+                flood = True
                 break
         os.kill(-1, signal.SIGKILL)  # as PID 1: every process of this case (it may have forked)
         _, status = os.waitpid(pid, 0)
