@@ -239,6 +239,19 @@ def test_unisolated_and_single_uid_modes_are_gone():
             CodeTestReward(isolation=mode)
 
 
+def test_a_slot_that_dies_is_restarted(reward):
+    """A slot's root process that is gone (killed from outside) costs no sample: the sample
+    runs again on a fresh slot, which probes itself first."""
+    import signal
+    for slot in list(reward._all_slots):
+        os.killpg(slot.proc.pid, signal.SIGKILL)
+        slot.proc.wait()
+    responses = ["def add(a, b):\n    return a + b\n"] * 2
+    got = reward.score_with_meta([[{"role": "user", "content": "q"}]] * 2, responses, [{"tests": ADD_TESTS}] * 2)
+    assert [g.value for g in got] == [1.0, 1.0]
+    assert all(slot.proc.poll() is None for slot in reward._all_slots)
+
+
 def test_a_sandbox_that_cannot_start_is_an_infrastructure_error(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(RewardInfraError, match="needs root"):

@@ -107,6 +107,10 @@ class Raw:
     timed_out: bool    # the sample's wall-clock limit ran out
 
 
+# A real sample, run by every slot as it starts: the program binds x, the judge checks it.
+_PROBE_JUDGE = {"setup": "", "tests": ["assert x + 1 == 42"], "names": ["x"], "modules": [], "compare_function": "_"}
+
+
 class Slot:
     """One worker's sandbox: its root process, and the two uids its samples run as."""
 
@@ -117,7 +121,8 @@ class Slot:
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     def start(self) -> None:
-        """Start the slot's root process; RewardInfraError when it cannot start."""
+        """Start the slot's root process and probe it with a real sample; RewardInfraError
+        when it cannot start or the probe fails."""
         self.close()
         if os.geteuid() != 0:
             raise RewardInfraError("CodeTestReward: the sandbox needs root (namespaces, chroot, a uid per process)")
@@ -149,6 +154,13 @@ class Slot:
             self.close()
             raise RewardInfraError(f"CodeTestReward: the sandbox did not start: {why or 'no answer'}")
         errors.close()
+        try:
+            raw = self._run("calls", [{"program": "x = 41\n"}, _PROBE_JUDGE])
+        except _SlotBroken as e:
+            raw = Raw([], str(e), False)
+        if not any(e.get("t") == 0 and e.get("ok") is True for e in raw.report):
+            self.close()
+            raise RewardInfraError(f"CodeTestReward: the sandbox probe failed: {raw.report} {raw.output[-500:]}")
 
     def close(self) -> None:
         if self.ctrl is not None:
