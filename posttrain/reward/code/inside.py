@@ -76,17 +76,17 @@ def keep_fds(keep):
         start = fd + 1
 
 
-def std_streams(out_fd, stdin_fd=None):
-    """fd 0 from `stdin_fd` (else /dev/null), fds 1 and 2 to `out_fd`, and fresh sys streams on them."""
+def std_streams(err_fd, stdin_fd=None, out_fd=None):
+    """fd 0 from `stdin_fd` (else /dev/null), fd 1 to `out_fd` (else `err_fd`), fd 2 to `err_fd`,
+    and fresh sys streams on them (every fd given is above 2: 0-2 are always open here)."""
     if stdin_fd is None:
         stdin_fd = os.open(os.devnull, os.O_RDONLY)
-    if stdin_fd != 0:
-        os.dup2(stdin_fd, 0)
-        os.close(stdin_fd)
+    out_fd = err_fd if out_fd is None else out_fd
+    os.dup2(stdin_fd, 0)
     os.dup2(out_fd, 1)
-    os.dup2(out_fd, 2)
-    if out_fd > 2:
-        os.close(out_fd)
+    os.dup2(err_fd, 2)
+    for fd in {stdin_fd, out_fd, err_fd} - {0, 1, 2}:
+        os.close(fd)
     sys.stdin = open(0, "r", encoding="utf-8", errors="replace", closefd=False)
     sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)
     sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)
@@ -228,14 +228,7 @@ def run_cases(job, rep_w, out_w, prog_uid, lim):
         pid = os.fork()
         if pid == 0:
             keep_fds([stdin, case_w, out_w])
-            os.dup2(case_w, 1)
-            os.dup2(out_w, 2)
-            os.dup2(stdin, 0)
-            for fd in {stdin, case_w, out_w} - {0, 1, 2}:
-                os.close(fd)
-            sys.stdin = open(0, "r", encoding="utf-8", errors="replace", closefd=False)
-            sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)
-            sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)
+            std_streams(out_w, stdin_fd=stdin, out_fd=case_w)
             become(prog_uid, "/work", lim)
             run_script(job["program"])
         os.close(case_w)
@@ -393,10 +386,7 @@ def program_server(job_fd, req_r, ans_w, lim):
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
         answer["seq"] = req["seq"]
-        try:
-            send(ans_w, answer)
-        except (TypeError, ValueError):
-            send(ans_w, {"seq": req["seq"], "raise": "ValueError", "args": None})
+        send(ans_w, answer)
     os._exit(0)
 
 
