@@ -415,6 +415,18 @@ def test_object_tests(reward):
     assert score(reward, stack.replace("self.items.pop()", "self.items[0]"), tests) == pytest.approx(2 / 3)
 
 
+def test_program_objects_go_back_to_the_program_by_handle(reward):
+    code = ("class Node:\n    def __init__(self, val, next=None):\n        self.val, self.next = val, next\n"
+            "def link(a, b):\n    a.next = b\n    return a\n")
+    tests = ["a, b = Node(1), Node(2)\nlink(a, b)\nassert a.next.val == 2",
+             "c = Node(3, Node(4))\nassert c.next.next is None and c.next.val == 4",
+             "d = Node(5)\nd.val = 6\nassert d.val == 6"]
+    assert score(reward, code, tests) == 1.0
+    # a test's own objects (here a function) are not passed to the program
+    got = verdict(reward, code, {"tests": ["assert link(lambda: 1, Node(1)) is not None"]})
+    assert got.value == 0.0 and "only plain data and the program's own objects" in got.detail
+
+
 def test_explained_asserts_keep_their_meaning():
     assert explained("assert f(1) == 2") == "__posttrain_assert__(f(1), 'Eq', 2)"
     assert explained("assert a < b < c") == "assert a < b < c"          # chained: left as is
