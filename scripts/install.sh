@@ -16,9 +16,11 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   pip_q "$want_torch"
 fi
 if ! "$VENV/bin/python" -c "import posttrain, trl, peft, pytest" >/dev/null 2>&1 \
-   || [ requirements/ci.txt -nt "$VENV/.posttrain-installed" ] || [ pyproject.toml -nt "$VENV/.posttrain-installed" ]; then
+   || [ requirements/ci.txt -nt "$VENV/.posttrain-installed" ] \
+   || [ requirements/bench.txt -nt "$VENV/.posttrain-installed" ] || [ pyproject.toml -nt "$VENV/.posttrain-installed" ]; then
   echo "install: posttrain and its dependencies (requirements/ci.txt), about a minute"
   pip_q -r requirements/ci.txt
+  pip_q -r requirements/bench.txt
   pip_q --no-deps -e .
   touch "$VENV/.posttrain-installed"
 fi

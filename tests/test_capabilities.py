@@ -123,8 +123,8 @@ def test_code_preferences_pass_and_fail_their_tests(tmp_path):
     try:
         prompts = [it.messages() for it in items]
         metas = [it.check for it in items]
-        chosen = reward.score_with_meta(prompts, [it.correct for it in items], metas)
-        rejected = reward.score_with_meta(prompts, [it.wrong for it in items], metas)
+        chosen = [s.value for s in reward.score_with_meta(prompts, [it.correct for it in items], metas)]
+        rejected = [s.value for s in reward.score_with_meta(prompts, [it.wrong for it in items], metas)]
     finally:
         reward.teardown()
     assert chosen == [1.0] * len(items)
@@ -281,7 +281,7 @@ def test_one_round_of_code_end_to_end(tmp_path, tiny_model_dir):
         rescored = again.score_with_meta([r["prompt"] for r in rows for _ in r["responses"]],
                                          [x for r in rows for x in r["responses"]],
                                          [{"tests": tests[r["id"]]} for r in rows for _ in r["responses"]])
-    assert rescored == [s for r in rows for s in r["scores"]]
+    assert [v.value for v in rescored] == [s for r in rows for s in r["scores"]]
     ev = json.loads((run_dir / "round_01" / "eval" / "record.json").read_text())
     assert 0.0 <= ev["metrics"]["task_score"] <= 1.0
 

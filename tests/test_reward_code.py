@@ -1,4 +1,4 @@
-"""Code reward: extraction, test parsing, and the sandbox against hostile programs.
+"""Code reward: extraction, the test forms, reasons, and the sandbox against hostile programs.
 
 The adversarial cases each must score 0 (or their limit must bind) without harming the run:
 an infinite loop, a flood of output, a fork bomb, reading files outside the working folder,
@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.reward.code import CodeTestReward, Suite, extract_code, parse_tests
+from posttrain.reward import RewardInfraError
+from posttrain.reward.code import CodeTestReward, Suite, extract_code, normalise_output, parse_tests, suite_from_meta
+from posttrain.reward.code.formats import FORM_FIELDS, explained
 
 UID_BASE = 1_990_100_000
 WORKERS = 2
+UIDS = (UID_BASE, UID_BASE + 2 * WORKERS)  # a program uid and a judge uid per worker
 
 
 def _uids_alive(lo: int, hi: int) -> list[int]:
@@ -38,6 +41,17 @@ def _uids_alive(lo: int, hi: int) -> list[int]:
     return found
 
 
+def _uids_gone(lo: int, hi: int, wait_s: float = 3.0) -> bool:
+    """No process of these uids is left, once the ones already dying have finished (a process
+    that frees a large address space takes a moment)."""
+    deadline = time.monotonic() + wait_s
+    while _uids_alive(lo, hi):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 @pytest.fixture(scope="module")
 def reward():
     r = CodeTestReward(timeout_s=4.0, test_timeout_s=1.0, cpu_s=4, memory_mb=512, max_procs=16,
@@ -47,12 +61,17 @@ def reward():
     except RuntimeError as e:
         pytest.skip(f"no OS sandbox on this machine: {e}")
     yield r
-    assert _uids_alive(UID_BASE, UID_BASE + WORKERS) == [], "a sandboxed process outlived its run"
+    assert _uids_gone(*UIDS), "a sandboxed process outlived its sample"
+    r.teardown()
+
+
+def verdict(reward, code: str, meta: dict, fenced: bool = True):
+    response = f"Here you go:\n```python\n{code}\n```\n" if fenced else code
+    return reward.score_with_meta([[{"role": "user", "content": "q"}]], [response], [meta])[0]
 
 
 def score(reward, code: str, tests, fenced: bool = True) -> float:
-    response = f"Here you go:\n```python\n{code}\n```\n" if fenced else code
-    return reward.score_with_meta([[{"role": "user", "content": "q"}]], [response], [{"tests": tests}])[0]
+    return verdict(reward, code, {"tests": tests}, fenced).value
 
 
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4", "assert add(0, 5) == 5"]
@@ -108,7 +127,8 @@ def test_prompts_file_lookup(reward, tmp_path):
     r.isolation, r.interpreter, r._slots = reward.isolation, reward.interpreter, reward._slots
     prompts = [[{"role": "system", "content": "Write Python."}, {"role": "user", "content": "Write add."}],
                [{"role": "user", "content": "Something else"}]]
-    assert r.score(prompts, ["```python\ndef add(a, b): return a + b\n```", "x"]) == [1.0, None]
+    got = r.score(prompts, ["```python\ndef add(a, b): return a + b\n```", "x"])
+    assert got[0].value == 1.0 and got[1] is None
 
 
 # --- adversarial ------------------------------------------------------------------------------
@@ -164,8 +184,7 @@ def test_escaped_session_is_killed(reward):
     """A child that leaves the process group dies with the sandbox (PID namespace)."""
     code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n    os._exit(0)\ndef add(a, b): return a + b"
     assert score(reward, code, ADD_TESTS) == 1.0
-    time.sleep(0.2)
-    assert _uids_alive(UID_BASE, UID_BASE + WORKERS) == []
+    assert _uids_gone(*UIDS, wait_s=1.0)
 
 
 def test_reading_files_outside_the_folder_fails(reward, tmp_path):
@@ -205,16 +224,38 @@ def test_a_bad_sample_costs_only_itself(reward):
                  "def add(a, b): return a + b"]
     prompts = [[{"role": "user", "content": "q"}]] * 4
     scores = reward.score_with_meta(prompts, responses, [{"tests": ADD_TESTS}] * 4)
-    assert scores == [1.0, 0.0, 0.0, 1.0]
+    assert [s.value for s in scores] == [1.0, 0.0, 0.0, 1.0]
+    assert [s.reason for s in scores] == ["passed", "timeout", "error", "passed"]
 
 
 # --- removed: the unisolated mode -----------------------------------------------------------
 
-def test_process_mode_is_gone():
-    """It ran programs as a plain child of a root process; `_posixsubprocess.fork_exec` (no
-    audit event) started a shell on the host."""
-    with pytest.raises(ValueError, match="removed"):
-        CodeTestReward(isolation="process")
+def test_unisolated_and_single_uid_modes_are_gone():
+    """"process" ran programs as a plain child of a root process (`_posixsubprocess.fork_exec`
+    started a shell on the host); "userns" maps a single uid, so the judge and the program
+    could not be two uids."""
+    for mode in ("process", "userns"):
+        with pytest.raises(ValueError, match="removed"):
+            CodeTestReward(isolation=mode)
+
+
+def test_a_slot_that_dies_is_restarted(reward):
+    """A slot's root process that is gone (killed from outside) costs no sample: the sample
+    runs again on a fresh slot, which probes itself first."""
+    import signal
+    for slot in list(reward._all_slots):
+        os.killpg(slot.proc.pid, signal.SIGKILL)
+        slot.proc.wait()
+    responses = ["def add(a, b):\n    return a + b\n"] * 2
+    got = reward.score_with_meta([[{"role": "user", "content": "q"}]] * 2, responses, [{"tests": ADD_TESTS}] * 2)
+    assert [g.value for g in got] == [1.0, 1.0]
+    assert all(slot.proc.poll() is None for slot in reward._all_slots)
+
+
+def test_a_sandbox_that_cannot_start_is_an_infrastructure_error(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(RewardInfraError, match="needs root"):
+        CodeTestReward(max_workers=1, uid_base=UID_BASE).setup()
 
 
 def test_prompts_file_with_bad_tests_names_the_row(tmp_path):
@@ -243,3 +284,151 @@ def test_bad_kwargs_fail_early():
         CodeTestReward(max_workers=0)
     with pytest.raises(ValueError, match="score_with_meta"):
         CodeTestReward().score([[{"role": "user", "content": "q"}]], ["x"])
+
+
+# --- the test forms of real datasets ----------------------------------------------------------
+
+HUMANEVAL = {"test": "METADATA = {'author': 'x'}\n\ndef check(candidate):\n    assert candidate([1, 2]) == 3\n"
+                     "    assert abs(candidate([0.5]) - 0.5) < 1e-9\n    assert candidate([]) == 0\n",
+             "entry_point": "total"}
+MBPP = {"test_list": ["assert total(DATA) == 6", "assert total([]) == 0"], "test_setup_code": "DATA = [1, 2, 3]"}
+STDIN = {"inputs": ["1 2\n", "5 -5\n", "10 20"], "outputs": ["3\n", "0", "30\n\n"]}
+ADD_SCRIPT = "import sys\na, b = map(int, sys.stdin.read().split())\nprint(a + b)\n"
+
+
+def test_each_form_reads_its_fields():
+    assert suite_from_meta({"tests": ADD_TESTS}).tests == ADD_TESTS
+    he = suite_from_meta(HUMANEVAL)
+    assert he.tests == ["check(total)"] and "def check" in he.setup and he.program_names == ("total",)
+    mbpp = suite_from_meta(MBPP)
+    assert mbpp.setup == "DATA = [1, 2, 3]" and mbpp.tests == MBPP["test_list"]
+    io = suite_from_meta(STDIN)
+    assert io.mode == "stdio" and io.inputs == STDIN["inputs"] and len(io) == 3
+    assert suite_from_meta({}) is None and suite_from_meta({"tests": []}) is None and suite_from_meta(None) is None
+    from posttrain import data
+    assert tuple(FORM_FIELDS) == data._CODE_TEST_FIELDS   # validate-data looks for the same fields
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"test": "assert f(1)", "entry_point": "f"}, r"sample 0: field 'test': no top-level `def check"),
+    ({"test": "def check(c): pass"}, r"field 'entry_point': expected a non-empty string"),
+    ({"test_list": ["assert f(1) == 1", 3]}, r"field 'test_list'\[1\]: expected a string"),
+    ({"test_list": ["assert f(1) == 1"], "test_setup_code": 5}, r"field 'test_setup_code': expected a string"),
+    ({"inputs": ["1"], "outputs": []}, r"field 'outputs': expected a non-empty list"),
+    ({"inputs": ["1", "2"], "outputs": ["1"]}, r"field 'outputs': 1 outputs for 2 inputs"),
+    ({"tests": ["assert 1"], "inputs": ["1"], "outputs": ["1"]}, r"mix test forms"),
+])
+def test_bad_test_fields_name_the_field(meta, match):
+    with pytest.raises(ValueError, match=match):
+        suite_from_meta(meta, "sample 0")
+
+
+def test_validate_data_checks_every_form(tmp_path):
+    from posttrain.cli import main
+
+    rows = [{"prompt": "a", "tests": ADD_TESTS}, {"prompt": "b", **HUMANEVAL}, {"prompt": "c", **MBPP},
+            {"prompt": "d", **STDIN}, {"prompt": "e", "test": "x = 1", "entry_point": "f"},
+            {"prompt": "f", "test_list": ["assert ("]}, {"prompt": "g", "inputs": ["1"], "outputs": ["1", "2"]}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from posttrain import data
+    report = data.validate_file(path, "prompts")
+    assert [(p.row, p.field) for p in report.problems] == [(5, "test"), (6, "test_list[0]"), (7, "outputs")]
+    assert main(["validate-data", str(path), "--kind", "prompts"]) != 0
+
+
+def test_stdout_normalisation_rule():
+    assert normalise_output("a  \r\nb\t\n\n\n") == normalise_output("a\nb") == "a\nb"
+    assert normalise_output(" a\n\nb") != normalise_output("a\nb")   # leading space and inner blank lines count
+    assert normalise_output("A") != normalise_output("a")
+
+
+def test_humaneval_form(reward):
+    right = "def total(xs):\n    return sum(xs)\n"
+    got = verdict(reward, right, HUMANEVAL)
+    assert (got.value, got.reason) == (1.0, "passed")
+    wrong = verdict(reward, "def total(xs):\n    return len(xs)\n", HUMANEVAL)
+    assert (wrong.value, wrong.reason) == (0.0, "failed")
+    assert wrong.detail == "0/1 tests passed; test 0: AssertionError: got 2"   # what candidate([1, 2]) gave
+    # the program defines a helper the test also calls, as HumanEval's prompts do (poly, encode_shift)
+    helper = {"test": "def check(candidate):\n    assert helper(candidate(2)) == 5\n", "entry_point": "f"}
+    assert verdict(reward, "def helper(x):\n    return x + 1\ndef f(x):\n    return 2 * x\n", helper).value == 1.0
+
+
+def test_mbpp_form_with_setup(reward):
+    assert verdict(reward, "def total(xs):\n    return sum(xs)\n", MBPP).value == 1.0
+    assert verdict(reward, "def total(xs):\n    return 6\n", MBPP).value == 0.5
+
+
+def test_stdin_form(reward):
+    got = verdict(reward, ADD_SCRIPT, STDIN)
+    assert (got.value, got.reason) == (1.0, "passed")
+    wrong = verdict(reward, "print(3)", STDIN)
+    assert wrong.value == pytest.approx(1 / 3) and wrong.reason == "failed" and "wrong output: got '3\\n'" in wrong.detail
+    # exit status 0 is required, even after the right output
+    crash = verdict(reward, ADD_SCRIPT + "raise SystemExit(3)\n", STDIN)
+    assert (crash.value, crash.reason) == (0.0, "error") and "exit status 3" in crash.detail
+    # the program runs as a script: its main guard runs, input() reads the case
+    main_guard = "def solve():\n    a, b = map(int, input().split())\n    print(a + b)\nif __name__ == '__main__':\n    solve()\n"
+    assert verdict(reward, main_guard, STDIN).value == 1.0
+
+
+def test_stdin_case_limits(reward):
+    flood = verdict(reward, "import sys\nwhile True:\n    sys.stdout.write('3\\n' * 1000)\n", STDIN)
+    assert flood.value == 0.0 and "output limit" in flood.detail
+    t0 = time.monotonic()
+    hang = verdict(reward, "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass\n",
+                   {"inputs": ["1"], "outputs": ["1"]})
+    assert (hang.value, hang.reason) == (0.0, "timeout")
+    assert time.monotonic() - t0 < 3.0
+    # a case's leftover processes die with it: they cannot write into the next case's output
+    forker = ("import os, sys, time\ndata = sys.stdin.read()\nif os.fork() == 0:\n    time.sleep(0.3)\n"
+              "    print('late')\n    os._exit(0)\nprint(sum(map(int, data.split())))\n")
+    assert verdict(reward, forker, STDIN).value == 1.0
+
+
+def test_reasons_and_details(reward):
+    assert verdict(reward, "", {"tests": ADD_TESTS}, fenced=False).reason == "no_code"
+    syntax = verdict(reward, "def add(a, b) return", {"tests": ADD_TESTS})
+    assert (syntax.value, syntax.reason) == (0.0, "syntax_error") and "SyntaxError" in syntax.detail
+    error = verdict(reward, "import no_such_module\n", {"tests": ADD_TESTS})
+    assert error.reason == "error" and "ModuleNotFoundError" in error.detail
+    partial = verdict(reward, "def add(a, b):\n    return 2 * max(a, b)\n", {"tests": ADD_TESTS})
+    assert partial.reason == "failed" and partial.detail == "1/4 tests passed; test 0: AssertionError: got 4"
+    raises = verdict(reward, "def add(a, b):\n    return a + b if a else 1 / 0\n", {"tests": ADD_TESTS})
+    assert raises.value == 0.75 and raises.reason == "error" and "ZeroDivisionError" in raises.detail
+    hang = verdict(reward, "def add(a, b):\n    while a == 1:\n        pass\n    return a + b\n", {"tests": ADD_TESTS})
+    assert hang.value == 0.75 and hang.reason == "timeout"
+    crash = verdict(reward, "import os\ndef add(a, b):\n    os._exit(0)\n", {"tests": ADD_TESTS})
+    assert (crash.value, crash.reason) == (0.0, "crash")
+
+
+def test_object_tests(reward):
+    stack = ("class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n"
+             "        self.items.append(x)\n    def pop(self):\n        return self.items.pop()\n"
+             "    def __len__(self):\n        return len(self.items)\n    def __iter__(self):\n"
+             "        return iter(list(self.items))\n")
+    tests = ["s = Stack()\ns.push(1)\ns.push(2)\nassert s.pop() == 2\nassert len(s) == 1",
+             "s = Stack()\nfor i in range(3):\n    s.push(i)\nassert list(s) == [0, 1, 2] and s.items == [0, 1, 2]",
+             "s = Stack()\ntry:\n    s.pop()\nexcept IndexError:\n    pass\nelse:\n    assert False"]
+    assert score(reward, stack, tests) == 1.0
+    # pop returns the bottom item: the first test fails; an empty stack still raises IndexError
+    assert score(reward, stack.replace("self.items.pop()", "self.items[0]"), tests) == pytest.approx(2 / 3)
+
+
+def test_program_objects_go_back_to_the_program_by_handle(reward):
+    code = ("class Node:\n    def __init__(self, val, next=None):\n        self.val, self.next = val, next\n"
+            "def link(a, b):\n    a.next = b\n    return a\n")
+    tests = ["a, b = Node(1), Node(2)\nlink(a, b)\nassert a.next.val == 2",
+             "c = Node(3, Node(4))\nassert c.next.next is None and c.next.val == 4",
+             "d = Node(5)\nd.val = 6\nassert d.val == 6"]
+    assert score(reward, code, tests) == 1.0
+    # a test's own objects (here a function) are not passed to the program
+    got = verdict(reward, code, {"tests": ["assert link(lambda: 1, Node(1)) is not None"]})
+    assert got.value == 0.0 and "only plain data and the program's own objects" in got.detail
+
+
+def test_explained_asserts_keep_their_meaning():
+    assert explained("assert f(1) == 2") == "__posttrain_assert__(f(1), 'Eq', 2)"
+    assert explained("assert a < b < c") == "assert a < b < c"          # chained: left as is
+    assert explained("assert f(1) == 2, 'msg'") == "assert f(1) == 2, 'msg'"
