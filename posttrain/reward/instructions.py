@@ -291,10 +291,18 @@ def _build_new(pkg: _Checkers, instruction: str, given: dict, prompt: str, regis
     if absent:
         raise BadRow(f"{_KWARGS_FIELD}[i]", f"{instruction!r} needs {', '.join(map(repr, absent))} "
                      "(left out, the checker draws a random value)")
+    checker = drawn[0][0]
+    try:  # a kwarg of the wrong type ("num_words": "ten") fails on any response
+        checker.check_following(_PROBES[0])
+    except (TypeError, AttributeError) as e:
+        raise BadRow(f"{_KWARGS_FIELD}[i]", f"{instruction!r} cannot use its kwargs {_short(given)}: "
+                     f"{type(e).__name__}: {e}") from None
+    except Exception:  # missing data or a probe this checker cannot read: judged on real responses
+        pass
     issues = [RowIssue(f"{_KWARGS_FIELD}[i].{k}", f"{instruction!r} ignores {k}={given[k]!r} and draws a random "
                        "value (a checker bug); posttrain fixes the draw's seed so the verdict is reproducible",
                        warning=True) for k in varying]
-    return _Built(drawn[0][0], registry_name, issues, reads_prompt="prompt" in first)
+    return _Built(checker, registry_name, issues, reads_prompt="prompt" in first)
 
 
 def _short(value: Any, n: int = 80) -> str:
@@ -332,7 +340,7 @@ def missing_data(instruction: str, built: _Built) -> str | None:
                 continue
         pkg.missing[key] = why
         if why:
-            log.warning("instruction %r abstains on this machine: %s", instruction, why)
+            log.info("instruction %r abstains on this machine: %s", instruction, why)
     return pkg.missing[key]
 
 
@@ -460,14 +468,6 @@ def check_row(meta: dict, prompt: str = "", registry: str = "auto") -> tuple[lis
         why = missing_data(iid, built)
         if why:
             abstains[iid] = why
-            continue
-        try:  # a kwarg of the wrong type ("num_words": "ten") fails on any response
-            built.checker.check_following(_PROBES[0])
-        except (TypeError, AttributeError) as e:
-            issues.append(RowIssue(f"{_KWARGS_FIELD}[{i}]", f"{iid!r} cannot use its kwargs {_short(kw)}: "
-                                   f"{type(e).__name__}: {e}"))
-        except Exception:  # the probe is not a response this checker reads: judged on real ones
-            pass
     return issues, abstains
 
 
@@ -509,7 +509,7 @@ def follow_verdicts(meta: dict, prompt: str, response: str, mode: str = "strict"
         except LookupError as e:  # data the probes did not reach: this id abstains from now on
             why = _missing_resource(e)
             pkg.missing[(b.registry, iid)] = why
-            log.warning("instruction %r abstains on this machine: %s", iid, why)
+            log.info("instruction %r abstains on this machine: %s", iid, why)
             out.append(Verdict(iid, None, why))
             continue
         out.append(Verdict(iid, followed, why))
@@ -615,10 +615,11 @@ def instruction_warnings(prompts: Sequence[Any]) -> list[str]:
     abstaining: dict[str, tuple[str, int]] = {}
     for p in with_ids:
         issues, abstains = check_row(p.meta, prompt_text(p.messages))
-        lines += [f"{p.source}: field {i.field!r}: {i.message}" for i in issues if i.warning]
+        file, _, row = p.source.rpartition(":")
+        lines += [f"{file}: row {row}: field {i.field!r}: {i.message}" for i in issues if i.warning]
         for iid, why in abstains.items():
             abstaining[iid] = (why, abstaining.get(iid, (why, 0))[1] + 1)
     for iid, (why, rows) in sorted(abstaining.items()):
-        lines.append(f"instruction {iid!r} abstains on this machine ({why}), in {rows} of {len(with_ids)} rows "
-                     "with instructions: it leaves their denominators")
+        lines.append(f"instruction {iid!r} abstains on this machine ({why}): {rows} of {len(with_ids)} rows with "
+                     "instructions use it, and it is left out of their scores")
     return lines
