@@ -70,6 +70,13 @@ def test_kwargs_are_the_rows_own_and_none_values_are_ignored():
     assert score(reward, "cat cat dog", meta).value == 0.0
 
 
+def test_auto_registry_is_unambiguous_in_the_pinned_package():
+    # `auto` tries IFEval's checkers first: an id in both sets would silently take IFEval's.
+    registries = ins.checkers().registries
+    assert (len(registries["ifeval"]), len(registries["ifbench"])) == (25, 58)
+    assert not set(registries["ifeval"]) & set(registries["ifbench"])
+
+
 def test_follow_flags_gives_one_boolean_per_instruction_for_prompt_and_instruction_accuracy():
     flags = ins.follow_flags(THREE, "Write something.", "<<T>> Rain, then sun.")
     assert flags == [False, True, False]
@@ -179,6 +186,7 @@ def test_a_quadratic_checker_stops_at_the_time_limit():
     assert time.perf_counter() - started < 10
     assert (got.value, got.reason) == (0.5, "failed")
     assert "detectable_format:number_bullet_lists: checker ran past 0.2 s" in got.detail
+    assert ins.follow_flags(meta, "", "Hi\n" + "\n" * 200_000 + "end", time_limit_s=0.2) == [False, True]
     # The alarm is put back as it was.
     import signal
 
@@ -260,6 +268,7 @@ def test_without_the_package_using_the_reward_is_one_error_saying_what_to_instal
     import sys
 
     monkeypatch.setattr(ins, "_loaded", None)
+    monkeypatch.setattr(ins, "_failed", None)
     for name in ("if_verifiable", "if_verifiable.ifeval.instructions_registry",
                  "if_verifiable.ifbench.instructions_registry", "if_verifiable.common"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: importing it raises ImportError
@@ -286,14 +295,14 @@ def test_validate_data_and_validate_say_which_instructions_abstain(tmp_path, cap
 
     rows = [{"id": "1", "prompt": "Write two sentences.", "instruction_id_list": ["length_constraints:number_sentences"],
              "kwargs": [{"num_sentences": 2, "relation": "at least"}]},
-            {"id": "2", "prompt": "No commas.", **NO_COMMA}]
+            {"id": "2", "prompt": "No commas.", **NO_COMMA}, {"id": "3", "prompt": "Anything."}]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["validate-data", str(prompts), "--kind", "prompts"]) == 0
     out = capsys.readouterr().out
     abstains = sentences_missing()
     assert ("warning: instruction 'length_constraints:number_sentences' abstains on this machine (NLTK data "
-            "'punkt_tab' is not installed): 1 of 2 rows" in out) == abstains
+            "'punkt_tab' is not installed): 1 of 2 rows with instructions" in out) == abstains
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"name": "t", "models": {"base": "some/model"}, "rounds": 1,
@@ -303,6 +312,8 @@ def test_validate_data_and_validate_say_which_instructions_abstain(tmp_path, cap
     out = capsys.readouterr().out
     assert ("# warning: data.prompts[0].path: instruction 'length_constraints:number_sentences' abstains"
             in out) == abstains
+    assert ("# warning: data.prompts[0].path: 1 of 3 rows have no instruction_id_list: the instruction reward "
+            "abstains on them (reason no_instructions)") in out
     assert yaml.safe_load(out)["reward"]["target"] == TARGET
     # Nested in a WeightedReward, the same lines.
     recipe.write_text(yaml.safe_dump({"name": "t", "models": {"base": "some/model"}, "rounds": 1,

@@ -137,10 +137,6 @@ class _Checkers:
         importlib.import_module("langdetect.detector_factory").init_factory()
         self.registries: dict[str, dict[str, type]] = {"ifeval": dict(ifeval.INSTRUCTION_DICT),
                                                        "ifbench": dict(ifbench.INSTRUCTION_DICT)}
-        shared = set(self.registries["ifeval"]) & set(self.registries["ifbench"])
-        if shared:  # `auto` would then pick IFEval's silently; refuse to guess
-            raise InstructionsUnavailable(f"if-verifiable's IFEval and IFBench checkers share ids {sorted(shared)}: "
-                                          "name the registry (registry: ifeval or ifbench)")
         self.loose_variants = get_loose_transformations
         # The checkers log whole responses at ERROR level (langdetect failures): keep them out of the log.
         package_dir = os.path.dirname(importlib.import_module("if_verifiable").__file__)
@@ -173,15 +169,22 @@ class _DropRecordsFrom(logging.Filter):
 
 
 _loaded: _Checkers | None = None
+_failed: InstructionsUnavailable | None = None  # kept: a prompt file is checked row by row
 _load_lock = threading.Lock()
 
 
 def checkers() -> _Checkers:
     """The package, imported on first use; InstructionsUnavailable (saying what to install) without it."""
-    global _loaded
+    global _loaded, _failed
     with _load_lock:
         if _loaded is None:
-            _loaded = _Checkers()
+            if _failed is not None:
+                raise _failed
+            try:
+                _loaded = _Checkers()
+            except InstructionsUnavailable as e:
+                _failed = e
+                raise
         return _loaded
 
 
@@ -396,10 +399,11 @@ def _followed(checker: Any, texts: Sequence[str], limit: float | None) -> tuple[
     finally:
         if limit:
             signal.setitimer(signal.ITIMER_REAL, 0)
-    if errors:
-        e = errors[0]
+    for e in errors:
         if _missing_resource(e):
             raise e
+    if errors:
+        e = errors[0]
         return False, f"checker raised {type(e).__name__}: {str(e)[:80]}"
     return False, "not followed"
 
@@ -520,12 +524,13 @@ def _armed() -> bool:
     return hasattr(signal, "SIGALRM") and signal.getsignal(signal.SIGALRM) is _on_alarm
 
 
-def follow_flags(meta: dict, prompt: str, response: str, mode: str = "strict",
-                 registry: str = "auto") -> list[bool | None]:
+def follow_flags(meta: dict, prompt: str, response: str, mode: str = "strict", registry: str = "auto",
+                 time_limit_s: float | None = 2.0) -> list[bool | None]:
     """Per instruction of the row: followed (True/False) or abstained (None), for prompt-level
     (all followed) and instruction-level (share followed) accuracy. Raises BadRow for a row
     that cannot be checked."""
-    return [v.followed for v in follow_verdicts(meta, prompt, response, mode, registry)]
+    with time_limits(time_limit_s is not None):
+        return [v.followed for v in follow_verdicts(meta, prompt, response, mode, registry, time_limit_s)]
 
 
 def verdicts_scored(verdicts: Sequence[Verdict], mode: str) -> Scored:
@@ -597,8 +602,14 @@ class InstructionReward:
 
     @staticmethod
     def prompt_warnings(prompts: Sequence[Any]) -> list[str]:
-        """What `posttrain validate` says about this reward on a recipe's prompt items."""
-        return instruction_warnings(prompts)
+        """What `posttrain validate` says about this reward on a recipe's prompt items: what
+        abstains here (`instruction_warnings`), and the rows it abstains on for want of instructions."""
+        lines = instruction_warnings(prompts) if available() else [f"the reward cannot be built here: {INSTALL_HINT}"]
+        without = sum(p.meta.get(_ID_FIELD) is None for p in prompts)
+        if without:
+            lines.append(f"{without} of {len(prompts)} rows have no {_ID_FIELD}: the instruction reward abstains "
+                         "on them (reason no_instructions)")
+        return lines
 
 
 def instruction_warnings(prompts: Sequence[Any]) -> list[str]:
