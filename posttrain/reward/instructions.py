@@ -45,7 +45,6 @@ import random
 import re
 import signal
 import threading
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,9 +66,9 @@ _MAX_BUILT = 1 << 16  # built checkers kept per process (a few KB each)
 # Plain responses to try each checker on once: enough prose, paragraphs, a list and a title
 # that a checker reaches the data it needs (the NLTK tokenizers, taggers, stop words).
 _PROBES = (
-    "The quick brown fox jumps over the lazy dog. It was a bright cold day in April, and the clocks "
-    "were striking thirteen. Call me Ishmael!\n\nSome years ago, never mind how long precisely, I "
-    "thought I would sail about a little. Why not? The end.",
+    "The small boat left the harbour before dawn. Its crew, three tired sailors, watched the grey "
+    "water rise and fall. Nobody spoke!\n\nBy noon the wind had turned, and the captain decided to "
+    "head home early. Was that wise? We will never know.",
     "<<A Short Title>>\n\n* First point, with a comma.\n* Second point: a number, 42.\n\nSECTION 1\n"
     "Write the report, then read it again carefully. P.S. Thanks.",
     '{"answer": "yes", "reason": "Running quickly helps everyone."}',
