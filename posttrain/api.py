@@ -48,11 +48,14 @@ def validate(recipe, round: int = 1, *, files: bool = True) -> str:
     """The resolved recipe for `round` as YAML (raises RecipeError naming the key path).
     Every round is checked: reward and checker targets import and are rewards (nothing is
     called), and (unless `files=False`, for a template whose data you have not written yet)
-    every data file exists."""
+    every data file exists. Warnings (comment lines, not errors) follow the header, e.g. the
+    instructions an instruction-following reward abstains on here."""
     loaded = load_recipe(recipe)
     resolved = loaded.for_round(round)
     loaded.check(files=files)
     header = f"# {loaded.path} resolved for round {round}: valid\n"
+    if files:  # what a reward says about the prompt files (the instructions that abstain here)
+        header += "".join(f"# warning: {line}\n" for line in loaded.warnings())
     return header + dump_recipe(resolved)
 
 

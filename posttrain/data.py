@@ -520,10 +520,23 @@ def _prompt(r: _Row) -> Prompt | None:
 
         for key, message in row_problems(meta):
             r.fail(key, message)
-        if r.errors:
-            return None
+    if meta.get("instruction_id_list") is not None:
+        _check_instructions(r, meta, msgs)
+    if r.errors:
+        return None
     return Prompt(id=rid, messages=msgs, capability=capability, system=system, meta=meta,
                   source=r.source)
+
+
+def _check_instructions(r: _Row, meta: dict, msgs: list[dict]) -> None:
+    """IFEval-style `instruction_id_list` + `kwargs` (posttrain.reward.instructions): ids the
+    checkers know, kwargs they take, none they would draw at random. Warnings (what abstains
+    here) are for validate-data's report, not errors."""
+    from posttrain.reward.instructions import check_row, prompt_text
+
+    for issue in check_row(meta, prompt_text(msgs))[0]:
+        if not issue.warning:
+            r.fail(issue.field, issue.message)
 
 
 _PARSERS = {"preference": _preference, "sft": _sft, "prompts": _prompt}
@@ -607,6 +620,7 @@ class ValidationReport:
     rows: int  # rows read, readable or not
     problems: list[DataError]
     counts: dict[str, int]  # valid/invalid rows and per-kind breakdowns
+    warnings: list[str] = field(default_factory=list)  # worth knowing, not problems (e.g. what abstains here)
 
     @property
     def ok(self) -> bool:
@@ -654,7 +668,12 @@ def validate_file(path, kind: Kind, tokenizer=None, max_prompt_tokens: int | Non
     bad_rows = {e.row for e in problems if e.row is not None}
     counts["invalid"] = len(bad_rows)
     counts["valid"] = rows - len(bad_rows)
-    return ValidationReport(str(path), kind, rows, problems, dict(sorted(counts.items())))
+    warnings = []
+    if kind == "prompts" and any(item.meta.get("instruction_id_list") is not None for item in items):
+        from posttrain.reward.instructions import instruction_warnings
+
+        warnings = instruction_warnings(items)
+    return ValidationReport(str(path), kind, rows, problems, dict(sorted(counts.items())), warnings)
 
 
 def format_report(report: ValidationReport, max_problems: int | None = 50) -> str:
@@ -663,6 +682,7 @@ def format_report(report: ValidationReport, max_problems: int | None = 50) -> st
     status = "OK" if report.ok else f"{len(report.problems)} problem(s)"
     lines = [f"{report.file} ({report.kind}): {report.rows} rows, {status}"]
     lines += [f"  {k}: {v}" for k, v in report.counts.items()]
+    lines += [f"  warning: {w}" for w in report.warnings]
     shown = report.problems if max_problems is None else report.problems[:max_problems]
     lines += [f"  {p}" for p in shown]
     if len(shown) < len(report.problems):

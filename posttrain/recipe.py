@@ -370,6 +370,42 @@ class LoadedRecipe:
             raise RecipeError(f"{self.path}: " + ("\n  ".join([""] + list(problems.values())) if len(problems) > 1
                                                  else next(iter(problems.values()))))
 
+    def warnings(self) -> list[str]:
+        """What `posttrain validate` reports without failing, for every round: each reward or
+        checker (nested ones too) whose target class has `prompt_warnings(prompts)` (the
+        instruction reward: the instructions that abstain on this machine) gives its lines for
+        the recipe's prompt files, each prefixed by the file's recipe key."""
+        from posttrain.data import DataError, DataErrors, load_prompts
+        from posttrain.reward.base import nested_reward_specs, resolve_reward_target
+
+        lines: dict[str, None] = {}  # ordered and without repeats across rounds
+        loaded: dict[str, Any] = {}
+        for n in range(1, self.base.rounds + 1):
+            recipe = self.for_round(n)
+            targets = {t for spec in (recipe.reward, recipe.eval.checker) if isinstance(spec, RewardSpec)
+                       for t in [spec.target] + [t for _, t in nested_reward_specs(spec.kwargs, "")]}
+            hooks = [getattr(resolve_reward_target(t), "prompt_warnings", None) for t in sorted(targets)]
+            hooks = [h for h in hooks if callable(h)]
+            if not hooks:
+                continue
+            sets = [(f"data.prompts[{i}].path", p.path) for i, p in enumerate(recipe.data.prompts)]
+            sets += [(f"data.eval_prompts[{i}].path", p.path) for i, p in enumerate(recipe.data.eval_prompts)]
+            for key, value in sets:
+                path = self.resolve_path(value)
+                if path not in loaded:
+                    try:
+                        loaded[path] = load_prompts(path)
+                    except DataError as e:
+                        first = e.errors[0] if isinstance(e, DataErrors) else e
+                        loaded[path] = (f"{key}: the file has problems; `posttrain validate-data {path} --kind "
+                                        f"prompts` lists them (first: {str(first)[:200]})")
+                if isinstance(loaded[path], str):
+                    lines[loaded[path]] = None
+                    continue
+                for hook in hooks:
+                    lines.update((f"{key}: {line}", None) for line in hook(loaded[path]))
+        return list(lines)
+
     def _missing(self, value: str) -> str | None:
         """Why a data path from the recipe cannot be read, or None."""
         if value.startswith("world:") or value.startswith("world@"):

@@ -24,4 +24,14 @@ if ! "$VENV/bin/python" -c "import posttrain, trl, peft, pytest" >/dev/null 2>&1
   pip_q --no-deps -e .
   touch "$VENV/.posttrain-installed"
 fi
+# The instruction-following reward's checkers (an optional extra: posttrain runs without them).
+# --no-deps: requirements/ifeval.txt pins every dependency itself (see the file for why).
+if ! "$VENV/bin/python" -c "import sys; sys.exit(sys.version_info < (3, 11))"; then
+  echo "install: skipping the instruction-following checkers (if-verifiable needs Python 3.11+)"
+elif ! "$VENV/bin/python" -c "import if_verifiable, nltk, langdetect, emoji, syllapy, immutabledict" >/dev/null 2>&1 \
+   || [ requirements/ifeval.txt -nt "$VENV/.posttrain-ifeval-installed" ]; then
+  echo "install: the instruction-following checkers (requirements/ifeval.txt), a few seconds"
+  pip_q --no-deps -r requirements/ifeval.txt
+  touch "$VENV/.posttrain-ifeval-installed"
+fi
 "$VENV/bin/python" -c "import posttrain, torch, transformers, trl; print('posttrain', posttrain.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"
