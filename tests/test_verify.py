@@ -15,7 +15,7 @@ from posttrain.api import status_table
 from posttrain.cli import main
 from posttrain.files import atomic_write_json
 from posttrain.recipe import load_recipe
-from posttrain.records import OutputsDamaged, check_record, read_record, stage_dir
+from posttrain.records import OutputsDamaged, check_record, plan_stage, read_record, stage_dir, write_record
 from posttrain.rounds.orchestrator import Round
 
 
@@ -70,6 +70,19 @@ def test_a_touched_file_with_the_same_bytes_is_fine_and_full_hashes_everything(r
     rec = read_record(run, 1, "rm")
     assert check_record(run, rec) == []
     assert [d.path for d in check_record(run, rec, full=True)] == ["round_01/rm/model/model.safetensors"]
+
+
+def test_full_reads_a_large_file_whose_hash_is_cached_by_size_and_mtime(tmp_path):
+    big = tmp_path / "round_01" / "sample" / "top1.jsonl"
+    big.parent.mkdir(parents=True)
+    big.write_bytes(b"x" * (2 << 20))  # large enough for posttrain.files.hash_path to cache its hash
+    rec = write_record(tmp_path, 1, "sample", plan=plan_stage(tmp_path, 1, "sample", {}), metrics={},
+                       outputs={"top1": "round_01/sample/top1.jsonl"}, started=0.0)
+    st = big.stat()
+    overwrite(big, size=10)
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert check_record(tmp_path, rec) == []
+    assert [d.path for d in check_record(tmp_path, rec, full=True)] == ["round_01/sample/top1.jsonl"]
 
 
 def test_an_older_record_without_file_stamps_is_checked_by_its_hash(run):
