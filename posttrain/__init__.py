@@ -9,7 +9,7 @@ Attributes load lazily, so `import posttrain` is cheap and has no side effects.
 __version__ = "0.1.0"
 
 _API = {"run_round", "run", "validate", "validate_data", "status_table", "evaluate", "report", "average", "demo",
-        "world"}
+        "world", "verify"}
 
 
 def __getattr__(name):

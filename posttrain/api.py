@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from posttrain.recipe import RecipeError, dump_recipe, load_recipe
-from posttrain.records import InputsChanged, read_record, stage_dir
+from posttrain.records import InputsChanged, OutputsDamaged, check_record, read_record, stage_dir, verify_run
 from posttrain.rounds.orchestrator import (
     RoundError,
     list_rounds,
@@ -15,6 +15,7 @@ from posttrain.rounds.orchestrator import (
     run_round,
     run_rounds,
 )
+from posttrain.runlock import RunLocked, run_lock
 from posttrain.stage import STEPS, WAITING_FILE, format_headline, headline
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -26,7 +27,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from posttrain.reward.base import RewardError
 
     return (RecipeError, RoundError, InputsChanged, FileNotFoundError, FileExistsError, DataError, DataErrors,
-            RewardError, AverageError, AnnotatorError)
+            RewardError, AverageError, AnnotatorError, RunLocked, OutputsDamaged)
 
 
 USER_ERRORS = _user_errors()
@@ -86,6 +87,8 @@ def _cell(run_dir: Path, n: int, step: str) -> str:
         if outcome and outcome.startswith("failed"):
             return "failed (see posttrain.log)"
         return "partial" if folder.exists() and any(folder.iterdir()) else "-"
+    if check_record(run_dir, rec):
+        return "damaged (see posttrain verify)"
     secs = rec.get("timing", {}).get("seconds", 0)
     shown = format_headline(headline(step, rec.get("metrics", {})))
     launch = rec.get("launch") or {}
@@ -136,7 +139,8 @@ def annotate_import(run_dir, round: int, labels) -> dict:
     run picks them up (posttrain.annotate.jsonl). Returns counts."""
     from posttrain.stages.annotate import import_labels
 
-    return import_labels(run_dir, round, labels)
+    with run_lock(run_dir):
+        return import_labels(run_dir, round, labels)
 
 
 def evaluate(run_dir, round: int, *, force: bool = False) -> dict:
@@ -147,7 +151,18 @@ def evaluate(run_dir, round: int, *, force: bool = False) -> dict:
     loaded = load_recipe(run_dir / "recipe.yaml")
     if read_record(run_dir, round, "average") is None:
         raise RoundError(f"round {round} has not finished in {run_dir}: nothing to evaluate")
-    return Round(round, loaded, run_dir, force=force).run_stage("eval")
+    with run_lock(run_dir):
+        return Round(round, loaded, run_dir, force=force).run_stage("eval")
+
+
+def verify(run_dir, *, full: bool = False) -> tuple[int, int, list[str]]:
+    """Check every record of a run folder against its files (size and mtime, the content
+    where they differ; every file's content with `full`): (records, files, one line per
+    problem naming the file and the command that makes it again). Takes no lock."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    return verify_run(run_dir, full=full)
 
 
 def format_metrics(metrics: dict) -> str:
@@ -214,10 +229,11 @@ def demo(run_dir=None, rounds: str | None = None, recipe: str = "demo", world_se
     from posttrain.stages.annotate import next_batch_accuracy
     from posttrain.world.build import ensure_world
 
-    w = ensure_world(seed=world_seed)
     run_dir = Path(run_dir) if run_dir is not None else demo_run_dir(recipe, world_seed)
-    run(_recipe_for_world_seed(recipe, world_seed, run_dir), run_dir, rounds=rounds)
-    path = report(run_dir)
+    with run_lock(run_dir):  # before the world is built: a second demo in the folder is refused at once
+        w = ensure_world(seed=world_seed)
+        run(_recipe_for_world_seed(recipe, world_seed, run_dir), run_dir, rounds=rounds)
+        path = report(run_dir)
     print(status_table(run_dir))
     print()
     scores = []
@@ -246,4 +262,4 @@ def demo(run_dir=None, rounds: str | None = None, recipe: str = "demo", world_se
 
 
 __all__ = ["run_round", "run", "validate", "validate_data", "status_table", "evaluate", "report",
-           "average", "demo", "world", "USER_ERRORS"]
+           "average", "demo", "world", "verify", "USER_ERRORS"]

@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "partial (interrupted: run the same command to resume), failed, or not started.")
     p.add_argument("run_dir", type=Path)
 
+    p = sub.add_parser("verify", help="check every recorded output of a run folder against its record",
+                       description="Check each stage record's files (size and mtime; the content where they "
+                                   "differ) and print one line per missing or changed file, with the command that "
+                                   "makes it again. Exit code 1 when there is a problem. Works while a run writes.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--full", action="store_true", help="hash every file's content, not only the changed ones")
+
     p = sub.add_parser("annotate", help="export a round's annotation requests / import labels (JSONL)",
                        description="For annotation in any tool: export a round's requests (two responses per "
                                    "prompt) as JSONL, and import the labels back; the next `posttrain run` picks "
@@ -212,6 +219,15 @@ def _dispatch(args, api) -> int:
             print(f"posttrain status: {args.run_dir}: no such run folder", file=sys.stderr)
             return 1
         print(api.status_table(args.run_dir))
+        return 0
+    if cmd == "verify":
+        records, files, problems = api.verify(args.run_dir, full=args.full)
+        for line in problems:
+            print(line)
+        if problems:
+            print(f"{args.run_dir}: {len(problems)} problem(s) in {records} records", file=sys.stderr)
+            return 1
+        print(f"{args.run_dir}: {records} records, {files} files: all match their records")
         return 0
     if cmd == "annotate":
         if args.annotate_command == "export":

@@ -169,6 +169,16 @@ def _hash_cache_path() -> Path:
     return Path(root) / "hashes.json"
 
 
+def content_files(path: str | os.PathLike) -> list[Path]:
+    """The files whose bytes make up `path`'s content: `path` itself, or every file under the
+    folder, sorted, but for temporary and hidden ones (any part of the name starting with '.')."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(q for q in path.rglob("*") if q.is_file()
+                  and not any(part.startswith(".") for part in q.relative_to(path).parts))
+
+
 def hash_path(path: str | os.PathLike) -> str:
     """Content hash of a file or a folder (every file under it, by relative name and bytes).
 
@@ -203,11 +213,8 @@ def hash_path(path: str | os.PathLike) -> str:
         digest = file_hash(path)
     else:
         h = hashlib.sha256()
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            rel = p.relative_to(path).as_posix()
-            if any(part.startswith(".") for part in p.relative_to(path).parts):
-                continue  # temporary and hidden files are not content
-            h.update(rel.encode() + b"\0" + file_hash(p).encode() + b"\n")
+        for p in content_files(path):
+            h.update(p.relative_to(path).as_posix().encode() + b"\0" + file_hash(p).encode() + b"\n")
         digest = h.hexdigest()
     if changed:
         with contextlib.suppress(OSError):

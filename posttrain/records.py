@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from posttrain.files import atomic_write_json, hash_json, hash_path, read_json
+from posttrain.files import atomic_write_json, content_files, hash_json, hash_path, read_json, sha256_file
 
 RECORD = "record.json"
 
@@ -150,7 +150,8 @@ def write_record(run_dir: str | Path, n: int, stage: str, *, plan: Plan, outputs
     for name, rel in outputs.items():
         rels = _as_list(rel)
         digests = [hash_path(run_dir / r) for r in rels]
-        hashed_outputs[name] = {"path": rel, "sha256": digests if isinstance(rel, list) else digests[0]}
+        hashed_outputs[name] = {"path": rel, "sha256": digests if isinstance(rel, list) else digests[0],
+                                "files": file_stamps(run_dir, rels)}
     record = {
         "stage": stage,
         "round": n,
@@ -179,3 +180,129 @@ def output_path(run_dir: str | Path, record: dict, name: str) -> Path | list[Pat
     if isinstance(rel, list):
         return [Path(run_dir) / r for r in rel]
     return Path(run_dir) / rel
+
+
+# ----------------------------------------------------------------------------- verify before trust
+
+
+def file_stamps(run_dir: Path, rels: list[str]) -> dict[str, list]:
+    """{file relative to the run folder: [size, mtime_ns, sha256]} for every content file of
+    the outputs `rels`: what `check_record` compares a finished stage's files against."""
+    stamps = {}
+    for rel in rels:
+        for p in content_files(run_dir / rel):
+            st = p.stat()
+            stamps[p.relative_to(run_dir).as_posix()] = [st.st_size, st.st_mtime_ns, hash_path(p)]
+    return stamps
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A recorded output whose file is not what its record says."""
+
+    round: int
+    stage: str
+    path: str
+    """The file (or output), relative to the run folder."""
+    what: str
+
+
+def check_record(run_dir: str | Path, record: dict, names: list[str] | None = None, *,
+                 full: bool = False) -> list[Damage]:
+    """The outputs of `record` (or only those in `names`) that differ from it. Each recorded
+    file is stat'ed: a missing file or another size is damage at once; another mtime (or
+    `full`) has its content hashed against the record. An output folder with a file the
+    record does not list is damaged too. Records written before per-file stamps existed are
+    checked by their output's hash (cached by size and mtime in posttrain.files.hash_path)."""
+    run_dir = Path(run_dir)
+    n, stage = record.get("round", 0), record.get("stage", "?")
+    found: list[Damage] = []
+    for name, out in (record.get("outputs") or {}).items():
+        if names is not None and name not in names:
+            continue
+        rels = _as_list(out.get("path"))
+        stamps = out.get("files")
+        if stamps is None:  # an older record: the output's own hash
+            for rel, digest in zip(rels, _as_list(out.get("sha256")) if "sha256" in out else [None] * len(rels)):
+                if not (run_dir / rel).exists():
+                    found.append(Damage(n, stage, rel, "is missing"))
+                elif digest is not None and hash_path(run_dir / rel) != digest:
+                    found.append(Damage(n, stage, rel, "differs from its record (its content changed)"))
+            continue
+        for rel, (size, mtime_ns, digest) in stamps.items():
+            p = run_dir / rel
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                found.append(Damage(n, stage, rel, "is missing"))
+                continue
+            if not p.is_file():
+                found.append(Damage(n, stage, rel, "is not a file"))
+            elif st.st_size != size:
+                found.append(Damage(n, stage, rel, f"has {st.st_size} bytes, its record {size}"))
+            elif full and sha256_file(p) != digest:  # not through the cache: it trusts size and mtime
+                found.append(Damage(n, stage, rel, "differs from its record (its content changed)"))
+            elif not full and st.st_mtime_ns != mtime_ns and hash_path(p) != digest:
+                found.append(Damage(n, stage, rel, "differs from its record (its content changed)"))
+        for rel in rels:
+            if not (run_dir / rel).exists():
+                if not any(s == rel or s.startswith(rel + "/") for s in stamps):  # else named above
+                    found.append(Damage(n, stage, rel, "is missing"))
+                continue
+            extra = [p.relative_to(run_dir).as_posix() for p in content_files(run_dir / rel)]
+            found += [Damage(n, stage, e, "is not in its record (a file was added)") for e in extra
+                      if e not in stamps]
+    return list(dict.fromkeys(found))
+
+
+def fix_command(run_dir: str | Path, n: int, stage: str, recipe: str | None = None) -> str:
+    """The command that makes stage `stage` of round `n` again."""
+    if stage == "eval":
+        return f"posttrain eval {run_dir} --round {n} --force"
+    return f"posttrain run-round {n} --recipe {recipe or 'RECIPE'} --run-dir {run_dir} --redo {stage}"
+
+
+def damage_line(run_dir: str | Path, d: Damage, recipe: str | None = None) -> str:
+    return (f"{Path(run_dir) / d.path}: {d.what}; recorded by round {d.round} {d.stage}. "
+            f"Make it again with `{fix_command(run_dir, d.round, d.stage, recipe)}`")
+
+
+class OutputsDamaged(RuntimeError):
+    """A finished stage's recorded outputs are missing or changed: nothing may use them."""
+
+    def __init__(self, run_dir: str | Path, damage: list[Damage], recipe: str | None = None):
+        self.damage = damage
+        d = damage[0]
+        more = f" (and {len(damage) - 1} more; `posttrain verify {run_dir}` lists them)" if len(damage) > 1 else ""
+        later = "" if d.stage == "eval" else " (later stages that used it then run again)"
+        super().__init__(f"{Path(run_dir) / d.path}: {d.what}{more}; it was recorded by round {d.round} "
+                         f"{d.stage}, so nothing uses it. Make it again with "
+                         f"`{fix_command(run_dir, d.round, d.stage, recipe)}`{later}.")
+
+
+def verify_run(run_dir: str | Path, *, full: bool = False) -> tuple[int, int, list[str]]:
+    """Every record of a run folder against its files: (records, files checked, one line per problem)."""
+    run_dir = Path(run_dir)
+    records = files = 0
+    problems: list[str] = []
+    rounds = sorted(int(p.name[6:]) for p in run_dir.glob("round_*") if p.name[6:].isdigit())
+    for n in rounds:
+        for path in sorted(round_dir(run_dir, n).glob(f"*/{RECORD}")):
+            try:
+                record = read_json(path)
+                if not isinstance(record, dict) or not isinstance(record.get("outputs", {}), dict):
+                    raise ValueError("not a record")
+            except (ValueError, UnicodeDecodeError) as err:
+                problems.append(f"{path}: unreadable record ({err}); remove it and run round {n} again")
+                continue
+            records += 1
+            files += sum(len(o.get("files") or _as_list(o.get("path"))) for o in record.get("outputs", {}).values())
+            recipe = recipe_in(record.get("command", ""))
+            problems += [damage_line(run_dir, d, recipe) for d in check_record(run_dir, record, full=full)]
+    return records, files, problems
+
+
+def recipe_in(command: str) -> str | None:
+    """The --recipe of the command that wrote a record, if it named one."""
+    m = re.search(r"--recipe[= ](\S+)", command)
+    return m.group(1) if m else None

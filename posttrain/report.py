@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from posttrain.files import atomic_write_text
-from posttrain.records import output_path, read_record
+from posttrain.records import OutputsDamaged, check_record, output_path, read_record, recipe_in
 from posttrain.samples import iter_rows
 from posttrain.stage import STEPS
 from posttrain.stages.annotate import next_batch_accuracy
@@ -38,6 +38,9 @@ def sample_score_distributions(run_dir: Path, records: dict[int, dict[str, dict]
         if "sample" not in recs:
             continue
         best, mean, worst = [], [], []
+        damage = check_record(run_dir, recs["sample"], ["samples"])  # verify before trust
+        if damage:
+            raise OutputsDamaged(run_dir, damage, recipe_in(recs["sample"].get("command", "")))
         for _, row in iter_rows(output_path(run_dir, recs["sample"], "samples")):
             scores = [s for s in row.scores if s is not None]
             if scores:

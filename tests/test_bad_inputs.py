@@ -207,3 +207,50 @@ def test_corpus_line_separators_are_raw():
     """The corpus is data: a tool that 'fixes' line endings would hide the U+2028 case."""
     raw = (CORPUS / "prompts_line_separators.jsonl").read_bytes()
     assert "\u2028".encode() in raw and "\u0085".encode() in raw
+
+
+# ----------------------------------------------------------------------- run folders (issue 25)
+
+
+def run_round_cli(capsys, *args) -> tuple[int, str]:
+    code = main([*map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def test_a_damaged_recorded_model_is_refused_by_the_next_round_and_named_by_verify(capsys, tmp_path,
+                                                                                    tiny_model_dir):
+    from run_folders import record_round, write_recipe
+
+    recipe = write_recipe(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    record_round(run, 1, tiny_model_dir)
+    weights = run / "round_01" / "average" / "model" / "model.safetensors"
+    with open(weights, "r+b") as f:  # 100 kB of 0xFF over the model's weights, length unchanged
+        f.write(b"\xff" * min(100_000, weights.stat().st_size))
+    code, err = run_round_cli(capsys, "run-round", 2, "--recipe", recipe, "--run-dir", run)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"posttrain run-round: {weights}: differs from its record (its content changed); it "
+                           f"was recorded by round 1 average, so nothing uses it. Make it again with `posttrain "
+                           f"run-round 1 --recipe {recipe} --run-dir {run} --redo average` (later stages that "
+                           f"used it then run again).")
+    assert not (run / "round_02").exists()  # refused before any work
+    code = main(["verify", str(run)])
+    out = capsys.readouterr().out
+    assert code == 1 and out.startswith(f"{weights}: differs from its record")
+
+
+def test_a_second_writer_on_one_run_folder_is_refused(capsys, tmp_path, tiny_model_dir):
+    from run_folders import write_recipe
+
+    from posttrain.runlock import run_lock
+
+    recipe = write_recipe(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    with run_lock(run):  # held by this process as another command would hold it (tests/test_runlock.py: two processes)
+        import posttrain.runlock as runlock
+
+        runlock._held.clear()  # forget it here, so this process's next take is a second writer's
+        code, err = run_round_cli(capsys, "run", "--rounds", "1", "--recipe", recipe, "--run-dir", run)
+    assert code == 1 and "Traceback" not in err
+    assert re.match(rf"posttrain run: {re.escape(str(run))} is being written by another posttrain \(pid {os.getpid()} ",
+                    err)

@@ -27,6 +27,8 @@ from posttrain.files import atomic_write_json, atomic_write_text, read_json
 from posttrain.recipe import LoadedRecipe, Recipe, load_recipe
 from posttrain.records import (
     InputHasher,
+    OutputsDamaged,
+    check_record,
     discard_stage,
     output_path,
     plan_stage,
@@ -35,6 +37,7 @@ from posttrain.records import (
     stage_dir,
     write_record,
 )
+from posttrain.runlock import run_lock
 from posttrain.stage import STEPS, WAITING_FILE, StageDef, StageWaiting, format_headline, hashed_inputs, headline
 from posttrain.stage import get as get_stage
 
@@ -107,6 +110,7 @@ class Round:
         self.force = force
         self.hasher = InputHasher(run_dir)
         self.records: dict[str, dict] = {}
+        self.verified: set[tuple[int, str, str]] = set()  # (round, stage, output) checked against its record
         for m in range(1, n):
             for stage in STEPS:
                 rec = read_record(run_dir, m, stage)
@@ -130,6 +134,7 @@ class Round:
         if rec is None:
             raise RoundError(f"round {n or self.n} has no finished {stage} stage, needed by round {self.n}")
         out = output_path(self.run_dir, rec, name)
+        self.check_outputs(rec, [name])
         return [str(p) for p in out] if isinstance(out, list) else str(out)
 
     def preference_files(self, *, only_latest: bool) -> list[str]:
@@ -201,8 +206,23 @@ class Round:
             return rm()
         return load_reward({"target": spec.target, "kwargs": fill_rm_placeholders(spec.kwargs, rm)})
 
-    def run_stage(self, stage: str) -> dict:
-        defn = get_stage(stage)
+    def check_outputs(self, record: dict, names: list[str] | None = None) -> None:
+        """Verify before trust: a recorded output is used only while its files are what the
+        record says (posttrain.records.check_record); else OutputsDamaged names the file and
+        the command that makes it again."""
+        names = list(record.get("outputs", {})) if names is None else names
+        keys = {(record.get("round", self.n), record.get("stage", "?"), name) for name in names}
+        if keys <= self.verified:
+            return
+        damage = check_record(self.run_dir, record, names)
+        if damage:
+            raise OutputsDamaged(self.run_dir, damage, str(self.loaded.path))
+        self.verified |= keys
+
+    def stage_inputs(self, defn: StageDef) -> tuple[Any, dict]:
+        """A stage's typed inputs, and everything hashed into its record's `input_hash`: the
+        inputs (files by content), its config section, seed, chat format, the recipe settings
+        it declares (`StageDef.settings`), its reward and launcher."""
         config = defn.config_of(self.recipe)
         inputs = defn.resolve(self)
         hashed = {
@@ -223,12 +243,26 @@ class Round:
         launch = self.launch_plan(defn)
         if launch.launcher is not None:  # how many processes, and how, is an input of a training stage
             hashed["launch"] = launch.identity(self.hasher.hash_paths)
+        return inputs, hashed
+
+    def run_stage(self, stage: str) -> dict:
+        defn = get_stage(stage)
+        config = defn.config_of(self.recipe)
+        inputs, hashed = self.stage_inputs(defn)
+        launch = self.launch_plan(defn)
         if stage in self.redo:
             if discard_stage(self.run_dir, self.n, stage):
                 log.info("round %d %s: redo: its record and folder were removed", self.n, stage)
             self.redone = True
         plan = plan_stage(self.run_dir, self.n, stage, hashed, force=self.force or self.redone)
+        if plan.action == "skip" and self.force and check_record(self.run_dir, plan.record):
+            # --force makes a stage whose recorded outputs are missing or changed again, from scratch
+            discard_stage(self.run_dir, self.n, stage)
+            log.info("round %d %s: its recorded outputs are damaged: running it again", self.n, stage)
+            self.redone = True
+            plan = plan_stage(self.run_dir, self.n, stage, hashed, force=True)
         if plan.action == "skip":
+            self.check_outputs(plan.record)
             log.info("round %d %s: finished earlier, skipped", self.n, stage)
             self.hasher.learn(plan.record)
             self._remove_work(stage)  # left behind when a run stopped right after the record
@@ -360,6 +394,11 @@ class Round:
     def run(self, evaluate: bool | None = None) -> dict[str, dict]:
         """Every registered stage the round's recipe enables, in order. `evaluate` overrides
         whether `eval` runs (default: `eval.enabled`)."""
+        if self.n > 1:  # what this round builds on is checked before any work
+            for stage in STEPS:
+                rec = read_record(self.run_dir, self.n - 1, stage)
+                if rec is not None and get_stage(stage).required:
+                    self.check_outputs(rec)
         for stage in STEPS:
             enabled = get_stage(stage).enabled(self.recipe)
             if stage == "eval" and evaluate is not None:
@@ -509,16 +548,17 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
     run_dir = Path(run_dir)
     if n > loaded.base.rounds:
         raise RoundError(f"round {n}: {loaded.path} has {loaded.base.rounds} rounds")
-    # Before anything is written to the run folder: round order, and reward targets that
-    # import and are rewards (data files are checked as each stage reads them: later
-    # rounds' batches may not exist yet).
-    check_previous_round(run_dir, n, loaded)
-    loaded.check(files=False)
-    setup_logging(run_dir)
-    _snapshot_recipe(loaded, run_dir)
-    log.info("round %d of %s in %s", n, loaded.path.name, run_dir)
-    rnd = Round(n, loaded, run_dir, reward=reward, force=force, redo=redo, annotator=annotator)
-    return rnd.run(evaluate)
+    with run_lock(run_dir):  # one writer per run folder, from the first check to the last record
+        # Before anything is written to the run folder: round order, and reward targets that
+        # import and are rewards (data files are checked as each stage reads them: later
+        # rounds' batches may not exist yet).
+        check_previous_round(run_dir, n, loaded)
+        loaded.check(files=False)
+        setup_logging(run_dir)
+        _snapshot_recipe(loaded, run_dir)
+        log.info("round %d of %s in %s", n, loaded.path.name, run_dir)
+        rnd = Round(n, loaded, run_dir, reward=reward, force=force, redo=redo, annotator=annotator)
+        return rnd.run(evaluate)
 
 
 def parse_rounds(spec: str) -> list[int]:
@@ -538,7 +578,8 @@ def parse_rounds(spec: str) -> list[int]:
 
 def run_rounds(rounds: list[int], recipe, run_dir, **kwargs) -> dict[int, dict[str, dict]]:
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
-    return {n: run_round(n, loaded, run_dir, **kwargs) for n in rounds}
+    with run_lock(run_dir):  # held between the rounds too
+        return {n: run_round(n, loaded, run_dir, **kwargs) for n in rounds}
 
 
 def round_finished(run_dir: Path, n: int) -> bool:

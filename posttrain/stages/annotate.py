@@ -479,7 +479,12 @@ def _headline(m: dict) -> list[tuple[str, Any]]:
             ("rm_acc", metric(m, "rm_accuracy", "accuracy"))]
 
 
-STAGE = StageDef(name="annotate", inputs=AnnotateInputs, resolve=_resolve, headline=_headline,
+def _settings(recipe) -> dict:
+    # the round's RM scores the labelled batch (rm_accuracy) on the run's device
+    return {"device": recipe.run.device} if recipe.annotate is not None and recipe.annotate.rm_accuracy else {}
+
+
+STAGE = StageDef(name="annotate", inputs=AnnotateInputs, resolve=_resolve, headline=_headline, settings=_settings,
                  uses_annotator=True, enabled=enabled, preference_batches=annotated_batches)
 
 

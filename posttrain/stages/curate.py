@@ -876,5 +876,10 @@ def curated(rnd, name: str, n: int | None = None) -> str | None:
     return rnd.output("curate", name, n)
 
 
+def _settings(recipe) -> dict:
+    # SFT rows are judged on the turns sft trains on; the RM and judge run on the run's device
+    return {"sft_targets": recipe.sft.targets, "device": recipe.run.device}
+
+
 STAGE = StageDef(name="curate", inputs=CurateInputs, resolve=_resolve, headline=_headline, required=False,
-                 enabled=lambda recipe: recipe.curate.enabled)
+                 settings=_settings, enabled=lambda recipe: recipe.curate.enabled)

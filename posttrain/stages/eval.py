@@ -18,6 +18,7 @@ round's responses come from its eval record.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +253,13 @@ def _headline(m: dict) -> list[tuple[str, Any]]:
 
 
 def _settings(recipe) -> dict:
-    return {"seed": recipe.seed}  # evaluation samples with the recipe's seed in every round
+    """Evaluation samples with the recipe's seed in every round, with sampling's engines
+    (precision, batching, parallelism) on the run's device: all of it changes the responses."""
+    from posttrain.stages.sample import engine_options
+
+    engine = dataclasses.asdict(engine_options(recipe.sample, device=recipe.run.device))
+    del engine["trust_remote_code"]  # whether a model's own code may run, not what it computes
+    return {"seed": recipe.seed, "engine": engine, "vllm_python": recipe.sample.vllm.python}
 
 
 STAGE = StageDef(name="eval", inputs=EvalInputs, resolve=_resolve, headline=_headline, settings=_settings,

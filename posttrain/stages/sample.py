@@ -513,4 +513,10 @@ def _headline(m: dict) -> list[tuple[str, Any]]:
             ("no_top1", len(no_top1) if isinstance(no_top1, list) else no_top1)]
 
 
-STAGE = StageDef(name="sample", inputs=SampleInputs, resolve=_resolve, headline=_headline, uses_reward=True)
+def _settings(recipe) -> dict:
+    # the reward model that scores the samples runs on the run's device (Round.build_reward)
+    return {"device": recipe.run.device}
+
+
+STAGE = StageDef(name="sample", inputs=SampleInputs, resolve=_resolve, headline=_headline, settings=_settings,
+                 uses_reward=True)
