@@ -383,7 +383,7 @@ class LoadedRecipe:
         for n in range(1, self.base.rounds + 1):
             recipe = self.for_round(n)
             targets = {t for spec in (recipe.reward, recipe.eval.checker) if isinstance(spec, RewardSpec)
-                       for t in [spec.target] + [t for _, t in nested_reward_specs(spec.kwargs, "")]}
+                       for t in [spec.target] + [s["target"] for _, s in nested_reward_specs(spec.kwargs, "")]}
             hooks = [getattr(resolve_reward_target(t), "prompt_warnings", None) for t in sorted(targets)]
             hooks = [h for h in hooks if callable(h)]
             if not hooks:
