@@ -71,22 +71,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--smoke", action="store_true", help="1 run of 200 responses, small hostile inputs (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.runs, args.n = 1, 200
+    scale = 100 if args.smoke else 1
     sys.path.insert(0, str(REPO))
     from posttrain.reward.math import MathAnswerReward
 
     new, old = MathAnswerReward(), load_baseline()
     hostile = {
-        "1 MB of numbers": "1 " * 500_000,
-        "1 MB of spaces after 'answer'": "answer" + " " * 1_000_000,
-        "200k unclosed \\boxed{": "\\boxed{" * 200_000 + " so 5",
-        "100k nested \\boxed{": "\\boxed{" * 100_000 + "5" + "}" * 100_000,
-        "100k different boxes": "".join(f"\\boxed{{{i}}}" for i in range(100_000)),
+        "1 MB of numbers": "1 " * (500_000 // scale),
+        "1 MB of spaces after 'answer'": "answer" + " " * (1_000_000 // scale),
+        "200k unclosed \\boxed{": "\\boxed{" * (200_000 // scale) + " so 5",
+        "100k nested \\boxed{": "\\boxed{" * (100_000 // scale) + "5" + "}" * (100_000 // scale),
+        "100k different boxes": "".join(f"\\boxed{{{i}}}" for i in range(100_000 // scale)),
         "5000-digit answer": "#### " + "9" * 5000,
     }
     for name, response in hostile.items():
         print(f"new, {name} ({len(response):,} chars): {seconds(new, response):.3f} s")
-    for k in (2_500, 5_000, 10_000):
+    for k in ((250,) if args.smoke else (2_500, 5_000, 10_000)):
         response = "\\boxed{" * k
         print(f"{k:,} unclosed \\boxed{{: old {seconds(old, response):.2f} s, new {seconds(new, response):.4f} s")
 
