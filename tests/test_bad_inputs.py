@@ -52,12 +52,28 @@ RECIPES = {
     "recipe_override_past_rounds.yaml": r"overrides\.99: round 99 is past the recipe's last round \(6\)",
     "recipe_alias_bomb.yaml": r"more than 100000 values once YAML aliases are expanded",
     "recipe_deep_nesting.yaml": r"nested (too deep to read|deeper than 32 levels)",
+    # issue 25: every number finite and bounded (posttrain.schema), every model path checked
+    "recipe_beta_inf.yaml": r"dpo\.beta: Input should be a finite number \(got inf\)",
+    "recipe_lr_nan.yaml": r"sft\.learning_rate: Input should be a finite number \(got nan\)",
+    "recipe_margin_nan.yaml": r"rm\.margins\.better: Input should be a finite number \(got nan\)",
+    "recipe_batch_size_zero.yaml": r"rm\.batch_size: Input should be greater than or equal to 1 \(got 0\)",
+    "recipe_k_100000.yaml": r"sample\.k: Input should be less than or equal to 1024 \(got 100000\)",
+    "recipe_length_1e9.yaml": r"sft\.max_length: Input should be less than or equal to 2097152 \(got 1000000000\)",
+    "recipe_epochs_1e6.yaml": r"dpo\.epochs: Input should be less than or equal to 1000 \(got 1000000\.0\)",
+    "recipe_rounds_million.yaml": r"rounds: Input should be less than or equal to 100 \(got 1000000\)",
+    "recipe_base_missing.yaml": r"models\.base: 'no_such_checkpoint_folder': no such model folder \(.*\) "
+                                r"\(a hub id is written owner/name\)",
+    "recipe_policy_hub_not_cached.yaml": r"models\.initial_policy: 'posttrain-tests/not-a-cached-model': not a local "
+                                         r"folder, and a hub id that is not in the local cache .*HF_HUB_OFFLINE=1",
 }
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_bad_recipe(name, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     code, err = validate(capsys, CORPUS / name)
     assert code == 1, err
     assert str(CORPUS / name) in err
@@ -100,6 +116,48 @@ def test_recipe_that_is_a_fifo_or_device(capsys, tmp_path):
 def test_round_past_the_recipe(capsys):
     code, err = validate(capsys, "demo", "--round", "7")
     assert code == 1 and "round 7 is past the recipe's last round (rounds: 6)" in err
+
+
+def test_every_round_is_validated_in_time_that_does_not_grow_with_rounds(capsys, tmp_path):
+    """Rounds under the same overrides run with the same recipe, so one of each is checked
+    (10,000 rounds once took 34 s): a bad override anywhere is still found, by its round."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodels: {base: world:base_model}\nrounds: 100\n"
+                      'overrides: {"10-19": {sample: {k: 2}}, "50-": {sample: {k: 3}}, "60": {sample: {k: 4}}}\n')
+    assert load_recipe(recipe).distinct_rounds() == [1, 10, 20, 50, 60, 61]
+    assert main(["validate", str(recipe), "--skip-files", "--round", "100"]) == 0
+    capsys.readouterr()
+    recipe.write_text(recipe.read_text().replace('"60": {sample: {k: 4}}', '"60": {sample: {k: 0}}'))
+    code, err = validate(capsys, recipe, "--skip-files")
+    assert code == 1 and "round 60, with overrides.50-, overrides.60" in err and "sample.k" in err
+
+
+def test_lengths_past_the_models_positions(capsys, tmp_path):
+    """A length longer than the model's `max_position_embeddings` (its config.json, read
+    without loading the model) is refused with the key, the length and the limit."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 512}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodels: {base: model}\nsft: {max_length: 4096}\n"
+                      "sample: {max_prompt_length: 400, max_new_tokens: 200}\n")
+    code, err = validate(capsys, recipe)
+    assert code == 1, err
+    assert f"sft.max_length: 4096 tokens, more than models.base's max_position_embeddings (512, from {model / 'config.json'})" in err
+    assert "sample.max_prompt_length + sample.max_new_tokens: 600 tokens" in err
+    assert "rm.max_length" in err and "dpo.max_length" in err  # their 2048 default
+    recipe.write_text("name: r\nmodels: {base: model}\nrm: {max_length: 512}\nsft: {max_length: 512}\n"
+                      "dpo: {max_length: 512}\nsample: {max_prompt_length: 256, max_new_tokens: 256}\n")
+    assert main(["validate", str(recipe)]) == 0
+    capsys.readouterr()
+
+
+def test_a_model_folder_without_a_config(capsys, tmp_path):
+    (tmp_path / "model").mkdir()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodels: {base: model}\n")
+    code, err = validate(capsys, recipe)
+    assert code == 1 and f"models.base: 'model': {tmp_path / 'model'} has no config.json: not a model checkpoint" in err
 
 
 def test_good_recipe_still_validates(capsys):

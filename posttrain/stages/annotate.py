@@ -52,7 +52,7 @@ from posttrain.annotate.base import (
     where,
 )
 from posttrain.data import STRENGTHS
-from posttrain.schema import StrictModel
+from posttrain.schema import BatchSize, Count, StrictModel, Tokens
 from posttrain.stage import WAITING_FILE, StageContext, StageDef, StageResult, StageWaiting, metric, path_field
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class SamplingSetup(StrictModel):
     """Softmax temperature; 0 is greedy."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling."""
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: Tokens = 256
     """Longest response in tokens, end-of-turn included."""
 
 
@@ -80,7 +80,7 @@ class AnnotateConfig(StrictModel):
 
     prompts: list[str] = Field(min_length=1)
     """The annotation prompt pool: prompt files (rows as for `data.prompts`)."""
-    comparisons: int = Field(256, ge=1)
+    comparisons: Count = 256
     """Comparisons per round: prompts drawn from the pool (all of it when smaller), a new
     draw each round."""
     models: tuple[str, str] = ("round", "previous")
@@ -97,7 +97,7 @@ class AnnotateConfig(StrictModel):
     """Run the step in this round. The last round's batch is for a round that does not exist
     yet; turn it off there with an override (`overrides: {"6": {annotate: {enabled: false}}}`)
     unless the run will be continued."""
-    max_prompt_length: int = Field(1024, ge=1)
+    max_prompt_length: Tokens = 1024
     """Prompts longer than this (tokens, after the chat template) are not asked (counted)."""
     require_finished: bool = True
     """Only ask about responses that ended with an end-of-turn token."""
@@ -105,7 +105,7 @@ class AnnotateConfig(StrictModel):
     """Generation backend (posttrain.generation)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Generation precision."""
-    max_batch_sequences: int = Field(64, ge=1)
+    max_batch_sequences: BatchSize = 64
     """transformers backend: most sequences decoded together."""
     rm_accuracy: bool = True
     """Score the labelled batch with this round's reward model (which has not seen it): the
