@@ -24,9 +24,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from posttrain.data import DataError, DataErrors
     from posttrain.annotate.base import AnnotatorError
     from posttrain.reward.base import RewardError
+    from posttrain.modeling import GGUFError
 
     return (RecipeError, RoundError, InputsChanged, FileNotFoundError, FileExistsError, DataError, DataErrors,
-            RewardError, AverageError, AnnotatorError)
+            RewardError, AverageError, AnnotatorError, GGUFError)
 
 
 USER_ERRORS = _user_errors()
@@ -140,10 +141,14 @@ def evaluate(run_dir, round: int, *, force: bool = False) -> dict:
     """Evaluate round `round`'s final model (the recipe is the run folder's snapshot)."""
     from posttrain.rounds.orchestrator import Round
 
-    run_dir = Path(run_dir)
+    from posttrain.records import require_run_folder
+    from posttrain.rounds.orchestrator import setup_logging
+
+    run_dir = require_run_folder(run_dir)
     loaded = load_recipe(run_dir / "recipe.yaml")
     if read_record(run_dir, round, "average") is None:
         raise RoundError(f"round {round} has not finished in {run_dir}: nothing to evaluate")
+    setup_logging(run_dir)  # a failure's traceback goes to the run's log
     return Round(round, loaded, run_dir, force=force).run_stage("eval")
 
 

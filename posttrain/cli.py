@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -161,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     except api.USER_ERRORS as err:
         print(f"posttrain {args.command}: {_explained(err)}", file=sys.stderr)
         return 1
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        print(f"posttrain {args.command}: {_disk_error(err, args)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
@@ -179,7 +185,21 @@ def _explained(err: BaseException) -> str:
 
     text = str(err)
     hint = None if isinstance(err, RoundError) else world_error_hint(text)
-    return f"{text}\n{hint}" if hint else text
+    text = f"{text}\n{hint}" if hint else text
+    return "\n".join([text, *getattr(err, "__notes__", ())])  # e.g. where a failed stage's traceback is
+
+
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+"""Write failures that are the machine's state, not a bug: one message, no traceback."""
+
+
+def _disk_error(err: OSError, args) -> str:
+    """Which file (or the command's output folder) could not be written, and what to do."""
+    where = err.filename or getattr(args, "out", None) or getattr(args, "run_dir", None)
+    what = os.strerror(err.errno) if err.errno else str(err)
+    fix = ("free some space (or write to another disk) and run the same command again"
+           if err.errno in (errno.ENOSPC, errno.EDQUOT) else "write somewhere writable and run the command again")
+    return f"{where}: cannot write: {what}; {fix}" if where else f"cannot write: {what}; {fix}"
 
 
 def _dispatch(args, api) -> int:

@@ -487,9 +487,9 @@ STAGE = StageDef(name="annotate", inputs=AnnotateInputs, resolve=_resolve, headl
 
 
 def _step_folder(run_dir: str | os.PathLike, round: int) -> Path:
-    from posttrain.records import stage_dir
+    from posttrain.records import require_run_folder, stage_dir
 
-    folder = stage_dir(run_dir, round, "annotate")
+    folder = stage_dir(require_run_folder(run_dir), round, "annotate")
     if not (folder / "requests.json").is_file():
         raise FileNotFoundError(f"{folder}: round {round} has no annotation requests yet (its annotate step "
                                 "makes them after the round's model; run the round first)")
