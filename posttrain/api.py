@@ -137,6 +137,14 @@ def annotate_import(run_dir, round: int, labels) -> dict:
     return import_labels(run_dir, round, labels)
 
 
+def annotate_history(run_dir, round: int) -> str:
+    """Every label of each of round `round`'s comparisons, who gave it and when (labels are
+    appended, never replaced: the latest counts)."""
+    from posttrain.stages.annotate import format_history
+
+    return format_history(run_dir, round)
+
+
 def evaluate(run_dir, round: int, *, force: bool = False) -> dict:
     """Evaluate round `round`'s final model (the recipe is the run folder's snapshot)."""
     from posttrain.rounds.orchestrator import Round

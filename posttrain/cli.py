@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("run_dir", type=Path)
     a.add_argument("round", type=int)
     a.add_argument("labels", type=Path)
+    a = asub.add_parser("history", help="every label of each of round N's comparisons: who, when, from where")
+    a.add_argument("run_dir", type=Path)
+    a.add_argument("--round", type=int, required=True)
 
     p = sub.add_parser("eval", help="evaluate a round's final model (also runs after every round)",
                        description="Evaluate round N's final model on the recipe's held-out prompts: task score "
@@ -238,8 +241,13 @@ def _dispatch(args, api) -> int:
             n = api.annotate_export(args.run_dir, args.round, args.out)
             print(f"wrote {n} requests to {args.out}")
             return 0
+        if args.annotate_command == "history":
+            print(api.annotate_history(args.run_dir, args.round))
+            return 0
         got = api.annotate_import(args.run_dir, args.round, args.labels)
-        print(f"imported {got['imported']} labels ({got['replaced']} replacing earlier ones): "
+        print(f"imported {got['imported']} labels ({got['replaced']} relabelling requests labelled before, "
+              f"{got['changed']} of them with the other response preferred; the latest label counts, "
+              f"`posttrain annotate history {args.run_dir} --round {args.round}` shows all): "
               f"{got['labelled']}/{got['requests']} requests labelled; run the same `posttrain run` again to go on")
         return 0
     if cmd == "eval":

@@ -173,6 +173,7 @@ def _fingerprint(ctx: StageContext, cfg: AnnotateConfig) -> str:
 
 
 def _start_over(out: Path) -> None:
+    _superseded_labels(out)
     for name in (REQUESTS, MANIFEST, LABELS, WAITING, BATCH, "labelstudio.json"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / ".work", ignore_errors=True)
@@ -272,19 +273,49 @@ def _generate(ctx: StageContext, cfg: AnnotateConfig) -> tuple[list[Request], di
 # ----------------------------------------------------------------------------- labels
 
 
-def read_labels_file(out: Path) -> dict[str, Label]:
+def _label_of(row: dict) -> Label:
+    return Label(request_id=row["id"], pair_sha256=row["pair_sha256"], preferred=row["preferred"],
+                 strength=row.get("strength"), edited=row.get("edited"), annotator=row.get("annotator") or "",
+                 reason=row.get("reason"))
+
+
+def label_history(out: Path) -> dict[str, list[dict]]:
+    """Every label given for each request, oldest first: the rows of `labels.jsonl` (a
+    label's fields plus `labelled_at`, UTC, and `source`, the file or annotator it came from)."""
     path = out / LABELS
-    if not path.is_file():
-        return {}
-    return {r["id"]: Label(request_id=r["id"], pair_sha256=r["pair_sha256"], preferred=r["preferred"],
-                           strength=r.get("strength"), edited=r.get("edited"), annotator=r.get("annotator") or "",
-                           reason=r.get("reason"))
-            for r in files.iter_jsonl(path)}
+    history: dict[str, list[dict]] = {}
+    if path.is_file():
+        for row in files.iter_jsonl(path):
+            history.setdefault(row["id"], []).append(row)
+    return history
 
 
-def write_labels_file(out: Path, labels: dict[str, Label], requests: list[Request]) -> None:
-    """Labels in request order (atomic: a killed run keeps the previous file whole)."""
-    files.write_jsonl(out / LABELS, [labels[r.id].to_row() for r in requests if r.id in labels])
+def read_labels_file(out: Path) -> dict[str, Label]:
+    """The label that counts for each request: its latest."""
+    return {rid: _label_of(rows[-1]) for rid, rows in label_history(out).items()}
+
+
+def append_labels(out: Path, labels: list[Label], source: str) -> None:
+    """Add `labels` to `labels.jsonl` after every earlier one (nothing is replaced: the
+    latest label of a request counts, `posttrain annotate history` shows the others). The
+    file is rewritten whole and atomically, so a killed run keeps the previous one."""
+    import datetime
+
+    path = out / LABELS
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    old = list(files.iter_jsonl(path)) if path.is_file() else []
+    files.write_jsonl(path, [*old, *({**label.to_row(), "labelled_at": now, "source": source} for label in labels)])
+
+
+def _superseded_labels(out: Path) -> None:
+    """Labels for requests that are being made again are kept beside them, never deleted."""
+    import time
+
+    path = out / LABELS
+    if path.is_file() and path.stat().st_size:
+        kept = out / f"labels.superseded-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.jsonl"
+        path.rename(kept)
+        log.warning("annotate: the labels of the earlier requests are kept in %s", kept)
 
 
 def preference_rows(requests: list[Request], labels: dict[str, Label]) -> tuple[list[dict], Counter]:
@@ -351,6 +382,23 @@ def reward_model_accuracy(ctx: StageContext, rows: list[dict]) -> dict:
     return ranking_accuracy(chosen, rejected, [r["strength"] for r in rows])
 
 
+def _refuse_bad_edits(ctx: StageContext, annotator, labels: list[Label]) -> None:
+    """An annotator's edit holding formatting tokens, or too long to train on, fails the step
+    naming the annotator and the request (posttrain.annotate.edits)."""
+    from posttrain.annotate.base import AnnotatorError, annotator_name
+    from posttrain.annotate.edits import edit_check_for
+
+    edited = [label for label in labels if label.edited is not None]
+    if not edited:
+        return
+    check = edit_check_for(ctx.run_dir, ctx.round, ctx.inputs.model_a, trust_remote_code=ctx.trust_remote_code)
+    for label in edited:
+        why = check.problem(label.edited)
+        if why:
+            raise AnnotatorError(f"annotator {annotator_name(annotator)!r}, request {label.request_id!r}: "
+                                 f"field 'edited' {why}")
+
+
 # ----------------------------------------------------------------------------- the step
 
 
@@ -368,9 +416,10 @@ def run(ctx: StageContext) -> StageResult:
     if pending:
         answers = checked_annotate(annotator, pending)
         new = {a.request_id: a for a in answers if a is not None}
+        _refuse_bad_edits(ctx, annotator, list(new.values()))
         if new:
             labels.update(new)
-            write_labels_file(out, labels, requests)
+            append_labels(out, list(new.values()), source=f"annotator:{getattr(annotator, 'name', type(annotator).__name__)}")
     missing = sum(r.id not in labels for r in requests)
     if missing:
         info = {"requests": len(requests), "labelled": len(requests) - missing, "waiting": missing,
@@ -379,7 +428,7 @@ def run(ctx: StageContext) -> StageResult:
         raise WaitingForLabels(ctx.round, info)
     (out / WAITING).unlink(missing_ok=True)
     if not (out / LABELS).exists():
-        write_labels_file(out, labels, requests)  # no requests at all: an empty file says so
+        append_labels(out, [], source="")  # no requests at all: an empty file says so
     rows, counts = preference_rows(requests, labels)
     files.write_jsonl(out / BATCH, rows)
     if rows:
@@ -489,7 +538,7 @@ STAGE = StageDef(name="annotate", inputs=AnnotateInputs, resolve=_resolve, headl
 def _step_folder(run_dir: str | os.PathLike, round: int) -> Path:
     from posttrain.records import require_run_folder, stage_dir
 
-    folder = stage_dir(require_run_folder(run_dir), round, "annotate")
+    folder = stage_dir(require_run_folder(run_dir, recipe=False), round, "annotate")
     if not (folder / "requests.json").is_file():
         raise FileNotFoundError(f"{folder}: round {round} has no annotation requests yet (its annotate step "
                                 "makes them after the round's model; run the round first)")
@@ -515,10 +564,46 @@ def import_labels(run_dir: str | os.PathLike, round: int, path: str | os.PathLik
     if (folder / RECORD).is_file():
         raise FileExistsError(f"{folder}: round {round}'s annotate step has finished and its batch is recorded; "
                               "labels cannot change under it (run it again with --redo annotate to relabel)")
+    from posttrain.annotate.edits import edit_check_for
+
     requests = load_requests(folder)
-    new = read_labels(path, {r.id: r for r in requests})
-    labels = read_labels_file(folder)
-    replaced = sum(label.request_id in labels for label in new)
-    labels.update({label.request_id: label for label in new})
-    write_labels_file(folder, labels, requests)
-    return {"imported": len(new), "replaced": replaced, "labelled": len(labels), "requests": len(requests)}
+    policy = requests[0].a.sampling.get("model_path") if requests else None
+    recipe = Path(run_dir) / "recipe.yaml"
+    trust = recipe.is_file() and load_recipe_models(recipe).trust_remote_code
+    new = read_labels(path, {r.id: r for r in requests}, edit_check_for(run_dir, round, policy, trust_remote_code=trust))
+    earlier = read_labels_file(folder)
+    replaced = [label for label in new if label.request_id in earlier]
+    changed = sum(earlier[label.request_id].preferred != label.preferred for label in replaced)
+    append_labels(folder, new, source=str(Path(path).resolve()))
+    return {"imported": len(new), "replaced": len(replaced), "changed": changed,
+            "labelled": len(read_labels_file(folder)), "requests": len(requests)}
+
+
+def load_recipe_models(path: Path):
+    """The `models` section of a run's recipe snapshot."""
+    from posttrain.recipe import load_recipe
+
+    return load_recipe(path).base.models
+
+
+def format_history(run_dir: str | os.PathLike, round: int) -> str:
+    """`posttrain annotate history`: every label of each comparison of round `round`, oldest
+    first, who gave it, when and from where; `*` marks the one that counts (the latest)."""
+    folder = _step_folder(run_dir, round)
+    history = label_history(folder)
+    requests = load_requests(folder)
+    lines = []
+    for req in requests:
+        rows = history.get(req.id, [])
+        lines.append(f"{req.id}: " + (f"{len(rows)} label(s)" if rows else "not labelled"))
+        for i, row in enumerate(rows):
+            verdict = (f"{row['preferred']} {row.get('strength')}" if row.get("preferred") is not None
+                       else f"abstain ({row.get('reason') or 'no reason given'})")
+            mark = "*" if i == len(rows) - 1 else " "
+            lines.append(f"  {mark} {row.get('labelled_at') or 'time unknown'}  {row.get('annotator') or '?'}: "
+                         f"{verdict}{', edited' if row.get('edited') else ''}  [{row.get('source') or 'source unknown'}]")
+    labelled = sum(req.id in history for req in requests)
+    changed = sum(len({row.get("preferred") for row in history.get(req.id, [])}) > 1 for req in requests)
+    lines.append(f"{labelled}/{len(requests)} comparisons labelled; {changed} changed their preferred "
+                 "response between labels (* the label that counts: the latest)")
+    return "\n".join(lines)
