@@ -521,3 +521,81 @@ def test_progress_outside_a_terminal_is_a_line_every_tenth(capsys, monkeypatch):
         stage.update({"done": done, "total": 50, "desc": "train v0", "unit": "step"})
     stage.close()
     assert capsys.readouterr().err.splitlines()[-1] == "round 1 rm train v0: 100% (50/50 step)"
+
+
+def test_a_stage_failing_in_process_leaves_its_traceback_in_the_log(tmp_path, capsys):
+    """A stage that runs in the orchestrator's process (sample, eval, annotate): the full
+    traceback goes to posttrain.log only; the error names the log. A user error keeps its
+    type and message (the log's path as a note, which the CLI prints); a bug becomes a
+    RoundError saying which stage failed."""
+    import logging
+
+    from posttrain.cli import _explained
+    from posttrain.reward.base import RewardError
+    from posttrain.rounds.orchestrator import Round, RoundError, setup_logging
+
+    run_dir = tmp_path / "run"
+    setup_logging(run_dir)
+    rnd = Round(1, load_recipe("demo"), run_dir)
+    logfile = (run_dir / "posttrain.log").resolve()
+
+    def raised(err):
+        try:
+            raise err
+        except Exception as caught:
+            return caught
+
+    user = rnd._logged_failure("sample", raised(RewardError("reward 'boom' raised ZeroDivisionError: 1/0")))
+    assert isinstance(user, RewardError)
+    assert _explained(user) == f"reward 'boom' raised ZeroDivisionError: 1/0\nThe full traceback is in {logfile}."
+    bug = rnd._logged_failure("eval", raised(KeyError("variants")))
+    assert isinstance(bug, RoundError)
+    assert str(bug).startswith(f"round 1 stage 'eval' failed: KeyError: 'variants'\nThe full output is in {logfile}.")
+    for handler in logging.getLogger("posttrain").handlers:
+        handler.flush()
+    text = logfile.read_text()
+    assert text.count("Traceback (most recent call last)") == 2 and "raise err" in text
+    assert "Traceback" not in capsys.readouterr().err  # nothing of it on the terminal
+
+    logging.getLogger("posttrain.reward").warning("reward raised on sample 0", exc_info=raised(ValueError("x")))
+    err = capsys.readouterr().err
+    assert "reward raised on sample 0 (traceback in posttrain.log)" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_custom_reward_that_raises_end_to_end(tmp_path, tiny_model_dir):
+    """Through the CLI: the sample stage's reward raises on every sample; the terminal has no
+    traceback and names the log, the log has the whole of it."""
+    import subprocess
+    import sys
+
+    from posttrain.files import write_jsonl
+
+    (tmp_path / "boom_reward.py").write_text(
+        "class Boom:\n    name = 'boom'\n\n    def score(self, prompts, responses):\n"
+        "        raise ZeroDivisionError('the custom reward divided by zero')\n")
+    write_jsonl(tmp_path / "prefs.jsonl", [
+        {"id": f"p{i}", "prompt": [{"role": "user", "content": f"Sort these numbers: {i} 1"}],
+         "chosen": [{"role": "assistant", "content": f"1 {i}"}],
+         "rejected": [{"role": "assistant", "content": f"{i} 1"}], "strength": "better"} for i in range(2, 10)])
+    write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"q{i}", "prompt": f"Sort these numbers: {i} 2"} for i in range(3)])
+    (tmp_path / "r.yaml").write_text(
+        f"name: boom\nrounds: 1\nmodels: {{base: {tiny_model_dir}}}\n"
+        "data: {preference_batches: [{path: prefs.jsonl, round: 1}], prompts: [{path: prompts.jsonl}]}\n"
+        "reward: {target: 'boom_reward:Boom'}\n"
+        "rm: {epochs: 1, batch_size: 8, max_length: 64, min_heldout_accuracy: 0}\n"
+        "sample: {k: 2, max_new_tokens: 4, max_prompt_length: 32, backend: transformers}\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "POSTTRAIN_PROGRESS": "0",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    env.pop("POSTTRAIN_VERBOSE", None)
+    done = subprocess.run([sys.executable, "-m", "posttrain.cli", "run-round", "1", "--recipe", str(tmp_path / "r.yaml"),
+                           "--run-dir", str(tmp_path / "run"), "--no-eval"], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    logfile = (tmp_path / "run" / "posttrain.log").resolve()
+    assert "Traceback" not in done.stderr
+    assert "reward 'boom' raised ZeroDivisionError: the custom reward divided by zero" in done.stderr
+    assert f"The full traceback is in {logfile}." in done.stderr
+    log = logfile.read_text()
+    assert "round 1 stage 'sample' failed:\nTraceback (most recent call last)" in log
+    assert "boom_reward.py\", line 5, in score" in log

@@ -55,6 +55,18 @@ class _TerminalFilter(logging.Filter):
         return verbose() or record.levelno >= logging.INFO
 
 
+class _TerminalFormatter(logging.Formatter):
+    """The terminal's lines: a record's message without its traceback (the log file has it),
+    unless --verbose."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if (record.exc_info or record.stack_info) and not verbose():
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None,
+                                            "stack_info": None})
+            record.msg = f"{record.msg} (traceback in posttrain.log)"
+        return super().format(record)
+
+
 FILE_ONLY = "posttrain_file_only"
 """A log record with this attribute set goes to posttrain.log only (a traceback the terminal
 names instead of printing)."""
@@ -80,7 +92,7 @@ def setup_logging(run_dir: Path) -> None:
     log.addHandler(fh)
     if not any(getattr(h, "_posttrain_terminal", False) for h in log.handlers):
         sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        sh.setFormatter(_TerminalFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
         sh.addFilter(_TerminalFilter())
         sh._posttrain_terminal = True
         log.addHandler(sh)
