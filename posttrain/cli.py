@@ -165,11 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     except api.USER_ERRORS as err:
         print(f"posttrain {args.command}: {_explained(err)}", file=sys.stderr)
         return 1
-    except OSError as err:
-        if err.errno not in DISK_ERRORS:
-            raise
-        print(f"posttrain {args.command}: {_disk_error(err, args)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
@@ -178,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         # Point stdout at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        print(f"posttrain {args.command}: {_disk_error(err, args)}", file=sys.stderr)
+        return 1
 
 
 def _explained(err: BaseException) -> str:

@@ -518,7 +518,8 @@ def _lengths_past_positions(recipe: Recipe, config: Path) -> list[tuple[str, int
                 for name, c in recipe.capabilities.items() if c.max_new_tokens is not None]
     if a is not None:
         lengths += [(f"annotate.max_prompt_length + annotate.sampling[{i}].max_new_tokens",
-                     a.max_prompt_length + setup.max_new_tokens) for i, setup in enumerate(a.sampling)]
+                     a.max_prompt_length + setup.max_new_tokens) for i, setup in enumerate(a.sampling)
+                    if i == 0 or setup is not a.sampling[0]]  # one setup given is used for both models
     return [(key, n, limit) for key, n in lengths if n > limit]
 
 

@@ -16,7 +16,11 @@
 significantly_better, better, slightly_better, marginally_better (required unless abstaining).
 A label is joined to its request by `id` and must repeat the request's `pair_sha256`: a label
 for an unknown request, or for a request whose responses changed since the export, is an
-error naming the file, row and field, and nothing of that file is imported.
+error naming the file, row and field, and nothing of that file is imported. So is an `edited`
+holding a special or formatting token, or longer than the training that reads it can take
+(posttrain.annotate.edits); lines are read with a byte cap, never whole. Imported labels
+are appended to the step's labels with their time and file (the latest label of a request
+counts; `posttrain annotate history RUN_DIR --round ROUND` shows every one).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ labelled with a strength and optionally edited. After the round's model exists:
    manifest `requests.json` is written last, with a hash of what made the requests; a run
    with other inputs starts the requests (and their labels) again.
 2. **labels**: the annotator (`annotate.annotator`, posttrain.annotate.base) is asked for every
-   request not yet labelled; answers are checked and kept in `labels.jsonl` (labels imported
-   with `posttrain annotate import` land there too). While some are missing the step ends
+   request not yet labelled; answers are checked (edits too: posttrain.annotate.edits) and
+   appended to `labels.jsonl` with their time and source (labels imported with `posttrain
+   annotate import` land there too; the latest label of a request counts). While some are missing the step ends
    as *waiting* (`waiting.json`: how many are done, and where to label), not failed: the
    next run asks again and goes on from there.
 3. **the batch**: `preferences.jsonl`, TRL's conversational preference rows plus `strength`,
@@ -554,9 +555,11 @@ def export_requests(run_dir: str | os.PathLike, round: int, out: str | os.PathLi
 
 
 def import_labels(run_dir: str | os.PathLike, round: int, path: str | os.PathLike) -> dict:
-    """Check the labels in `path` against round `round`'s requests and add them to the step's
-    labels (a label for a request labelled before replaces it). The next `posttrain run`
-    picks them up. Refused once the step has finished: its batch is recorded."""
+    """Check the labels in `path` against round `round`'s requests (and their edits against
+    the policy's tokenizer and the recipe's lengths) and append them to the step's labels: a
+    label for a request labelled before becomes the one that counts, the earlier one stays
+    in the history. The next `posttrain run` picks them up. Refused once the step has
+    finished: its batch is recorded."""
     from posttrain.annotate.jsonl import read_labels
     from posttrain.records import RECORD
 
@@ -567,23 +570,14 @@ def import_labels(run_dir: str | os.PathLike, round: int, path: str | os.PathLik
     from posttrain.annotate.edits import edit_check_for
 
     requests = load_requests(folder)
-    policy = requests[0].a.sampling.get("model_path") if requests else None
-    recipe = Path(run_dir) / "recipe.yaml"
-    trust = recipe.is_file() and load_recipe_models(recipe).trust_remote_code
-    new = read_labels(path, {r.id: r for r in requests}, edit_check_for(run_dir, round, policy, trust_remote_code=trust))
+    policy = requests[0].a.sampling.get("model_path") if requests else None  # whose responses were labelled
+    new = read_labels(path, {r.id: r for r in requests}, edit_check_for(run_dir, round, policy))
     earlier = read_labels_file(folder)
     replaced = [label for label in new if label.request_id in earlier]
     changed = sum(earlier[label.request_id].preferred != label.preferred for label in replaced)
     append_labels(folder, new, source=str(Path(path).resolve()))
     return {"imported": len(new), "replaced": len(replaced), "changed": changed,
             "labelled": len(read_labels_file(folder)), "requests": len(requests)}
-
-
-def load_recipe_models(path: Path):
-    """The `models` section of a run's recipe snapshot."""
-    from posttrain.recipe import load_recipe
-
-    return load_recipe(path).base.models
 
 
 def format_history(run_dir: str | os.PathLike, round: int) -> str:
