@@ -221,9 +221,12 @@ def demo(run_dir=None, rounds: str | None = None, recipe: str = "demo", world_se
     `run_dir` defaults to runs/<recipe name>, with -world<S> for a world seed other than 0,
     so two loops or two worlds never share a folder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from posttrain.rounds.orchestrator import check_round_numbers
     from posttrain.stages.annotate import next_batch_accuracy
     from posttrain.world.build import ensure_world
 
+    if rounds is not None:  # a bad --rounds is refused before the world is built
+        check_round_numbers(parse_rounds(rounds), load_recipe(recipe))
     w = ensure_world(seed=world_seed)
     run_dir = Path(run_dir) if run_dir is not None else demo_run_dir(recipe, world_seed)
     run(_recipe_for_world_seed(recipe, world_seed, run_dir), run_dir, rounds=rounds)

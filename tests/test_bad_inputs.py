@@ -599,3 +599,14 @@ def test_a_custom_reward_that_raises_end_to_end(tmp_path, tiny_model_dir):
     log = logfile.read_text()
     assert "round 1 stage 'sample' failed:\nTraceback (most recent call last)" in log
     assert "boom_reward.py\", line 5, in score" in log
+
+
+def test_demo_with_bad_rounds_is_refused_before_the_world_is_built(capsys, tmp_path, monkeypatch):
+    import posttrain.world.build as build
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the world was built for a command that is refused")
+
+    monkeypatch.setattr(build, "ensure_world", no_build)
+    code, err = run_cli(capsys, "demo", "--run-dir", tmp_path / "run", "--rounds", "1-9")
+    assert code == 1 and "round 7:" in err and "has 6 rounds" in err, err
