@@ -374,7 +374,8 @@ class LoadedRecipe:
                     problems.setdefault("sample.cluster", f"sample.cluster: {e}")
             if not files:
                 continue
-            for key, value in (("models.base", recipe.models.base), ("models.initial_policy", recipe.models.initial_policy)):
+            models = recipe.models
+            for key, value in (("models.base", models.base), ("models.initial_policy", models.initial_policy)):
                 if value is None:
                     continue
                 why, config = self._model_problem(value)
@@ -514,7 +515,8 @@ def _lengths_past_positions(recipe: Recipe, config: Path) -> list[tuple[str, int
                ("dpo.max_length", recipe.dpo.max_length),
                ("sample.max_prompt_length + sample.max_new_tokens", s.max_prompt_length + s.max_new_tokens),
                ("eval.max_new_tokens", recipe.eval.max_new_tokens)]
-    lengths += [(f"sample.max_prompt_length + capabilities.{name}.max_new_tokens", s.max_prompt_length + c.max_new_tokens)
+    lengths += [(f"sample.max_prompt_length + capabilities.{name}.max_new_tokens",
+                 s.max_prompt_length + c.max_new_tokens)
                 for name, c in recipe.capabilities.items() if c.max_new_tokens is not None]
     if a is not None:
         lengths += [(f"annotate.max_prompt_length + annotate.sampling[{i}].max_new_tokens",

@@ -143,7 +143,8 @@ def test_lengths_past_the_models_positions(capsys, tmp_path):
                       "sample: {max_prompt_length: 400, max_new_tokens: 200}\n")
     code, err = validate(capsys, recipe)
     assert code == 1, err
-    assert f"sft.max_length: 4096 tokens, more than models.base's max_position_embeddings (512, from {model / 'config.json'})" in err
+    assert ("sft.max_length: 4096 tokens, more than models.base's max_position_embeddings "
+            f"(512, from {model / 'config.json'})") in err
     assert "sample.max_prompt_length + sample.max_new_tokens: 600 tokens" in err
     assert "rm.max_length" in err and "dpo.max_length" in err  # their 2048 default
     recipe.write_text("name: r\nmodels: {base: model}\nrm: {max_length: 512}\nsft: {max_length: 512}\n"

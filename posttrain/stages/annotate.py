@@ -11,12 +11,13 @@ labelled with a strength and optionally edited. After the round's model exists:
    is response "a" is drawn per request, so position never tells a person which is which.
    Pairs with an unfinished, empty or identical response are not asked (counted). The
    manifest `requests.json` is written last, with a hash of what made the requests; a run
-   with other inputs starts the requests (and their labels) again.
+   with other inputs starts the requests (and their labels) again; the earlier labels are
+   kept aside (`labels.superseded-<time>.jsonl`), never deleted.
 2. **labels**: the annotator (`annotate.annotator`, posttrain.annotate.base) is asked for every
    request not yet labelled; answers are checked (edits too: posttrain.annotate.edits) and
    appended to `labels.jsonl` with their time and source (labels imported with `posttrain
-   annotate import` land there too; the latest label of a request counts). While some are missing the step ends
-   as *waiting* (`waiting.json`: how many are done, and where to label), not failed: the
+   annotate import` land there too; the latest label of a request counts). While some are
+   missing the step ends as *waiting* (`waiting.json`: how many are done, and where to label), not failed: the
    next run asks again and goes on from there.
 3. **the batch**: `preferences.jsonl`, TRL's conversational preference rows plus `strength`,
    `edited` (when the annotator edited the preferred response), and where each side came
@@ -47,6 +48,7 @@ from posttrain.annotate.base import (
     Label,
     Request,
     Response,
+    annotator_name,
     attach,
     checked_annotate,
     load_annotator,
@@ -386,7 +388,7 @@ def reward_model_accuracy(ctx: StageContext, rows: list[dict]) -> dict:
 def _refuse_bad_edits(ctx: StageContext, annotator, labels: list[Label]) -> None:
     """An annotator's edit holding formatting tokens, or too long to train on, fails the step
     naming the annotator and the request (posttrain.annotate.edits)."""
-    from posttrain.annotate.base import AnnotatorError, annotator_name
+    from posttrain.annotate.base import AnnotatorError
     from posttrain.annotate.edits import edit_check_for
 
     edited = [label for label in labels if label.edited is not None]
@@ -420,7 +422,7 @@ def run(ctx: StageContext) -> StageResult:
         _refuse_bad_edits(ctx, annotator, list(new.values()))
         if new:
             labels.update(new)
-            append_labels(out, list(new.values()), source=f"annotator:{getattr(annotator, 'name', type(annotator).__name__)}")
+            append_labels(out, list(new.values()), source=f"annotator:{annotator_name(annotator)}")
     missing = sum(r.id not in labels for r in requests)
     if missing:
         info = {"requests": len(requests), "labelled": len(requests) - missing, "waiting": missing,
@@ -594,8 +596,9 @@ def format_history(run_dir: str | os.PathLike, round: int) -> str:
             verdict = (f"{row['preferred']} {row.get('strength')}" if row.get("preferred") is not None
                        else f"abstain ({row.get('reason') or 'no reason given'})")
             mark = "*" if i == len(rows) - 1 else " "
+            edited = ", edited" if row.get("edited") else ""
             lines.append(f"  {mark} {row.get('labelled_at') or 'time unknown'}  {row.get('annotator') or '?'}: "
-                         f"{verdict}{', edited' if row.get('edited') else ''}  [{row.get('source') or 'source unknown'}]")
+                         f"{verdict}{edited}  [{row.get('source') or 'source unknown'}]")
     labelled = sum(req.id in history for req in requests)
     changed = sum(len({row.get("preferred") for row in history.get(req.id, [])}) > 1 for req in requests)
     lines.append(f"{labelled}/{len(requests)} comparisons labelled; {changed} changed their preferred "
