@@ -25,9 +25,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from posttrain.data import DataError, DataErrors
     from posttrain.annotate.base import AnnotatorError
     from posttrain.reward.base import RewardError
+    from posttrain.modeling import GGUFError
 
     return (RecipeError, RoundError, InputsChanged, FileNotFoundError, FileExistsError, DataError, DataErrors,
-            RewardError, AverageError, AnnotatorError, RunLocked, OutputsDamaged)
+            RewardError, AverageError, AnnotatorError, RunLocked, OutputsDamaged, GGUFError)
 
 
 USER_ERRORS = _user_errors()
@@ -143,15 +144,27 @@ def annotate_import(run_dir, round: int, labels) -> dict:
         return import_labels(run_dir, round, labels)
 
 
+def annotate_history(run_dir, round: int) -> str:
+    """Every label of each of round `round`'s comparisons, who gave it and when (labels are
+    appended, never replaced: the latest counts)."""
+    from posttrain.stages.annotate import format_history
+
+    return format_history(run_dir, round)
+
+
 def evaluate(run_dir, round: int, *, force: bool = False) -> dict:
     """Evaluate round `round`'s final model (the recipe is the run folder's snapshot)."""
     from posttrain.rounds.orchestrator import Round
 
-    run_dir = Path(run_dir)
+    from posttrain.records import require_run_folder
+    from posttrain.rounds.orchestrator import setup_logging
+
+    run_dir = require_run_folder(run_dir)
     loaded = load_recipe(run_dir / "recipe.yaml")
     if read_record(run_dir, round, "average") is None:
         raise RoundError(f"round {round} has not finished in {run_dir}: nothing to evaluate")
     with run_lock(run_dir):
+        setup_logging(run_dir)  # a failure's traceback goes to the run's log
         return Round(round, loaded, run_dir, force=force).run_stage("eval")
 
 
@@ -226,9 +239,12 @@ def demo(run_dir=None, rounds: str | None = None, recipe: str = "demo", world_se
     `run_dir` defaults to runs/<recipe name>, with -world<S> for a world seed other than 0,
     so two loops or two worlds never share a folder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from posttrain.rounds.orchestrator import check_round_numbers
     from posttrain.stages.annotate import next_batch_accuracy
     from posttrain.world.build import ensure_world
 
+    if rounds is not None:  # a bad --rounds is refused before the world is built
+        check_round_numbers(parse_rounds(rounds), load_recipe(recipe))
     run_dir = Path(run_dir) if run_dir is not None else demo_run_dir(recipe, world_seed)
     with run_lock(run_dir):  # before the world is built: a second demo in the folder is refused at once
         w = ensure_world(seed=world_seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("run_dir", type=Path)
     a.add_argument("round", type=int)
     a.add_argument("labels", type=Path)
+    a = asub.add_parser("history", help="every label of each of round N's comparisons: who, when, from where")
+    a.add_argument("run_dir", type=Path)
+    a.add_argument("--round", type=int, required=True)
 
     p = sub.add_parser("eval", help="evaluate a round's final model (also runs after every round)",
                        description="Evaluate round N's final model on the recipe's held-out prompts: task score "
@@ -176,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         # Point stdout at /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        print(f"posttrain {args.command}: {_disk_error(err, args)}", file=sys.stderr)
+        return 1
 
 
 def _explained(err: BaseException) -> str:
@@ -186,7 +195,21 @@ def _explained(err: BaseException) -> str:
 
     text = str(err)
     hint = None if isinstance(err, RoundError) else world_error_hint(text)
-    return f"{text}\n{hint}" if hint else text
+    text = f"{text}\n{hint}" if hint else text
+    return "\n".join([text, *getattr(err, "__notes__", ())])  # e.g. where a failed stage's traceback is
+
+
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+"""Write failures that are the machine's state, not a bug: one message, no traceback."""
+
+
+def _disk_error(err: OSError, args) -> str:
+    """Which file (or the command's output folder) could not be written, and what to do."""
+    where = err.filename or getattr(args, "out", None) or getattr(args, "run_dir", None)
+    what = os.strerror(err.errno) if err.errno else str(err)
+    fix = ("free some space (or write to another disk) and run the same command again"
+           if err.errno in (errno.ENOSPC, errno.EDQUOT) else "write somewhere writable and run the command again")
+    return f"{where}: cannot write: {what}; {fix}" if where else f"cannot write: {what}; {fix}"
 
 
 def _dispatch(args, api) -> int:
@@ -234,8 +257,13 @@ def _dispatch(args, api) -> int:
             n = api.annotate_export(args.run_dir, args.round, args.out)
             print(f"wrote {n} requests to {args.out}")
             return 0
+        if args.annotate_command == "history":
+            print(api.annotate_history(args.run_dir, args.round))
+            return 0
         got = api.annotate_import(args.run_dir, args.round, args.labels)
-        print(f"imported {got['imported']} labels ({got['replaced']} replacing earlier ones): "
+        print(f"imported {got['imported']} labels ({got['replaced']} relabelling requests labelled before, "
+              f"{got['changed']} of them with the other response preferred; the latest label counts, "
+              f"`posttrain annotate history {args.run_dir} --round {args.round}` shows all): "
               f"{got['labelled']}/{got['requests']} requests labelled; run the same `posttrain run` again to go on")
         return 0
     if cmd == "eval":

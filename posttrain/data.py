@@ -138,11 +138,14 @@ def _is_datasets_folder(path: Path) -> bool:
     )
 
 
-def read_numbered_rows(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[DataError]]:
+def read_numbered_rows(path: str | os.PathLike, *, max_row_bytes: int | None = None,
+                       too_long: str = "") -> tuple[list[tuple[int, dict]], list[DataError]]:
     """(row number, row) pairs of a data file, and the rows that could not be read.
 
     Malformed JSON lines and rows that are not objects become errors; the other rows are
-    still returned, so a validator can report every problem in one pass.
+    still returned, so a validator can report every problem in one pass. `max_row_bytes`
+    (JSONL only; default MAX_ROW_BYTES) caps one line: a longer one is an error, skipped in
+    chunks without being held whole, with `too_long` added to its message.
     """
     path = Path(path)
     name = str(path)
@@ -182,7 +185,7 @@ def read_numbered_rows(path: str | os.PathLike) -> tuple[list[tuple[int, dict]],
             raise DataError(name, None, None, "malformed JSON: nested too deep") from None
         return _numbered(name, rows)
     if suffix in (".jsonl", ".ndjson", ".json"):
-        return _read_jsonl(path)
+        return _read_jsonl(path, max_row_bytes, too_long)
     raise DataError(name, None, None, f"unknown file type {suffix!r}: expected .jsonl, .json, "
                     ".parquet or a datasets folder")
 
@@ -202,22 +205,24 @@ def _starts_with_bracket(path: Path) -> bool:
         return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
 
 
-def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[DataError]]:
+def _read_jsonl(path: Path, max_row_bytes: int | None = None,
+                too_long: str = "") -> tuple[list[tuple[int, dict]], list[DataError]]:
     """Rows of a JSONL file. Lines end at \\n only (str.splitlines would also split inside a
     row at U+2028, U+0085 and other separators that JSON strings may hold raw)."""
+    max_row_bytes = max_row_bytes or MAX_ROW_BYTES
     name = str(path)
     out, errors = [], []
     with open(path, "rb") as f:
         i = 0
         while True:
-            raw = f.readline(MAX_ROW_BYTES + 1)
+            raw = f.readline(max_row_bytes + 1)
             if not raw:
                 break
             i += 1
-            if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
-                errors.append(DataError(name, i, None, f"longer than {MAX_ROW_BYTES} bytes; not read"))
+            if len(raw) > max_row_bytes and not raw.endswith(b"\n"):
+                errors.append(DataError(name, i, None, f"longer than {max_row_bytes} bytes; not read{too_long}"))
                 while raw and not raw.endswith(b"\n"):  # skip the rest of the line
-                    raw = f.readline(MAX_ROW_BYTES)
+                    raw = f.readline(max_row_bytes)
                 continue
             if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a byte-order mark (some editors write one) is not part of row 1

@@ -131,6 +131,31 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
+class GGUFError(ValueError):
+    """A file given to `posttrain import-gguf` that is not a whole, readable GGUF file."""
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse a file that is not GGUF (by its first four bytes) or whose header and tensor
+    table do not fit in it (a truncated download), before transformers reads it."""
+    import gguf
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise GGUFError(f"{path}: not a GGUF file (a GGUF file starts with the bytes 'GGUF'; this one starts "
+                        f"with {head!r})")
+    try:
+        # gguf's reader memory-maps the file and checks every tensor's data lies inside it.
+        gguf.GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError) as err:
+        raise GGUFError(f"{path}: a GGUF file that cannot be read whole (truncated or corrupt: "
+                        f"{str(err)[:200]})") from None
+
+
 def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32") -> Path:
     """Turn a GGUF file (llama.cpp's format) into a safetensors checkpoint with its tokenizer.
 
@@ -151,10 +176,14 @@ def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, dty
         import gguf  # noqa: F401  (transformers' GGUF reader; checked here for a clear message)
     except ImportError as err:
         raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from err
+    check_gguf_file(gguf_file)
     torch_dtype = pick_dtype(dtype, "cpu")
     folder, name = str(gguf_file.parent), gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+    except ValueError as err:  # transformers' word for a GGUF it cannot convert (architecture, tensor type)
+        raise GGUFError(f"{gguf_file}: transformers cannot convert this GGUF file: {str(err)[:500]}") from err
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -27,11 +27,67 @@ def enabled() -> bool:
 
 
 def bar(total: int | None, desc: str, unit: str = "it", **kwargs):
-    """A tqdm bar on stderr (disabled with POSTTRAIN_PROGRESS=0)."""
+    """A tqdm bar on stderr when it is a terminal; elsewhere (a log file, CI) a `Lines`
+    progress that writes a line every 10% instead of redrawing with carriage returns.
+    POSTTRAIN_PROGRESS=0 turns both off."""
     from tqdm.auto import tqdm
 
+    if enabled() and not _is_terminal(sys.stderr):
+        return Lines(total, desc, unit)
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled(), leave=False,
                 dynamic_ncols=True, **kwargs)
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class Lines:
+    """Progress as plain lines: `desc: 30% (3/10 shards)` each time another tenth is done,
+    and one closing line (with the count only, when the total is unknown). The part of tqdm's
+    interface posttrain uses: `n`, `update`, `refresh`, `close`, a context manager."""
+
+    STEP = 10
+    """Percent between two lines."""
+
+    def __init__(self, total: int | None, desc: str, unit: str = "it", stream=None):
+        self.total, self.desc, self.unit = total, desc, unit
+        self.n = 0
+        self._stream = stream
+        self._shown = 0  # the last percentage written
+        self._closed = False
+
+    def _write(self, text: str) -> None:
+        stream = self._stream or sys.stderr
+        stream.write(f"{self.desc}: {text}\n")
+        stream.flush()
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        self.refresh()
+
+    def refresh(self) -> None:
+        if not self.total or self._closed:
+            return
+        percent = min(100, self.n * 100 // self.total) // self.STEP * self.STEP
+        if percent > self._shown:
+            self._shown = percent
+            self._write(f"{percent}% ({self.n}/{self.total} {self.unit})")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.refresh()
+        self._closed = True
+        if not self.total:
+            self._write(f"{self.n} {self.unit}")
+
+    def __enter__(self) -> "Lines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def report(done: int, total: int | None, desc: str, unit: str = "step") -> None:

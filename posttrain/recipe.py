@@ -20,7 +20,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from posttrain.reward.base import RewardSpec
-from posttrain.schema import StrictModel
+from posttrain.schema import Count, Rounds, Samples, StrictModel, Tokens
 
 
 class RecipeError(ValueError):
@@ -47,7 +47,7 @@ class PreferenceBatch(StrictModel):
 
     path: str
     """File (JSONL, Parquet) or `datasets` folder in TRL's preference format."""
-    round: int = Field(ge=1)
+    round: Rounds
     """The round in which this batch becomes available (the paper annotates each round's models)."""
 
 
@@ -90,13 +90,13 @@ class Capability(StrictModel):
     system_prompt: str | None = None
     """System prompt added to this capability's prompts during sampling (the paper steers
     tone, format and verbosity this way in later rounds)."""
-    k: int | None = Field(None, ge=1)
+    k: Samples | None = None
     """Samples per prompt (default: sample.k)."""
     temperature: float | None = Field(None, ge=0)
     """Sampling temperature (default: sample.temperature)."""
     top_p: float | None = Field(None, gt=0, le=1)
     """Nucleus sampling (default: sample.top_p)."""
-    max_new_tokens: int | None = Field(None, ge=1)
+    max_new_tokens: Tokens | None = None
     """Longest response (default: sample.max_new_tokens)."""
     sample: bool = True
     """Run rejection sampling for this capability (the paper saw no gain for tool use)."""
@@ -127,13 +127,13 @@ class EvalSettings(StrictModel):
 
     enabled: bool = True
     """Evaluate the round's final model after the round."""
-    samples_per_prompt: int = Field(1, ge=1)
+    samples_per_prompt: Samples = 1
     """Responses per held-out prompt."""
     temperature: float = Field(0.0, ge=0)
     """0 is greedy decoding."""
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: Tokens = 256
     """Longest response."""
-    max_prompts: int | None = Field(None, ge=1)
+    max_prompts: Count | None = None
     """Evaluate on at most this many held-out prompts (the first ones)."""
     checker: RewardSpec | None = None
     """A programmatic checker giving the task score (e.g. unit tests, answer match)."""
@@ -171,7 +171,7 @@ class Recipe(StrictModel):
     """Short name of the recipe."""
     description: str = ""
     """What the recipe is for."""
-    rounds: int = Field(6, ge=1)
+    rounds: Rounds = 6
     """Rounds `posttrain run` runs by default (the paper: six)."""
     seed: int = 0
     """Seed of everything (variants add their index)."""
@@ -329,6 +329,18 @@ class LoadedRecipe:
             raise RecipeError(_format_validation_error(err, f"{self.path} (round {n}, with {which})")) from None
         return recipe
 
+    def distinct_rounds(self) -> list[int]:
+        """One round for each distinct set of overrides that applies: rounds with the same set
+        run with the same recipe, so checking these checks every round (in time that grows
+        with the overrides, not with `rounds`)."""
+        starts = {1}
+        for key in self.base.overrides:
+            lo, hi = _round_range(key)
+            starts.add(lo)
+            if hi is not None:
+                starts.add(hi + 1)
+        return sorted(n for n in starts if n <= self.base.rounds)
+
     def check(self, *, files: bool = True) -> None:
         """What `posttrain validate` checks beyond the schema, for every round, without
         loading a model or calling anything: each reward/checker target imports and is a reward
@@ -337,7 +349,7 @@ class LoadedRecipe:
         from posttrain.reward.base import RewardError, check_reward_spec
 
         problems: dict[str, str] = {}
-        for n in range(1, self.base.rounds + 1):
+        for n in self.distinct_rounds():
             recipe = self.for_round(n)
             specs = [("reward", recipe.reward), ("eval.checker", recipe.eval.checker)]
             for key, spec in specs:
@@ -362,6 +374,17 @@ class LoadedRecipe:
                     problems.setdefault("sample.cluster", f"sample.cluster: {e}")
             if not files:
                 continue
+            models = recipe.models
+            for key, value in (("models.base", models.base), ("models.initial_policy", models.initial_policy)):
+                if value is None:
+                    continue
+                why, config = self._model_problem(value)
+                if why:
+                    problems.setdefault(key + value, f"{key}: {value!r}: {why}")
+                elif config is not None:
+                    for length_key, length, limit in _lengths_past_positions(recipe, config):
+                        problems.setdefault(length_key + value, f"{length_key}: {length} tokens, more than {key}'s "
+                                            f"max_position_embeddings ({limit}, from {config})")
             for key, value in _data_paths(recipe):
                 why = self._missing(value)
                 if why:
@@ -419,6 +442,25 @@ class LoadedRecipe:
             return f"not a regular file or folder ({resolved})"
         return None
 
+    def _model_problem(self, value: str) -> tuple[str | None, Path | None]:
+        """(why a model path from the recipe cannot be used, or None; its config.json when it
+        is readable here), without loading anything or reaching the network."""
+        if value.startswith("world:") or value.startswith("world@"):
+            why = _unknown_world_name(value)
+            return why, None if why else _world_config(value)
+        resolved = self.resolve_path(value)
+        if resolved == value and not Path(os.path.expanduser(value)).is_absolute():
+            return _hub_model_problem(value)
+        folder = Path(resolved)
+        if not folder.is_dir():
+            hint = " (a hub id is written owner/name)" if "/" not in value else ""
+            return (f"no such model folder ({folder}){hint}" if not folder.exists()
+                    else f"not a folder ({folder}): a checkpoint is a folder with config.json"), None
+        config = folder / "config.json"
+        if not config.is_file() and not (folder / "adapter_config.json").is_file():
+            return f"{folder} has no config.json: not a model checkpoint", None
+        return None, config if config.is_file() else None
+
     def resolve_path(self, value: str) -> str:
         """A data or model path from the recipe: `world:` names, absolute paths, paths
         relative to the recipe's folder, or (models only) a hub id passed through."""
@@ -444,6 +486,79 @@ def _data_paths(recipe: Recipe) -> list[tuple[str, str]]:
             + [(f"data.prompts[{i}].path", p.path) for i, p in enumerate(d.prompts)]
             + [(f"data.eval_prompts[{i}].path", p.path) for i, p in enumerate(d.eval_prompts)]
             + [(f"annotate.prompts[{i}]", p) for i, p in enumerate(recipe.annotate.prompts if recipe.annotate else [])])
+
+
+def _hub_model_problem(repo_id: str) -> tuple[str | None, Path | None]:
+    """A hub id: well formed, and (offline) in the local cache. Online, whether it exists is
+    only known when the stage downloads it."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return f"neither a local folder nor a well-formed hub id: {e}", None
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return None, Path(cached)
+    if constants.HF_HUB_OFFLINE:
+        return ("not a local folder, and a hub id that is not in the local cache "
+                f"({constants.HF_HUB_CACHE}); this machine is offline (HF_HUB_OFFLINE=1), so nothing can "
+                "be downloaded: download it where the hub is reachable, or name a local folder"), None
+    return None, None
+
+
+def _world_config(value: str) -> Path | None:
+    """The config.json of a `world:` model when the world is already built (never builds it)."""
+    from posttrain.world.build import world_dir
+
+    head, _, name = value.partition(":")
+    seed = int(head[len("world@"):]) if head.startswith("world@") else 0
+    config = world_dir(seed=seed) / name.strip().strip("/") / "config.json"
+    return config if config.is_file() else None
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+"""Where a transformers config says its longest sequence (the first one present counts)."""
+
+
+def max_positions(config: Path) -> int | None:
+    """The longest sequence a model's config.json allows (its text model's, for a
+    multimodal one), or None when it says none or is unreadable."""
+    import json
+
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (data, data.get("text_config") if isinstance(data, dict) else None):
+        if isinstance(section, dict):
+            for key in POSITION_KEYS:
+                value = section.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+    return None
+
+
+def _lengths_past_positions(recipe: Recipe, config: Path) -> list[tuple[str, int, int]]:
+    """(recipe key, tokens, limit) of every sequence length the recipe asks for that is longer
+    than the model can place (prompt + response where a stage bounds both)."""
+    limit = max_positions(config)
+    if limit is None:
+        return []
+    s, a = recipe.sample, recipe.annotate
+    lengths = [("rm.max_length", recipe.rm.max_length), ("sft.max_length", recipe.sft.max_length),
+               ("dpo.max_length", recipe.dpo.max_length),
+               ("sample.max_prompt_length + sample.max_new_tokens", s.max_prompt_length + s.max_new_tokens),
+               ("eval.max_new_tokens", recipe.eval.max_new_tokens)]
+    lengths += [(f"sample.max_prompt_length + capabilities.{name}.max_new_tokens",
+                 s.max_prompt_length + c.max_new_tokens)
+                for name, c in recipe.capabilities.items() if c.max_new_tokens is not None]
+    if a is not None:
+        lengths += [(f"annotate.max_prompt_length + annotate.sampling[{i}].max_new_tokens",
+                     a.max_prompt_length + setup.max_new_tokens) for i, setup in enumerate(a.sampling)
+                    if i == 0 or setup is not a.sampling[0]]  # one setup given is used for both models
+    return [(key, n, limit) for key, n in lengths if n > limit]
 
 
 def _unknown_world_name(value: str) -> str | None:

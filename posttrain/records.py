@@ -306,3 +306,15 @@ def recipe_in(command: str) -> str | None:
     """The --recipe of the command that wrote a record, if it named one."""
     m = re.search(r"--recipe[= ](\S+)", command)
     return m.group(1) if m else None
+def require_run_folder(run_dir: str | Path, *, recipe: bool = True) -> Path:
+    """`run_dir` as a Path, or a RoundError saying it is missing or (with `recipe`: it has no
+    recipe snapshot) not a run folder: a command that reads a run says so, rather than
+    talk about a recipe or an unrun round."""
+    from posttrain.rounds.orchestrator import RoundError
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RoundError(f"{run_dir}: no such run folder" + ("" if not run_dir.exists() else " (not a folder)"))
+    if recipe and not (run_dir / "recipe.yaml").is_file():
+        raise RoundError(f"{run_dir}: not a run folder (no recipe.yaml: posttrain writes one when a round starts)")
+    return run_dir

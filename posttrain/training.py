@@ -17,7 +17,7 @@ from typing import Literal, Mapping, TypedDict
 from pydantic import Field, field_validator, model_serializer
 
 from posttrain.files import atomic_write_text
-from posttrain.schema import StrictModel
+from posttrain.schema import BatchSize, Count, Epochs, StrictModel, Tokens
 
 COMPLETE_MARKER = "COMPLETE"
 WORK = "work"
@@ -48,7 +48,7 @@ class LoraSettings(StrictModel):
 class LongContextMix(StrictModel):
     """How many long examples the SFT mix keeps (Llama 3 report 4.3.4: about 0.1%)."""
 
-    threshold_tokens: int = Field(gt=0)
+    threshold_tokens: Tokens
     """An example longer than this many tokens counts as long."""
     share: float = Field(0.001, ge=0, le=1)
     """Largest share of the final SFT mix that long examples may make up (seeded draw)."""
@@ -63,7 +63,7 @@ class Variant(StrictModel):
     """Seed for this variant (default: the recipe seed + the variant's index)."""
     learning_rate: float | None = Field(None, gt=0)
     """Learning rate for this variant (default: the stage's)."""
-    epochs: float | None = Field(None, gt=0)
+    epochs: Epochs | None = None
     """Epochs for this variant (default: the stage's)."""
     data_fraction: float | None = Field(None, gt=0, le=1)
     """Train on this share of the stage's data, drawn with the variant's seed (a data version)."""
@@ -76,11 +76,11 @@ class TrainingSettings(StrictModel):
 
     learning_rate: float = Field(1e-5, gt=0)
     """Peak learning rate (the paper: 1e-5 for SFT and DPO on 405B; small models need more)."""
-    epochs: float = Field(1.0, gt=0)
+    epochs: Epochs = 1.0
     """Passes over the stage's data."""
-    batch_size: int = Field(8, gt=0)
+    batch_size: BatchSize = 8
     """Per-device batch size."""
-    grad_accum: int = Field(1, gt=0)
+    grad_accum: BatchSize = 1
     """Gradient accumulation steps."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     """Share of steps spent warming the learning rate up."""
@@ -90,7 +90,7 @@ class TrainingSettings(StrictModel):
     """AdamW weight decay."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
-    max_length: int = Field(2048, gt=0)
+    max_length: Tokens = 2048
     """Longest tokenized example (prompt + response); longer ones are truncated or reported."""
     gradient_checkpointing: bool = False
     """Trade compute for memory (worth it on big models, noise on tiny ones)."""
@@ -99,9 +99,9 @@ class TrainingSettings(StrictModel):
     state, so a 1e-5 update is not lost to bf16 rounding; `fp32`: fp32 throughout; `auto`: bf16
     on a GPU that has it, fp32 elsewhere (a CPU's bf16 matmuls are slow). The weights are always
     loaded and trained in fp32, and saved so."""
-    save_steps: int = Field(200, gt=0)
+    save_steps: Count = 200
     """Save a resumable checkpoint every this many optimizer steps."""
-    logging_steps: int = Field(10, gt=0)
+    logging_steps: Count = 10
     """Log metrics every this many steps."""
     lora: LoraSettings = LoraSettings()
     """LoRA settings."""

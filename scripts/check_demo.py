@@ -103,10 +103,17 @@ def check(run_dir: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="scripts/check_demo.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a finished demo run folder (e.g. runs/demo)")
+    run_dir = parser.parse_args(argv).run_dir
+    if not (run_dir / "recipe.yaml").is_file():
+        print(f"{run_dir}: " + ("not a run folder (no recipe.yaml)" if run_dir.is_dir() else "no such run folder"),
+              file=sys.stderr)
         return 2
-    failures = check(Path(argv[0]))
+    failures = check(run_dir)
     for f in failures:
         print(f"demo claim failed: {f}", file=sys.stderr)
     return 1 if failures else 0

@@ -188,7 +188,7 @@ def test_jsonl_export_import_round_trip_and_refusals(tmp_path):
               {"id": "r01-b", "pair_sha256": exported[1]["pair_sha256"], "preferred": None, "reason": "unsure"}]
     write_jsonl(tmp_path / "labels.jsonl", labels)
     got = import_labels(tmp_path, 1, tmp_path / "labels.jsonl")
-    assert got == {"imported": 2, "replaced": 0, "labelled": 2, "requests": 2}
+    assert got == {"imported": 2, "replaced": 0, "changed": 0, "labelled": 2, "requests": 2}
     kept = read_labels_file(folder)
     assert kept["r01-a"].annotator == "alice" and kept["r01-b"].preferred is None
     rows, counts = preference_rows(requests, kept)

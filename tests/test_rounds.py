@@ -23,7 +23,7 @@ def test_parse_rounds():
     assert parse_rounds("3") == [3]
     assert parse_rounds("1-6") == [1, 2, 3, 4, 5, 6]
     assert parse_rounds("1,3-4") == [1, 3, 4]
-    with pytest.raises(ValueError, match="expected numbers from 1"):
+    with pytest.raises(RoundError, match="rounds start at 1"):
         parse_rounds("0")
 
 

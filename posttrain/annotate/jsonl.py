@@ -16,7 +16,11 @@
 significantly_better, better, slightly_better, marginally_better (required unless abstaining).
 A label is joined to its request by `id` and must repeat the request's `pair_sha256`: a label
 for an unknown request, or for a request whose responses changed since the export, is an
-error naming the file, row and field, and nothing of that file is imported.
+error naming the file, row and field, and nothing of that file is imported. So is an `edited`
+holding a special or formatting token, or longer than the training that reads it can take
+(posttrain.annotate.edits); lines are read with a byte cap, never whole. Imported labels
+are appended to the step's labels with their time and file (the latest label of a request
+counts; `posttrain annotate history RUN_DIR --round ROUND` shows every one).
 """
 
 from __future__ import annotations
@@ -25,15 +29,21 @@ import os
 from pathlib import Path
 
 from posttrain.annotate.base import Label, Request, label_problems
+from posttrain.annotate.edits import EditCheck
 from posttrain.data import DataError, DataErrors, read_numbered_rows
 
 LABEL_FIELDS = ("id", "pair_sha256", "preferred", "strength", "edited", "annotator", "reason")
 
 
-def read_labels(path: str | os.PathLike, requests: dict[str, Request]) -> list[Label]:
-    """The labels of a JSONL file, each checked against `requests` (by id and pair hash).
-    Raises DataErrors listing every bad row (file, row, field)."""
-    rows, errors = read_numbered_rows(path)
+def read_labels(path: str | os.PathLike, requests: dict[str, Request], edits: EditCheck | None = None) -> list[Label]:
+    """The labels of a JSONL file, each checked against `requests` (by id and pair hash) and
+    its `edited` against `edits` (posttrain.annotate.edits: no special or formatting tokens,
+    at most so many tokens; lines longer than the edit limit allows are not read). Raises
+    DataErrors listing every bad row (file, row, field)."""
+    if Path(path).suffix.lower() not in (".jsonl", ".ndjson"):
+        raise DataError(path, None, None, "labels are JSONL, one label per line (a .jsonl file)")
+    rows, errors = read_numbered_rows(path, max_row_bytes=edits.row_bytes if edits else None,
+                                      too_long=edits.too_long() if edits else "")
     labels: list[Label] = []
     seen: dict[str, int] = {}
     for n, row in rows:
@@ -66,6 +76,9 @@ def read_labels(path: str | os.PathLike, requests: dict[str, Request]) -> list[L
                       strength=row.get("strength"), edited=row.get("edited"),
                       annotator=row.get("annotator") or "external", reason=row.get("reason"))
         problems = label_problems(label)
+        if not problems and label.edited is not None and edits is not None:
+            why = edits.problem(label.edited)
+            problems = [("edited", why)] if why else []
         for field, message in problems:
             fail(field, message)
         if not problems:

@@ -53,7 +53,26 @@ class _TerminalFilter(logging.Filter):
     above (DEBUG goes to the file only), everything with --verbose."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, FILE_ONLY, False):
+            return verbose()
         return verbose() or record.levelno >= logging.INFO
+
+
+class _TerminalFormatter(logging.Formatter):
+    """The terminal's lines: a record's message without its traceback (the log file has it),
+    unless --verbose."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if (record.exc_info or record.stack_info) and not verbose():
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None,
+                                            "stack_info": None})
+            record.msg = f"{record.msg} (traceback in posttrain.log)"
+        return super().format(record)
+
+
+FILE_ONLY = "posttrain_file_only"
+"""A log record with this attribute set goes to posttrain.log only (a traceback the terminal
+names instead of printing)."""
 
 
 def verbose() -> bool:
@@ -76,7 +95,7 @@ def setup_logging(run_dir: Path) -> None:
     log.addHandler(fh)
     if not any(getattr(h, "_posttrain_terminal", False) for h in log.handlers):
         sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        sh.setFormatter(_TerminalFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
         sh.addFilter(_TerminalFilter())
         sh._posttrain_terminal = True
         log.addHandler(sh)
@@ -288,7 +307,7 @@ class Round:
             raise
         except Exception as err:
             attempts.end(f"failed: {first_line(err)}")
-            raise
+            raise self._logged_failure(stage, err) from err
         try:
             self.verify_outputs(defn, result["outputs"])
         except ValueError as err:
@@ -304,6 +323,20 @@ class Round:
         log.info("round %d %s: done in %s%s", self.n, stage, _duration(record["timing"]["seconds"]),
                  _summary(stage, result["metrics"]))
         return record
+
+    def _logged_failure(self, stage: str, err: Exception) -> Exception:
+        """A stage that failed in this process: its full traceback goes to the run's log (not
+        to the terminal), and the error to raise names the log. A user error (bad data, a
+        reward that raised) keeps its type and message, with the log's path as a note; any
+        other exception becomes a RoundError saying the same."""
+        from posttrain.api import USER_ERRORS
+
+        logfile = (self.run_dir / "posttrain.log").resolve()
+        log.error("round %d stage %r failed:", self.n, stage, exc_info=err, extra={FILE_ONLY: True})
+        if isinstance(err, USER_ERRORS):
+            err.add_note(f"The full traceback is in {logfile}.")
+            return err
+        return RoundError(explain_failure(f"round {self.n} stage {stage!r} failed: {first_line(err)}", logfile))
 
     def verify_outputs(self, defn: StageDef, outputs: dict) -> None:
         """Each output the stage declares a model folder (StageDef.model_outputs) is complete."""
@@ -546,8 +579,7 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
         raise RoundError(f"--redo {', '.join(unknown)}: not a stage (stages: {', '.join(STEPS)})")
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     run_dir = Path(run_dir)
-    if n > loaded.base.rounds:
-        raise RoundError(f"round {n}: {loaded.path} has {loaded.base.rounds} rounds")
+    check_round_numbers([n], loaded)
     with run_lock(run_dir):  # one writer per run folder, from the first check to the last record
         # Before anything is written to the run folder: round order, and reward targets that
         # import and are rewards (data files are checked as each stage reads them: later
@@ -562,22 +594,44 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
 
 
 def parse_rounds(spec: str) -> list[int]:
-    """`3` -> [3]; `1-6` -> [1..6]; `1,3-4` -> [1, 3, 4]."""
+    """`3` -> [3]; `1-6` -> [1..6]; `1,3-4` -> [1, 3, 4]. Anything else is a RoundError
+    saying what is wrong (a number is checked against MAX_ROUNDS before a range expands)."""
+    from posttrain.schema import MAX_ROUNDS
+
+    usage = "expected round numbers like '3', '1-6' or '1,3-4'"
     out: list[int] = []
-    for part in spec.split(","):
+    for part in str(spec).split(","):
         part = part.strip()
-        if "-" in part:
-            lo, hi = part.split("-", 1)
-            out.extend(range(int(lo), int(hi) + 1))
-        elif part:
-            out.append(int(part))
-    if not out or min(out) < 1:
-        raise ValueError(f"rounds {spec!r}: expected numbers from 1, like '3' or '1-6'")
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not m:
+            raise RoundError(f"rounds {spec!r}: {part!r} is not a round or a range of rounds; {usage}")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise RoundError(f"rounds {spec!r}: {part} ends before it starts (rounds run in order: {hi}-{lo}?)")
+        if lo < 1:
+            raise RoundError(f"rounds {spec!r}: rounds start at 1")
+        if hi > MAX_ROUNDS:
+            raise RoundError(f"rounds {spec!r}: round {hi} is past the most a recipe may have ({MAX_ROUNDS})")
+        out.extend(range(lo, hi + 1))
     return out
+
+
+def check_round_numbers(rounds: list[int], loaded: LoadedRecipe) -> None:
+    """Refuse, before any work, a round the recipe does not have."""
+    for n in rounds:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise RoundError(f"round {n!r}: a round is a whole number")
+        if n < 1:
+            raise RoundError(f"round {n}: rounds start at 1")
+    past = [n for n in rounds if n > loaded.base.rounds]
+    if past:
+        raise RoundError(f"round {past[0]}: {loaded.path} has {loaded.base.rounds} rounds (`rounds:` in the recipe); "
+                         "nothing was run")
 
 
 def run_rounds(rounds: list[int], recipe, run_dir, **kwargs) -> dict[int, dict[str, dict]]:
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
+    check_round_numbers(rounds, loaded)  # every one, before round 1 trains anything
     with run_lock(run_dir):  # held between the rounds too
         return {n: run_round(n, loaded, run_dir, **kwargs) for n in rounds}
 

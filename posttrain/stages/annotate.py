@@ -11,11 +11,13 @@ labelled with a strength and optionally edited. After the round's model exists:
    is response "a" is drawn per request, so position never tells a person which is which.
    Pairs with an unfinished, empty or identical response are not asked (counted). The
    manifest `requests.json` is written last, with a hash of what made the requests; a run
-   with other inputs starts the requests (and their labels) again.
+   with other inputs starts the requests (and their labels) again; the earlier labels are
+   kept aside (`labels.superseded-<time>.jsonl`), never deleted.
 2. **labels**: the annotator (`annotate.annotator`, posttrain.annotate.base) is asked for every
-   request not yet labelled; answers are checked and kept in `labels.jsonl` (labels imported
-   with `posttrain annotate import` land there too). While some are missing the step ends
-   as *waiting* (`waiting.json`: how many are done, and where to label), not failed: the
+   request not yet labelled; answers are checked (edits too: posttrain.annotate.edits) and
+   appended to `labels.jsonl` with their time and source (labels imported with `posttrain
+   annotate import` land there too; the latest label of a request counts). While some are
+   missing the step ends as *waiting* (`waiting.json`: how many are done, and where to label), not failed: the
    next run asks again and goes on from there.
 3. **the batch**: `preferences.jsonl`, TRL's conversational preference rows plus `strength`,
    `edited` (when the annotator edited the preferred response), and where each side came
@@ -46,13 +48,14 @@ from posttrain.annotate.base import (
     Label,
     Request,
     Response,
+    annotator_name,
     attach,
     checked_annotate,
     load_annotator,
     where,
 )
 from posttrain.data import STRENGTHS
-from posttrain.schema import StrictModel
+from posttrain.schema import BatchSize, Count, StrictModel, Tokens
 from posttrain.stage import WAITING_FILE, StageContext, StageDef, StageResult, StageWaiting, metric, path_field
 
 log = logging.getLogger(__name__)
@@ -71,7 +74,7 @@ class SamplingSetup(StrictModel):
     """Softmax temperature; 0 is greedy."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling."""
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: Tokens = 256
     """Longest response in tokens, end-of-turn included."""
 
 
@@ -80,7 +83,7 @@ class AnnotateConfig(StrictModel):
 
     prompts: list[str] = Field(min_length=1)
     """The annotation prompt pool: prompt files (rows as for `data.prompts`)."""
-    comparisons: int = Field(256, ge=1)
+    comparisons: Count = 256
     """Comparisons per round: prompts drawn from the pool (all of it when smaller), a new
     draw each round."""
     models: tuple[str, str] = ("round", "previous")
@@ -97,7 +100,7 @@ class AnnotateConfig(StrictModel):
     """Run the step in this round. The last round's batch is for a round that does not exist
     yet; turn it off there with an override (`overrides: {"6": {annotate: {enabled: false}}}`)
     unless the run will be continued."""
-    max_prompt_length: int = Field(1024, ge=1)
+    max_prompt_length: Tokens = 1024
     """Prompts longer than this (tokens, after the chat template) are not asked (counted)."""
     require_finished: bool = True
     """Only ask about responses that ended with an end-of-turn token."""
@@ -105,7 +108,7 @@ class AnnotateConfig(StrictModel):
     """Generation backend (posttrain.generation)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Generation precision."""
-    max_batch_sequences: int = Field(64, ge=1)
+    max_batch_sequences: BatchSize = 64
     """transformers backend: most sequences decoded together."""
     rm_accuracy: bool = True
     """Score the labelled batch with this round's reward model (which has not seen it): the
@@ -173,6 +176,7 @@ def _fingerprint(ctx: StageContext, cfg: AnnotateConfig) -> str:
 
 
 def _start_over(out: Path) -> None:
+    _superseded_labels(out)
     for name in (REQUESTS, MANIFEST, LABELS, WAITING, BATCH, "labelstudio.json"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / ".work", ignore_errors=True)
@@ -272,19 +276,49 @@ def _generate(ctx: StageContext, cfg: AnnotateConfig) -> tuple[list[Request], di
 # ----------------------------------------------------------------------------- labels
 
 
-def read_labels_file(out: Path) -> dict[str, Label]:
+def _label_of(row: dict) -> Label:
+    return Label(request_id=row["id"], pair_sha256=row["pair_sha256"], preferred=row["preferred"],
+                 strength=row.get("strength"), edited=row.get("edited"), annotator=row.get("annotator") or "",
+                 reason=row.get("reason"))
+
+
+def label_history(out: Path) -> dict[str, list[dict]]:
+    """Every label given for each request, oldest first: the rows of `labels.jsonl` (a
+    label's fields plus `labelled_at`, UTC, and `source`, the file or annotator it came from)."""
     path = out / LABELS
-    if not path.is_file():
-        return {}
-    return {r["id"]: Label(request_id=r["id"], pair_sha256=r["pair_sha256"], preferred=r["preferred"],
-                           strength=r.get("strength"), edited=r.get("edited"), annotator=r.get("annotator") or "",
-                           reason=r.get("reason"))
-            for r in files.iter_jsonl(path)}
+    history: dict[str, list[dict]] = {}
+    if path.is_file():
+        for row in files.iter_jsonl(path):
+            history.setdefault(row["id"], []).append(row)
+    return history
 
 
-def write_labels_file(out: Path, labels: dict[str, Label], requests: list[Request]) -> None:
-    """Labels in request order (atomic: a killed run keeps the previous file whole)."""
-    files.write_jsonl(out / LABELS, [labels[r.id].to_row() for r in requests if r.id in labels])
+def read_labels_file(out: Path) -> dict[str, Label]:
+    """The label that counts for each request: its latest."""
+    return {rid: _label_of(rows[-1]) for rid, rows in label_history(out).items()}
+
+
+def append_labels(out: Path, labels: list[Label], source: str) -> None:
+    """Add `labels` to `labels.jsonl` after every earlier one (nothing is replaced: the
+    latest label of a request counts, `posttrain annotate history` shows the others). The
+    file is rewritten whole and atomically, so a killed run keeps the previous one."""
+    import datetime
+
+    path = out / LABELS
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    old = list(files.iter_jsonl(path)) if path.is_file() else []
+    files.write_jsonl(path, [*old, *({**label.to_row(), "labelled_at": now, "source": source} for label in labels)])
+
+
+def _superseded_labels(out: Path) -> None:
+    """Labels for requests that are being made again are kept beside them, never deleted."""
+    import time
+
+    path = out / LABELS
+    if path.is_file() and path.stat().st_size:
+        kept = out / f"labels.superseded-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.jsonl"
+        path.rename(kept)
+        log.warning("annotate: the labels of the earlier requests are kept in %s", kept)
 
 
 def preference_rows(requests: list[Request], labels: dict[str, Label]) -> tuple[list[dict], Counter]:
@@ -351,6 +385,23 @@ def reward_model_accuracy(ctx: StageContext, rows: list[dict]) -> dict:
     return ranking_accuracy(chosen, rejected, [r["strength"] for r in rows])
 
 
+def _refuse_bad_edits(ctx: StageContext, annotator, labels: list[Label]) -> None:
+    """An annotator's edit holding formatting tokens, or too long to train on, fails the step
+    naming the annotator and the request (posttrain.annotate.edits)."""
+    from posttrain.annotate.base import AnnotatorError
+    from posttrain.annotate.edits import edit_check_for
+
+    edited = [label for label in labels if label.edited is not None]
+    if not edited:
+        return
+    check = edit_check_for(ctx.run_dir, ctx.round, ctx.inputs.model_a, trust_remote_code=ctx.trust_remote_code)
+    for label in edited:
+        why = check.problem(label.edited)
+        if why:
+            raise AnnotatorError(f"annotator {annotator_name(annotator)!r}, request {label.request_id!r}: "
+                                 f"field 'edited' {why}")
+
+
 # ----------------------------------------------------------------------------- the step
 
 
@@ -368,9 +419,10 @@ def run(ctx: StageContext) -> StageResult:
     if pending:
         answers = checked_annotate(annotator, pending)
         new = {a.request_id: a for a in answers if a is not None}
+        _refuse_bad_edits(ctx, annotator, list(new.values()))
         if new:
             labels.update(new)
-            write_labels_file(out, labels, requests)
+            append_labels(out, list(new.values()), source=f"annotator:{annotator_name(annotator)}")
     missing = sum(r.id not in labels for r in requests)
     if missing:
         info = {"requests": len(requests), "labelled": len(requests) - missing, "waiting": missing,
@@ -379,7 +431,7 @@ def run(ctx: StageContext) -> StageResult:
         raise WaitingForLabels(ctx.round, info)
     (out / WAITING).unlink(missing_ok=True)
     if not (out / LABELS).exists():
-        write_labels_file(out, labels, requests)  # no requests at all: an empty file says so
+        append_labels(out, [], source="")  # no requests at all: an empty file says so
     rows, counts = preference_rows(requests, labels)
     files.write_jsonl(out / BATCH, rows)
     if rows:
@@ -492,9 +544,9 @@ STAGE = StageDef(name="annotate", inputs=AnnotateInputs, resolve=_resolve, headl
 
 
 def _step_folder(run_dir: str | os.PathLike, round: int) -> Path:
-    from posttrain.records import stage_dir
+    from posttrain.records import require_run_folder, stage_dir
 
-    folder = stage_dir(run_dir, round, "annotate")
+    folder = stage_dir(require_run_folder(run_dir, recipe=False), round, "annotate")
     if not (folder / "requests.json").is_file():
         raise FileNotFoundError(f"{folder}: round {round} has no annotation requests yet (its annotate step "
                                 "makes them after the round's model; run the round first)")
@@ -510,9 +562,11 @@ def export_requests(run_dir: str | os.PathLike, round: int, out: str | os.PathLi
 
 
 def import_labels(run_dir: str | os.PathLike, round: int, path: str | os.PathLike) -> dict:
-    """Check the labels in `path` against round `round`'s requests and add them to the step's
-    labels (a label for a request labelled before replaces it). The next `posttrain run`
-    picks them up. Refused once the step has finished: its batch is recorded."""
+    """Check the labels in `path` against round `round`'s requests (and their edits against
+    the policy's tokenizer and the recipe's lengths) and append them to the step's labels: a
+    label for a request labelled before becomes the one that counts, the earlier one stays
+    in the history. The next `posttrain run` picks them up. Refused once the step has
+    finished: its batch is recorded."""
     from posttrain.annotate.jsonl import read_labels
     from posttrain.records import RECORD
 
@@ -520,10 +574,38 @@ def import_labels(run_dir: str | os.PathLike, round: int, path: str | os.PathLik
     if (folder / RECORD).is_file():
         raise FileExistsError(f"{folder}: round {round}'s annotate step has finished and its batch is recorded; "
                               "labels cannot change under it (run it again with --redo annotate to relabel)")
+    from posttrain.annotate.edits import edit_check_for
+
     requests = load_requests(folder)
-    new = read_labels(path, {r.id: r for r in requests})
-    labels = read_labels_file(folder)
-    replaced = sum(label.request_id in labels for label in new)
-    labels.update({label.request_id: label for label in new})
-    write_labels_file(folder, labels, requests)
-    return {"imported": len(new), "replaced": replaced, "labelled": len(labels), "requests": len(requests)}
+    policy = requests[0].a.sampling.get("model_path") if requests else None  # whose responses were labelled
+    new = read_labels(path, {r.id: r for r in requests}, edit_check_for(run_dir, round, policy))
+    earlier = read_labels_file(folder)
+    replaced = [label for label in new if label.request_id in earlier]
+    changed = sum(earlier[label.request_id].preferred != label.preferred for label in replaced)
+    append_labels(folder, new, source=str(Path(path).resolve()))
+    return {"imported": len(new), "replaced": len(replaced), "changed": changed,
+            "labelled": len(read_labels_file(folder)), "requests": len(requests)}
+
+
+def format_history(run_dir: str | os.PathLike, round: int) -> str:
+    """`posttrain annotate history`: every label of each comparison of round `round`, oldest
+    first, who gave it, when and from where; `*` marks the one that counts (the latest)."""
+    folder = _step_folder(run_dir, round)
+    history = label_history(folder)
+    requests = load_requests(folder)
+    lines = []
+    for req in requests:
+        rows = history.get(req.id, [])
+        lines.append(f"{req.id}: " + (f"{len(rows)} label(s)" if rows else "not labelled"))
+        for i, row in enumerate(rows):
+            verdict = (f"{row['preferred']} {row.get('strength')}" if row.get("preferred") is not None
+                       else f"abstain ({row.get('reason') or 'no reason given'})")
+            mark = "*" if i == len(rows) - 1 else " "
+            edited = ", edited" if row.get("edited") else ""
+            lines.append(f"  {mark} {row.get('labelled_at') or 'time unknown'}  {row.get('annotator') or '?'}: "
+                         f"{verdict}{edited}  [{row.get('source') or 'source unknown'}]")
+    labelled = sum(req.id in history for req in requests)
+    changed = sum(len({row.get("preferred") for row in history.get(req.id, [])}) > 1 for req in requests)
+    lines.append(f"{labelled}/{len(requests)} comparisons labelled; {changed} changed their preferred "
+                 "response between labels (* the label that counts: the latest)")
+    return "\n".join(lines)

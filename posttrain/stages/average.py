@@ -312,6 +312,18 @@ def _dict_diff(a: dict, b: dict, ignored: set[str]) -> list[str]:
     return sorted(k for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
+def refuse_custom_code(checkpoints: Sequence[Checkpoint]) -> None:
+    """A checkpoint whose config.json has an `auto_map` runs code shipped beside it when it is
+    loaded: posttrain does not average it (its code files would not travel with the average)."""
+    for ck in checkpoints:
+        auto_map = ck.config.get("auto_map") if isinstance(ck.config, dict) else None
+        if auto_map:
+            names = ", ".join(sorted(auto_map)) if isinstance(auto_map, dict) else str(auto_map)
+            raise AverageError(f"{ck.path / CONFIG_FILE}: its auto_map ({names}) names model code shipped with the "
+                               "checkpoint, not one of transformers' architectures; posttrain averages only "
+                               "those (in a run, `models.trust_remote_code: true` allows it)")
+
+
 def check_side_files(paths: Sequence[Path]) -> list[str]:
     """Check the generation config and tokenizer files match across inputs; return the
     file names (present in all inputs) to copy from the first."""
@@ -441,7 +453,7 @@ def merge_lora(adapter_dir: Path, out_dir: Path, base: Path | None = None) -> Pa
 
 def average_checkpoints(inputs: Sequence[Path], out: Path, weights: Sequence[float] | None = None, *,
                         max_shard_size: int = 2 * 1024**3, lora_base: Path | None = None,
-                        stats: dict | None = None) -> Path:
+                        stats: dict | None = None, trust_remote_code: bool = False) -> Path:
     """Average the weights of `inputs` (same architecture) into the model folder `out`.
 
     avg[name] = sum_i w_i * t_i[name] with w normalised to sum 1, accumulated in fp32 (fp64
@@ -451,7 +463,9 @@ def average_checkpoints(inputs: Sequence[Path], out: Path, weights: Sequence[flo
     are merged into their base (`lora_base`, else the adapter's own base path) first.
 
     Everything is checked before anything is written; `out` appears only when complete.
-    `stats`, when given, receives the number of tensors and bytes written.
+    `stats`, when given, receives the number of tensors and bytes written. A model whose
+    config names its own code (`auto_map`) is refused unless `trust_remote_code` (the recipe's
+    `models.trust_remote_code`): only transformers' own architectures are averaged blindly.
     """
     if isinstance(inputs, (str, os.PathLike)) or not isinstance(out, (str, os.PathLike)):
         raise TypeError("average_checkpoints(inputs, out, ...): `inputs` is a list of model folders, "
@@ -470,6 +484,8 @@ def average_checkpoints(inputs: Sequence[Path], out: Path, weights: Sequence[flo
             else:
                 resolved.append(p)
         checkpoints = [read_checkpoint(p) for p in resolved]
+        if not trust_remote_code:
+            refuse_custom_code(checkpoints)
         check_compatible(checkpoints)
         side_files = check_side_files(resolved)
         check_non_float(checkpoints)
@@ -573,7 +589,7 @@ def run(ctx: StageContext) -> StageResult:
     out = Path(ctx.out_dir) / "model"
     stats: dict = {}
     average_checkpoints(models, out, ctx.inputs.weights, max_shard_size=config.max_shard_size,
-                        lora_base=ctx.inputs.base_model, stats=stats)
+                        lora_base=ctx.inputs.base_model, stats=stats, trust_remote_code=ctx.trust_remote_code)
     return StageResult(
         outputs={"model": _relative(out, ctx.run_dir)},
         metrics={"n_inputs": len(models), "weights": weights, "tensors": stats["tensors"],

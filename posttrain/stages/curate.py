@@ -33,11 +33,11 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from posttrain.schema import StrictModel
+from posttrain.schema import BatchSize, Count, StrictModel, Tokens
 from posttrain.stage import StageDef, path_field
 
 log = logging.getLogger("posttrain")
@@ -99,7 +99,7 @@ class RMQualityConfig(StrictModel):
     quantile: float = Field(0.75, ge=0, le=1)
     """Rows scoring at or above this quantile of all rows' scores are high quality (0.75: the
     paper's top quartile)."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: BatchSize = 16
     """Rows per RM forward pass."""
 
 
@@ -128,7 +128,7 @@ class JudgeConfig(StrictModel):
     """Regex (case-insensitive) whose first group is the difficulty score."""
     high_quality: float = 4.0
     """A quality score at or above this is high quality."""
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: Tokens = 32
     """Longest judge reply."""
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     """Generation backend (posttrain.generation)."""
@@ -160,7 +160,7 @@ class DedupConfig(StrictModel):
     threshold: float = Field(0.95, gt=0, le=1)
     """A row is a duplicate when its cosine similarity to a kept row of its cluster is at or
     above this (the report gives no number; 0.95 on mean-pooled states is conservative)."""
-    rows_per_cluster: int = Field(1000, ge=1)
+    rows_per_cluster: Count = 1000
     """k-means gets ceil(rows / rows_per_cluster) clusters: bigger clusters find more
     duplicates, at a cost quadratic in the cluster size."""
     embedding_model: str | None = None
@@ -168,11 +168,11 @@ class DedupConfig(StrictModel):
     state). None: the model named by `embed_with`, so nothing is downloaded."""
     embed_with: Literal["policy", "rm"] = "policy"
     """Without an embedding model: the policy's or the round's reward model's hidden states."""
-    max_length: int = Field(512, ge=8)
+    max_length: Annotated[Tokens, Field(ge=8)] = 512
     """Tokens of a dialog that are embedded (the rest is cut)."""
-    batch_size: int = Field(32, ge=1)
+    batch_size: BatchSize = 32
     """Dialogs per embedding forward pass."""
-    kmeans_iterations: int = Field(20, ge=1)
+    kmeans_iterations: Count = 20
     """k-means iterations."""
 
 

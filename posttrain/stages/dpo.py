@@ -49,6 +49,7 @@ from pydantic import Field, model_validator
 from posttrain import files
 from posttrain.packing import block_attention_mask, model_attention_mask, supports_block_mask
 from posttrain.preferences import PreferenceFilter, rank
+from posttrain.schema import BatchSize, Tokens
 from posttrain.stage import StageContext, StageDef, StageResult, path_field, variant_mean
 from posttrain.training import (
     WORK,
@@ -81,7 +82,7 @@ class DPOStageConfig(TrainingSettings, PreferenceFilter):
     """Mask formatting tokens out of the DPO log-probabilities of chosen and rejected."""
     mask_formatting_in_nll: bool = False
     """Also mask formatting tokens out of the NLL term (off: the model keeps learning to stop)."""
-    max_context_tokens: int | None = Field(None, gt=0)
+    max_context_tokens: Tokens | None = None
     """Drop pairs whose prompt + longer response exceeds this many tokens (the paper's DPO
     sees short-context data only, 4.3.4); None keeps every pair that fits max_length."""
     latest_batch_only: bool = True
@@ -97,7 +98,7 @@ class DPOStageConfig(TrainingSettings, PreferenceFilter):
     """Drop on-policy pairs whose best response never reached an end-of-turn token."""
     precompute_ref: bool = True
     """Compute reference log-probs once (cached on disk) instead of running a live reference model."""
-    ref_batch_size: int | None = Field(None, gt=0)
+    ref_batch_size: BatchSize | None = None
     """Batch size for the reference pass (default: batch_size)."""
     packed: bool = True
     """Chosen and rejected in one row after one shared prompt, under a block attention mask

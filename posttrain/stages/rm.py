@@ -38,6 +38,7 @@ from posttrain import distributed, training
 from posttrain.data import STRENGTHS
 from posttrain.packing import block_attention_mask, model_attention_mask  # noqa: F401 (rm.block_attention_mask is used by tests)
 from posttrain.preferences import PreferenceFilter, Ranking, keep_paired, rank
+from posttrain.schema import BatchSize, Tokens
 from posttrain.stage import StageContext, StageDef, StageResult, metric, path_field
 from posttrain.stats import mean, pearson
 
@@ -61,10 +62,10 @@ class RMConfig(training.TrainingSettings, PreferenceFilter):
     """Add the Llama 2 margin m(strength) inside the sigmoid (an ablation; the Llama 3 recipe has none)."""
     margins: dict[str, float] = Field(default_factory=lambda: dict(LLAMA2_MARGINS))
     """Margin per strength, used only when `margin` is on (unlabelled pairs get 0)."""
-    max_length: int = Field(2048, gt=0)
+    max_length: Tokens = 2048
     """Longest prompt + response in tokens; pairs with a longer response are dropped and counted
     (a packed row may be longer: it holds the prompt once plus all kept responses)."""
-    eval_batch_size: int = Field(16, gt=0)
+    eval_batch_size: BatchSize = 16
     """Rankings per forward pass when scoring held-out data."""
     heldout_fraction: float = Field(0.05, ge=0, lt=1)
     """Share of training rankings held out (seeded) when no held-out files are given."""

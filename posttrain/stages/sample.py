@@ -38,7 +38,7 @@ from posttrain.cluster import ClusterSettings
 from posttrain.generation import EngineOptions, Job, SamplingSettings, read_job_result, run_jobs
 from posttrain.samples import SampleRow, read_shard, shard_path, write_shard
 from posttrain.stats import mean, pearson
-from posttrain.schema import StrictModel
+from posttrain.schema import BatchSize, Count, Samples, StrictModel, Tokens
 from posttrain.stage import StageContext, StageDef, StageResult, path_field
 
 log = logging.getLogger(__name__)
@@ -70,20 +70,20 @@ class SampleConfig(StrictModel):
     policy: str | None = None
     """Model to sample from (default: round 1 the recipe's initial policy, later rounds the
     previous round's final model)."""
-    k: int = Field(8, ge=1)
+    k: Samples = 8
     """Samples per prompt (the paper: 10-30). A capability may override it."""
     temperature: float = Field(1.0, ge=0)
     """Sampling temperature; 0 is greedy. A capability may override it."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling. A capability may override it."""
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: Tokens = 256
     """Longest response in tokens, end-of-turn included. A capability may override it."""
-    max_prompt_length: int = Field(1024, ge=1)
+    max_prompt_length: Tokens = 1024
     """Prompts longer than this (tokens, after the chat template) are not sampled; their
     count and ids are reported in the metrics and in samples/too_long.json."""
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     """`auto`: vLLM when an interpreter with it is found, else transformers shared-prefill."""
-    shard_size: int = Field(256, ge=1)
+    shard_size: Count = 256
     """Prompts per output shard (the unit of resumption)."""
     seed: int | None = None
     """Sampling seed (default: the round's seed)."""
@@ -92,7 +92,7 @@ class SampleConfig(StrictModel):
     at max_new_tokens would teach SFT to stop mid-answer). They can still be the worst."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Generation precision: `auto` is bf16 on a GPU that has it, fp32 elsewhere."""
-    max_batch_sequences: int = Field(64, ge=1)
+    max_batch_sequences: BatchSize = 64
     """transformers backend: most sequences (prompts x K) decoded together."""
     vllm: VLLMSettings = VLLMSettings()
     """vLLM backend settings."""
