@@ -138,8 +138,10 @@ def annotate_export(run_dir, round: int, out) -> int:
 def annotate_import(run_dir, round: int, labels) -> dict:
     """Check a JSONL file of labels against round `round`'s requests and add them; the next
     run picks them up (posttrain.annotate.jsonl). Returns counts."""
+    from posttrain.records import require_run_folder
     from posttrain.stages.annotate import import_labels
 
+    require_run_folder(run_dir, recipe=False)  # before the lock, which would make the folder
     with run_lock(run_dir):
         return import_labels(run_dir, round, labels)
 

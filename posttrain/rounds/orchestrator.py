@@ -80,6 +80,19 @@ def verbose() -> bool:
     return os.environ.get("POSTTRAIN_VERBOSE") == "1"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a line is logged, not to the stream it was when
+    logging was set up (a redirected or replaced stderr gets the lines; a closed one is never kept)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(run_dir: Path) -> None:
     """Log everything to RUN_DIR/posttrain.log (appending across runs); the terminal gets one
     line per stage start and end (and everything with --verbose)."""
@@ -94,7 +107,7 @@ def setup_logging(run_dir: Path) -> None:
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     log.addHandler(fh)
     if not any(getattr(h, "_posttrain_terminal", False) for h in log.handlers):
-        sh = logging.StreamHandler(sys.stderr)
+        sh = _StderrHandler()
         sh.setFormatter(_TerminalFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
         sh.addFilter(_TerminalFilter())
         sh._posttrain_terminal = True
