@@ -53,7 +53,16 @@ from posttrain.annotate.base import (
 )
 from posttrain.data import STRENGTHS
 from posttrain.schema import StrictModel
-from posttrain.stage import WAITING_FILE, StageContext, StageDef, StageResult, StageWaiting, metric, path_field
+from posttrain.stage import (
+    WAITING_FILE,
+    RoundError,
+    StageContext,
+    StageDef,
+    StageResult,
+    StageWaiting,
+    metric,
+    path_field,
+)
 
 log = logging.getLogger(__name__)
 
@@ -459,8 +468,6 @@ def annotated_batches(rnd) -> list[tuple[int, str]]:
             waiting = rnd.run_dir / f"round_{m:02d}" / "annotate" / WAITING
             if waiting.is_file():
                 raise WaitingForLabels(m, files.read_json(waiting))
-            from posttrain.rounds.orchestrator import RoundError
-
             raise RoundError(f"round {rnd.n} needs the preference batch that round {m}'s annotate step labels, "
                              f"but that step has not finished (run round {m} again)")
         if rec["metrics"].get("labelled", 0) > 0:
