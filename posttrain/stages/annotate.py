@@ -213,7 +213,9 @@ def make_requests(ctx: StageContext) -> tuple[list[Request], dict]:
 
 def _generate(ctx: StageContext, cfg: AnnotateConfig) -> tuple[list[Request], dict]:
     from posttrain import chat, data, modeling
-    from posttrain.generation import EngineOptions, Job, SamplingSettings, read_job_result, run_jobs
+    from posttrain.engines import EngineOptions
+    from posttrain.generation import run_jobs
+    from posttrain.jobs import Job, SamplingSettings, read_job_result
 
     pool, seen = [], {}
     for path in ctx.inputs.prompt_files:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import files
-from posttrain.generation import generate_messages
+from posttrain.engines import generate_messages
 from posttrain.data import STRENGTHS
 from posttrain.world import task
 from posttrain.world.annotator import simulated_judgement
