@@ -1,10 +1,9 @@
 """The generation backends, in this process: transformers' shared prefill and vLLM.
 
 posttrain.generation runs them in child processes (posttrain.cluster in Ray actors) on jobs
-(posttrain.jobs); a `VLLMEngine` is created only under `if __name__ == "__main__":`.
-`generate_messages` is the plain path for a model already in memory. The standard library
-alone is imported at the top (torch, transformers and vLLM inside the functions): the vLLM
-child imports this module in its own environment.
+(posttrain.jobs); `generate_messages` is the plain path for a model already in memory. Only
+the standard library and posttrain.jobs are imported at the top (torch, transformers and vLLM
+inside the functions): the vLLM child imports this module in its own environment.
 """
 
 from __future__ import annotations

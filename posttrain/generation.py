@@ -45,10 +45,10 @@ from posttrain.jobs import (
     Generation,
     Job,
     SamplingSettings,
+    even_slices,
     join_parts,
     part_path,
     read_job_result,
-    even_slices,
     write_job_result,
 )
 

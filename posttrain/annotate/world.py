@@ -1,6 +1,8 @@
-"""`posttrain.annotate.world:WorldAnnotator`, the name recipes give the embedded world's simulated
-annotators. They live with the world (posttrain.world.annotator), which this package must not
-import at its top: the world's build labels its fixed batches with the same rule."""
+"""`posttrain.annotate.world:WorldAnnotator`: the name recipes (recipes/demo.yaml) and the README
+give the embedded world's simulated annotators. They live with the world, in
+posttrain.world.annotator, whose build labels its fixed batches with the same rule; the world
+imports the annotator API (posttrain.annotate.base), and no module of posttrain imports this one.
+"""
 
 from posttrain.world.annotator import DEFAULT_THRESHOLDS, Judgement, WorldAnnotator, simulated_judgement
 
