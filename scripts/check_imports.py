@@ -8,7 +8,9 @@ outside the package (torch, ray, vllm, ...) are not edges. A package's `__init__
 package itself; `from a.b import c` is an edge to `a.b.c` when that is a module, else to `a.b`.
 Importing a submodule also runs its packages' `__init__`, so `posttrain.x` importing
 `posttrain.world.task` is an edge to `posttrain.world` too; a module's own packages are not
-edges (their `__init__` is already running when it is imported).
+edges (their `__init__` is already running when it is imported). A module looked up by name
+at run time (`importlib.import_module`, as the stage registry finds a stage) is not an edge:
+the registry names stages, it does not depend on them.
 """
 
 from __future__ import annotations
