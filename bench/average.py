@@ -6,7 +6,7 @@
 Makes three random Llama checkpoints (fp32, tied embeddings) in a temporary folder, then
 averages them repeatedly, alternating the two ways, each in a fresh child process:
 
-- streaming: `posttrain.stages.average.average_checkpoints` (one tensor at a time);
+- streaming: `posttrain.averaging.average_checkpoints` (one tensor at a time);
 - in-memory: load the three models with `from_pretrained`, average the state dicts, and
   `save_pretrained` the result.
 
@@ -72,7 +72,7 @@ def child(mode: str, inputs: list[Path], out: Path) -> dict:
 
     torch.set_num_threads(1)
     if mode == "stream":
-        from posttrain.stages.average import average_checkpoints
+        from posttrain.averaging import average_checkpoints
 
         base = _rss_mb()
         start = time.perf_counter()

@@ -54,7 +54,8 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
 
 
 def run_shared_prefill(model, tok, prompts, k, new_tokens, seed) -> tuple[int, float]:
-    from posttrain.generation import EngineOptions, SamplingSettings, TransformersGenerator
+    from posttrain.engines import EngineOptions, TransformersGenerator
+    from posttrain.jobs import SamplingSettings
 
     gen = TransformersGenerator(model=model, tokenizer=tok, options=EngineOptions(max_batch_sequences=len(prompts) * k))
     settings = SamplingSettings(k=k, temperature=1.0, top_p=1.0, max_new_tokens=new_tokens, seed=seed)
@@ -67,7 +68,7 @@ def run_shared_prefill(model, tok, prompts, k, new_tokens, seed) -> tuple[int, f
 def run_hf_generate(model, tok, prompts, k, new_tokens, seed) -> tuple[int, float]:
     import torch
 
-    from posttrain.generation import left_pad
+    from posttrain.engines import left_pad
 
     ids, mask, _ = left_pad(prompts, tok.pad_token_id)
     torch.manual_seed(seed)
@@ -107,7 +108,8 @@ def bench_transformers(model_dir: Path, prompts, k, new_tokens, runs, threads) -
 
 def vllm_child(args) -> None:
     """Runs in the vLLM interpreter: one engine, a warm-up call, then timed calls."""
-    from posttrain.generation import EngineOptions, SamplingSettings, VLLMEngine
+    from posttrain.engines import EngineOptions, VLLMEngine
+    from posttrain.jobs import SamplingSettings
 
     prompts = json.loads(Path(args.prompts_file).read_text())
     options = EngineOptions(enable_prefix_caching=args.prefix_caching == "on", dtype="float32")

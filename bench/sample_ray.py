@@ -51,7 +51,7 @@ def build_model(out_dir: Path, layers: int, hidden: int) -> tuple[Path, int, int
 def make_jobs(out: Path, n_jobs: int, prompts: int, length: int, vocab: int, k: int, new_tokens: int) -> list:
     import random
 
-    from posttrain.generation import Job, SamplingSettings
+    from posttrain.jobs import Job, SamplingSettings
 
     rng = random.Random(0)
     out.mkdir(parents=True)
@@ -62,7 +62,9 @@ def make_jobs(out: Path, n_jobs: int, prompts: int, length: int, vocab: int, k: 
 
 
 def timed(model_dir: Path, jobs: list, workdir: Path, cluster, threads: int | None = None) -> tuple[float, list]:
-    from posttrain.generation import EngineOptions, read_job_result, run_jobs
+    from posttrain.engines import EngineOptions
+    from posttrain.generation import run_jobs
+    from posttrain.jobs import read_job_result
 
     saved = os.environ.get("OMP_NUM_THREADS")
     if threads is not None:

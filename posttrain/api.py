@@ -21,7 +21,7 @@ from posttrain.stage import STEPS, WAITING_FILE, format_headline, headline
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors the CLI prints as one message (exit 1): a bad recipe, data, reward target or
     run state. Anything else is a bug and keeps its traceback."""
-    from posttrain.stages.average import AverageError
+    from posttrain.averaging import AverageError
     from posttrain.data import DataError, DataErrors
     from posttrain.annotate.base import AnnotatorError
     from posttrain.reward.base import RewardError
@@ -197,7 +197,7 @@ def report(run_dir) -> Path:
 
 
 def average(out, inputs, weights=None) -> Path:
-    from posttrain.stages.average import average_checkpoints
+    from posttrain.averaging import average_checkpoints
 
     return average_checkpoints([Path(p) for p in inputs], Path(out), weights)
 

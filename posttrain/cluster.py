@@ -1,8 +1,8 @@
 """Generation and scoring on a Ray cluster (`sample.cluster` in a recipe; off by default).
 
 The single-machine path (posttrain.generation.run_jobs) starts engines as child processes.
-With a cluster, the same jobs go to Ray actors instead, as OpenRLHF and Ray's offline batch
-inference do it:
+With a cluster (`run_jobs(..., cluster=...)`), the same jobs (posttrain.jobs) go to Ray actors
+instead, as OpenRLHF and Ray's offline batch inference do it:
 
 - **generation**: `engines` actors, each one engine (vLLM, or the transformers shared-prefill
   backend) holding the policy once. With vLLM and `tensor_parallel_size` T > 1 an engine is a
@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Literal
 
 from pydantic import Field
 
+from posttrain.jobs import Generation, even_slices, join_parts, part_path, read_job_result, write_job_result
 from posttrain.schema import StrictModel
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class GenerationWorker:
     """One engine on the cluster: the policy loaded once, jobs generated on request."""
 
     def __init__(self, backend: str, model_dir: str, options: dict, max_model_len: int | None):
-        from posttrain.generation import EngineOptions, TransformersGenerator, VLLMEngine
+        from posttrain.engines import EngineOptions, TransformersGenerator, VLLMEngine
 
         if not Path(model_dir).is_dir():
             raise FileNotFoundError(f"{model_dir}: no model folder on node {_node()}; the policy must be "
@@ -164,7 +165,7 @@ class GenerationWorker:
         return {"node": _node(), "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     def generate(self, prompt_ids: list[list[int]], settings: dict, seed_offset: int) -> list[dict]:
-        from posttrain.generation import SamplingSettings
+        from posttrain.jobs import SamplingSettings
 
         sampling = SamplingSettings.from_dict(settings)
         if self.backend == "vllm":
@@ -291,8 +292,6 @@ def run_jobs_on_ray(model_dir: str | os.PathLike, jobs: list, *, backend: str, o
                     on_prompts: Callable[[int], None] | None = None) -> str:
     """posttrain.generation.run_jobs on a Ray cluster: the same result files, written by this
     driver as actors return them. `jobs` are those still to do. Returns the backend used."""
-    from posttrain.generation import Generation, _split, _write_result, read_job_result
-
     ray = connect(settings)
     backend = resolve_cluster_backend(ray, backend)
     if not jobs:
@@ -305,10 +304,10 @@ def run_jobs_on_ray(model_dir: str | os.PathLike, jobs: list, *, backend: str, o
     # A transformers job runs whole (its seed drives one random stream, as in the local child);
     # a vLLM job is cut into `engines` slices with per-prompt seeds, as the local engines cut it.
     def slices(job) -> list[tuple[int, int]]:
-        return _split(len(job.prompt_ids), engines) if backend == "vllm" else [(0, len(job.prompt_ids))]
+        return even_slices(len(job.prompt_ids), engines) if backend == "vllm" else [(0, len(job.prompt_ids))]
 
     def part(job, i: int, n: int) -> str:
-        return job.out if n == 1 else f"{job.out}.part{i}of{n}"
+        return part_path(job.out, i, n)
 
     tasks = [(j, i, len(bounds), start, end)
              for j, job in enumerate(jobs) for bounds in [slices(job)]
@@ -351,11 +350,9 @@ def run_jobs_on_ray(model_dir: str | os.PathLike, jobs: list, *, backend: str, o
             if len(gens) != end - start:
                 raise ClusterError(f"{backend} actor returned {len(gens)} results for {end - start} prompts "
                                    f"({job.out})")
-            _write_result(part(job, i, n), [Generation(**g) for g in gens], 0.0)
+            write_job_result(part(job, i, n), [Generation(**g) for g in gens], 0.0)
             if n > 1 and all(Path(part(job, k, n)).exists() for k in range(n)):
-                _write_result(job.out, [g for k in range(n) for g in read_job_result(part(job, k, n))], 0.0)
-                for k in range(n):
-                    Path(part(job, k, n)).unlink()
+                join_parts(job.out, [part(job, k, n) for k in range(n)])
             prompts_done += end - start
             if Path(job.out).exists():
                 done_jobs.add(j)
@@ -427,10 +424,8 @@ class RewardPool:
 
     def score(self, prompts: list, responses: list[str], metas: list[dict] | None = None) -> list[float | None]:
         """Scores of all samples, in order: contiguous chunks, one per actor."""
-        from posttrain.generation import _split
-
         chunks = {(s, e): (prompts[s:e], responses[s:e], None if metas is None else metas[s:e])
-                  for s, e in _split(len(prompts), len(self.actors)) if e > s}
+                  for s, e in even_slices(len(prompts), len(self.actors)) if e > s}
         out: list[float | None] = [None] * len(prompts)
         for (s, e), verdicts in self.score_each(list(chunks), chunks.__getitem__):
             out[s:e] = [v.value for v in verdicts]

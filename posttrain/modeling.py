@@ -115,7 +115,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     Under a process group this is collective: every rank calls it, rank 0 alone writes (the
     model it passes must be the full one; the others may pass None), and every rank returns
     only once the folder is published. A sharded model is gathered first by
-    `distributed.save_final_model`, which ends here.
+    `gather.save_final_model`, which ends here.
     """
     from posttrain import distributed
 
@@ -154,6 +154,15 @@ def check_gguf_file(path: Path) -> None:
     except (ValueError, IndexError, KeyError) as err:
         raise GGUFError(f"{path}: a GGUF file that cannot be read whole (truncated or corrupt: "
                         f"{str(err)[:200]})") from None
+def merge_if_peft(model):
+    """Merge LoRA adapters into the base weights so later stages get a plain checkpoint."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency, but a merged model needs no peft
+        return model
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
 
 
 def import_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32") -> Path:

@@ -310,7 +310,7 @@ def require_run_folder(run_dir: str | Path, *, recipe: bool = True) -> Path:
     """`run_dir` as a Path, or a RoundError saying it is missing or (with `recipe`: it has no
     recipe snapshot) not a run folder: a command that reads a run says so, rather than
     talk about a recipe or an unrun round."""
-    from posttrain.rounds.orchestrator import RoundError
+    from posttrain.stage import RoundError
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

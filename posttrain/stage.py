@@ -31,6 +31,11 @@ STEPS = REGISTRY
 WAITING_FILE = "waiting.json"
 
 
+class RoundError(RuntimeError):
+    """A round cannot run (an earlier round is unfinished, a stage failed, ...). Here, below the
+    stages and the orchestrator, because a stage raises it too (an input not ready)."""
+
+
 class StageWaiting(Exception):
     """A stage waits for something outside posttrain (people labelling): not a failure. Before
     raising it the stage writes `WAITING_FILE` in its folder, `{"summary": "...", ...}`; the

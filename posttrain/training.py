@@ -237,17 +237,6 @@ def peft_config(lora: LoraSettings, task_type: str = "CAUSAL_LM"):
                       target_modules=lora.target_modules, task_type=task_type)
 
 
-def merge_if_peft(model):
-    """Merge LoRA adapters into the base weights so later stages get a plain checkpoint."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is a dependency, but a merged model needs no peft
-        return model
-    if isinstance(model, PeftModel):
-        return model.merge_and_unload()
-    return model
-
-
 @dataclass
 class VariantRun:
     """One variant of a training stage: where it trains and where its model goes."""
@@ -309,7 +298,7 @@ def variant_weights(runs: list[VariantRun]) -> list[float]:
 def average_variants(runs: list[VariantRun], out: str | os.PathLike, **kwargs) -> Path:
     """The stage's model at `out`: the weighted average of its variants, or the one variant's
     model as hard links (no copy). Rank 0 writes, every rank waits."""
-    from posttrain.stages.average import average_checkpoints
+    from posttrain.averaging import average_checkpoints
     from posttrain.distributed import barrier, main_then_wait
     from posttrain.files import link_tree
 

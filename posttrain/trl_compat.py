@@ -18,7 +18,7 @@ What lives here:
   our loss), plus helpers over TRL's private state (metrics, the DeepSpeed reference engine, the
   LoRA reference context).
 - `preallocated_cache(model, extra)`: a transformers KV cache whose layers (a subclass of the
-  internal `DynamicLayer`) write into preallocated buffers (used by posttrain.generation).
+  internal `DynamicLayer`) write into preallocated buffers (used by posttrain.engines).
 """
 
 from __future__ import annotations

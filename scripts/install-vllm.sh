@@ -43,7 +43,8 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 # torch and nothing the generation worker runs needs them.
 "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 # posttrain itself, without its training dependencies (trl, peft, datasets): the vLLM worker
-# imports only posttrain.generation, which needs pydantic and the standard library.
+# imports only posttrain.generation (and the posttrain.engines and posttrain.jobs it imports), which
+# need pydantic and the standard library.
 "${PIP[@]}" --no-deps -e "$ROOT"
 "${PIP[@]}" pydantic PyYAML tqdm
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 
 def _instrument(dump: Path | None, delay: float) -> None:
-    from posttrain import distributed, modeling
+    from posttrain import distributed, gather, modeling
 
-    real_save = distributed.save_final_model
+    real_save = gather.save_final_model
     real_atomic_dir = modeling.atomic_dir
 
     def save_final_model(trainer, tokenizer, out_dir, **kwargs):
@@ -47,7 +47,7 @@ def _instrument(dump: Path | None, delay: float) -> None:
             with open(dump / "times0.jsonl", "a") as f:
                 f.write(json.dumps({"event": "published", "out": str(final), "t": time.time()}) + "\n")
 
-    distributed.save_final_model = save_final_model
+    gather.save_final_model = save_final_model
     if delay > 0:
         modeling.atomic_dir = slow_atomic_dir
 

@@ -23,7 +23,7 @@ def main(model_dir: str, out_dir: str) -> int:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from posttrain import distributed
+    from posttrain import distributed, gather
 
     from posttrain.stages import rm
     from posttrain.modeling import load_tokenizer, save_checkpoint
@@ -71,10 +71,10 @@ def main(model_dir: str, out_dir: str) -> int:
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             grad_diff = max(grad_diff, (g - q.grad).abs().max().item())
         # The full state dict of the trained head model, saved the way save_final_model does.
-        state = distributed.full_state_dict(model)
-        plain = distributed.plain_copy(model, state) if distributed.is_main() else None
+        state = gather.full_state_dict(model)
+        plain = gather.plain_copy(model, state) if distributed.is_main() else None
         save_checkpoint(plain, tok, out / "rm_model")
-        return {"sharded": distributed.is_sharded(model), "score_diff": (scores - ref_scores).abs().max().item(),
+        return {"sharded": gather.is_sharded(model), "score_diff": (scores - ref_scores).abs().max().item(),
                 "loss_diff": abs(loss.item() - ref_loss.item()), "grad_diff": grad_diff}
 
     step("packed_rm", packed)
@@ -98,10 +98,10 @@ def main(model_dir: str, out_dir: str) -> int:
         ref = build().merge_and_unload()
         model = build()
         shard(model, model.base_model.model.model.layers)
-        state = distributed.full_state_dict(model)
+        state = gather.full_state_dict(model)
         merged = None
         if distributed.is_main():
-            merged = distributed.plain_copy(model, state).merge_and_unload()
+            merged = gather.plain_copy(model, state).merge_and_unload()
         save_checkpoint(merged, tok, out / "lora_merged")
         if not distributed.is_main():
             return None

@@ -13,9 +13,9 @@ from posttrain.annotate import (
     checked_annotate,
     load_annotator,
 )
-from posttrain.annotate.world import WorldAnnotator, simulated_judgement
 from posttrain.files import atomic_write_json, iter_jsonl, read_json, write_jsonl
 from posttrain.world import task
+from posttrain.world.annotator import WorldAnnotator, simulated_judgement
 
 
 def req(rid: str, prompt_text: str, a: str, b: str, **meta) -> Request:

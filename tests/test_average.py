@@ -1,4 +1,5 @@
-"""posttrain.stages.average: streaming weight averaging against in-memory hand computations."""
+"""posttrain.averaging (streaming weight averaging) against in-memory hand computations, and the
+average stage (posttrain.stages.average) around it."""
 
 from __future__ import annotations
 
@@ -11,16 +12,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from posttrain.stages.average import (
+from posttrain.averaging import (
     INDEX_FILE,
-    AverageConfig,
     AverageError,
     accumulate,
     average_checkpoints,
     normalise_weights,
     plan_shards,
-    run,
 )
+from posttrain.stages.average import AverageConfig, run
 from posttrain.stage import StageContext, headline
 from posttrain.training import Variant
 

@@ -223,7 +223,7 @@ def test_a_reward_error_on_the_cluster_is_the_rewards_error(ray_cluster):
 def test_eval_generation_on_the_cluster_equals_this_machine(tmp_path, eot_model_dir, ray_cluster, tiny_tokenizer):
     """Evaluation calls generation.generate (one job); on the cluster it gives the same samples."""
     from posttrain import generation
-    from posttrain.generation import SamplingSettings
+    from posttrain.jobs import SamplingSettings
     from test_generation import encode_prompts, eot_id
 
     ids = encode_prompts(tiny_tokenizer)

@@ -310,7 +310,7 @@ def test_fsdp2_packed_rm_full_state_dict_and_lora_merge_on_gloo(tmp_path, tiny_m
 
 
 def test_plain_copy_takes_a_tied_tensor_once_and_refuses_a_missing_one(tiny_tokenizer):
-    from posttrain.distributed import plain_copy
+    from posttrain.gather import plain_copy
     from posttrain.world.tiny import make_tiny_model
 
     model = make_tiny_model(tiny_tokenizer, seed=3)

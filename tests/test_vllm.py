@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from posttrain import generation as gen
-from posttrain.generation import EngineOptions, SamplingSettings
+from posttrain.engines import EngineOptions
+from posttrain.jobs import SamplingSettings
 from test_generation import encode_prompts, eot_id, eot_prone_model
 
 try:

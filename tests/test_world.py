@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from posttrain import files
+from posttrain.annotate.base import strength_of
 from posttrain.world import build
 from posttrain.world import task
 from posttrain.world.build import (
@@ -17,7 +18,6 @@ from posttrain.world.build import (
     ensure_world,
     evaluate_task,
     resolve_world_path,
-    strength_of,
 )
 
 P = "Sort these numbers: 7 2 9 4"  # reference "2 4 7 9"

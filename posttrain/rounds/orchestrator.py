@@ -37,15 +37,21 @@ from posttrain.records import (
     stage_dir,
     write_record,
 )
+from posttrain.stage import (
+    STEPS,
+    WAITING_FILE,
+    RoundError,
+    StageDef,
+    StageWaiting,
+    format_headline,
+    hashed_inputs,
+    headline,
+)
 from posttrain.runlock import run_lock
 from posttrain.stage import STEPS, WAITING_FILE, StageDef, StageWaiting, format_headline, hashed_inputs, headline
 from posttrain.stage import get as get_stage
 
 log = logging.getLogger("posttrain")
-
-
-class RoundError(RuntimeError):
-    """A round cannot run (an earlier round is unfinished, a stage failed, ...)."""
 
 
 class _TerminalFilter(logging.Filter):

@@ -56,7 +56,16 @@ from posttrain.annotate.base import (
 )
 from posttrain.data import STRENGTHS
 from posttrain.schema import BatchSize, Count, StrictModel, Tokens
-from posttrain.stage import WAITING_FILE, StageContext, StageDef, StageResult, StageWaiting, metric, path_field
+from posttrain.stage import (
+    WAITING_FILE,
+    RoundError,
+    StageContext,
+    StageDef,
+    StageResult,
+    StageWaiting,
+    metric,
+    path_field,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +217,9 @@ def make_requests(ctx: StageContext) -> tuple[list[Request], dict]:
 
 def _generate(ctx: StageContext, cfg: AnnotateConfig) -> tuple[list[Request], dict]:
     from posttrain import chat, data, modeling
-    from posttrain.generation import EngineOptions, Job, SamplingSettings, read_job_result, run_jobs
+    from posttrain.engines import EngineOptions
+    from posttrain.generation import run_jobs
+    from posttrain.jobs import Job, SamplingSettings, read_job_result
 
     pool, seen = [], {}
     for path in ctx.inputs.prompt_files:
@@ -511,8 +522,6 @@ def annotated_batches(rnd) -> list[tuple[int, str]]:
             waiting = rnd.run_dir / f"round_{m:02d}" / "annotate" / WAITING
             if waiting.is_file():
                 raise WaitingForLabels(m, files.read_json(waiting))
-            from posttrain.rounds.orchestrator import RoundError
-
             raise RoundError(f"round {rnd.n} needs the preference batch that round {m}'s annotate step labels, "
                              f"but that step has not finished (run round {m} again)")
         if rec["metrics"].get("labelled", 0) > 0:

@@ -636,7 +636,9 @@ def judge_prompt_ids(tokenizer, template: str, rows: list[CurationRow]) -> list[
 
 def _judge(ctx, rows, work: Path) -> list[str]:
     from posttrain import chat, modeling
-    from posttrain.generation import EngineOptions, SamplingSettings, generate
+    from posttrain.engines import EngineOptions
+    from posttrain.generation import generate
+    from posttrain.jobs import SamplingSettings
 
     cfg: JudgeConfig = ctx.config.judge
     model = ctx.inputs.judge_model

@@ -679,7 +679,7 @@ def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, t
 
 def run(ctx: StageContext) -> StageResult:
     from posttrain import chat
-    from posttrain.distributed import save_final_model
+    from posttrain.gather import save_final_model
     from posttrain.modeling import load_tokenizer
 
     cfg: DPOStageConfig = ctx.config

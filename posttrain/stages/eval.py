@@ -59,7 +59,8 @@ def load_eval_prompts(inputs: "EvalInputs", max_prompts: int | None) -> list:
 def generate_responses(ctx: StageContext, model_dir: str | Path, prompts: list, label: str) -> list[dict]:
     """One row per (prompt, sample): id, sample index, text, n_tokens, finished."""
     from posttrain import chat
-    from posttrain.generation import SamplingSettings, generate
+    from posttrain.generation import generate
+    from posttrain.jobs import SamplingSettings
     from posttrain.modeling import load_tokenizer
     from posttrain.progress import bar
     from posttrain.stages.sample import engine_options

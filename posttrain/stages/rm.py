@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from posttrain import distributed, training
+from posttrain import distributed, gather, training
 from posttrain.data import STRENGTHS
 from posttrain.packing import block_attention_mask, model_attention_mask  # noqa: F401 (rm.block_attention_mask is used by tests)
 from posttrain.preferences import PreferenceFilter, Ranking, keep_paired, rank
@@ -643,8 +643,8 @@ def run(ctx: StageContext) -> StageResult:
               "seconds": round(time.time() - tv, 2), "rankings": len(vitems),
               "pairs": sum(len(it.pairs) for it in vitems)}
         # Collective: every rank takes part in gathering the weights; rank 0 writes, all wait.
-        distributed.save_final_model(trainer, tokenizer, run.model_dir,
-                                     prepare=lambda m: setattr(m.config, "pad_token_id", tokenizer.pad_token_id))
+        gather.save_final_model(trainer, tokenizer, run.model_dir,
+                                prepare=lambda m: setattr(m.config, "pad_token_id", tokenizer.pad_token_id))
         del trainer
         _free_memory()
         if distributed.is_main() and held_items and n_var > 1:

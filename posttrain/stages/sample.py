@@ -35,7 +35,9 @@ from pydantic import Field, model_serializer, model_validator
 
 from posttrain import files, progress
 from posttrain.cluster import ClusterSettings
-from posttrain.generation import EngineOptions, Job, SamplingSettings, read_job_result, run_jobs
+from posttrain.engines import EngineOptions
+from posttrain.generation import run_jobs
+from posttrain.jobs import Job, SamplingSettings, read_job_result
 from posttrain.samples import SampleRow, read_shard, shard_path, write_shard
 from posttrain.stats import mean, pearson
 from posttrain.schema import BatchSize, Count, Samples, StrictModel, Tokens

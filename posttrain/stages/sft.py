@@ -169,7 +169,7 @@ def train_variant(*, work_dir: Path, **kwargs):
 
 def run(ctx: StageContext) -> StageResult:
     from posttrain import data
-    from posttrain.distributed import save_final_model
+    from posttrain.gather import save_final_model
     from posttrain.modeling import load_tokenizer
 
     cfg: SFTStageConfig = ctx.config

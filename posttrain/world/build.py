@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import files
-from posttrain.generation import generate_messages
-from posttrain.annotate.base import strength_of  # noqa: F401  (the world's strength rule; re-exported)
+from posttrain.engines import generate_messages
 from posttrain.data import STRENGTHS
 from posttrain.world import task
+from posttrain.world.annotator import simulated_judgement
 
 WORLD_VERSION = "4"
 """Bump when anything that changes a built world changes (task, config defaults, build code)."""
@@ -516,15 +516,13 @@ def usable_response(generation: dict) -> str | None:
 def annotate(model, tokenizer, items: list[task.TaskItem], config: WorldConfig, rng: random.Random,
              seed: int, id_prefix: str) -> tuple[list[dict], dict[str, int]]:
     """Simulated annotators: two responses per prompt from two sampling setups, labelled by
-    `posttrain.annotate.world.simulated_judgement` (the better by task score is chosen,
+    `posttrain.world.annotator.simulated_judgement` (the better by task score is chosen,
     strength from the score gap, and on a share of rows an edit that fixes the chosen
     response: the reference answer). The annotate step's WorldAnnotator uses the same rule.
 
     A pair is dropped, and counted, when a response is empty or unfinished (`usable_response`)
     or when the two score the same (a tie, identical responses included).
     """
-    from posttrain.annotate.world import simulated_judgement  # it imports posttrain.world: not at the top
-
     prompts = [it.messages() for it in items]
     t_a, t_b = config.annotation_temperatures
     gen_a = generate_messages(model, tokenizer, prompts, n=1, temperature=t_a,
