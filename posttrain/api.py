@@ -6,8 +6,8 @@ import os
 import re
 from pathlib import Path
 
-from posttrain.recipe import RecipeError, dump_recipe, load_recipe
-from posttrain.records import InputsChanged, OutputsDamaged, check_record, read_record, stage_dir, verify_run
+from posttrain.recipe import dump_recipe, load_recipe
+from posttrain.records import check_record, read_record, stage_dir, verify_run
 from posttrain.rounds.orchestrator import (
     RoundError,
     list_rounds,
@@ -15,23 +15,9 @@ from posttrain.rounds.orchestrator import (
     run_round,
     run_rounds,
 )
-from posttrain.runlock import RunLocked, run_lock
+from posttrain.runlock import run_lock
+from posttrain.errors import USER_ERRORS  # noqa: F401  (the CLI reads it here)
 from posttrain.stage import STEPS, WAITING_FILE, format_headline, headline
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors the CLI prints as one message (exit 1): a bad recipe, data, reward target or
-    run state. Anything else is a bug and keeps its traceback."""
-    from posttrain.averaging import AverageError
-    from posttrain.data import DataError, DataErrors
-    from posttrain.annotate.base import AnnotatorError
-    from posttrain.reward.base import RewardError
-    from posttrain.modeling import GGUFError
-
-    return (RecipeError, RoundError, InputsChanged, FileNotFoundError, FileExistsError, DataError, DataErrors,
-            RewardError, AverageError, AnnotatorError, RunLocked, OutputsDamaged, GGUFError)
-
-
-USER_ERRORS = _user_errors()
 
 
 def run(recipe, run_dir, *, rounds: str | list[int] | None = None, **kwargs):
@@ -141,9 +127,15 @@ def annotate_import(run_dir, round: int, labels) -> dict:
     from posttrain.records import require_run_folder
     from posttrain.stages.annotate import import_labels
 
-    require_run_folder(run_dir, recipe=False)  # before the lock, which would make the folder
+    run_dir = require_run_folder(run_dir, recipe=False)  # before the lock, which would make the folder
+    recipe = trains = None
+    if (run_dir / "recipe.yaml").is_file():  # the lengths of the round that trains on the batch bound the edits
+        loaded = load_recipe(run_dir / "recipe.yaml")
+        trains = min(round + 1, loaded.base.rounds)
+        recipe = loaded.for_round(trains)
     with run_lock(run_dir):
-        return import_labels(run_dir, round, labels)
+        return import_labels(run_dir, round, labels, recipe, trains=trains,
+                             trust_remote_code=bool(recipe and recipe.models.trust_remote_code))
 
 
 def annotate_history(run_dir, round: int) -> str:

@@ -428,7 +428,7 @@ def test_an_annotators_poisonous_edit_fails_the_step_naming_it(tmp_path, tiny_mo
     from posttrain.annotate.base import AnnotatorError, Label
     from posttrain.stages.annotate import _refuse_bad_edits
 
-    ctx = SimpleNamespace(run_dir=tmp_path, round=1, trust_remote_code=False,
+    ctx = SimpleNamespace(run_dir=tmp_path, round=1, trust_remote_code=False, recipe=None,
                           inputs=SimpleNamespace(model_a=str(tiny_model_dir)))
     good = Label("r01-1", "h", "a", "better", edited="1 2 3")
     _refuse_bad_edits(ctx, SimpleNamespace(name="studio"), [good])
@@ -535,7 +535,7 @@ def test_check_demo_help():
 def test_average_on_a_full_disk_is_one_message(capsys, tmp_path, tiny_model_dir, monkeypatch):
     import errno
 
-    from posttrain.stages import average
+    from posttrain import averaging as average
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -84,27 +84,14 @@ class EditCheck:
         return None
 
 
-def edit_check_for(run_dir: str | Path, round: int, model: str | None, *,
-                   trust_remote_code: bool | None = None) -> EditCheck:
-    """The edit check of round `round`'s annotate step in `run_dir`: the tokenizer of `model`
-    (the policy whose responses were labelled) and the length limit of the round that trains
-    on the batch, from the run's recipe snapshot (`recipe.yaml`; the recipe defaults without
-    one). `trust_remote_code` defaults to the recipe's `models.trust_remote_code`."""
-    from posttrain.recipe import DPOStageConfig, RMConfig, load_recipe
-
-    snapshot = Path(run_dir) / "recipe.yaml"
-    trust = False
-    if snapshot.is_file():
-        loaded = load_recipe(snapshot)
-        trains = min(round + 1, loaded.base.rounds)
-        recipe = loaded.for_round(trains)
-        rm, dpo, where = recipe.rm.max_length, recipe.dpo.max_length, f" of round {trains}"
-        trust = recipe.models.trust_remote_code
-    else:
-        rm, dpo, where = RMConfig().max_length, DPOStageConfig().max_length, " (the defaults)"
+def edit_check_for(model: str | None, max_tokens: int, limit_name: str, *,
+                   trust_remote_code: bool = False) -> EditCheck:
+    """The edit check for labels of `model`'s responses (the policy whose responses were
+    labelled): its tokenizer's special and formatting tokens, and at most `max_tokens` tokens
+    (`limit_name`: the recipe key that sets it, for messages)."""
     tokenizer = None
     if model and Path(model).is_dir():
         from posttrain.modeling import load_tokenizer
 
-        tokenizer = load_tokenizer(model, trust_remote_code=trust if trust_remote_code is None else trust_remote_code)
-    return EditCheck(tokenizer, min(rm, dpo), f"rm.max_length{where}" if rm <= dpo else f"dpo.max_length{where}")
+        tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    return EditCheck(tokenizer, max_tokens, limit_name)

@@ -48,7 +48,6 @@ from posttrain.stage import (
     headline,
 )
 from posttrain.runlock import run_lock
-from posttrain.stage import STEPS, WAITING_FILE, StageDef, StageWaiting, format_headline, hashed_inputs, headline
 from posttrain.stage import get as get_stage
 
 log = logging.getLogger("posttrain")
@@ -348,7 +347,7 @@ class Round:
         to the terminal), and the error to raise names the log. A user error (bad data, a
         reward that raised) keeps its type and message, with the log's path as a note; any
         other exception becomes a RoundError saying the same."""
-        from posttrain.api import USER_ERRORS
+        from posttrain.errors import USER_ERRORS
 
         logfile = (self.run_dir / "posttrain.log").resolve()
         log.error("round %d stage %r failed:", self.n, stage, exc_info=err, extra={FILE_ONLY: True})

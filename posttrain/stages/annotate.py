@@ -405,7 +405,8 @@ def _refuse_bad_edits(ctx: StageContext, annotator, labels: list[Label]) -> None
     edited = [label for label in labels if label.edited is not None]
     if not edited:
         return
-    check = edit_check_for(ctx.run_dir, ctx.round, ctx.inputs.model_a, trust_remote_code=ctx.trust_remote_code)
+    check = edit_check_for(ctx.inputs.model_a, *edit_limit(ctx.recipe, ctx.round),
+                           trust_remote_code=ctx.trust_remote_code)
     for label in edited:
         why = check.problem(label.edited)
         if why:
@@ -570,7 +571,22 @@ def export_requests(run_dir: str | os.PathLike, round: int, out: str | os.PathLi
     return write_jsonl(out, [r.to_row() for r in load_requests(folder)])
 
 
-def import_labels(run_dir: str | os.PathLike, round: int, path: str | os.PathLike) -> dict:
+def edit_limit(recipe=None, round: int | None = None) -> tuple[int, str]:
+    """The most tokens an edit may have, and the recipe key that sets it: the shorter of
+    `rm.max_length` and `dpo.max_length` (the edit becomes the best response of both) of
+    `recipe`, resolved for `round` (the defaults without one)."""
+    if recipe is None:
+        from posttrain.stages.dpo import DPOStageConfig
+        from posttrain.stages.rm import RMConfig
+
+        rm, dpo, where = RMConfig().max_length, DPOStageConfig().max_length, " (the defaults)"
+    else:
+        rm, dpo, where = recipe.rm.max_length, recipe.dpo.max_length, "" if round is None else f" of round {round}"
+    return (rm, f"rm.max_length{where}") if rm <= dpo else (dpo, f"dpo.max_length{where}")
+
+
+def import_labels(run_dir: str | os.PathLike, round: int, path: str | os.PathLike, recipe=None, *,
+                  trains: int | None = None, trust_remote_code: bool = False) -> dict:
     """Check the labels in `path` against round `round`'s requests (and their edits against
     the policy's tokenizer and the recipe's lengths) and append them to the step's labels: a
     label for a request labelled before becomes the one that counts, the earlier one stays
@@ -587,7 +603,8 @@ def import_labels(run_dir: str | os.PathLike, round: int, path: str | os.PathLik
 
     requests = load_requests(folder)
     policy = requests[0].a.sampling.get("model_path") if requests else None  # whose responses were labelled
-    new = read_labels(path, {r.id: r for r in requests}, edit_check_for(run_dir, round, policy))
+    check = edit_check_for(policy, *edit_limit(recipe, trains), trust_remote_code=trust_remote_code)
+    new = read_labels(path, {r.id: r for r in requests}, check)
     earlier = read_labels_file(folder)
     replaced = [label for label in new if label.request_id in earlier]
     changed = sum(earlier[label.request_id].preferred != label.preferred for label in replaced)
