@@ -23,11 +23,9 @@ favours two single-thread processes over one two-thread one. The last line is th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
