@@ -3,6 +3,7 @@
     .venv/bin/python bench/annotation_ablation.py                 # 3 seeds x 2 loops x 6 rounds
     .venv/bin/python bench/annotation_ablation.py --seeds 0 --rounds 3
     .venv/bin/python bench/annotation_ablation.py --jobs 2           # two loops at a time, 1 thread each
+    .venv/bin/python bench/annotation_ablation.py --smoke            # about a minute: 1 seed, 1 tiny round (CI)
 
 Both loops are the demo recipe (recipes/demo.yaml): samples ranked by the round's reward
 model alone (`reward: rm`), two DPO variants averaged, the same settings and seeds. They
@@ -36,9 +37,16 @@ os.environ.setdefault("POSTTRAIN_PROGRESS", "0")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def recipes(seed: int, rounds: int) -> dict[str, dict]:
+def recipes(seed: int, rounds: int, smoke_dir: Path | None = None) -> dict[str, dict]:
+    """The two loops' recipes; at smoke size (bench/_smoke.py) when `smoke_dir` is given."""
     demo = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
     demo.update(seed=seed, rounds=rounds)
+    if smoke_dir is not None:
+        from _smoke import shrink_demo
+
+        from posttrain.world.build import ensure_world
+
+        shrink_demo(demo, ensure_world().train_prompts, smoke_dir)
     demo["overrides"] = {str(rounds): {"annotate": {"enabled": False}}}
     demo["eval"]["variants"] = False  # the averaged model's score is what is compared; saves time
     fixed = yaml.safe_load(yaml.safe_dump(demo))
@@ -71,16 +79,21 @@ def gap_closed(scores: list[float]) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", default="0,1,2", help="recipe seeds, comma-separated")
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--seeds", default=None, help="recipe seeds, comma-separated (default 0,1,2; smoke 0)")
+    p.add_argument("--rounds", type=int, default=None, help="default 6, smoke 1")
+    p.add_argument("--smoke", action="store_true",
+                   help="what CI runs: 1 seed, 1 round on 8 prompts, one epoch, K=2 (bench/_smoke.py); both loops "
+                        "then train on the same batch, so the ratio is 1.00x: it checks the script, not the claim")
     p.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp folder)")
     p.add_argument("--jobs", type=int, default=1,
                    help="loops run at once, each with cores/jobs torch threads (default 1: one at a time, "
                         "default threads); on one machine the scores do not depend on it")
     args = p.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    args.rounds = args.rounds or (1 if args.smoke else 6)
+    seeds = [int(s) for s in (args.seeds or ("0" if args.smoke else "0,1,2")).split(",")]
     root = args.out or Path(tempfile.mkdtemp(prefix="annotation_ablation."))
-    loops = [(seed, name, recipe) for seed in seeds for name, recipe in recipes(seed, args.rounds).items()]
+    loops = [(seed, name, recipe) for seed in seeds
+             for name, recipe in recipes(seed, args.rounds, root / "smoke" if args.smoke else None).items()]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_loop, recipe, root / f"seed{seed}" / name, args.rounds, threads)

@@ -1,10 +1,11 @@
 """Streaming checkpoint averaging vs the in-memory way, side by side.
 
     .venv/bin/python bench/average.py            # 3 inputs of ~400 MB, 3 alternating runs
-    .venv/bin/python bench/average.py --quick    # smoke run: ~20 MB inputs, 1 run
+    .venv/bin/python bench/average.py --smoke    # seconds: ~1 MB inputs, 1 run (what CI runs)
 
 Makes three random Llama checkpoints (fp32, tied embeddings) in a temporary folder, then
-averages them repeatedly, alternating the two ways, each in a fresh child process:
+averages them repeatedly, alternating the two ways, each in a fresh child process (the first
+run's two outputs are compared: they must agree to fp32 rounding):
 
 - streaming: `posttrain.averaging.average_checkpoints` (one tensor at a time);
 - in-memory: load the three models with `from_pretrained`, average the state dicts, and
@@ -42,15 +43,15 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-def make_checkpoints(root: Path, n: int, quick: bool) -> list[Path]:
-    """n random LlamaForCausalLM checkpoints (fp32); ~100M parameters each, ~20 MB when quick."""
+def make_checkpoints(root: Path, n: int, smoke: bool) -> list[Path]:
+    """n random LlamaForCausalLM checkpoints (fp32); ~100M parameters each, ~1 MB for a smoke run."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    size = dict(vocab_size=8000, hidden_size=256, num_hidden_layers=4, intermediate_size=704) if quick else \
+    size = dict(vocab_size=1000, hidden_size=128, num_hidden_layers=2, intermediate_size=256) if smoke else \
         dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, intermediate_size=2048)
-    config = LlamaConfig(**size, num_attention_heads=size["hidden_size"] // 64, num_key_value_heads=4,
+    config = LlamaConfig(**size, num_attention_heads=size["hidden_size"] // 64, num_key_value_heads=2,
                          tie_word_embeddings=True, max_position_embeddings=2048)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
@@ -103,26 +104,20 @@ def run_child(mode: str, inputs: list[Path], out: Path, keep: bool = False) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def max_difference(inputs: list[Path], root: Path) -> float:
+def max_difference(a: Path, b: Path) -> float:
     """Largest difference between the two ways' outputs (they should agree to fp32 rounding)."""
     from safetensors.torch import load_file
 
-    a, b = root / "check_stream", root / "check_memory"
-    run_child("stream", inputs, a, keep=True)
-    run_child("memory", inputs, b, keep=True)
     sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     if not set(sa) <= set(sb):
         raise RuntimeError(f"streaming output has tensors the in-memory one lacks: {sorted(set(sa) - set(sb))[:3]}")
-    diff = max(float((sa[k] - sb[k]).abs().max()) for k in sa)
-    shutil.rmtree(a)
-    shutil.rmtree(b)
-    return diff
+    return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small inputs, one run")
-    ap.add_argument("--runs", type=int, default=None, help="alternating runs of each way (default 3, quick 1)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny inputs, one run (what CI runs)")
+    ap.add_argument("--runs", type=int, default=None, help="alternating runs of each way (default 3, smoke 1)")
     ap.add_argument("--dir", default=None, help="where to put the temporary checkpoints")
     ap.add_argument("--child", choices=["stream", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -132,17 +127,23 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child(args.child, [Path(p) for p in args.inputs], Path(args.out))))
         return
 
-    runs = args.runs or (1 if args.quick else 3)
+    runs = args.runs or (1 if args.smoke else 3)
     root = Path(tempfile.mkdtemp(prefix="posttrain_bench_average_", dir=args.dir))
     try:
-        inputs = make_checkpoints(root, 3, args.quick)
+        inputs = make_checkpoints(root, 3, args.smoke)
         in_mb = (inputs[0] / "model.safetensors").stat().st_size / 1e6
-        print(f"3 inputs of {in_mb:.0f} MB each (fp32) in {root}")
-        print(f"max |streaming - in-memory| over all weights: {max_difference(inputs, root):.3g}")
+        print(f"3 inputs of {in_mb:.1f} MB each (fp32) in {root}")
         rss_ratios, time_ratios = [], []
         for r in range(runs):
             order = ["stream", "memory"] if r % 2 == 0 else ["memory", "stream"]
-            res = {mode: run_child(mode, inputs, root / f"out_{mode}") for mode in order}
+            res = {mode: run_child(mode, inputs, root / f"out_{mode}", keep=r == 0) for mode in order}
+            if r == 0:
+                diff = max_difference(root / "out_stream", root / "out_memory")
+                print(f"max |streaming - in-memory| over all weights: {diff:.3g}")
+                if diff > 1e-5:
+                    raise SystemExit("average: the two ways disagree: fix that before timing")
+                shutil.rmtree(root / "out_stream")
+                shutil.rmtree(root / "out_memory")
             s, m = res["stream"], res["memory"]
             rss_ratios.append(s["peak_rss_mb"] / m["peak_rss_mb"])
             time_ratios.append(s["seconds"] / m["seconds"])
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"run {r + 1} ratio: {rss_ratios[-1]:.2f}x peak RSS, {time_ratios[-1]:.2f}x wall time")
         mean = lambda v: sum(v) / len(v)  # noqa: E731
         print(f"average: {mean(rss_ratios):.2f}x peak RSS, {mean(time_ratios):.2f}x wall time, streaming vs "
-              f"in-memory (3 inputs of {in_mb:.0f} MB; RSS {min(rss_ratios):.2f}..{max(rss_ratios):.2f}, "
+              f"in-memory (3 inputs of {in_mb:.1f} MB; RSS {min(rss_ratios):.2f}..{max(rss_ratios):.2f}, "
               f"time {min(time_ratios):.2f}..{max(time_ratios):.2f}, {runs} runs)")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -1,7 +1,7 @@
 """posttrain.chat.encode_conversation vs transformers' assistant-token mask, side by side.
 
     .venv/bin/python bench/chat_encode.py            # 400 conversations, 5 alternating runs
-    .venv/bin/python bench/chat_encode.py --quick    # smoke run: 50 conversations, 1 run
+    .venv/bin/python bench/chat_encode.py --smoke    # seconds: 50 conversations, 1 run (what CI runs)
 
 Both turn multi-turn conversations into token ids plus a mask of the assistant tokens:
 
@@ -62,12 +62,12 @@ def encode_baseline(tok, convs):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 50 conversations, 1 run")
+    ap.add_argument("--smoke", action="store_true", help="seconds: 50 conversations, 1 run (what CI runs)")
     ap.add_argument("--n", type=int, default=None, help="conversations per run (default 400)")
     ap.add_argument("--runs", type=int, default=None, help="alternating runs (default 5)")
     args = ap.parse_args()
-    n = args.n or (50 if args.quick else 400)
-    runs = args.runs or (1 if args.quick else 5)
+    n = args.n or (50 if args.smoke else 400)
+    runs = args.runs or (1 if args.smoke else 5)
 
     from posttrain import chat
     from posttrain.world.tiny import build_tokenizer

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/curate.py                  # 100,000 rows, 3 runs; a sample of 50,000 for the baseline
     .venv/bin/python bench/curate.py --rows 20000 --sample 4000 --runs 2   # quicker
+    .venv/bin/python bench/curate.py --smoke          # seconds: 2,000 rows, 1 run (what CI runs)
 
 The rows are dialogs of the embedded world's task ("Sort these numbers: 7 2 9 4" and an
 answer: right, or with the noise the world's annotators make), embedded once with the world's
@@ -62,7 +63,11 @@ def main(argv=None) -> int:
                    help="cosine threshold (the tiny model's states of one task are close: median 0.84)")
     p.add_argument("--rows-per-cluster", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds (what CI runs): 2,000 rows, a sample of 1,000, 250 rows per cluster, 1 run")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.rows, args.sample, args.rows_per_cluster, args.runs = 2000, 1000, 250, 1
 
     import faiss
     import numpy as np

@@ -1,7 +1,7 @@
 """Curation ablation on the embedded world: the demo with the `curate` stage on vs off.
 
     .venv/bin/python bench/curate_ablation.py                      # 6 rounds x 2 settings x 2 seeds: 4 demos' time
-    .venv/bin/python bench/curate_ablation.py --rounds 1 --quick   # smoke run: 1 round, small settings
+    .venv/bin/python bench/curate_ablation.py --smoke              # about a minute: a small world, 1 tiny round (CI)
 
 The world is the demo's with its opt-in data noise on (posttrain.world.build.WorldConfig):
 `sft_noisy_share` of the seed SFT rows pad the right answer with an apology, exclamation
@@ -26,6 +26,7 @@ import copy
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,10 +39,8 @@ os.environ.setdefault("POSTTRAIN_PROGRESS", "0")
 REPO = Path(__file__).resolve().parent.parent
 
 
-def world_recipe(world, *, quick: bool, n_prompts: int | None) -> dict:
+def world_recipe(world) -> dict:
     """demo.yaml with every `world:` path pointing into `world` (a non-default world's folder)."""
-    from posttrain.files import iter_jsonl, write_jsonl
-
     recipe = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
 
     def fix(value):
@@ -54,19 +53,7 @@ def world_recipe(world, *, quick: bool, n_prompts: int | None) -> dict:
             return {k: fix(v) for k, v in value.items()}
         return value
 
-    recipe = fix(recipe)
-    if n_prompts is not None:  # a prompt subset, written beside the world
-        subset = world.root.parent / f"{world.root.name}-train-{n_prompts}.jsonl"
-        if not subset.exists():
-            write_jsonl(subset, list(iter_jsonl(world.train_prompts))[:n_prompts])
-        recipe["data"]["prompts"] = [{"path": str(subset)}]
-    if quick:
-        recipe["rm"].update(epochs=1)
-        recipe["sample"].update(k=4, shard_size=32)
-        recipe["sft"].update(epochs=1)
-        recipe["dpo"].update(epochs=1)
-        recipe["eval"].update(max_prompts=32, samples_per_prompt=2)
-    return recipe
+    return fix(recipe)
 
 
 def curate_section(threshold: float) -> dict:
@@ -77,26 +64,39 @@ def curate_section(threshold: float) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--seeds", type=int, default=2, help="recipe seeds per setting")
-    p.add_argument("--quick", action="store_true", help="few prompts, K=4, one epoch: a smoke run")
+    p.add_argument("--rounds", type=int, default=None, help="default 6, smoke 1")
+    p.add_argument("--seeds", type=int, default=None, help="recipe seeds per setting (default 2, smoke 1)")
+    p.add_argument("--smoke", action="store_true",
+                   help="what CI runs: a small world (40 pre-training steps), 1 round on 8 prompts, one epoch, K=2 "
+                        "(bench/_smoke.py): it checks the script, not the claim")
     p.add_argument("--noisy-share", type=float, default=0.5, help="world setting sft_noisy_share")
     p.add_argument("--duplicate-share", type=float, default=0.5, help="world setting sft_duplicate_share")
     p.add_argument("--n-sft-seed", type=int, default=128, help="world setting n_sft_seed (the demo world: 64)")
     p.add_argument("--threshold", type=float, default=0.995, help="dedup cosine threshold")
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "curate_ablation")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run folders (default runs/curate_ablation; smoke: a temporary folder)")
     args = p.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.smoke else 6)
+    args.seeds = args.seeds or (1 if args.smoke else 2)
+    args.out = args.out or (Path(tempfile.mkdtemp(prefix="curate_ablation.")) if args.smoke
+                            else REPO / "runs" / "curate_ablation")
 
     from posttrain.records import read_record
     from posttrain.rounds.orchestrator import run_rounds
     from posttrain.world.build import WorldConfig, ensure_world
 
+    small = dict(n_train_prompts=32, n_heldout_prompts=16, n_pref_prompts_per_round=32, n_heldout_pref_prompts=16,
+                 rounds=2, n_transcripts=512, pretrain_steps=40) if args.smoke else {}
     config = WorldConfig(sft_noisy_share=args.noisy_share, sft_duplicate_share=args.duplicate_share,
-                         n_sft_seed=args.n_sft_seed)
+                         n_sft_seed=args.n_sft_seed, **small)
     world = ensure_world(config=config)
     print(f"world: {world.root} (sft_noisy_share {args.noisy_share}, sft_duplicate_share {args.duplicate_share}, "
           f"n_sft_seed {args.n_sft_seed})", flush=True)
-    base = world_recipe(world, quick=args.quick, n_prompts=48 if args.quick else None)
+    base = world_recipe(world)
+    if args.smoke:
+        from _smoke import shrink_demo
+
+        shrink_demo(base, world.train_prompts, args.out / "smoke")
     base["rounds"] = max(args.rounds, 1)
     base["overrides"] = {}
     scores: dict[str, dict[int, list[float]]] = {"off": {}, "on": {}}

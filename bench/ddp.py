@@ -1,7 +1,7 @@
 """Data parallelism on 2 processes vs 1 process, same global batch: sft and dpo stages.
 
     .venv/bin/python bench/ddp.py            # ~30M-parameter Llama, about 10 minutes on 2 CPU cores
-    .venv/bin/python bench/ddp.py --quick    # tiny model: a smoke run
+    .venv/bin/python bench/ddp.py --smoke    # seconds: tiny model, 3 steps, 1 run (what CI runs)
 
 Each stage runs through the stage worker exactly as the orchestrator starts it: 1 process
 with batch B (2 threads), and 2 gloo processes with batch B/2 each (1 thread each, launched
@@ -23,11 +23,9 @@ favours two single-thread processes over one two-thread one. The last line is th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -77,29 +75,27 @@ def write_data(root: Path, n_sft: int, n_pairs: int) -> tuple[Path, Path]:
 
 
 def run_stage(root: Path, name: str, stage: str, cfg: dict, inputs: dict, base: Path, procs: int) -> tuple[Path, dict]:
-    """One stage through the worker; returns (its out_dir, {steps, seconds})."""
+    """One stage through the metered worker; returns (its model folder, {steps, seconds, cpu_seconds})."""
     from posttrain.launch import plan_launch
-    from posttrain.rounds.meter import write_stage_spec
+    from posttrain.rounds.meter import MeteredRunFailed, run_metered
 
     launcher = None
     if procs > 1:
         launcher = ["accelerate", "launch", "--config_file", str(MULTI_GPU), "--num_processes", str(procs),
                     "--main_process_port", str(_free_port())]
     plan = plan_launch(launcher, has_gpu=False)
-    spec = write_stage_spec(root / name, stage, inputs, {"name": "bench", "models": {"base": str(base)}, stage: cfg},
-                            plan)
-    out = Path(spec).parent
-    timing = root / f"{name}.timing.jsonl"
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, THREADS // procs)), PYTHONUNBUFFERED="1")
-    # Spinning OpenMP threads of the 2-thread process stall whenever another process holds a core
-    # (measured: 0.27 vs 9 steps/s on a loaded 2-core machine); passive waiting keeps it fair.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    cmd = [*plan.command, "-m", "posttrain.rounds.meter", spec, str(timing)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    (t,) = [json.loads(line) for line in timing.read_text().splitlines()]
-    return out, t
+    env = {"OMP_NUM_THREADS": str(max(1, THREADS // procs)), "PYTHONUNBUFFERED": "1",
+           # Spinning OpenMP threads of the 2-thread process stall whenever another process holds a core
+           # (measured: 0.27 vs 9 steps/s on a loaded 2-core machine); passive waiting keeps it fair.
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    try:
+        run = run_metered(root / name, stage, inputs, {"name": "bench", "models": {"base": str(base)}, stage: cfg},
+                          plan, env)
+    except MeteredRunFailed as err:
+        sys.exit(f"ddp: {name} failed: {err}")
+    if len(run.rows) != 1:
+        sys.exit(f"ddp: {name} trained {len(run.rows)} metered trainers, expected 1 (too few steps?)")
+    return run.model, run.rows[0]
 
 
 def _free_port() -> int:
@@ -120,16 +116,19 @@ def max_weight_diff(a: Path, b: Path) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run")
-    p.add_argument("--reps", type=int, default=3, help="1-process / 2-process pairs of runs per stage")
+    p.add_argument("--smoke", action="store_true", help="seconds (what CI runs): tiny model, 3 steps, 1 run")
+    p.add_argument("--reps", type=int, default=None, help="1-process / 2-process pairs of runs per stage "
+                                                           "(default 3, smoke 1)")
     p.add_argument("--batch", type=int, default=8, help="global batch (1 process: B; 2 processes: B/2 each)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 8, quick 4)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 8, smoke 3; the "
+                                                            "meter times all but the first, so at least 3)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads in all (1 process: all; 2: half each)")
     args = p.parse_args()
     global THREADS
     THREADS = args.threads
-    steps = args.steps or (4 if args.quick else 8)
-    hidden, layers, inter = (128, 2, 256) if args.quick else (512, 10, 1408)
+    steps = args.steps or (3 if args.smoke else 8)
+    args.reps = args.reps or (1 if args.smoke else 3)
+    hidden, layers, inter = (128, 2, 256) if args.smoke else (512, 10, 1408)
     root = Path(tempfile.mkdtemp(prefix="bench-ddp-"))
     base = root / "base"
     n_params = build_model(base, hidden=hidden, layers=layers, inter=inter)
@@ -138,22 +137,22 @@ def main() -> int:
           f"{args.reps} reps; work in {root}", flush=True)
     common = {"learning_rate": 1e-4, "epochs": 1, "save_steps": 10_000, "logging_steps": 1, "max_length": 256}
     stages = {
-        "sft": ({**common}, {"init_model": str(base), "sft_files": [str(sft_file)]}, "model"),
+        "sft": ({**common}, {"init_model": str(base), "sft_files": [str(sft_file)]}),
         "dpo": ({**common, "nll_coef": 0.2}, {"sft_model": str(base), "preference_files": [str(pref_file)],
-                                              "samples": None}, "v0"),
+                                              "samples": None}),
     }
     ratios: dict[str, list[float]] = {s: [] for s in stages}
     cpu_ratios: dict[str, list[float]] = {s: [] for s in stages}
     diffs: dict[str, float] = {s: 0.0 for s in stages}
     for rep in range(args.reps):
-        for stage, (cfg, inputs, output) in stages.items():
+        for stage, (cfg, inputs) in stages.items():
             one, t1 = run_stage(root, f"{stage}-r{rep}-1p", stage, {**cfg, "batch_size": args.batch}, inputs, base, 1)
             two, t2 = run_stage(root, f"{stage}-r{rep}-2p", stage, {**cfg, "batch_size": args.batch // 2}, inputs,
                                 base, 2)
             s1, s2 = t1["steps"] / t1["seconds"], t2["steps"] / t2["seconds"]
             ratios[stage].append(s2 / s1)
             cpu_ratios[stage].append((t2["steps"] / t2["cpu_seconds"]) / (t1["steps"] / t1["cpu_seconds"]))
-            diffs[stage] = max(diffs[stage], max_weight_diff(one / output, two / output))
+            diffs[stage] = max(diffs[stage], max_weight_diff(one, two))
             print(f"rep {rep + 1} {stage}: 1 process {s1:.2f} steps/s, 2 processes {s2:.2f} steps/s "
                   f"-> {s2 / s1:.2f}x (per CPU-second {cpu_ratios[stage][-1]:.2f}x); "
                   f"max weight diff {diffs[stage]:.1e}", flush=True)

@@ -1,7 +1,7 @@
 """DPO with cached reference log-probs vs a live reference model, side by side.
 
     .venv/bin/python bench/dpo.py            # ~30M-parameter Llama, a few minutes on 2 CPU cores
-    .venv/bin/python bench/dpo.py --quick    # smoke run
+    .venv/bin/python bench/dpo.py --smoke    # seconds: tiny model, 1 run (what CI runs)
 
 1. Per-step time: the same DPO training steps with reference log-probs read from the
    on-disk cache (posttrain.stages.dpo.RefLogpCache) vs computed by a live reference model every
@@ -129,11 +129,11 @@ def stage_run(cached: bool, *, cfg, model_dir, root: Path, pref_file: Path) -> f
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small model, few steps: a smoke run")
-    p.add_argument("--reps", type=int, default=None, help="alternating cached/live runs (default 3, quick 2)")
+    p.add_argument("--smoke", action="store_true", help="seconds (what CI runs): tiny model, 2 steps, 1 run")
+    p.add_argument("--reps", type=int, default=None, help="alternating cached/live runs (default 3, smoke 1)")
     p.add_argument("--steps", type=int, default=None, help="interleaved steps of each kind per rep (default 6)")
-    p.add_argument("--pairs", type=int, default=None, help="synthetic pairs (default 32, quick 16)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=None, help="synthetic pairs (default 32, smoke 8)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2, smoke 1)")
     a = p.parse_args(argv)
 
     import torch
@@ -143,19 +143,20 @@ def main(argv=None) -> None:
     from posttrain.stages import dpo
     from posttrain.training import Variant
 
-    torch.set_num_threads(a.threads)
-    quick = a.quick
-    reps = a.reps or (2 if quick else 3)
-    hidden, layers, inter = (128, 2, 256) if quick else (512, 10, 1408)
-    steps = a.steps or (4 if quick else 6)
-    n_pairs = a.pairs or (16 if quick else 32)
+    smoke = a.smoke
+    threads = a.threads or (1 if smoke else 2)
+    torch.set_num_threads(threads)
+    reps = a.reps or (1 if smoke else 3)
+    hidden, layers, inter = (128, 2, 256) if smoke else (512, 10, 1408)
+    steps = a.steps or (2 if smoke else 6)
+    n_pairs = a.pairs or (8 if smoke else 32)
 
     root = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     os.environ.setdefault("POSTTRAIN_CACHE", str(root / "posttrain-cache"))
     model_dir = root / "sft_model"
     tok, n_params = build_model(model_dir, hidden=hidden, layers=layers, inter=inter)
     print(f"model: Llama, {n_params / 1e6:.1f}M parameters, hidden {hidden}, {layers} layers; "
-          f"torch threads {a.threads}; device cpu", flush=True)
+          f"torch threads {threads}; device cpu", flush=True)
 
     cfg = dpo.DPOStageConfig(batch_size=4, learning_rate=1e-5, max_length=256, save_steps=10_000,
                              logging_steps=10_000, epochs=1)

@@ -1,7 +1,7 @@
 """DPO ablation on the embedded world: the NLL term and formatting-token masking, on and off.
 
     .venv/bin/python bench/dpo_ablation.py            # 4 settings x 3 seeds, a few minutes
-    .venv/bin/python bench/dpo_ablation.py --quick    # smoke run
+    .venv/bin/python bench/dpo_ablation.py --smoke    # seconds: 16 pairs, 8 prompts (what CI runs)
 
 Start (SFT model and reference): the world's base model. Data: the world's round-1
 preference batch (significantly_better/better, edited answers as chosen). For each setting
@@ -74,13 +74,14 @@ def evaluate(model_dir: Path, prompts, *, n: int, max_new_tokens: int, seed: int
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one seed, few prompts: a smoke run")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3, quick 1)")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds (what CI runs): one seed, the batch's first 16 pairs, 8 prompts x 2 samples")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3, smoke 1)")
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--epochs", type=float, default=None, help="default 2, smoke 1")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--samples", type=int, default=4, help="samples per held-out prompt")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--samples", type=int, default=None, help="samples per held-out prompt (default 4, smoke 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2, smoke 1)")
     a = p.parse_args(argv)
 
     import torch
@@ -90,31 +91,39 @@ def main(argv=None) -> None:
     from posttrain.stage import StageContext
     from posttrain.world import build
 
-    torch.set_num_threads(a.threads)
-    seeds = a.seeds or (1 if a.quick else 3)
+    torch.set_num_threads(a.threads or (1 if a.smoke else 2))
+    seeds = a.seeds or (1 if a.smoke else 3)
+    a.epochs = a.epochs or (1.0 if a.smoke else 2.0)
+    a.samples = a.samples or (2 if a.smoke else 4)
     world = build.ensure_world()
     base = world.base_model
-    prompts = build.read_prompts(world.heldout_prompts)[: 32 if a.quick else None]
+    prompts = build.read_prompts(world.heldout_prompts)[: 8 if a.smoke else None]
     tok = load_tokenizer(base)
-    print(f"world: {world.root}; SFT start/reference: base_model; data: {world.preferences(1).name}; "
+    root = Path(tempfile.mkdtemp(prefix="dpo-ablation-"))
+    prefs = world.preferences(1)
+    if a.smoke:
+        from posttrain.files import iter_jsonl, write_jsonl
+
+        prefs = root / prefs.name
+        write_jsonl(prefs, list(iter_jsonl(world.preferences(1)))[:16])
+    print(f"world: {world.root}; SFT start/reference: base_model; data: {prefs.name}; "
           f"held-out prompts: {len(prompts)} x {a.samples} samples; lr {a.lr}, epochs {a.epochs}, beta {a.beta}, "
           f"{seeds} seed(s)", flush=True)
 
-    root = Path(tempfile.mkdtemp(prefix="dpo-ablation-"))
     before = evaluate(base, prompts, n=a.samples, max_new_tokens=24, seed=0)
     plain_cfg = dpo.DPOStageConfig(max_length=256)
-    rows, _ = dpo.encode_pairs(tok, dpo.build_pairs(plain_cfg, [world.preferences(1)], None)[0], plain_cfg)
+    rows, _ = dpo.encode_pairs(tok, dpo.build_pairs(plain_cfg, [prefs], None)[0], plain_cfg)
     full0, eot0 = chosen_logps(base, rows)
     results = {}
     for name, nll, mask in SETTINGS:
         per_seed = []
         for seed in range(seeds):
             cfg = dpo.DPOStageConfig(beta=a.beta, nll_coef=nll, mask_formatting=mask, learning_rate=a.lr,
-                                     epochs=a.epochs, batch_size=16, max_length=256, logging_steps=5,
-                                     save_steps=10_000, variants=[{"seed": seed}])
+                                     epochs=a.epochs, batch_size=16, max_length=256,
+                                     logging_steps=1 if a.smoke else 5, save_steps=10_000, variants=[{"seed": seed}])
             run_dir = root / f"{name.split()[0]}-{int(mask)}-{seed}".replace("+", "_")
             ctx = StageContext(stage="dpo", round=1, run_dir=run_dir, out_dir=run_dir / "dpo", config=cfg,
-                               inputs={"sft_model": str(base), "preference_files": [str(world.preferences(1))],
+                               inputs={"sft_model": str(base), "preference_files": [str(prefs)],
                                        "samples": None}, seed=seed)
             res = dpo.run(ctx)
             out = run_dir / res.outputs["variants"][0]

@@ -1,7 +1,7 @@
 """DPO training: chosen and rejected packed after one shared prompt vs TRL's DPOTrainer on separate rows.
 
     .venv/bin/python bench/dpo_packing.py            # small local Llama, multi-turn ChatML, ~2-3 min on 2 cores
-    .venv/bin/python bench/dpo_packing.py --quick    # smoke run (seconds)
+    .venv/bin/python bench/dpo_packing.py --smoke    # seconds: what CI runs
     .venv/bin/python bench/dpo_packing.py --size 30m --pairs 64 --reps 5   # a bigger model
 
 Three trainers train the same saved model (same seed) on the same multi-turn ChatML pairs
@@ -47,7 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SIZES = {  # hidden, layers, heads, kv heads, intermediate
-    "quick": (128, 2, 2, 1, 256),
+    "tiny": (128, 2, 2, 1, 256),
     "small": (256, 4, 4, 2, 704),
     "30m": (512, 8, 8, 4, 1408),
 }
@@ -173,7 +173,7 @@ def train_one(path: str, *, model_dir: Path, tok, pairs, rows, a, seed: int, wor
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, short rows, one repetition")
+    ap.add_argument("--smoke", action="store_true", help="seconds (what CI runs): tiny model, 8 short pairs, 1 run")
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--prompt-tokens", type=int, default=300)
     ap.add_argument("--response-tokens", type=int, default=100)
@@ -184,8 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-separate", action="store_true", help="skip our trainer on separate rows")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     a = ap.parse_args(argv)
-    if a.quick:
-        a.size, a.prompt_tokens, a.response_tokens, a.pairs, a.reps = "quick", 60, 20, 8, 1
+    if a.smoke:
+        a.size, a.prompt_tokens, a.response_tokens, a.pairs, a.reps = "tiny", 60, 20, 8, 1
 
     import torch
 

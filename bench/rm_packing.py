@@ -14,7 +14,7 @@ marker tokens; its quality is #good - #bad and the ranking orders responses by q
 has to count markers to rank well, so held-out accuracy says whether the model learned.
 
     .venv/bin/python bench/rm_packing.py            # CPU-sized default (a few minutes)
-    .venv/bin/python bench/rm_packing.py --quick    # smoke run (seconds)
+    .venv/bin/python bench/rm_packing.py --smoke    # seconds: what CI runs
     .venv/bin/python bench/rm_packing.py --size 30m --prompt-len 200 --response-len 100 \\
         --train 512 --heldout 256 --epochs 2 --reps 3   # the GPU-sized comparison
 
@@ -39,7 +39,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SIZES = {  # hidden, layers, heads, intermediate
-    "quick": (128, 2, 2, 256),
+    "tiny": (128, 2, 2, 256),
     "small": (256, 4, 4, 704),
     "30m": (512, 8, 8, 1408),
 }
@@ -133,7 +133,7 @@ def train_one(path: str, base: Path, tokenizer, train, heldout, args, seed: int,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, few rankings, one repetition")
+    ap.add_argument("--smoke", action="store_true", help="seconds (what CI runs): tiny model, 8 rankings, 1 run")
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--prompt-len", type=int, default=60)
     ap.add_argument("--response-len", type=int, default=30)
@@ -145,8 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.size, args.prompt_len, args.response_len, args.train, args.heldout = "quick", 20, 10, 8, 8
+    if args.smoke:
+        args.size, args.prompt_len, args.response_len, args.train, args.heldout = "tiny", 20, 10, 8, 8
         args.epochs, args.reps = 1, 1
 
     import torch

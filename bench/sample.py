@@ -1,7 +1,7 @@
 """Rejection-sampling throughput: shared prefill vs `generate(num_return_sequences=K)`, and vLLM.
 
     .venv/bin/python bench/sample.py            # about 4-6 minutes on 2 CPU cores
-    .venv/bin/python bench/sample.py --quick    # smoke run
+    .venv/bin/python bench/sample.py --smoke    # seconds (plus vLLM's start-up when found): what CI runs
     POSTTRAIN_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python bench/sample.py   # with vLLM
 
 A randomly initialised Llama of about 30M parameters (hidden 512, 8 layers, head_dim 64):
@@ -151,7 +151,7 @@ def spread(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny model, 1 run (what CI runs)")
     ap.add_argument("--prompts", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=300)
     ap.add_argument("--k", type=int, default=16)
@@ -172,7 +172,7 @@ def main() -> None:
     if args.vllm_child:
         vllm_child(args)
         return
-    if args.quick:
+    if args.smoke:
         args.prompts, args.prompt_tokens, args.k, args.new_tokens, args.runs = 1, 100, 4, 8, 1
         args.layers, args.hidden = 2, 128
 

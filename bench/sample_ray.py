@@ -1,7 +1,7 @@
 """Generation on Ray vs on this machine: the overhead of the distributed path on one machine.
 
     .venv/bin/python bench/sample_ray.py            # about 4 minutes on 2 CPU cores
-    .venv/bin/python bench/sample_ray.py --quick    # smoke run
+    .venv/bin/python bench/sample_ray.py --smoke    # seconds: what CI runs (needs requirements/ray.txt)
 
 Both sides run the same jobs (shards) through `posttrain.generation.run_jobs`, the call the
 sample stage makes, with the transformers backend and the same random Llama:
@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,9 +88,9 @@ def spread(values: list[float]) -> str:
     return f"median {statistics.median(values):.1f}, min {min(values):.1f}, max {max(values):.1f}"
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny model, 1 run (what CI runs)")
     ap.add_argument("--jobs", type=int, default=8, help="shards (jobs) per run")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per job")
     ap.add_argument("--prompt-tokens", type=int, default=64)
@@ -99,10 +100,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     args = ap.parse_args()
-    if args.quick:
+    if args.smoke:
         args.jobs, args.prompts, args.new_tokens, args.runs, args.layers, args.hidden = 4, 2, 8, 1, 2, 128
 
-    import ray
+    try:
+        import ray
+    except ImportError:
+        print("sample_ray: skipped: Ray is not installed (pip install -r requirements/ray.txt)")
+        return 77  # the bench scripts' "skipped" exit code (tests/test_bench_smoke.py)
 
     from posttrain.cluster import ClusterSettings
 
@@ -148,7 +153,8 @@ def main() -> None:
               f"engine on 2 CPUs (min {min(ratios):.2f}x, max {max(ratios):.2f}x, {len(ratios)} runs); at equal "
               f"compute, 1 actor vs a 1-thread local child: {statistics.median(overhead):.2f}x "
               f"(min {min(overhead):.2f}x, max {max(overhead):.2f}x)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Is there headroom in the embedded world for the post-training loop to exploit?
 
-    .venv/bin/python bench/world_headroom.py [--quick] [--rounds 3] [--k 8]
+    .venv/bin/python bench/world_headroom.py [--rounds 3] [--k 8]
+    .venv/bin/python bench/world_headroom.py --smoke     # seconds: 1 round, 16 prompts (what CI runs)
 
 Uses the default world (built if needed). Per round: sample K responses per training prompt
 from the current policy, score them with the task scorer (an oracle reward model), and
@@ -52,7 +53,7 @@ def main() -> None:
     from posttrain.world.build import ensure_world, evaluate_model, generate_messages, read_prompts
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="one round, fewer prompts")
+    ap.add_argument("--smoke", action="store_true", help="seconds (what CI runs): 1 round, 16 prompts, K=4")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=256)
@@ -62,8 +63,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="1 is much faster than 2 on a loaded machine")
     args = ap.parse_args()
-    if args.quick:
-        args.rounds, args.prompts, args.steps = 1, 64, 20
+    if args.smoke:
+        args.rounds, args.prompts, args.k, args.steps = 1, 16, 4, 5
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()

@@ -11,7 +11,8 @@
 
 `--dry-run`: the same steps on the CPU with a tiny model in fp32 and 2 gloo processes for
 multi_gpu (fsdp2 and zero3 are refused without GPUs, which is shown): checks the logic here.
-Results: a table on stdout and JSON in $OUT/gpu-check.json (or ./gpu-check-out/).
+Results: a table on stdout and JSON in $OUT/gpu-check.json (or ./gpu-check-out/), rewritten after
+every measurement (`"finished": true` once the whole check ran), so a killed run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import os
 import random
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,31 +85,26 @@ def write_data(root: Path, n: int, words_per_text: int) -> tuple[Path, Path]:
 
 def run_stage(root: Path, name: str, stage: str, cfg: dict, inputs: dict, base: Path,
               launcher: list[str] | None, env_extra: dict) -> dict:
-    """One stage through the metered worker. Returns the meter row plus the output folder."""
+    """One stage through the metered worker. Returns the meter row plus the model folder."""
     from posttrain.launch import LaunchError, plan_launch
-    from posttrain.rounds.meter import write_stage_spec
+    from posttrain.rounds.meter import MeteredRunFailed, run_metered
 
     try:
         plan = plan_launch(launcher)
     except LaunchError as err:
         return {"skipped": str(err)}
-    spec = write_stage_spec(root / name, stage, inputs,
-                            {"name": "gpu-check", "models": {"base": str(base)}, stage: cfg}, plan)
-    out = Path(spec).parent
-    meter = root / f"{name}.meter.jsonl"
     t0 = time.time()
-    proc = subprocess.run([*plan.command, "-m", "posttrain.rounds.meter", spec, str(meter)],
-                          env={**os.environ, **env_extra}, capture_output=True, text=True)
-    (root / f"{name}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        return {"failed": f"exit {proc.returncode}; last lines:\n" + "\n".join((proc.stdout + proc.stderr)
-                                                                              .splitlines()[-15:])}
-    rows = [json.loads(line) for line in meter.read_text().splitlines()] if meter.exists() else []
-    if not rows:
+    try:
+        run = run_metered(root / name, stage, inputs, {"name": "gpu-check", "models": {"base": str(base)}, stage: cfg},
+                          plan, env_extra)
+    except MeteredRunFailed as err:
+        return {"failed": str(err)}
+    (root / f"{name}.log").write_text(run.log)
+    if not run.rows:
         return {"failed": "no meter row (too few steps?)"}
-    row = rows[-1]
+    row = run.rows[-1]
     row["wall_s"] = round(time.time() - t0, 1)
-    row["out"] = str(out / ("v0" if stage == "dpo" else "model"))
+    row["out"] = str(run.model)
     row["world_size"] = plan.world_size
     return row
 
@@ -133,6 +128,14 @@ def describe(row: dict, n_params: int, peak: float | None) -> str:
     row.update(tokens_per_s=round(tps), mfu=mfu)
     return (f"{tps:10.0f} tok/s  {row['steps'] / row['seconds']:6.2f} steps/s  peak mem {mem:>9}  MFU {mfu:>6}  "
             f"({row['steps']} timed steps, {row['wall_s']} s wall)")
+
+
+def save(results: dict, out_dir: Path, started: float) -> None:
+    """The results so far, rewritten after every measurement: a run killed midway keeps them."""
+    from posttrain.files import atomic_write_json
+
+    results["seconds"] = round(time.time() - started, 1)
+    atomic_write_json(out_dir / "gpu-check.json", json.loads(json.dumps(results, default=str)))
 
 
 def main() -> int:
@@ -166,12 +169,15 @@ def main() -> int:
                                               "samples": None}),
     }
     one_gpu = {"CUDA_VISIBLE_DEVICES": "0"} if gpus else {"OMP_NUM_THREADS": "1"}
-    results: dict = {"device": device, "params": n_params, "peak_bf16_flops": peak, "single": {}, "multi": {}}
+    results: dict = {"python": sys.version.split()[0], "device": device, "params": n_params,
+                     "peak_bf16_flops": peak, "single": {}, "multi": {}, "finished": False}
+    save(results, out_dir, started)
     print("\n1 GPU" if not dry else "\n1 process (CPU)")
     for stage, (cfg, inputs) in stages.items():
         row = run_stage(root, f"{stage}-1", stage, cfg, inputs, base, None, one_gpu)
         results["single"][stage] = row
         print(f"  {stage:4} {describe(row, n_params, peak)}", flush=True)
+        save(results, out_dir, started)
 
     n = gpus if gpus >= 2 else (2 if dry else 0)
     if n:
@@ -184,6 +190,7 @@ def main() -> int:
             if name == "zero3" and not _has("deepspeed"):
                 results["multi"][name] = {"skipped": "deepspeed is not installed"}
                 print(f"  {name}: skipped: deepspeed is not installed (carry it to test ZeRO-3)")
+                save(results, out_dir, started)
                 continue
             launcher = ["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{name}.yaml"),
                         "--num_processes", str(n), "--main_process_port", str(free_port())]
@@ -202,10 +209,11 @@ def main() -> int:
                 results["multi"][name][stage] = row
                 diff = f"  max |w - w_1gpu| {row['max_weight_diff_vs_1']:.1e}" if "max_weight_diff_vs_1" in row else ""
                 print(f"  {name:9} {stage:4} {describe(row, n_params, peak)}{diff}", flush=True)
+                save(results, out_dir, started)
                 if "skipped" in row:
                     break
-    results["seconds"] = round(time.time() - started, 1)
-    (out_dir / "gpu-check.json").write_text(json.dumps(results, indent=1, default=str))
+    results["finished"] = True
+    save(results, out_dir, started)
     print(f"\ngpu-check: done in {results['seconds']} s; results in {out_dir / 'gpu-check.json'}")
     failed = [k for k, v in results["single"].items() if "failed" in v]
     return 1 if failed else 0

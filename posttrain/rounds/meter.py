@@ -4,14 +4,19 @@ Runs exactly `posttrain.rounds.worker` (under any launcher), and adds to every t
 stage builds a callback that times its optimizer steps and counts the tokens they train on.
 Rank 0 appends one JSON line per trainer to METER.jsonl: timed steps, seconds, CPU seconds and
 tokens (both summed over ranks), peak device memory of rank 0. The first step is warm-up (compilation, allocator,
-DDP bucket set-up) and is not timed. Used by bench/ddp.py and scripts/gpu_check.py.
+DDP bucket set-up) and is not timed. Used by bench/ddp.py and scripts/gpu_check.py, through
+`run_metered`, which lays out one stage run by hand and reads back what it trained.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def write_stage_spec(run_dir, stage: str, inputs: dict, recipe: dict, plan) -> str:
@@ -27,6 +32,44 @@ def write_stage_spec(run_dir, stage: str, inputs: dict, recipe: dict, plan) -> s
             "launch": {"launcher": plan.launcher, "world_size": plan.world_size, "parallelism": plan.parallelism}}
     (out / ".spec.json").write_text(json.dumps(spec))
     return str(out / ".spec.json")
+
+
+class MeteredRunFailed(RuntimeError):
+    """The metered worker exited with an error; the message ends with its last output lines."""
+
+
+@dataclass
+class MeteredRun:
+    model: Path
+    """The stage's model (its first variant's, for dpo), as the stage's result names it."""
+    rows: list[dict]
+    """One meter row per trainer the stage built (empty when a trainer ran fewer than 3 steps)."""
+    log: str
+    """The worker's stdout and stderr."""
+
+
+def run_metered(run_dir, stage: str, inputs: dict, recipe: dict, plan, env: dict | None = None) -> MeteredRun:
+    """One stage run by hand under `plan` (a `posttrain.launch.plan_launch(...)`), metered.
+
+    The model folder is read from the stage's own result (its `STAGE.model_outputs`), never
+    spelled here, so a stage that moves its outputs does not leave this caller behind."""
+    from posttrain.stage import get
+
+    spec = write_stage_spec(run_dir, stage, inputs, recipe, plan)
+    meter = Path(spec).with_name(".meter.jsonl")
+    proc = subprocess.run([*plan.command, "-m", "posttrain.rounds.meter", spec, str(meter)],
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        tail = "\n".join(log.splitlines()[-15:])
+        raise MeteredRunFailed(f"{stage} under {plan.launcher or 'one process'}: exit {proc.returncode}; "
+                               f"last lines:\n{tail}")
+    result = json.loads(Path(json.loads(Path(spec).read_text())["result"]).read_text())
+    model = result["outputs"][get(stage).model_outputs[0]]
+    if isinstance(model, list):
+        model = model[0]
+    rows = [json.loads(line) for line in meter.read_text().splitlines()] if meter.exists() else []
+    return MeteredRun(model=Path(run_dir) / model, rows=rows, log=log)
 
 
 def batch_tokens(inputs: dict) -> int:
