@@ -290,7 +290,12 @@ def test_score_reads_instructions_from_prompts_file(tmp_path):
 # ---------------------------------------------------------------------- validate commands
 
 
-def test_validate_data_and_validate_say_which_instructions_abstain(tmp_path, capsys):
+# Lengths the tiny test model's 1024 positions hold (validate checks them against its config).
+FITS_TINY = {"rm": {"max_length": 512}, "sft": {"max_length": 512}, "dpo": {"max_length": 512},
+             "sample": {"max_prompt_length": 256, "max_new_tokens": 256}}
+
+
+def test_validate_data_and_validate_say_which_instructions_abstain(tmp_path, capsys, tiny_model_dir):
     from posttrain.cli import main
 
     rows = [{"id": "1", "prompt": "Write two sentences.", "instruction_id_list": ["length_constraints:number_sentences"],
@@ -305,7 +310,7 @@ def test_validate_data_and_validate_say_which_instructions_abstain(tmp_path, cap
             "'punkt_tab' is not installed): 1 of 2 rows with instructions" in out) == abstains
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "t", "models": {"base": "some/model"}, "rounds": 1,
+    recipe.write_text(yaml.safe_dump({"name": "t", "models": {"base": str(tiny_model_dir)}, "rounds": 1, **FITS_TINY,
                                       "data": {"prompts": [{"path": str(prompts)}]},
                                       "reward": {"target": TARGET, "kwargs": {"mode": "loose"}}}))
     assert main(["validate", str(recipe)]) == 0
@@ -316,7 +321,7 @@ def test_validate_data_and_validate_say_which_instructions_abstain(tmp_path, cap
             "abstains on them (reason no_instructions)") in out
     assert yaml.safe_load(out)["reward"]["target"] == TARGET
     # Nested in a WeightedReward, the same lines.
-    recipe.write_text(yaml.safe_dump({"name": "t", "models": {"base": "some/model"}, "rounds": 1,
+    recipe.write_text(yaml.safe_dump({"name": "t", "models": {"base": str(tiny_model_dir)}, "rounds": 1, **FITS_TINY,
                                       "data": {"prompts": [{"path": str(prompts)}]},
                                       "reward": {"target": "posttrain.reward:WeightedReward",
                                                  "kwargs": {"components": [[{"target": TARGET}, 1.0]]}}}))
@@ -324,13 +329,13 @@ def test_validate_data_and_validate_say_which_instructions_abstain(tmp_path, cap
     assert ("abstains on this machine" in capsys.readouterr().out) == abstains
 
 
-def test_validate_points_at_validate_data_for_a_prompt_file_with_bad_rows(tmp_path, capsys):
+def test_validate_points_at_validate_data_for_a_prompt_file_with_bad_rows(tmp_path, capsys, tiny_model_dir):
     from posttrain.cli import main
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "x", "instruction_id_list": ["nope:nope"]}) + "\n")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "t", "models": {"base": "some/model"}, "rounds": 1,
+    recipe.write_text(yaml.safe_dump({"name": "t", "models": {"base": str(tiny_model_dir)}, "rounds": 1, **FITS_TINY,
                                       "data": {"prompts": [{"path": str(prompts)}]}, "reward": {"target": TARGET}}))
     assert main(["validate", str(recipe)]) == 0
     out = capsys.readouterr().out
