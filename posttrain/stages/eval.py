@@ -11,6 +11,9 @@ Metrics (in `round_NN/eval/record.json`):
 - `variants` (with `eval.variants` and two or more DPO variants): each variant's `task_score`
   and `mean_reward` on the same prompts, so the averaged model can be compared with each
   model it averages; `average_minus_best_variant` is the task score (else reward) gap.
+- `benchmarks` (with `eval.benchmarks`): per benchmark its numbers, the initial policy's (round
+  1), the number of problems and the settings used (posttrain.benchmarks); the responses with
+  their verdicts in `benchmarks/<model|initial>/`.
 The initial policy's responses are generated once (round 1, output `initial_responses`) and
 reused by later rounds while the model, prompts and settings are the same; the previous
 round's responses come from its eval record.
