@@ -135,7 +135,12 @@ def test_eval_stage_records_benchmarks(tmp_path, tiny_model_dir, monkeypatch):
         again = [{"id": r["id"], "text": r["text"]} for r in rows]
         assert score_instructions(spec, load_problems(spec, ifp), again, ifp) == got["ifeval_file:if.jsonl"][key]
     headline = dict(eval_stage._headline({"benchmarks": got}))
-    assert headline["humaneval pass@1"] == he_got["numbers"]["pass@1"]
+    assert headline["humaneval:pass@1"] == he_got["numbers"]["pass@1"]
+    # Resumed: the written responses are reused (no generation), and give the same numbers.
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("regenerated"))
+    assert eval_stage.run_benchmarks(ctx, ctx.out_dir) == got
     ctx.round = 2  # ifeval_file runs every 2 rounds; the initial policy only in round 1
+    ctx.out_dir = tmp_path / "round_02" / "eval"
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: real(*a, **k, in_process=True))
     later = eval_stage.run_benchmarks(ctx, ctx.out_dir)
     assert set(later) == {"humaneval"} and "initial" not in later["humaneval"]

@@ -112,12 +112,14 @@ def _summaries(rows: list[dict], rewards, checks) -> dict:
 
 
 def _responses(ctx: StageContext, path: Path, model_dir: str, prompts: list, label: str,
-               cached: str | None = None) -> list[dict]:
+               cached: str | None = None, benchmark: dict | None = None) -> list[dict]:
     """The model's responses, written to `path`. Reused from `cached` or from `path` itself
-    when they came from the same model (by content), settings, prompts and seed."""
+    when they came from the same model (by content), settings, prompts and seed. `benchmark`:
+    a benchmark's generation settings and data file hash instead of eval's own settings."""
     # benchmarks generate their own responses: adding one must not regenerate these
-    key = hash_json({"model": hash_path(model_dir), "eval": ctx.config.model_dump(mode="json", exclude={"benchmarks"}),
-                     "prompts": [p.id for p in prompts], "seed": ctx.recipe.seed})
+    identity = {"model": hash_path(model_dir), "eval": ctx.config.model_dump(mode="json", exclude={"benchmarks"}),
+                "prompts": [p.id for p in prompts], "seed": ctx.recipe.seed}
+    key = hash_json({**identity, "benchmark": benchmark} if benchmark else identity)
     for source in ([Path(cached)] if cached else []) + [path]:
         meta = source.with_suffix(".key.json")
         if source.is_file() and meta.is_file() and read_json(meta).get("key") == key:
@@ -126,7 +128,9 @@ def _responses(ctx: StageContext, path: Path, model_dir: str, prompts: list, lab
                 write_jsonl(path, rows)
                 atomic_write_json(path.with_suffix(".key.json"), {"key": key})
             return rows
-    rows = generate_responses(ctx, model_dir, prompts, label)
+    gen = {k: benchmark[k] for k in ("k", "temperature", "max_new_tokens")} if benchmark else {}
+    rows = generate_responses(ctx, model_dir, prompts, label, **gen)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, rows)
     atomic_write_json(path.with_suffix(".key.json"), {"key": key})
     return rows
@@ -159,13 +163,14 @@ def run_benchmarks(ctx: StageContext, out: Path) -> dict[str, dict]:
         prompts = [Prompt(id=p.id, messages=[{"role": "user", "content": p.user}]) for p in problems]
         entry = {"problems": len(problems), "settings": {**spec.model_dump(mode="json"), "data_file": path}}
         models = {"model": inp.final_model, **({"initial": inp.initial_model} if ctx.round == 1 else {})}
+        gen = {"k": spec.n, "temperature": spec.temperature, "max_new_tokens": spec.max_new_tokens,
+               "data": hash_path(path), "max_problems": spec.max_problems}
         for who, model in models.items():
-            rows = generate_responses(ctx, model, prompts, f"{spec.label} ({who})", k=spec.n,
-                                      temperature=spec.temperature, max_new_tokens=spec.max_new_tokens)
+            target = out / "benchmarks" / who / spec.file_name  # reused on resume while nothing changed
+            rows = _responses(ctx, target, model, prompts, f"{spec.label} ({who})", benchmark=gen)
+            rows = [{k: r[k] for k in ("id", "sample", "text", "n_tokens", "finished")} for r in rows]
             numbers = (score_humaneval(spec, problems, rows) if spec.name == "humaneval"
                        else score_instructions(spec, problems, rows, path))
-            target = out / "benchmarks" / who / spec.file_name
-            target.parent.mkdir(parents=True, exist_ok=True)
             write_jsonl(target, rows)
             entry["numbers" if who == "model" else "initial"] = numbers
         found[spec.label] = entry
@@ -296,7 +301,7 @@ def _headline(m: dict) -> list[tuple[str, Any]]:
     shown = [first, ("win_vs_prev", m.get("win_rate_vs_previous"))]
     for label, b in list((m.get("benchmarks") or {}).items())[:1]:  # the first benchmark's main number
         key = main_metric(label.split(":")[0], b["numbers"])
-        shown.append((f"{label.split(':')[0]} {key}", b["numbers"][key]))
+        shown.append((f"{label.split(':')[0]}:{key}", b["numbers"][key]))
     return shown
 
 
