@@ -144,3 +144,26 @@ def test_eval_stage_records_benchmarks(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(generation, "generate", lambda *a, **k: real(*a, **k, in_process=True))
     later = eval_stage.run_benchmarks(ctx, ctx.out_dir)
     assert set(later) == {"humaneval"} and "initial" not in later["humaneval"]
+
+
+def test_benchmark_settings_and_data_are_in_evals_hash(tmp_path, tiny_model_dir):
+    from run_folders import record_round, write_recipe
+
+    from posttrain.files import hash_json
+    from posttrain.recipe import load_recipe
+    from posttrain.rounds.orchestrator import Round
+    from posttrain.stage import REGISTRY, get
+
+    ifp = write_if(tmp_path)
+    run = tmp_path / "run"
+    record_round(run, 1, tiny_model_dir, stages=REGISTRY)
+
+    def eval_hash(**bench) -> str:
+        recipe = write_recipe(tmp_path, tiny_model_dir, eval={"benchmarks": [{"name": "ifeval_file", "path": ifp,
+                                                                              **bench}]})
+        return hash_json(Round(1, load_recipe(recipe), run).stage_inputs(get("eval"))[1])
+
+    first = eval_hash()
+    assert eval_hash() == first and eval_hash(max_new_tokens=64) != first
+    Path(ifp).write_text(json.dumps(IF_ROWS[0]) + "\n")  # the same path, other prompts
+    assert eval_hash() != first
