@@ -160,6 +160,12 @@ def load_problems(spec: Benchmark, path: str) -> list[Problem]:
                                     {"instruction_id_list": ids, "kwargs": kwargs, "row": i}))
     if not problems:
         raise BenchmarkError(f"{path}: no benchmark rows")
+    seen: set[str] = set()
+    for p in problems:  # answers are matched to problems by id
+        if p.id in seen:
+            raise BenchmarkError(f"{path}: field '{'task_id' if spec.name == 'humaneval' else 'key'}': "
+                                 f"{p.id!r} appears twice")
+        seen.add(p.id)
     return problems
 
 
@@ -252,6 +258,11 @@ def score_instructions(spec: Benchmark, problems: list[Problem], rows: list[dict
         metrics["abstained_instructions"] = abstained
         metrics["abstained_prompts"] = len(rows) - judged_prompts
     return metrics
+
+
+def user_turn(spec: Benchmark) -> str:
+    """How a problem is sent to the model, for the record."""
+    return HUMANEVAL_INSTRUCTION if spec.name == "humaneval" else "{prompt}"
 
 
 def main_metric(name: str, numbers: dict) -> str:

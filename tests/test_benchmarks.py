@@ -86,6 +86,9 @@ def test_bad_benchmark_rows_name_file_row_and_field(tmp_path):
     path = write_if(tmp_path, [IF_ROWS[0], {"key": 9, "prompt": "x", "instruction_id_list": ["a"], "kwargs": []}])
     with pytest.raises(BenchmarkError, match=r"if.jsonl: row 2: field 'kwargs'"):
         load_problems(Benchmark(name="ifeval_file", path=path), path)
+    path = write_if(tmp_path, [IF_ROWS[0], IF_ROWS[0]])
+    with pytest.raises(BenchmarkError, match=r"if.jsonl: field 'key': '1' appears twice"):
+        load_problems(Benchmark(name="ifeval_file", path=path), path)
     with pytest.raises(ValueError, match="path"):
         Benchmark(name="humaneval", path=path)
 
@@ -125,6 +128,7 @@ def test_eval_stage_records_benchmarks(tmp_path, tiny_model_dir, monkeypatch):
     assert set(got) == {"humaneval", "ifeval_file:if.jsonl"}
     he_got = got["humaneval"]
     assert he_got["problems"] == 2 and he_got["settings"]["temperature"] == 1.0 and he_got["settings"]["n"] == 2
+    assert "{prompt}" in he_got["settings"]["user_turn"]
     for who, key in (("model", "numbers"), ("initial", "initial")):
         rows = list(iter_jsonl(ctx.out_dir / "benchmarks" / who / "humaneval.jsonl"))
         assert len(rows) == 4

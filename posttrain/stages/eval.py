@@ -151,7 +151,7 @@ def run_benchmarks(ctx: StageContext, out: Path) -> dict[str, dict]:
     per benchmark its numbers, the initial policy's, the number of problems and the settings
     that produced them. Responses, with their per-sample verdicts, go to
     `benchmarks/<model|initial>/<name>.jsonl`."""
-    from posttrain.benchmarks import load_problems, score_humaneval, score_instructions
+    from posttrain.benchmarks import load_problems, score_humaneval, score_instructions, user_turn
     from posttrain.data import Prompt
 
     inp: EvalInputs = ctx.inputs
@@ -161,7 +161,8 @@ def run_benchmarks(ctx: StageContext, out: Path) -> dict[str, dict]:
             continue
         problems = load_problems(spec, path)
         prompts = [Prompt(id=p.id, messages=[{"role": "user", "content": p.user}]) for p in problems]
-        entry = {"problems": len(problems), "settings": {**spec.model_dump(mode="json"), "data_file": path}}
+        entry = {"problems": len(problems), "settings": {**spec.model_dump(mode="json"), "data_file": path,
+                                                         "user_turn": user_turn(spec)}}
         models = {"model": inp.final_model, **({"initial": inp.initial_model} if ctx.round == 1 else {})}
         gen = {"k": spec.n, "temperature": spec.temperature, "max_new_tokens": spec.max_new_tokens,
                "data": hash_path(path), "max_problems": spec.max_problems}
