@@ -89,6 +89,11 @@ def test_bad_benchmark_rows_name_file_row_and_field(tmp_path):
     path = write_if(tmp_path, [IF_ROWS[0], IF_ROWS[0]])
     with pytest.raises(BenchmarkError, match=r"if.jsonl: field 'key': '1' appears twice"):
         load_problems(Benchmark(name="ifeval_file", path=path), path)
+    pytest.importorskip("if_verifiable")
+    path = write_if(tmp_path, [IF_ROWS[0], {"key": 5, "prompt": "x", "instruction_id_list": ["no:such"], "kwargs": [{}]}])
+    spec = Benchmark(name="ifeval_file", path=path)
+    with pytest.raises(BenchmarkError, match=r"if.jsonl: row 2: .*no:such"):
+        score_instructions(spec, load_problems(spec, path), [{"id": "1", "text": "a"}, {"id": "5", "text": "b"}], path)
     with pytest.raises(ValueError, match="path"):
         Benchmark(name="humaneval", path=path)
 
