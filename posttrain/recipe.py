@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from posttrain.benchmarks import Benchmark
 from posttrain.reward.base import RewardSpec
 from posttrain.schema import Count, Rounds, Samples, StrictModel, Tokens
 
@@ -142,6 +143,10 @@ class EvalSettings(StrictModel):
     variants: bool = False
     """Also evaluate each of the round's DPO variants, so the averaged model can be compared
     with every model it averages (`variants` in the eval metrics; with two or more variants)."""
+    benchmarks: list[Benchmark] = Field(default_factory=list)
+    """Standard benchmarks run on each round's final model and, in round 1, the initial
+    policy (posttrain.benchmarks): e.g. `[{name: humaneval, n: 1}, {name: ifbench, mode:
+    both}, {name: ifeval_file, path: my_ifeval.jsonl}]`. Empty: none."""
 
 
 # --------------------------------------------------------------------------- the recipe

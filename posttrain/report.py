@@ -101,6 +101,21 @@ def variant_rows(records: dict[int, dict[str, dict]]) -> tuple[list[str], list[l
     return names, rows
 
 
+def benchmark_tables(records: dict[int, dict[str, dict]]) -> dict[str, tuple[list[str], list[list]]]:
+    """Per benchmark (`eval.benchmarks`): its number names, and a row per round that ran it
+    (round 0: the initial policy, from round 1), with the problems and settings."""
+    out: dict[str, tuple[list[str], list[list]]] = {}
+    for n, recs in sorted(records.items()):
+        for label, b in (((recs.get("eval") or {}).get("metrics") or {}).get("benchmarks") or {}).items():
+            keys, rows = out.setdefault(label, (list(b["numbers"]), []))
+            s = b["settings"]
+            how = f"n={s['n']}, temperature={s['temperature']}, max_new_tokens={s['max_new_tokens']}"
+            if b.get("initial") is not None:
+                rows.append([0, *(b["initial"].get(k) for k in keys), b["problems"], how])
+            rows.append([n, *(b["numbers"].get(k) for k in keys), b["problems"], how])
+    return out
+
+
 def data_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
     """Per round and stage: what was read, trained on, dropped (and why) and truncated."""
     rows = []
@@ -204,6 +219,23 @@ def _plots(folder: Path, records, dists) -> list[str]:
         fig.savefig(folder / "metrics.png", dpi=110)
         plt.close(fig)
         made.append("metrics.png")
+    tables = benchmark_tables(records)
+    if tables:
+        fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4.2), squeeze=False)
+        for ax, (label, (keys, rows)) in zip(axes[0], tables.items()):
+            for i, key in enumerate(keys):
+                pts = [(r[0], r[1 + i]) for r in rows if isinstance(r[1 + i], float)]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+            ax.set_title(f"{label} (round 0: initial policy)")
+            ax.set_xlabel("round")
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "benchmarks.png", dpi=110)
+        plt.close(fig)
+        made.append("benchmarks.png")
     if dists:
         ns = sorted(dists)
         fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -279,6 +311,11 @@ def write_report(run_dir: Path) -> Path:
         lines += _table(["round", "accuracy", "pairs", "accuracy, better is shorter", "prefers longer",
                          "score~length (held-out)", "score~length (samples)", "min accuracy",
                          "accuracy, next batch"], health)
+    for label, (keys, rows) in benchmark_tables(records).items():
+        lines += ["", f"## Benchmark: {label}", "",
+                  "Round 0 is the initial policy (`eval.benchmarks`; responses and per-sample verdicts in "
+                  "each round's `eval/benchmarks/`).", ""]
+        lines += _table(["round", *keys, "problems", "settings"], [[_fmt(v) for v in r] for r in rows])
     names, soups = variant_rows(records)
     if soups:
         lines += ["", "## The averaged model and its variants", "",

@@ -71,3 +71,24 @@ def test_the_share_of_samples_per_scoring_reason_each_round(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "## Why sampled responses scored what they did" in text
     assert "| round | responses | passed | failed | timeout |" in text and "| 2 | 8 | 75.0% | 12.5% | 12.5% |" in text
+
+
+def test_a_table_and_a_plot_per_benchmark(tmp_path):
+    from posttrain.report import benchmark_tables
+
+    how = {"n": 1, "temperature": 0.0, "max_new_tokens": 512}
+    he = lambda numbers, initial=None: {"humaneval": {"numbers": numbers, "initial": initial, "problems": 164,  # noqa: E731
+                                                      "settings": how}}
+    for n, bench in ((1, he({"pass@1": 0.25}, {"pass@1": 0.125})), (2, he({"pass@1": 0.5}))):
+        atomic_write_json(tmp_path / f"round_0{n}" / "eval" / "record.json",
+                          {"stage": "eval", "round": n, "outputs": {}, "metrics": {"benchmarks": bench},
+                           "timing": {"seconds": 1.0}})
+    from posttrain.report import collect
+
+    assert benchmark_tables(collect(tmp_path)) == {"humaneval": (["pass@1"], [
+        [0, 0.125, 164, "n=1, temperature=0.0, max_new_tokens=512"],
+        [1, 0.25, 164, "n=1, temperature=0.0, max_new_tokens=512"],
+        [2, 0.5, 164, "n=1, temperature=0.0, max_new_tokens=512"]])}
+    text = write_report(tmp_path).read_text()
+    assert "## Benchmark: humaneval" in text and "| 0 | 0.125 | 164 |" in text and "| 2 | 0.500 | 164 |" in text
+    assert (tmp_path / "report" / "benchmarks.png").is_file() and "![benchmarks.png]" in text

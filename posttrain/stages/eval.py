@@ -11,6 +11,9 @@ Metrics (in `round_NN/eval/record.json`):
 - `variants` (with `eval.variants` and two or more DPO variants): each variant's `task_score`
   and `mean_reward` on the same prompts, so the averaged model can be compared with each
   model it averages; `average_minus_best_variant` is the task score (else reward) gap.
+- `benchmarks` (with `eval.benchmarks`): per benchmark its numbers, the initial policy's (round
+  1), the number of problems and the settings used (posttrain.benchmarks); the responses with
+  their verdicts in `benchmarks/<model|initial>/`.
 The initial policy's responses are generated once (round 1, output `initial_responses`) and
 reused by later rounds while the model, prompts and settings are the same; the previous
 round's responses come from its eval record.
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.benchmarks import data_file, main_metric
 from posttrain.files import atomic_write_json, hash_json, hash_path, iter_jsonl, read_json, write_jsonl
 from posttrain.stage import StageContext, StageDef, StageResult, path_field
 from posttrain.stats import mean
@@ -56,8 +60,11 @@ def load_eval_prompts(inputs: "EvalInputs", max_prompts: int | None) -> list:
     return prompts[:max_prompts] if max_prompts else prompts
 
 
-def generate_responses(ctx: StageContext, model_dir: str | Path, prompts: list, label: str) -> list[dict]:
-    """One row per (prompt, sample): id, sample index, text, n_tokens, finished."""
+def generate_responses(ctx: StageContext, model_dir: str | Path, prompts: list, label: str,
+                       k: int | None = None, temperature: float | None = None,
+                       max_new_tokens: int | None = None) -> list[dict]:
+    """One row per (prompt, sample): id, sample index, text, n_tokens, finished. Sampling
+    settings default to eval's own (a benchmark passes its own)."""
     from posttrain import chat
     from posttrain.generation import generate
     from posttrain.jobs import SamplingSettings
@@ -70,8 +77,8 @@ def generate_responses(ctx: StageContext, model_dir: str | Path, prompts: list, 
     # The template writes BOS itself: the tokenizer must not add a second one.
     ids = [tok(chat.render_prompt(tok, p.messages), add_special_tokens=False)["input_ids"] for p in prompts]
     settings = SamplingSettings(
-        k=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=1.0,
-        max_new_tokens=cfg.max_new_tokens, seed=r.seed, stop_token_ids=tuple(chat.end_of_turn_ids(tok)),
+        k=k or cfg.samples_per_prompt, temperature=cfg.temperature if temperature is None else temperature,
+        top_p=1.0, max_new_tokens=max_new_tokens or cfg.max_new_tokens, seed=r.seed, stop_token_ids=tuple(chat.end_of_turn_ids(tok)),
     )
     # The engines run as sampling's do (tensor parallel size, engines, memory, the cluster): a
     # model that needs TP > 1 to sample needs it to be evaluated.
@@ -106,11 +113,14 @@ def _summaries(rows: list[dict], rewards, checks) -> dict:
 
 
 def _responses(ctx: StageContext, path: Path, model_dir: str, prompts: list, label: str,
-               cached: str | None = None) -> list[dict]:
+               cached: str | None = None, benchmark: dict | None = None) -> list[dict]:
     """The model's responses, written to `path`. Reused from `cached` or from `path` itself
-    when they came from the same model (by content), settings, prompts and seed."""
-    key = hash_json({"model": hash_path(model_dir), "eval": ctx.config.model_dump(mode="json"),
-                     "prompts": [p.id for p in prompts], "seed": ctx.recipe.seed})
+    when they came from the same model (by content), settings, prompts and seed. `benchmark`:
+    a benchmark's generation settings and data file hash instead of eval's own settings."""
+    # benchmarks generate their own responses: adding one must not regenerate these
+    identity = {"model": hash_path(model_dir), "eval": ctx.config.model_dump(mode="json", exclude={"benchmarks"}),
+                "prompts": [p.id for p in prompts], "seed": ctx.recipe.seed}
+    key = hash_json({**identity, "benchmark": benchmark} if benchmark else identity)
     for source in ([Path(cached)] if cached else []) + [path]:
         meta = source.with_suffix(".key.json")
         if source.is_file() and meta.is_file() and read_json(meta).get("key") == key:
@@ -119,7 +129,9 @@ def _responses(ctx: StageContext, path: Path, model_dir: str, prompts: list, lab
                 write_jsonl(path, rows)
                 atomic_write_json(path.with_suffix(".key.json"), {"key": key})
             return rows
-    rows = generate_responses(ctx, model_dir, prompts, label)
+    gen = {k: benchmark[k] for k in ("k", "temperature", "max_new_tokens")} if benchmark else {}
+    rows = generate_responses(ctx, model_dir, prompts, label, **gen)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, rows)
     atomic_write_json(path.with_suffix(".key.json"), {"key": key})
     return rows
@@ -132,6 +144,38 @@ def _variant_responses(ctx: StageContext, models: list[str], prompts: list, out:
     for model in models:
         name = Path(model).parent.name  # <dpo>/variants/<name>/model
         found[name] = _responses(ctx, out / "variants" / f"{name}.jsonl", model, prompts, f"DPO variant {name}")
+    return found
+
+
+def run_benchmarks(ctx: StageContext, out: Path) -> dict[str, dict]:
+    """`eval.benchmarks` due this round, on the round's model (and the initial policy in round 1):
+    per benchmark its numbers, the initial policy's, the number of problems and the settings
+    that produced them. Responses, with their per-sample verdicts, go to
+    `benchmarks/<model|initial>/<name>.jsonl`."""
+    from posttrain.benchmarks import load_problems, score_humaneval, score_instructions, user_turn
+    from posttrain.data import Prompt
+
+    inp: EvalInputs = ctx.inputs
+    found = {}
+    for spec, path in zip(ctx.config.benchmarks, inp.benchmark_files, strict=True):
+        if not spec.runs_in(ctx.round):
+            continue
+        problems = load_problems(spec, path)
+        prompts = [Prompt(id=p.id, messages=[{"role": "user", "content": p.user}]) for p in problems]
+        entry = {"problems": len(problems), "settings": {**spec.model_dump(mode="json"), "data_file": path,
+                                                         "user_turn": user_turn(spec)}}
+        models = {"model": inp.final_model, **({"initial": inp.initial_model} if ctx.round == 1 else {})}
+        gen = {"k": spec.n, "temperature": spec.temperature, "max_new_tokens": spec.max_new_tokens,
+               "data": hash_path(path), "max_problems": spec.max_problems}
+        for who, model in models.items():
+            target = out / "benchmarks" / who / spec.file_name  # reused on resume while nothing changed
+            rows = _responses(ctx, target, model, prompts, f"{spec.label} ({who})", benchmark=gen)
+            rows = [{k: r[k] for k in ("id", "sample", "text", "n_tokens", "finished")} for r in rows]
+            numbers = (score_humaneval(spec, problems, rows) if spec.name == "humaneval"
+                       else score_instructions(spec, problems, rows, path))
+            write_jsonl(target, rows)
+            entry["numbers" if who == "model" else "initial"] = numbers
+        found[spec.label] = entry
     return found
 
 
@@ -186,6 +230,9 @@ def run(ctx: StageContext) -> StageResult:
         best = max((v[key] for v in metrics["variants"].values() if v[key] is not None), default=None)
         metrics["average_minus_best_variant"] = (metrics[key] - best if best is not None and metrics[key] is not None
                                                  else None)
+    benchmarks = run_benchmarks(ctx, out)
+    if benchmarks:
+        metrics["benchmarks"] = benchmarks
     metrics["prompts"] = len(prompts)
     metrics["responses"] = len(rows)
     for row, rew, chk in zip(rows, rewards["ours"], checks or [None] * len(rows)):
@@ -218,6 +265,8 @@ class EvalInputs:
     rm_heldout_accuracy: float | None = None
     variant_models: list[str] = path_field(default_factory=list)
     """The round's DPO variants, evaluated beside the averaged model (`eval.variants`)."""
+    benchmark_files: list[str] = path_field(default_factory=list)
+    """The data file of each of `eval.benchmarks`, in order (their content is hashed)."""
 
 
 def _resolve(rnd) -> EvalInputs:
@@ -231,7 +280,8 @@ def _resolve(rnd) -> EvalInputs:
         capabilities={name: c.model_dump() for name, c in r.capabilities.items()},
         prompt_capabilities={rnd.path(p.path): p.capability for p in r.data.eval_prompts if p.capability},
         rm_heldout_accuracy=((rnd.record("rm") or {}).get("metrics", {}).get("heldout") or {}).get("accuracy"),
-        variant_models=_variant_models(rnd))
+        variant_models=_variant_models(rnd),
+        benchmark_files=[data_file(b, rnd.path) for b in r.eval.benchmarks])
 
 
 def _variant_models(rnd) -> list[str]:
@@ -250,7 +300,11 @@ def _headline(m: dict) -> list[tuple[str, Any]]:
     # the held-out task score (the checker) or else the mean reward; win rate vs the
     # previous round's model
     first = ("task", m.get("task_score")) if m.get("task_score") is not None else ("reward", m.get("mean_reward"))
-    return [first, ("win_vs_prev", m.get("win_rate_vs_previous"))]
+    shown = [first, ("win_vs_prev", m.get("win_rate_vs_previous"))]
+    for label, b in list((m.get("benchmarks") or {}).items())[:1]:  # the first benchmark's main number
+        key = main_metric(label.split(":")[0], b["numbers"])
+        shown.append((f"{label.split(':')[0]}:{key}", b["numbers"][key]))
+    return shown
 
 
 def _settings(recipe) -> dict:

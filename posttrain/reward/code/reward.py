@@ -221,8 +221,10 @@ class CodeTestReward:
         suites = [suite_from_meta(meta, f"sample {i}") for i, meta in enumerate(metas)]
         return [None if r is None else r.scored() for r in self.run_batch(responses, suites)]
 
-    def run_batch(self, responses: Sequence[str], suites: Sequence[Suite | None]) -> list[RunResult | None]:
-        """Run each response against its suite (None: skipped), `max_workers` at a time."""
+    def run_batch(self, responses: Sequence[str], suites: Sequence[Suite | None],
+                  program=extract_code) -> list[RunResult | None]:
+        """Run each response's program (`program(response)`: by default its code as
+        `extract_code` finds it) against its suite (None: skipped), `max_workers` at a time."""
         self.setup()
         assert self._slots is not None
 
@@ -231,7 +233,7 @@ class CodeTestReward:
                 return None
             slot = self._slots.get()
             try:
-                return run_tests(extract_code(responses[i]), suites[i], slot)
+                return run_tests(program(responses[i]), suites[i], slot)
             finally:
                 self._slots.put(slot)
 
