@@ -237,6 +237,38 @@ def test_rm_on_two_processes_equals_one_and_ranks_agree(tmp_path, tiny_model_dir
     assert json.loads((two / ".result.json").read_text())["outputs"] == {"model": "round_01/rm/model"}
 
 
+@pytest.mark.parametrize("rows", [127, 113])
+def test_packed_rm_on_two_processes_equals_one_when_the_data_does_not_divide(tmp_path, tiny_model_dir, rows):
+    """127 rankings, global batch 16: the last step holds 15 (8 + 7 over the ranks); 113: it holds
+    1, so rank 1 runs a zero-weight step. accelerate's padding of the last batch gave 5.6e-5."""
+    prefs = _preferences(tmp_path / "prefs.jsonl", rows)
+    inputs = {"base_model": str(tiny_model_dir), "preference_files": [str(prefs)], "heldout_preference_files": []}
+    cfg = {"learning_rate": 2e-3, "epochs": 1, "heldout_fraction": 0, "save_steps": 1000, "logging_steps": 1,
+           "keep_unlabelled": True, "keep_strengths": ["significantly_better", "better"]}
+    one = _run(tmp_path, "one", "rm", {**cfg, "batch_size": 16}, inputs, None, str(tiny_model_dir))
+    two = _run(tmp_path, "two", "rm", {**cfg, "batch_size": 8}, inputs, TORCHRUN_2, str(tiny_model_dir))
+    steps = [json.loads((out / "variants" / "v0" / "metrics.json").read_text())["steps"] for out in (one, two)]
+    assert steps == [-(-rows // 16)] * 2
+    a, b = _weights(one / "model"), _weights(two / "model")
+    base = _weights(Path(tiny_model_dir))
+    assert max((a[k] - base[k]).abs().max().item() for k in base) > 1e-3  # the steps did something
+    print(f"rm {rows} rankings: max weight difference {_max_diff(a, b):.2e}")
+    assert _max_diff(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [127, 113])
+def test_sft_on_two_processes_equals_one_when_the_data_does_not_divide(tmp_path, tiny_model_dir, rows):
+    data = _sft_rows(tmp_path / "sft.jsonl", rows)
+    inputs = {"init_model": str(tiny_model_dir), "sft_files": [str(data)]}
+    cfg = {"learning_rate": 1e-3, "epochs": 1, "save_steps": 1000, "logging_steps": 1, "max_length": 64}
+    one = _run(tmp_path, "one", "sft", {**cfg, "batch_size": 16}, inputs, None, str(tiny_model_dir))
+    two = _run(tmp_path, "two", "sft", {**cfg, "batch_size": 8}, inputs, TORCHRUN_2, str(tiny_model_dir))
+    a, b = _weights(one / "model"), _weights(two / "model")
+    assert _max_diff(a, _weights(Path(tiny_model_dir))) > 1e-4
+    print(f"sft {rows} examples: max weight difference {_max_diff(a, b):.2e}")
+    assert _max_diff(a, b) < 1e-5
+
+
 @pytest.mark.slow
 def test_sft_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     data = _sft_rows(tmp_path / "sft.jsonl", 8)
