@@ -256,7 +256,7 @@ def test_packed_rm_on_two_processes_equals_one_when_the_data_does_not_divide(tmp
     assert _max_diff(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("rows", [127, 113])
+@pytest.mark.parametrize("rows", [127, pytest.param(113, marks=pytest.mark.slow)])
 def test_sft_on_two_processes_equals_one_when_the_data_does_not_divide(tmp_path, tiny_model_dir, rows):
     data = _sft_rows(tmp_path / "sft.jsonl", rows)
     inputs = {"init_model": str(tiny_model_dir), "sft_files": [str(data)]}
@@ -280,6 +280,20 @@ def test_sft_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     assert _max_diff(a, _weights(Path(tiny_model_dir))) > 1e-4
     assert _max_diff(a, b) < 1e-5
     _assert_complete(two / "model")
+
+
+@pytest.mark.parametrize("rows", [127, pytest.param(113, marks=pytest.mark.slow)])
+def test_dpo_with_nll_on_two_processes_equals_one_when_the_data_does_not_divide(tmp_path, tiny_model_dir, rows):
+    prefs = _preferences(tmp_path / "prefs.jsonl", rows)
+    inputs = {"sft_model": str(tiny_model_dir), "preference_files": [str(prefs)], "samples": None}
+    cfg = {"learning_rate": 1e-3, "epochs": 1, "save_steps": 1000, "logging_steps": 1, "max_length": 64,
+           "nll_coef": 0.2}
+    one = _run(tmp_path, "one", "dpo", {**cfg, "batch_size": 16}, inputs, None, str(tiny_model_dir))
+    two = _run(tmp_path, "two", "dpo", {**cfg, "batch_size": 8}, inputs, TORCHRUN_2, str(tiny_model_dir))
+    a, b = _weights(one / "variants" / "v0" / "model"), _weights(two / "variants" / "v0" / "model")
+    assert _max_diff(a, _weights(Path(tiny_model_dir))) > 1e-4
+    print(f"dpo {rows} pairs: max weight difference {_max_diff(a, b):.2e}")
+    assert _max_diff(a, b) < 1e-5
 
 
 @pytest.mark.slow
