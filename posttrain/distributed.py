@@ -222,6 +222,8 @@ class _ZeroWeightRows:
         return [self[i] for i in indices]
 
     def __getattr__(self, name):  # column_names and the like, for whoever reads them
+        if name == "dataset":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.dataset, name)
 
 

@@ -237,6 +237,25 @@ def test_rm_on_two_processes_equals_one_and_ranks_agree(tmp_path, tiny_model_dir
     assert json.loads((two / ".result.json").read_text())["outputs"] == {"model": "round_01/rm/model"}
 
 
+@pytest.mark.parametrize("rows, world", [(127, 2), (113, 2), (16, 2), (7, 3), (1, 2)])
+def test_exact_shards_deal_each_global_batch_once_and_pad_with_zero_weight_rows(rows, world):
+    from torch.utils.data import BatchSampler
+
+    from posttrain.distributed import ExactShards, ZeroWeight
+
+    b = 8 if rows > 16 else 2
+    order = random.Random(rows).sample(range(rows), rows)
+    single = [order[i:i + world * b] for i in range(0, rows, world * b)]  # one process, batch W * b
+    ranks = [list(ExactShards(BatchSampler(order, b, drop_last=False), r, world)) for r in range(world)]
+    assert all(len(steps) == len(single) == len(ExactShards(BatchSampler(order, b, False), r, world))
+               for r, steps in enumerate(ranks))
+    for k, batch in enumerate(single):
+        parts = [ranks[r][k] for r in range(world)]
+        real = [i for part in parts for i in part if not isinstance(i, ZeroWeight)]
+        assert real == batch  # the union, in order, nothing repeated
+        assert all(len(p) == 1 for p in parts if any(isinstance(i, ZeroWeight) for i in p))
+
+
 @pytest.mark.parametrize("rows", [127, 113])
 def test_packed_rm_on_two_processes_equals_one_when_the_data_does_not_divide(tmp_path, tiny_model_dir, rows):
     """127 rankings, global batch 16: the last step holds 15 (8 + 7 over the ranks); 113: it holds
