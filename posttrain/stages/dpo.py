@@ -157,6 +157,11 @@ def token_mean_nll(per_token_logps: torch.Tensor, mask: torch.Tensor, global_tok
     return -(per_token_logps * mask).sum() * world_size / total.clamp(min=1.0)
 
 
+def counted_pairs(dpo_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) 1.0 for each pair of a (2B, T) batch that has DPO tokens, 0.0 for a zero-weight row."""
+    return (dpo_mask.chunk(2, dim=0)[0].sum(dim=-1) > 0).float()
+
+
 def dpo_objective(per_token_logps: torch.Tensor, dpo_mask: torch.Tensor, nll_mask: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
                   beta: float, nll_coef: float, dpo_weight: float = 1.0, nll_global_tokens: torch.Tensor | None = None,
                   world_size: int = 1, global_pairs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -179,8 +184,8 @@ def dpo_objective(per_token_logps: torch.Tensor, dpo_mask: torch.Tensor, nll_mas
     if global_pairs is None:
         dpo_term = dpo.mean()
     else:
-        counted = (dpo_mask.chunk(2, dim=0)[0].sum(dim=-1) > 0).to(dpo.dtype)  # (B,)
-        dpo_term = (dpo * counted).sum() * world_size / global_pairs.to(dpo.dtype).clamp(min=1.0)
+        dpo_term = ((dpo * counted_pairs(dpo_mask).to(dpo.dtype)).sum() * world_size
+                    / global_pairs.to(dpo.dtype).clamp(min=1.0))
     loss = dpo_weight * dpo_term + (nll_coef * nll if nll_coef > 0 else 0.0)
     return {"loss": loss, "dpo": dpo_term, "nll": nll, "chosen_logps": chosen, "rejected_logps": rejected}
 
@@ -555,7 +560,7 @@ def masked_dpo_trainer_class():
             chosen_nll_mask, _ = nll_mask.chunk(2, dim=0)
             world = self.accelerator.num_processes
             global_tokens = global_pairs = None
-            counted = (dpo_mask.chunk(2, dim=0)[0].sum(dim=-1) > 0).float()  # (B,): 0 for a zero-weight row
+            counted = counted_pairs(dpo_mask)
             if world > 1:  # the ranks' shares of the global batch's means
                 global_tokens = self.accelerator.reduce(chosen_nll_mask.sum().float(), "sum")
                 global_pairs = self.accelerator.reduce(counted.sum(), "sum")
