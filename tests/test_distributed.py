@@ -237,6 +237,60 @@ def test_rm_on_two_processes_equals_one_and_ranks_agree(tmp_path, tiny_model_dir
     assert json.loads((two / ".result.json").read_text())["outputs"] == {"model": "round_01/rm/model"}
 
 
+@pytest.mark.parametrize("rows, world", [(127, 2), (113, 2), (16, 2), (7, 3), (1, 2)])
+def test_exact_shards_deal_each_global_batch_once_and_pad_with_zero_weight_rows(rows, world):
+    from torch.utils.data import BatchSampler
+
+    from posttrain.distributed import ExactShards, ZeroWeight
+
+    b = 8 if rows > 16 else 2
+    order = random.Random(rows).sample(range(rows), rows)
+    single = [order[i:i + world * b] for i in range(0, rows, world * b)]  # one process, batch W * b
+    ranks = [list(ExactShards(BatchSampler(order, b, drop_last=False), r, world)) for r in range(world)]
+    assert all(len(steps) == len(single) == len(ExactShards(BatchSampler(order, b, False), r, world))
+               for r, steps in enumerate(ranks))
+    for k, batch in enumerate(single):
+        parts = [ranks[r][k] for r in range(world)]
+        real = [i for part in parts for i in part if not isinstance(i, ZeroWeight)]
+        assert real == batch  # the union, in order, nothing repeated
+        assert all(len(p) == 1 for p in parts if any(isinstance(i, ZeroWeight) for i in p))
+
+
+# The default suite runs rm at 127 rows (the demo's count); the rest are slow (about 25 s each on
+# 2 cores). The zero-weight step of 113 rows has a unit test (test_exact_shards_...) by default.
+@pytest.mark.parametrize("rows", [127, pytest.param(113, marks=pytest.mark.slow)])
+def test_packed_rm_on_two_processes_equals_one_when_the_data_does_not_divide(tmp_path, tiny_model_dir, rows):
+    """127 rankings, global batch 16: the last step holds 15 (8 + 7 over the ranks); 113: it holds
+    1, so rank 1 runs a zero-weight step. accelerate's padding of the last batch gave 5.6e-5."""
+    prefs = _preferences(tmp_path / "prefs.jsonl", rows)
+    inputs = {"base_model": str(tiny_model_dir), "preference_files": [str(prefs)], "heldout_preference_files": []}
+    cfg = {"learning_rate": 2e-3, "epochs": 1, "heldout_fraction": 0, "save_steps": 1000, "logging_steps": 1,
+           "keep_unlabelled": True, "keep_strengths": ["significantly_better", "better"]}
+    one = _run(tmp_path, "one", "rm", {**cfg, "batch_size": 16}, inputs, None, str(tiny_model_dir))
+    two = _run(tmp_path, "two", "rm", {**cfg, "batch_size": 8}, inputs, TORCHRUN_2, str(tiny_model_dir))
+    steps = [json.loads((out / "variants" / "v0" / "metrics.json").read_text())["steps"] for out in (one, two)]
+    assert steps == [-(-rows // 16)] * 2
+    a, b = _weights(one / "model"), _weights(two / "model")
+    base = _weights(Path(tiny_model_dir))
+    assert max((a[k] - base[k]).abs().max().item() for k in base) > 1e-3  # the steps did something
+    print(f"rm {rows} rankings: max weight difference {_max_diff(a, b):.2e}")
+    assert _max_diff(a, b) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows", [127, 113])
+def test_sft_on_two_processes_equals_one_when_the_data_does_not_divide(tmp_path, tiny_model_dir, rows):
+    data = _sft_rows(tmp_path / "sft.jsonl", rows)
+    inputs = {"init_model": str(tiny_model_dir), "sft_files": [str(data)]}
+    cfg = {"learning_rate": 1e-3, "epochs": 1, "save_steps": 1000, "logging_steps": 1, "max_length": 64}
+    one = _run(tmp_path, "one", "sft", {**cfg, "batch_size": 16}, inputs, None, str(tiny_model_dir))
+    two = _run(tmp_path, "two", "sft", {**cfg, "batch_size": 8}, inputs, TORCHRUN_2, str(tiny_model_dir))
+    a, b = _weights(one / "model"), _weights(two / "model")
+    assert _max_diff(a, _weights(Path(tiny_model_dir))) > 1e-4
+    print(f"sft {rows} examples: max weight difference {_max_diff(a, b):.2e}")
+    assert _max_diff(a, b) < 1e-5
+
+
 @pytest.mark.slow
 def test_sft_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     data = _sft_rows(tmp_path / "sft.jsonl", 8)
@@ -248,6 +302,21 @@ def test_sft_on_two_processes_equals_one(tmp_path, tiny_model_dir):
     assert _max_diff(a, _weights(Path(tiny_model_dir))) > 1e-4
     assert _max_diff(a, b) < 1e-5
     _assert_complete(two / "model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows", [127, 113])
+def test_dpo_with_nll_on_two_processes_equals_one_when_the_data_does_not_divide(tmp_path, tiny_model_dir, rows):
+    prefs = _preferences(tmp_path / "prefs.jsonl", rows)
+    inputs = {"sft_model": str(tiny_model_dir), "preference_files": [str(prefs)], "samples": None}
+    cfg = {"learning_rate": 1e-3, "epochs": 1, "save_steps": 1000, "logging_steps": 1, "max_length": 64,
+           "nll_coef": 0.2}
+    one = _run(tmp_path, "one", "dpo", {**cfg, "batch_size": 16}, inputs, None, str(tiny_model_dir))
+    two = _run(tmp_path, "two", "dpo", {**cfg, "batch_size": 8}, inputs, TORCHRUN_2, str(tiny_model_dir))
+    a, b = _weights(one / "variants" / "v0" / "model"), _weights(two / "variants" / "v0" / "model")
+    assert _max_diff(a, _weights(Path(tiny_model_dir))) > 1e-4
+    print(f"dpo {rows} pairs: max weight difference {_max_diff(a, b):.2e}")
+    assert _max_diff(a, b) < 1e-5
 
 
 @pytest.mark.slow

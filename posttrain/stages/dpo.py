@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from posttrain import files
+from posttrain import distributed, files
 from posttrain.packing import block_attention_mask, model_attention_mask, supports_block_mask
 from posttrain.preferences import PreferenceFilter, rank
 from posttrain.schema import BatchSize, Tokens
@@ -158,9 +158,14 @@ def token_mean_nll(per_token_logps: torch.Tensor, mask: torch.Tensor, global_tok
     return -(per_token_logps * mask).sum() * world_size / total.clamp(min=1.0)
 
 
+def counted_pairs(dpo_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) 1.0 for each pair of a (2B, T) batch that has DPO tokens, 0.0 for a zero-weight row."""
+    return (dpo_mask.chunk(2, dim=0)[0].sum(dim=-1) > 0).float()
+
+
 def dpo_objective(per_token_logps: torch.Tensor, dpo_mask: torch.Tensor, nll_mask: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
                   beta: float, nll_coef: float, dpo_weight: float = 1.0, nll_global_tokens: torch.Tensor | None = None,
-                  world_size: int = 1) -> dict[str, torch.Tensor]:
+                  world_size: int = 1, global_pairs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The stage's loss: dpo_weight * mean DPO loss under `dpo_mask` + nll_coef * NLL of chosen under `nll_mask`.
 
     per_token_logps: (2B, T), rows [chosen_1..chosen_B, rejected_1..rejected_B], zero outside the
@@ -168,7 +173,8 @@ def dpo_objective(per_token_logps: torch.Tensor, dpo_mask: torch.Tensor, nll_mas
     chosen half of nll_mask is used); ref_chosen, ref_rejected: (B,) reference sums under dpo_mask.
     Under data parallelism, `nll_global_tokens` (the chosen NLL tokens of every rank) and
     `world_size` make the NLL a mean over the global batch (see `token_mean_nll`); the DPO term
-    is a mean over pairs, already global when every rank holds the same number of pairs.
+    is a mean over pairs: with `global_pairs` (the pairs of every rank that have DPO tokens; a
+    zero-weight row has none) it is W * sum_r / global_pairs in the same way.
     """
     logps = masked_logp_sum(per_token_logps, dpo_mask)  # (2B,)
     chosen, rejected = logps.chunk(2, dim=0)
@@ -176,8 +182,13 @@ def dpo_objective(per_token_logps: torch.Tensor, dpo_mask: torch.Tensor, nll_mas
     chosen_tok, _ = per_token_logps.chunk(2, dim=0)
     chosen_nll_mask, _ = nll_mask.chunk(2, dim=0)
     nll = token_mean_nll(chosen_tok, chosen_nll_mask, nll_global_tokens, world_size)
-    loss = dpo_weight * dpo.mean() + (nll_coef * nll if nll_coef > 0 else 0.0)
-    return {"loss": loss, "dpo": dpo.mean(), "nll": nll, "chosen_logps": chosen, "rejected_logps": rejected}
+    if global_pairs is None:
+        dpo_term = dpo.mean()
+    else:
+        dpo_term = ((dpo * counted_pairs(dpo_mask).to(dpo.dtype)).sum() * world_size
+                    / global_pairs.to(dpo.dtype).clamp(min=1.0))
+    loss = dpo_weight * dpo_term + (nll_coef * nll if nll_coef > 0 else 0.0)
+    return {"loss": loss, "dpo": dpo_term, "nll": nll, "chosen_logps": chosen, "rejected_logps": rejected}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +302,13 @@ def pair_uid(row: dict) -> str:
     """Hash of everything a reference log-prob sum depends on: the tokens and the DPO mask."""
     keys = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_dpo_mask", "rejected_dpo_mask")
     return files.hash_json({k: row[k] for k in keys})
+
+
+def _without_targets(row: dict) -> dict:
+    """A pair at weight 0 (a rank's empty slot in the last step, see distributed.ZeroWeight): no
+    DPO token, no NLL token."""
+    masks = ("chosen_loss_mask", "rejected_loss_mask", "chosen_dpo_mask", "rejected_dpo_mask")
+    return {**row, **{k: [0] * len(row[k]) for k in masks}}
 
 
 @dataclass
@@ -528,6 +546,10 @@ def masked_dpo_trainer_class():
             dataset = dataset.add_column("ref_chosen_logps", [r[0] for r in ref])
             return dataset.add_column("ref_rejected_logps", [r[1] for r in ref])
 
+        def get_train_dataloader(self):
+            return distributed.exact_train_dataloader(super().get_train_dataloader(), self.accelerator.num_processes,
+                                                      _without_targets)
+
         def loss(self, model, inputs):
             per_tok, completion, dpo_mask = self._response_logps(model, inputs)
             nll_mask = dpo_mask if self._mask_formatting_in_nll else completion
@@ -538,16 +560,24 @@ def masked_dpo_trainer_class():
             nll_coef = self.loss_weights[1] if len(self.loss_types) == 2 else 0.0
             chosen_nll_mask, _ = nll_mask.chunk(2, dim=0)
             world = self.accelerator.num_processes
-            global_tokens = self.accelerator.reduce(chosen_nll_mask.sum().float(), "sum") if world > 1 else None
+            global_tokens = global_pairs = None
+            counted = counted_pairs(dpo_mask)
+            if world > 1:  # the ranks' shares of the global batch's means
+                global_tokens = self.accelerator.reduce(chosen_nll_mask.sum().float(), "sum")
+                global_pairs = self.accelerator.reduce(counted.sum(), "sum")
             res = dpo_objective(per_tok, dpo_mask, nll_mask, ref_c, ref_r, beta=self.beta,
                                 nll_coef=nll_coef, dpo_weight=self.loss_weights[0],
-                                nll_global_tokens=global_tokens, world_size=world)
+                                nll_global_tokens=global_tokens, world_size=world, global_pairs=global_pairs)
             loss = res["loss"]
             chosen_rewards = self.beta * (res["chosen_logps"] - ref_c).detach()
             rejected_rewards = self.beta * (res["rejected_logps"] - ref_r).detach()
 
             def mean(x):
-                return self.accelerator.gather(x).mean().item()
+                if world == 1 or x.dim() == 0:  # a scalar is already this rank's share of the global mean
+                    return self.accelerator.gather(x).mean().item()
+                # per pair: the ranks may hold different numbers of pairs (the last step)
+                total = self.accelerator.reduce((x.float() * counted).sum(), "sum")
+                return (total / global_pairs.clamp(min=1.0)).item()
 
             self.record_metric("rewards/chosen", mean(chosen_rewards))
             self.record_metric("rewards/rejected", mean(rejected_rewards))

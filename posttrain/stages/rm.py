@@ -445,11 +445,23 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def _without_pairs(item: EncodedRanking) -> EncodedRanking:
+    """A ranking at weight 0 (a rank's empty slot in the last step): scored, no pair counts."""
+    return EncodedRanking(prompt_ids=item.prompt_ids, response_ids=item.response_ids, pairs=[], strengths=[],
+                          source=item.source)
+
+
 def _packed_trainer_class():
     from transformers import Trainer
 
     class PackedRewardTrainer(Trainer):
-        """A Trainer whose batches are packed rankings and whose loss is Bradley-Terry over all pairs."""
+        """A Trainer whose batches are packed rankings and whose loss is Bradley-Terry over all pairs.
+        On W processes each optimizer step holds exactly one process's global batch
+        (`distributed.exact_train_dataloader`), and the loss is the mean over its pairs."""
+
+        def get_train_dataloader(self):
+            return distributed.exact_train_dataloader(super().get_train_dataloader(), self.accelerator.num_processes,
+                                                      _without_pairs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             world = self.accelerator.num_processes

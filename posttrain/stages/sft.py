@@ -138,7 +138,7 @@ def build_trainer(*, cfg: SFTStageConfig, variant, seed: int, init_model: Path, 
         completion_only_loss=False,
         assistant_only_loss=False,
     )
-    return SFTTrainer(
+    return _exact_sft_trainer_class(SFTTrainer)(
         model=load_causal_lm_for_training(init_model, trust_remote_code=trust_remote_code),
         args=args,
         train_dataset=Dataset.from_list(rows),
@@ -146,6 +146,26 @@ def build_trainer(*, cfg: SFTStageConfig, variant, seed: int, init_model: Path, 
         peft_config=peft_config(cfg.lora),
         callbacks=[*stage_callbacks(), *callbacks],
     )
+
+
+def _without_targets(row: dict) -> dict:
+    """An example at weight 0 (a rank's empty slot in the last step): no target token."""
+    return {**row, "labels": [-100] * len(row["labels"])}
+
+
+def _exact_sft_trainer_class(base):
+    class ExactSFTTrainer(base):
+        """TRL's SFTTrainer whose W processes see exactly one process's global batches
+        (`distributed.exact_train_dataloader`); the token mean is global already (the Trainer's
+        `num_items_in_batch` over every rank, `average_tokens_across_devices`)."""
+
+        def get_train_dataloader(self):
+            from posttrain import distributed
+
+            return distributed.exact_train_dataloader(super().get_train_dataloader(), self.accelerator.num_processes,
+                                                      _without_targets)
+
+    return ExactSFTTrainer
 
 
 def train_variant(*, work_dir: Path, **kwargs):
