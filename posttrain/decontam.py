@@ -82,7 +82,7 @@ class NgramIndex:
     def check_any(self, texts: Iterable[str]) -> str | None:
         """The first prompt set any of `texts` overlaps, or None."""
         for t in texts:
-            hit = self.check(t)
+            hit = self.check(t) if isinstance(t, str) else None
             if hit is not None:
                 return hit
         return None
@@ -159,6 +159,15 @@ def screen(inputs, rows: list[T], texts: Callable[[T], Iterable[str]], source: C
         log.warning("%s: %d row(s) share a %d-gram with an eval prompt, %s: %s", stage, sum(counts.values()),
                     settings["n"], action, ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     return kept, dict(sorted(counts.items()))
+
+
+def screen_preferences(inputs, prefs: list, stage: str) -> tuple[list, list, dict[str, int]]:
+    """Preference rows (posttrain.data.Preference) checked on the prompt's user turns and every
+    response. Returns (rows to train on, contaminated rows removed, contaminated per source)."""
+    kept, counts = screen(inputs, prefs, lambda p: [*user_texts(p.prompt), p.chosen, p.rejected, p.edited],
+                          lambda p: source_file(p.source), stage)
+    ids = {id(p) for p in kept}
+    return kept, [p for p in prefs if id(p) not in ids], counts
 
 
 def source_file(source: str) -> str:
