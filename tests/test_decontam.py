@@ -163,3 +163,18 @@ def test_off_leaves_the_input_hash_as_before(eval_file):
     on = hashed_inputs(DPOInputs(sft_model="m", decontaminate={"mode": "warn", "n": 8},
                                  eval_prompt_files=[eval_file]), hash_paths)
     assert on["eval_prompt_files"] == [eval_file] and on["decontaminate"]["mode"] == "warn"
+
+
+def test_report_column_lines_up_with_the_data_rows():
+    from posttrain.report import contaminated_cells, data_rows
+
+    trained = {"unit": "examples", "rows_read": 5, "rows_trained": 3, "rows_trained_by_variant": {},
+               "dropped": {"contaminated": 2}, "truncated": 0}
+    records = {1: {"rm": {"metrics": {}},  # no data counts: not a row of the table
+                   "sample": {"metrics": {"prompts_read": 4, "contaminated": {"/d/train.jsonl": 1}}},
+                   "sft": {"metrics": {**trained, "contaminated": {"/d/sft.jsonl": 2}}},
+                   "dpo": {"metrics": {**trained, "dropped": {}}}}}
+    rows, cells = data_rows(records), contaminated_cells(records)
+    assert [r[1] for r in rows] == ["sample", "sft", "dpo"]
+    assert cells == ["train.jsonl 1", "sft.jsonl 2", "-"]
+    assert "contaminated 2" in rows[1][5]
