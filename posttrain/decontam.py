@@ -7,7 +7,7 @@ hide an overlap). A text shorter than n words has no n-gram: it is compared whol
 same normalisation, with the prompts that are shorter than n words too.
 
 What is checked, per stage, before it trains (the recipe's `decontaminate`):
-- sft: every user turn and the assistant response of each row;
+- sft: every user and assistant turn of each row;
 - rm, dpo: the prompt's user turns and every response (chosen, rejected, edited);
 - sample: the prompts' user turns.
 `warn` counts contaminated rows per source file (in the stage's metrics and the report) and

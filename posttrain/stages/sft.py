@@ -113,10 +113,10 @@ def training_rows(tokenizer, top1: list, recipe_data: list, cfg: SFTStageConfig,
 
 
 def screen_examples(inputs, examples: list) -> tuple[list, dict[str, int]]:
-    """SFT rows checked for eval prompts (posttrain.decontam): their user turns and the
-    assistant response."""
+    """SFT rows checked for eval prompts (posttrain.decontam): their user turns and assistant
+    responses (every one: `targets: all_turns` trains on them all)."""
     return decontam.screen(inputs, examples,
-                           lambda ex: [*decontam.user_texts(ex.messages), ex.messages[-1]["content"]],
+                           lambda ex: [m.get("content") for m in ex.messages if m.get("role") in ("user", "assistant")],
                            lambda ex: decontam.source_file(ex.source), "sft")
 
 
