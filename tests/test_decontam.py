@@ -81,7 +81,8 @@ def test_sft_rows_counted_and_dropped(eval_file):
     from posttrain.stages.sft import screen_examples
 
     rows = [SFTExample("a", conv(EVAL, "def f(xs): ..."), source="sft.jsonl:1"),
-            SFTExample("b", conv("Hello", "Answer: " + EVAL.lower()) + conv("More?", "No."), source="sft.jsonl:2"),  # an earlier response
+            # an earlier assistant turn copies the eval prompt
+            SFTExample("b", conv("Hello", "Answer: " + EVAL.lower()) + conv("More?", "No."), source="sft.jsonl:2"),
             SFTExample("c", conv("Sort 3 1 2", "1 2 3"), source="other.jsonl:1")]
     kept, counts = screen_examples(inputs(eval_file, "warn"), rows)
     assert kept == rows and counts == {"sft.jsonl": 2}
