@@ -149,6 +149,18 @@ class EvalSettings(StrictModel):
     both}, {name: ifeval_file, path: my_ifeval.jsonl}]`. Empty: none."""
 
 
+class Decontamination(StrictModel):
+    """Training data checked against the eval prompts by n-gram overlap (posttrain.decontam).
+    Written as a section or as the mode alone (`decontaminate: drop`)."""
+
+    mode: Literal["off", "warn", "drop"] = "off"
+    """`warn`: count contaminated rows per source file (stage metrics, report) and train on
+    them; `drop`: remove them too; `off` (default): no check, and the eval prompt files are
+    no input of the training stages."""
+    n: int = Field(8, ge=1)
+    """Words per n-gram (the Llama 3 report's 8); shorter texts are compared whole."""
+
+
 # --------------------------------------------------------------------------- the recipe
 
 
@@ -209,6 +221,9 @@ class Recipe(StrictModel):
     """Stage 5: averaging the DPO variants into the round's model."""
     eval: EvalSettings = EvalSettings()
     """Evaluation after each round."""
+    decontaminate: Decontamination = Decontamination()
+    """Check every round's training data (sft rows, rm/dpo preferences, sampling prompts)
+    against `data.eval_prompts` by n-gram overlap: `off`, `warn` or `drop`."""
     annotate: AnnotateConfig | None = None
     """After the round's model: the next round's preference batch, from the latest models
     (posttrain.stages.annotate). None: no annotate step (the recipe's fixed batches only)."""
@@ -216,6 +231,11 @@ class Recipe(StrictModel):
     """Per-round changes: keys are a round (`"3"`), a range (`"2-4"`) or an open range
     (`"4-"`); values are recipe sections, merged over the base for those rounds. Where
     several cover a round, the narrower range is applied last and wins."""
+
+    @field_validator("decontaminate", mode="before")
+    @classmethod
+    def _mode_alone(cls, v: Any) -> Any:
+        return {"mode": v} if isinstance(v, str) else v
 
     @field_validator("overrides")
     @classmethod

@@ -146,6 +146,18 @@ def data_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
     return rows
 
 
+def contaminated_cells(records: dict[int, dict[str, dict]]) -> list[str]:
+    """Per row of `data_rows`: the stage's contaminated rows per source file, or "-"."""
+    cells = []
+    for n, recs in sorted(records.items()):
+        for stage, rec in recs.items():
+            m = rec.get("metrics") or {}
+            if stage in ("sample", "curate", "annotate") or "rows_trained" in m:
+                c = m.get("contaminated") or {}
+                cells.append(", ".join(f"{Path(k).name} {v}" for k, v in c.items()) if c else "-")
+    return cells
+
+
 def _reasons(counts: dict) -> str:
     shown = [f"{k} {v}" for k, v in counts.items() if isinstance(v, int) and v]
     return ", ".join(shown) or "0"
@@ -327,7 +339,14 @@ def write_report(run_dir: Path) -> Path:
         lines += ["", "## Data per stage", "",
                   "What each stage read, trained on (per variant when `data_fraction` makes them differ), "
                   "dropped and why, and kept but truncated at max_length.", ""]
-        lines += _table(["round", "stage", "unit", "read", "trained", "dropped", "truncated"], counts)
+        header = ["round", "stage", "unit", "read", "trained", "dropped", "truncated"]
+        dirty = contaminated_cells(records)
+        if any(c != "-" for c in dirty):  # decontaminate: warn or drop (posttrain.decontam)
+            lines[-1] += (" Contaminated: rows sharing an n-gram with an eval prompt, per source file "
+                          "(`decontaminate: drop` also drops them, reason `contaminated`).")
+            header.append("contaminated")
+            counts = [row + [c] for row, c in zip(counts, dirty)]
+        lines += _table(header, counts)
     lines += ["", "## Stages", "", "| round | stage | seconds | key metrics |", "|---|---|---|---|"]
     for n, recs in sorted(records.items()):
         for stage, rec in recs.items():

@@ -127,9 +127,12 @@ class StageDef:
 
 
 def hashed_inputs(inputs: Any, hash_paths: Callable[[Any], Any]) -> dict:
-    """The inputs for the record: path fields replaced by content hashes, the rest as is."""
+    """The inputs for the record: path fields replaced by content hashes, the rest as is. A
+    field marked `omit_if_empty` is left out while empty, so adding such an input to a stage
+    keeps the hash of records that do not use it."""
     return {f.name: hash_paths(getattr(inputs, f.name)) if f.metadata.get("path") else getattr(inputs, f.name)
-            for f in dataclasses.fields(inputs)}
+            for f in dataclasses.fields(inputs)
+            if not (f.metadata.get("omit_if_empty") and not getattr(inputs, f.name))}
 
 
 @dataclass

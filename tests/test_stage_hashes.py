@@ -282,6 +282,7 @@ def round2(request, tmp_path_factory, tiny_model_dir) -> Round:
                   "annotator": {"target": "posttrain.annotate.world:WorldAnnotator"}},
         capabilities={"math": {"system_prompt": "Be brief."}},
         dpo={"variants": [{"seed": 0}, {"seed": 1}]},
+        decontaminate={"mode": "warn", "n": 8},
         eval={"variants": True, "checker": {"target": "posttrain.world.task:TaskReward"}})
     recipe = write_recipe(folder, tiny_model_dir, **sections)
     run = folder / "run"

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from posttrain import distributed, files
+from posttrain import decontam, distributed, files
 from posttrain.packing import block_attention_mask, model_attention_mask, supports_block_mask
 from posttrain.preferences import PreferenceFilter, rank
 from posttrain.schema import BatchSize, Tokens
@@ -616,6 +616,13 @@ def build_pairs(cfg: DPOStageConfig, preference_files: list, samples_dir) -> tup
     return pairs, dict(sorted(counts.items()))
 
 
+def screen_pairs(inputs, pairs: list[Pair]) -> tuple[list[Pair], dict[str, int]]:
+    """DPO pairs checked for eval prompts (posttrain.decontam): the prompt's user turns and both
+    responses (an edited response is the chosen one here); per source file."""
+    return decontam.screen(inputs, pairs, lambda p: [*decontam.user_texts(p.prompt), p.chosen, p.rejected],
+                           lambda p: decontam.source_file(p.origin), "dpo")
+
+
 def encode_pairs(tokenizer, pairs: list[Pair], cfg: DPOStageConfig,
                  formatting_tokens: list[str] | None = None) -> tuple[list[dict], Counter]:
     rows, counts = [], Counter()
@@ -719,6 +726,8 @@ def run(ctx: StageContext) -> StageResult:
 
     pairs, counts = build_pairs(cfg, ctx.inputs.preference_files, ctx.inputs.samples)
     pairs_read = len(pairs) + sum(v for k, v in counts.items() if "/dropped_" in k)
+    n_built = len(pairs)
+    pairs, contaminated = screen_pairs(ctx.inputs, pairs)
     long_dropped: dict[str, int] = {}
     rows, enc_counts = encode_pairs(tokenizer, pairs, cfg, ctx.formatting_tokens)
     for k, v in enc_counts.items():
@@ -761,6 +770,7 @@ def run(ctx: StageContext) -> StageResult:
 
     result_metrics = {
         "pair_counts": counts,
+        "contaminated": contaminated,
         "pairs_by_source": by_source,
         "pairs": len(rows),
         "ref_cache": None if ref_cache is None else {"file": str(ref_cache.path), "hits": ref_cache.hits,
@@ -768,7 +778,7 @@ def run(ctx: StageContext) -> StageResult:
         "variants": per_variant,
         **data_counts("pairs", read=pairs_read, truncated=sum(v for k, v in counts.items() if k.endswith("/truncated")),
                       dropped={**{k.replace("/dropped_", "/"): v for k, v in counts.items() if "/dropped_" in k},
-                               **long_dropped},
+                               **long_dropped, "contaminated": n_built - len(pairs)},
                       trained_by_variant={k: v.get("pairs") for k, v in per_variant.items()}),
     }
     return StageResult(outputs={"variants": outputs}, metrics=result_metrics)
@@ -785,6 +795,8 @@ class DPOInputs:
     """The latest preference batch (`dpo.latest_batch_only`), else every batch so far."""
     samples: str | None = path_field(default=None)
     """This round's sample shards (on-policy pairs, `dpo.on_policy_pairs`)."""
+    decontaminate: dict | None = decontam.settings_field()
+    eval_prompt_files: list[str] = decontam.files_field()
 
 
 def _resolve(rnd) -> DPOInputs:
@@ -795,7 +807,7 @@ def _resolve(rnd) -> DPOInputs:
     return DPOInputs(sft_model=rnd.output("sft", "model"),
                      preference_files=[cleaned] if cleaned else rnd.preference_files(
                          only_latest=r.dpo.latest_batch_only),
-                     samples=rnd.output("sample", "samples"))
+                     samples=rnd.output("sample", "samples"), **decontam.resolve_inputs(rnd))
 
 
 def _headline(m: dict) -> list[tuple[str, Any]]:

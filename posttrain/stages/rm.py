@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from posttrain import distributed, gather, training
+from posttrain import decontam, distributed, gather, training
 from posttrain.data import STRENGTHS
 from posttrain.packing import block_attention_mask, model_attention_mask  # noqa: F401 (rm.block_attention_mask is used by tests)
 from posttrain.preferences import PreferenceFilter, Ranking, keep_paired, rank
@@ -594,7 +594,10 @@ def run(ctx: StageContext) -> StageResult:
 
     prefs = data.load_preferences([Path(p) for p in ctx.inputs.preference_files])
     heldout_files = [Path(p) for p in ctx.inputs.heldout_preference_files]
+    prefs, removed, contaminated = decontam.screen_preferences(ctx.inputs, prefs, "rm")
     rankings, drops = expand_rankings(prefs, cfg)
+    if removed:  # counted in pairs, the stage's unit
+        drops["contaminated"] = sum(len(r.pairs) for r in expand_rankings(removed, cfg)[0])
     items, long_drops = _encode_all(tokenizer, rankings, cfg.max_length)
     drops.update(long_drops)
     if heldout_files:
@@ -625,7 +628,7 @@ def run(ctx: StageContext) -> StageResult:
         "filter": pair_filter.summary(),
         "heldout": {"source": heldout_source, "rankings": len(held_items),
                     "dropped_pairs": dict(sorted(held_drops.items()))},
-        "packing": cfg.packing, "margin": cfg.margin, "variants": {},
+        "packing": cfg.packing, "margin": cfg.margin, "variants": {}, "contaminated": contaminated,
     }
     n_var = len(cfg.variants)
 
@@ -696,13 +699,16 @@ class RMInputs:
     """Every preference batch up to this round (`rm.cumulative`), else the latest."""
     heldout_preference_files: list[str] = path_field(default_factory=list)
     """Never trained on; empty: a seeded share of the training rankings is held out."""
+    decontaminate: dict | None = decontam.settings_field()
+    eval_prompt_files: list[str] = decontam.files_field()
 
 
 def _resolve(rnd) -> RMInputs:
     r = rnd.recipe
     return RMInputs(base_model=rnd.path(r.models.base),
                     preference_files=rnd.preference_files(only_latest=not r.rm.cumulative),
-                    heldout_preference_files=[rnd.path(p) for p in r.data.heldout_preferences])
+                    heldout_preference_files=[rnd.path(p) for p in r.data.heldout_preferences],
+                    **decontam.resolve_inputs(rnd))
 
 
 def _headline(m: dict) -> list[tuple[str, Any]]:

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_serializer, model_validator
 
-from posttrain import files, progress
+from posttrain import decontam, files, progress
 from posttrain.cluster import ClusterSettings
 from posttrain.engines import EngineOptions
 from posttrain.generation import run_jobs
@@ -191,9 +191,9 @@ def seen_conversation(prompt, capability_system: str | None) -> list[dict]:
     return chat.with_system(chat.with_system(prompt.messages, prompt.system), capability_system)
 
 
-def plan_items(ctx: StageContext, tokenizer) -> tuple[list[Item], list[dict], list[str], int]:
+def plan_items(ctx: StageContext, tokenizer) -> tuple[list[Item], list[dict], list[str], int, dict[str, int]]:
     """Load, render and tokenize the prompts. Returns (items to sample, too long, skipped by
-    capability, prompts read)."""
+    capability, prompts read, prompts sharing an n-gram with an eval prompt per file)."""
     from posttrain import chat, data
 
     cfg: SampleConfig = ctx.config
@@ -201,11 +201,15 @@ def plan_items(ctx: StageContext, tokenizer) -> tuple[list[Item], list[dict], li
     overrides = ctx.inputs.prompt_capabilities
     items, too_long, skipped = [], [], []
     seen: dict[str, str] = {}
-    n_read = 0
+    n_read, contaminated = 0, {}
     for path in ctx.inputs.prompt_files:
         override = overrides.get(str(path))
-        for p in data.load_prompts([path]):
-            n_read += 1
+        prompts = data.load_prompts([path])
+        n_read += len(prompts)
+        prompts, dirty = decontam.screen(ctx.inputs, prompts, lambda p: decontam.user_texts(p.messages),
+                                         lambda p: decontam.source_file(p.source), "sample")
+        contaminated.update(dirty)
+        for p in prompts:
             if p.id in seen:
                 raise data.DataError(path, None, "id", f"prompt id {p.id!r} ({p.source}) repeats "
                                      f"{seen[p.id]}; ids must be unique across the prompt files")
@@ -223,7 +227,7 @@ def plan_items(ctx: StageContext, tokenizer) -> tuple[list[Item], list[dict], li
                 too_long.append({"id": p.id, "source": p.source, "tokens": len(ids)})
                 continue
             items.append(Item(p.id, messages, capability, p.meta, ids, settings))
-    return items, too_long, skipped, n_read
+    return items, too_long, skipped, n_read, contaminated
 
 
 def _fingerprint(ctx: StageContext, items: list[Item], seed: int, stop_ids: list[int]) -> str:
@@ -297,7 +301,7 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = modeling.load_tokenizer(policy, trust_remote_code=ctx.trust_remote_code)
     stop_ids = chat.end_of_turn_ids(tokenizer)
     seed = ctx.seed if cfg.seed is None else cfg.seed
-    items, too_long, skipped, n_read = plan_items(ctx, tokenizer)
+    items, too_long, skipped, n_read, contaminated = plan_items(ctx, tokenizer)
     if too_long:
         log.warning("sample: %d prompt(s) longer than max_prompt_length=%d tokens are not sampled: %s",
                     len(too_long), cfg.max_prompt_length, ", ".join(t["id"] for t in too_long[:20]))
@@ -367,6 +371,7 @@ def run(ctx: StageContext) -> StageResult:
             for r in rows if r.best is not None]
     files.write_jsonl(Path(ctx.out_dir) / "top1.jsonl", top1)
     metrics = _metrics(rows, top1, too_long, skipped, n_read)
+    metrics["contaminated"] = contaminated
     metrics.update({
         "backend": backend, "seconds": time.perf_counter() - started, "generation_seconds": gen_seconds,
         "shards": len(shards), "shards_this_run": len(pending),
@@ -492,6 +497,8 @@ class SampleInputs:
     """The recipe's per-capability settings (posttrain.recipe.Capability, as dicts)."""
     prompt_capabilities: dict[str, str] = field(default_factory=dict)
     """Prompt file -> the capability every prompt of it has (overrides the rows' own)."""
+    decontaminate: dict | None = decontam.settings_field()
+    eval_prompt_files: list[str] = decontam.files_field()
 
 
 def _resolve(rnd) -> SampleInputs:
@@ -504,7 +511,8 @@ def _resolve(rnd) -> SampleInputs:
         policy_model=policy, prompt_files=[rnd.path(p.path) for p in r.data.prompts],
         reward_model=rnd.output("rm", "model"),
         capabilities={name: c.model_dump() for name, c in r.capabilities.items()},
-        prompt_capabilities={rnd.path(p.path): p.capability for p in r.data.prompts if p.capability})
+        prompt_capabilities={rnd.path(p.path): p.capability for p in r.data.prompts if p.capability},
+        **decontam.resolve_inputs(rnd))
 
 
 def _headline(m: dict) -> list[tuple[str, Any]]:

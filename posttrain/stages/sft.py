@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from posttrain import decontam
 from posttrain.stage import StageContext, StageDef, StageResult, path_field, variant_mean
 from posttrain.training import (
     LongContextMix,
@@ -109,6 +110,14 @@ def training_rows(tokenizer, top1: list, recipe_data: list, cfg: SFTStageConfig,
     more, more_counts = encode_sft_examples(tokenizer, recipe_data, cfg.max_length, formatting_tokens, cfg.targets)
     counts.update(more_counts)
     return rows + more, counts
+
+
+def screen_examples(inputs, examples: list) -> tuple[list, dict[str, int]]:
+    """SFT rows checked for eval prompts (posttrain.decontam): their user turns and assistant
+    responses (every one: `targets: all_turns` trains on them all)."""
+    return decontam.screen(inputs, examples,
+                           lambda ex: [m.get("content") for m in ex.messages if m.get("role") in ("user", "assistant")],
+                           lambda ex: decontam.source_file(ex.source), "sft")
 
 
 def sft_labels(input_ids: list[int], response_mask: list[int], ignore_index: int = -100) -> list[int]:
@@ -202,6 +211,10 @@ def run(ctx: StageContext) -> StageResult:
 
     top1 = data.load_sft(top1_files) if top1_files else []
     recipe_data = data.load_sft(sft_files) if sft_files else []
+    n_read = len(top1) + len(recipe_data)
+    top1, dirty = screen_examples(ctx.inputs, top1)
+    recipe_data, dirty_data = screen_examples(ctx.inputs, recipe_data)
+    contaminated = {**dirty, **dirty_data}
     by_file = Counter(ex.source.rsplit(":", 1)[0] for ex in top1 + recipe_data)
     rows, counts = training_rows(tokenizer, top1, recipe_data, cfg, ctx.formatting_tokens)
     mix = None
@@ -228,13 +241,14 @@ def run(ctx: StageContext) -> StageResult:
     per_variant = {r.name: r.metrics for r in runs}
     final = average_variants(runs, ctx.out_dir / "model")
 
-    dropped = {"prompt_too_long": counts["dropped_prompt_too_long"]}
+    dropped = {"prompt_too_long": counts["dropped_prompt_too_long"],
+               "contaminated": n_read - len(top1) - len(recipe_data)}
     if mix is not None:
         dropped.update(mix.summary()["dropped_by_reason"])
     return StageResult(
         outputs={"model": final.relative_to(ctx.run_dir).as_posix()},
         metrics={
-            **data_counts("examples", read=len(top1) + len(recipe_data), dropped=dropped,
+            **data_counts("examples", read=n_read, dropped=dropped,
                           truncated=counts["truncated"],
                           trained_by_variant={k: v.get("examples") for k, v in per_variant.items()}),
             "examples": dict(counts),
@@ -242,6 +256,7 @@ def run(ctx: StageContext) -> StageResult:
             "targets": {"top1": "last_turn", "sft_data": cfg.targets},
             "long_context_mix": mix.summary() if mix is not None else None,
             "examples_by_file": dict(by_file),
+            "contaminated": contaminated,
             "init": cfg.init,
             "init_model": str(init_model),
             "averaged_variants": len(cfg.variants),
@@ -262,6 +277,8 @@ class SFTInputs:
     """This round's top-1 samples and, when `sft.cumulative`, earlier rounds'."""
     sft_files: list[str] = path_field(default_factory=list)
     """The recipe's SFT data."""
+    decontaminate: dict | None = decontam.settings_field()
+    eval_prompt_files: list[str] = decontam.files_field()
 
 
 def _resolve(rnd) -> SFTInputs:
@@ -274,7 +291,8 @@ def _resolve(rnd) -> SFTInputs:
     sft_files = curated(rnd, "sft")
     init = rnd.previous_model() if r.sft.init == "previous" else None
     return SFTInputs(init_model=init or rnd.path(r.models.base), top1_files=top1,
-                     sft_files=[sft_files] if sft_files else [rnd.path(p) for p in r.data.sft])
+                     sft_files=[sft_files] if sft_files else [rnd.path(p) for p in r.data.sft],
+                     **decontam.resolve_inputs(rnd))
 
 
 def _headline(m: dict) -> list[tuple[str, Any]]:
