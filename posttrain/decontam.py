@@ -97,12 +97,16 @@ def user_texts(messages: list[dict]) -> list[str]:
 
 
 def prompt_sets(eval_prompt_files: Iterable[str]) -> Iterator[tuple[str, list[str]]]:
-    """(set name, texts) of every prompt set training data is checked against: each eval prompt
-    file's user turns, named by the file."""
-    from posttrain import data
+    """(set name, texts) of every prompt set training data is checked against, named by its
+    file: each eval prompt file's user turns, and each benchmark's prompts (`eval.benchmarks`:
+    HumanEval's function stubs, IFBench's or an IFEval-format file's requests)."""
+    from posttrain import benchmarks, data
 
     for path in eval_prompt_files:
-        yield str(path), [t for p in data.load_prompts([path]) for t in user_texts(p.messages)]
+        if str(path).endswith(".gz"):  # a benchmark's own file (HumanEval ships gzipped JSONL)
+            yield str(path), [str(row.get("prompt", "")) for _, row in benchmarks._rows(str(path))]
+        else:
+            yield str(path), [t for p in data.load_prompts([path]) for t in user_texts(p.messages)]
 
 
 def build_index(sets: Iterable[tuple[str, Iterable[str]]], n: int = DEFAULT_N) -> NgramIndex:
@@ -132,8 +136,11 @@ def resolve_inputs(rnd) -> dict:
     cfg = rnd.recipe.decontaminate
     if cfg.mode == "off":
         return {}
-    return {"decontaminate": {"mode": cfg.mode, "n": cfg.n},
-            "eval_prompt_files": [rnd.path(p.path) for p in rnd.recipe.data.eval_prompts]}
+    from posttrain.benchmarks import data_file
+
+    files = [rnd.path(p.path) for p in rnd.recipe.data.eval_prompts]
+    files += [data_file(b, rnd.path) for b in rnd.recipe.eval.benchmarks]
+    return {"decontaminate": {"mode": cfg.mode, "n": cfg.n}, "eval_prompt_files": list(dict.fromkeys(files))}
 
 
 def screen(inputs, rows: list[T], texts: Callable[[T], Iterable[str]], source: Callable[[T], str],

@@ -179,3 +179,25 @@ def test_report_column_lines_up_with_the_data_rows():
     assert [r[1] for r in rows] == ["sample", "sft", "dpo"]
     assert cells == ["train.jsonl 1", "sft.jsonl 2", "-"]
     assert "contaminated 2" in rows[1][5]
+
+
+def test_benchmark_prompts_are_checked_too(eval_file):
+    """A recipe's `eval.benchmarks` join the sets training data is checked against: an SFT row
+    that copies HumanEval's first function stub is caught."""
+    from posttrain import benchmarks
+    from posttrain.decontam import resolve_inputs
+    from posttrain.recipe import Recipe
+    from posttrain.stages.sft import screen_examples
+
+    recipe = Recipe.model_validate({"name": "t", "models": {"base": "x/y"}, "decontaminate": "drop",
+                                    "data": {"eval_prompts": [{"path": eval_file}]},
+                                    "eval": {"benchmarks": [{"name": "humaneval"}]}})
+    rnd = SimpleNamespace(recipe=recipe, path=lambda p: p)
+    got = resolve_inputs(rnd)
+    humaneval = benchmarks.data_file(benchmarks.Benchmark(name="humaneval"))
+    assert got["eval_prompt_files"] == [eval_file, humaneval]
+    stub = benchmarks.load_problems(benchmarks.Benchmark(name="humaneval"), humaneval)[0].prompt
+    rows = [SFTExample("copy", conv("Complete this:\n" + stub, "pass"), source="sft.jsonl:1"),
+            SFTExample("own", conv("Sort 3 1 2", "1 2 3"), source="sft.jsonl:2")]
+    kept, counts = screen_examples(SimpleNamespace(**got), rows)
+    assert [r.id for r in kept] == ["own"] and counts == {"sft.jsonl": 1}
