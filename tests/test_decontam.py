@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from posttrain import decontam
-from posttrain.data import Preference, Prompt, SFTExample
+from posttrain.data import Preference, SFTExample
 from posttrain.files import write_jsonl
 from posttrain.recipe import Recipe
 from posttrain.stage import hashed_inputs
