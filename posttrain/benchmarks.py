@@ -129,6 +129,8 @@ def _rows(path: str) -> list[tuple[int, dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise BenchmarkError(f"{path}: row {i}: not JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:  # a 5000-digit integer, nesting too deep
+                raise BenchmarkError(f"{path}: row {i}: cannot be read ({str(e)[:200]})") from None
             if not isinstance(row, dict):
                 raise BenchmarkError(f"{path}: row {i}: expected an object")
             out.append((i, row))

@@ -190,3 +190,12 @@ def test_every_canonical_solution_passes_in_both_answer_forms():
     chat = [{"id": p.id, "text": f"Sure:\n```python\n{p.prompt}{canon[p.id]}```\nDone."} for p in problems]
     assert len(problems) == 164
     assert score_humaneval(spec, problems, body) == score_humaneval(spec, problems, chat) == {"pass@1": 1.0}
+
+
+def test_a_benchmark_row_with_a_5000_digit_integer_names_its_row(tmp_path):
+    from posttrain import benchmarks
+
+    path = tmp_path / "b.jsonl"
+    path.write_text('{"prompt": "x", "n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(benchmarks.BenchmarkError, match=rf"{path}: row 1: cannot be read \(Exceeds the limit"):
+        benchmarks._rows(str(path))

@@ -432,3 +432,12 @@ def test_explained_asserts_keep_their_meaning():
     assert explained("assert f(1) == 2") == "__posttrain_assert__(f(1), 'Eq', 2)"
     assert explained("assert a < b < c") == "assert a < b < c"          # chained: left as is
     assert explained("assert f(1) == 2, 'msg'") == "assert f(1) == 2, 'msg'"
+
+
+def test_a_prompts_file_row_with_a_5000_digit_integer_names_its_row(tmp_path):
+    from posttrain.reward.code.references import ReferenceIndex
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "x", "tests": ["assert f() == 1"], "n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(ValueError, match=rf"{path}: row 1: cannot be read: Exceeds the limit"):
+        ReferenceIndex(path, ["tests"])

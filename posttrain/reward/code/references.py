@@ -52,6 +52,8 @@ class ReferenceIndex:
                     raise ValueError(f"{self.path}: row {row_no}: not valid JSON: {e}") from e
                 except RecursionError:
                     raise ValueError(f"{self.path}: row {row_no}: not valid JSON: nested too deep") from None
+                except ValueError as e:  # e.g. an integer past Python's 4300-digit limit
+                    raise ValueError(f"{self.path}: row {row_no}: cannot be read: {e}") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{self.path}: row {row_no}: expected a JSON object")
                 messages = _row_messages(row, self.path, row_no)
