@@ -2,7 +2,14 @@
 
 A checkpoint counts as complete only once its `COMPLETE` marker exists: the marker is
 written after the trainer has saved everything (model, optimizer, scheduler, RNG, state,
-tokenizer), so a run killed while saving never resumes from a half-written checkpoint.
+tokenizer) on every rank, so a run killed while saving never resumes from a half-written
+checkpoint.
+
+Under FSDP2 the trainer's checkpoints are sharded (`sharded_fsdp_checkpoints`): each rank
+writes its own shards of the model and the optimizer state through torch.distributed.checkpoint
+(accelerate's SHARDED_STATE_DICT), and resume reads them back into the shards, so neither
+saving nor resuming gathers the model on one rank. The final model is streamed by
+`posttrain.gather.save_final_model`.
 """
 
 from __future__ import annotations
@@ -192,19 +199,62 @@ def _checkpointing_arg(on: bool) -> dict:
 
 
 def stage_callbacks() -> list:
-    """The callbacks every training stage adds to its trainer: checkpoints marked complete
-    once saved, and step progress for the terminal's bar."""
+    """The callbacks every training stage adds to its trainer: sharded checkpoints under FSDP2,
+    checkpoints marked complete once saved, and step progress for the terminal's bar."""
     from posttrain.progress import trainer_callback
 
-    return [complete_marker_callback(), trainer_callback()]
+    return [sharded_checkpoints_callback(), complete_marker_callback(), trainer_callback()]
+
+
+def sharded_fsdp_checkpoints(plugin) -> bool:
+    """Make an FSDP2 plugin (accelerate's `FullyShardedDataParallelPlugin`) save the trainer's
+    checkpoints sharded; returns whether it changed anything.
+
+    With FULL_STATE_DICT every checkpoint gathers the whole model and the whole optimizer state
+    on rank 0 (CPU), which is what does not fit once a model needs sharding. SHARDED_STATE_DICT
+    has each rank write its own shards through torch.distributed.checkpoint and read them back
+    on resume; the final model does not depend on it (posttrain streams that one itself).
+    The state-dict configs are reset with the type: accelerate keeps the FULL ones otherwise
+    (`rank0_only`), and torch then refuses the sharded save ("full_state_dict must be True when
+    broadcast_from_rank0 is True"). FSDP1 plugins are left as they are.
+    """
+    if plugin is None or getattr(plugin, "fsdp_version", 1) != 2:
+        return False
+    if "SHARDED_STATE_DICT" in str(plugin.state_dict_type):
+        return False
+    plugin.state_dict_config = None
+    plugin.optim_state_dict_config = None
+    plugin.set_state_dict_type("SHARDED_STATE_DICT")
+    return True
+
+
+def sharded_checkpoints_callback():
+    """A TrainerCallback that applies `sharded_fsdp_checkpoints` to the trainer's accelerator
+    once the trainer is built (before any checkpoint is saved or resumed), whatever the
+    accelerate config says; a run without FSDP2 is left as it is."""
+    from transformers import TrainerCallback
+
+    class _ShardedCheckpoints(TrainerCallback):
+        def on_init_end(self, args, state, control, **kwargs):
+            from accelerate.state import AcceleratorState, is_initialized
+
+            if is_initialized():
+                sharded_fsdp_checkpoints(getattr(AcceleratorState(), "fsdp_plugin", None))
+            return control
+
+    return _ShardedCheckpoints()
 
 
 def complete_marker_callback():
-    """A TrainerCallback that marks each checkpoint complete once the trainer has saved it."""
+    """A TrainerCallback that marks each checkpoint complete once the trainer has saved it on
+    every rank (each writes its own RNG state, and under FSDP2 its own shards)."""
     from transformers import TrainerCallback
+
+    from posttrain.distributed import barrier
 
     class _MarkComplete(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
+            barrier()  # the trainer calls on_save on every rank once that rank has saved its part
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():

@@ -53,6 +53,9 @@ PRIVATE_API: dict[str, tuple[str, ...]] = {
     "transformers.cache_utils:DynamicLayer.batch_select_indices": ("self", "indices"),
     "transformers.cache_utils:Cache.__init__": ("self", "layers", "layer_class_to_replicate", "offloading",
                                                 "offload_only_non_sliding"),
+    # read by weight_conversions (posttrain.gather's streamed save)
+    "transformers.conversion_mapping:get_model_conversion_mapping": ("model", "key_mapping", "hf_quantizer",
+                                                                     "add_legacy"),
 }
 # Source fragments of TRL's own code that our overrides depend on (a rename breaks them silently).
 PRIVATE_SOURCE: dict[str, tuple[str, ...]] = {
@@ -298,3 +301,21 @@ def preallocated_cache(model, extra: int):
                 self._views()
 
     return Cache(layer_class_to_replicate=PreallocatedLayer)
+
+
+def weight_conversions(model) -> list:
+    """The weight transforms transformers applies to `model`'s checkpoint on load and reverts on
+    save (v5 fuses MoE experts, renames some prefixes), the way save_pretrained finds them: the
+    ones `from_pretrained` attached, else its class's default mapping (legacy renames and prefix
+    changes left out, as save_pretrained leaves them out for a model built from a config). Empty
+    for Llama-style models. posttrain.gather streams a model's tensors one at a time only when
+    this is empty: a many-to-one conversion needs several tensors at once."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:  # a transformers from before load-time conversions: nothing is converted
+        return []
+    found = getattr(model, "_weight_conversions", None)
+    if found is None:
+        found = [x for x in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(x, PrefixChange)]
+    return list(found or [])
