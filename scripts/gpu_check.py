@@ -8,6 +8,10 @@
    (configs/accelerate/multi_gpu.yaml, fsdp2.yaml, zero3.yaml) on every GPU, the same global
    batch, with the largest weight difference to the one-GPU output (bf16: expect ~1e-2, not 0).
    zero3 needs deepspeed, which the GPU image lacks: it is skipped with a note unless carried.
+3. FSDP2's sharded trainer checkpoints and streamed final save (tests/fsdp2_checkpoint_worker.py,
+   2 gloo processes on the CPU, a tiny model): whether this image's torch, transformers,
+   accelerate and peft run them, with the equalities the CPU test asserts (resume = uninterrupted
+   run, streamed save = full gather, peak held full tensor <= the largest tensor).
 
 `--dry-run`: the same steps on the CPU with a tiny model in fp32 and 2 gloo processes for
 multi_gpu (fsdp2 and zero3 are refused without GPUs, which is shown): checks the logic here.
@@ -130,6 +134,44 @@ def describe(row: dict, n_params: int, peak: float | None) -> str:
             f"({row['steps']} timed steps, {row['wall_s']} s wall)")
 
 
+def sharded_check(root: Path) -> dict:
+    """Section 3: the three phases of tests/fsdp2_checkpoint_worker.py, and what they showed."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from posttrain.modeling import save_checkpoint
+    from posttrain.world.tiny import build_tokenizer, make_tiny_model
+
+    tok = build_tokenizer()
+    save_checkpoint(make_tiny_model(tok, seed=0), tok, root / "fsdp2-tiny")
+    out = root / "fsdp2-checkpoints"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    t0 = time.time()
+    for phase in ("straight", "first", "resume"):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(ROOT / "tests" / "fsdp2_checkpoint_worker.py"), phase, str(root / "fsdp2-tiny"),
+                               str(out)], env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            tb = [json.loads(f.read_text()).get("traceback", "") for f in sorted(out.glob(f"{phase}.rank*.json"))]
+            return {"failed": f"{phase}: " + ((tb[0] if tb else "") or proc.stderr)[-1500:]}
+
+    def diff(a: str, b: str) -> float:
+        x, y = load_file(str(out / a / "model.safetensors")), load_file(str(out / b / "model.safetensors"))
+        if sorted(x) != sorted(y):
+            return float("inf")
+        return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+
+    straight = json.loads((out / "straight.json").read_text())
+    return {"resumed_vs_straight": diff("resumed", "straight"), "streamed_vs_gathered": diff("straight", "gathered"),
+            "lora_streamed_vs_peft_merge": diff("lora_streamed", "lora_reference"),
+            "peak_full_bytes": max(m["peak_bytes"] for m in straight["stream_meter"]),
+            "largest_tensor_bytes": straight["largest_tensor_bytes"],
+            "gathered_bytes": straight["gather_held_bytes"][0], "wall_s": round(time.time() - t0, 1)}
+
+
 def save(results: dict, out_dir: Path, started: float) -> None:
     """The results so far, rewritten after every measurement: a run killed midway keeps them."""
     from posttrain.files import atomic_write_json
@@ -212,10 +254,19 @@ def main() -> int:
                 save(results, out_dir, started)
                 if "skipped" in row:
                     break
+    print("\nFSDP2 sharded checkpoints and streamed final save (2 gloo processes, tiny model)")
+    row = sharded_check(root)
+    results["fsdp2_checkpoints"] = row
+    print("  FAILED: " + row["failed"] if "failed" in row else
+          f"  resumed vs uninterrupted {row['resumed_vs_straight']:.1e}, streamed vs gathered "
+          f"{row['streamed_vs_gathered']:.1e}, LoRA vs peft {row['lora_streamed_vs_peft_merge']:.1e}; peak full "
+          f"tensor {row['peak_full_bytes']} B (largest {row['largest_tensor_bytes']} B, the gather held "
+          f"{row['gathered_bytes']} B); {row['wall_s']} s", flush=True)
     results["finished"] = True
     save(results, out_dir, started)
     print(f"\ngpu-check: done in {results['seconds']} s; results in {out_dir / 'gpu-check.json'}")
-    failed = [k for k, v in results["single"].items() if "failed" in v]
+    failed = [k for k, v in results["single"].items() if "failed" in v] + \
+        (["fsdp2_checkpoints"] if "failed" in results["fsdp2_checkpoints"] else [])
     return 1 if failed else 0
 
 
