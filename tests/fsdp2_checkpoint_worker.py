@@ -6,9 +6,9 @@ torchrun, once per phase:
 
 - `straight`: STEPS optimizer steps uninterrupted, then the final model saved by
   `gather.save_final_model` (streamed) and, for comparison, by a full gather on rank 0; the
-  streamed save also into several shards; a LoRA model and a reward model streamed beside
-  their reference saves.
-- `first`: SAVE_AT steps, a checkpoint saved the way the Trainer saves one under FSDP
+  streamed save also into several shards; a LoRA model trained the same way; a LoRA model and
+  a reward model streamed beside their reference saves.
+- `first`: SAVE_AT steps (a full model, and a LoRA model), a checkpoint saved the way the Trainer saves one under FSDP
   (accelerate's save_fsdp_model / save_fsdp_optimizer with the plugin posttrain's
   `sharded_fsdp_checkpoints` set up, the scheduler on rank 0, posttrain's COMPLETE marker),
   one more step and a checkpoint left unmarked (killed while saving); the process ends there.
@@ -104,10 +104,16 @@ def main(phase: str, model_dir: str, out_dir: str) -> int:
             fully_shard(layer, mesh=mesh)
         return fully_shard(model, mesh=mesh)
 
-    def build():
+    def build(lora=False):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        shard(model, model.model.layers)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+        if lora:  # the adapters trained (their init seeded alike on every rank and every run), the base frozen
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(3)
+            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     lora_dropout=0.0))
+        shard(model, model.get_base_model().model.layers if lora else model.model.layers)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / STEPS)
         return model, opt, sched
 
@@ -136,9 +142,10 @@ def main(phase: str, model_dir: str, out_dir: str) -> int:
                             wait_for_everyone=dist.barrier)
     marker = training.complete_marker_callback()
 
-    def save_like_trainer(model, opt, sched, step, *, complete=True):
-        """Trainer._save_checkpoint under FSDP: the model and optimizer through accelerate, the
-        scheduler on rank 0, then the callbacks' on_save on every rank."""
+    def save_like_trainer(model, opt, sched, step, work, *, complete=True):
+        """Trainer._save_checkpoint under FSDP: the model (a LoRA model: its adapters) and the
+        optimizer through accelerate, the scheduler on rank 0, then the callbacks' on_save on
+        every rank."""
         ckpt = work / f"checkpoint-{step}"
         save_fsdp_model(plugin, accel, model, str(ckpt), **get_fsdp_ckpt_kwargs())
         if not complete:
@@ -170,6 +177,10 @@ def main(phase: str, model_dir: str, out_dir: str) -> int:
             save_checkpoint(plain, tok, out / "gathered")
             del state, plain
             gather.stream_save(model, tok, out / "straight_shards", max_shard_size=200_000)
+            model, opt, sched = build(lora=True)
+            for step in range(1, STEPS + 1):
+                train_step(model, opt, sched, step)
+            gather.save_final_model(fake_trainer(model), tok, out / "lora_trained")
 
             # LoRA: streamed and merged on the way vs peft's merge_and_unload of the same model unsharded.
             from peft import LoraConfig, get_peft_model
@@ -177,8 +188,8 @@ def main(phase: str, model_dir: str, out_dir: str) -> int:
             def lora_model():
                 torch.manual_seed(0)
                 base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-                peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                       lora_dropout=0.0))
+                peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                       target_modules=["q_proj", "v_proj", "down_proj"]))
                 torch.manual_seed(1)
                 for n, p in peft.named_parameters():
                     if "lora_B" in n:  # zero at init: make the merge change something
@@ -213,29 +224,33 @@ def main(phase: str, model_dir: str, out_dir: str) -> int:
                                     prepare=lambda x: setattr(x.config, "pad_token_id", tok.pad_token_id))
 
         elif phase == "first":
-            model, opt, sched = build()
-            for step in range(1, SAVE_AT + 1):
-                train_step(model, opt, sched, step)
-            meter.reset()
-            save_like_trainer(model, opt, sched, SAVE_AT)
-            result["save_meter"] = per_rank(meter.snapshot())
-            train_step(model, opt, sched, SAVE_AT + 1)
-            save_like_trainer(model, opt, sched, SAVE_AT + 1, complete=False)
+            for kind in ("full", "lora"):
+                model, opt, sched = build(lora=kind == "lora")
+                for step in range(1, SAVE_AT + 1):
+                    train_step(model, opt, sched, step)
+                meter.reset()
+                save_like_trainer(model, opt, sched, SAVE_AT, work / kind)
+                result[f"{kind}_save_meter"] = per_rank(meter.snapshot())
+                train_step(model, opt, sched, SAVE_AT + 1)
+                save_like_trainer(model, opt, sched, SAVE_AT + 1, work / kind, complete=False)
 
         elif phase == "resume":
-            ckpt = training.last_complete_checkpoint(work)
-            result["resumed_from"] = Path(ckpt).name if ckpt else None
-            model, opt, sched = build()
-            meter.reset()
-            load_fsdp_model(plugin, accel, model, ckpt, **get_fsdp_ckpt_kwargs())
-            load_fsdp_optimizer(plugin, accel, opt, model, ckpt, **get_fsdp_ckpt_kwargs())
-            sched.load_state_dict(torch.load(Path(ckpt) / "scheduler.pt", weights_only=True))
-            result["load_meter"] = per_rank(meter.snapshot())
-            done = int(Path(ckpt).name.split("-")[1])
-            for step in range(done + 1, STEPS + 1):
-                train_step(model, opt, sched, step)
-            gather.save_final_model(fake_trainer(model), tok, out / "resumed")
+            for kind in ("full", "lora"):
+                ckpt = training.last_complete_checkpoint(work / kind)
+                result[f"{kind}_resumed_from"] = Path(ckpt).name if ckpt else None
+                model, opt, sched = build(lora=kind == "lora")
+                meter.reset()
+                load_fsdp_model(plugin, accel, model, ckpt, **get_fsdp_ckpt_kwargs())
+                load_fsdp_optimizer(plugin, accel, opt, model, ckpt, **get_fsdp_ckpt_kwargs())
+                sched.load_state_dict(torch.load(Path(ckpt) / "scheduler.pt", weights_only=True))
+                result[f"{kind}_load_meter"] = per_rank(meter.snapshot())
+                done = int(Path(ckpt).name.split("-")[1])
+                for step in range(done + 1, STEPS + 1):
+                    train_step(model, opt, sched, step)
+                name = "resumed" if kind == "full" else "lora_resumed"
+                gather.save_final_model(fake_trainer(model), tok, out / name)
             # The control: the same resume without the optimizer's and scheduler's state must differ.
+            ckpt = training.last_complete_checkpoint(work / "full")
             model, opt, sched = build()
             load_fsdp_model(plugin, accel, model, ckpt, **get_fsdp_ckpt_kwargs())
             for step in range(done + 1, STEPS + 1):

@@ -62,21 +62,25 @@ def test_fsdp2_sharded_checkpoint_resume_and_streamed_final_save_on_gloo(tmp_pat
     # (a) the checkpoint: the old config's FULL plugin made sharded; each rank wrote its own shards;
     # neither saving nor resuming gathered a full tensor; the unmarked checkpoint was passed over.
     assert first["plugin_changed"] and "SHARDED_STATE_DICT" in first["plugin_state_dict_type"]
-    ckpt = out / "work" / "checkpoint-2"
-    for part in ("pytorch_model_fsdp_0", "optimizer_0"):
-        shards = sorted(p.name for p in (ckpt / part).glob("*.distcp"))
-        assert shards == ["__0_0.distcp", "__1_0.distcp"], (part, shards)
-    assert (ckpt / "COMPLETE").is_file() and not (out / "work" / "checkpoint-3" / "COMPLETE").exists()
-    assert all(m["calls"] == 0 for m in first["save_meter"] + resume["load_meter"])
-    assert resume["resumed_from"] == "checkpoint-2"
+    for kind in ("full", "lora"):
+        ckpt = out / "work" / kind / "checkpoint-2"
+        for part in ("pytorch_model_fsdp_0", "optimizer_0"):
+            shards = sorted(p.name for p in (ckpt / part).glob("*.distcp"))
+            assert shards == ["__0_0.distcp", "__1_0.distcp"], (kind, part, shards)
+        assert (ckpt / "COMPLETE").is_file() and not (out / "work" / kind / "checkpoint-3" / "COMPLETE").exists()
+        assert all(m["calls"] == 0 for m in first[f"{kind}_save_meter"] + resume[f"{kind}_load_meter"])
+        assert resume[f"{kind}_resumed_from"] == "checkpoint-2"
     # Killed after step 3's save began, resumed from step 2: the weights of the uninterrupted run.
     _assert_same_model(out / "resumed", out / "straight")
+    _assert_same_model(out / "lora_resumed", out / "lora_trained")
+    assert not torch.equal(_tensors(out / "lora_trained")["model.layers.0.self_attn.q_proj.weight"],
+                           _tensors(tiny_model_dir)["model.layers.0.self_attn.q_proj.weight"])  # the adapters trained
     only_model = _tensors(out / "resumed_model_only")
     assert any(not torch.equal(v, _tensors(out / "straight")[k]) for k, v in only_model.items()), \
         "a resume without the optimizer state matched too: the comparison proves nothing"
 
     # (b) the streamed save equals the full gather's save_pretrained, in one file or in several with an index.
-    for name in ("straight", "straight_shards", "resumed", "lora_streamed", "rm_streamed"):
+    for name in ("straight", "straight_shards", "resumed", "lora_resumed", "lora_streamed", "rm_streamed"):
         verify_model_folder(out / name)
     _assert_same_model(out / "straight", out / "gathered")
     _assert_same_model(out / "straight_shards", out / "gathered")
