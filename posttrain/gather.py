@@ -116,12 +116,12 @@ class _Source:
 
         own = getattr(self.owner, self.leaf)
         full = _full(own)
+        if self.lora and not isinstance(own, DTensor):
+            full = full.clone()  # an unsharded weight is the model's own tensor, not a gathered copy
         for a, b, scaling, fan_in_fan_out in self.lora or ():
             a_full, b_full = _full(a), _full(b)
             delta = b_full @ a_full
-            delta = (delta.T if fan_in_fan_out else delta) * scaling
-            # In place only into a gathered copy; an unsharded weight is the model's own tensor.
-            full = full.add_(delta) if isinstance(own, DTensor) else full + delta
+            full.add_((delta.T if fan_in_fan_out else delta) * scaling)  # in place, in W's dtype, as peft adds
             del a_full, b_full, delta
         return full
 
@@ -145,9 +145,9 @@ def stream_sources(model) -> dict[str, _Source] | None:
         from peft import PeftModel
         from peft.tuners.lora import Linear as LoraLinear
         from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils import ModulesToSaveWrapper
+        from peft.utils import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
     except ImportError:
-        PeftModel = LoraLinear = BaseTunerLayer = ModulesToSaveWrapper = None
+        PeftModel = LoraLinear = BaseTunerLayer = AuxiliaryTrainingWrapper = ModulesToSaveWrapper = None
     peft = PeftModel is not None and isinstance(model, PeftModel)
     base = model.get_base_model() if peft else model
     if weight_conversions(base):
@@ -166,27 +166,44 @@ def stream_sources(model) -> dict[str, _Source] | None:
         if p is not None:
             seen.add(id(p))
         names.append(name)
+
+    class _Unstreamable(Exception):
+        pass
+
+    def merged_module(module):
+        """The module merge_and_unload leaves in place of `module`."""
+        if ModulesToSaveWrapper is not None and isinstance(module, ModulesToSaveWrapper):
+            active = [a for a in module.active_adapters if a in module.modules_to_save]
+            if len(active) > 1:
+                raise _Unstreamable
+            return module.modules_to_save[active[0]] if active else module.original_module
+        if AuxiliaryTrainingWrapper is not None and isinstance(module, AuxiliaryTrainingWrapper):
+            raise _Unstreamable  # trainable tokens and the like: peft merges those
+        return module
+
     sources = {}
-    for name in names:
-        path, _, leaf = name.rpartition(".")
-        owner = base.get_submodule(path) if path else base
-        lora = None
-        if ModulesToSaveWrapper is not None and isinstance(owner, ModulesToSaveWrapper):
-            active = owner.active_adapter
-            owner = owner.modules_to_save[active] if active in owner.modules_to_save else owner.original_module
-        elif BaseTunerLayer is not None and isinstance(owner, BaseTunerLayer):
-            if type(owner) is not LoraLinear:
-                return None  # conv, embedding, quantised LoRA layers: peft merges those
-            adapters = [a for a in owner.active_adapters if a in owner.lora_A]
-            if owner.merged or any(a in owner.lora_variant or owner.lora_bias[a] for a in adapters):
-                return None  # DoRA and other variants, LoRA bias: peft merges those
-            if leaf == "weight":
-                lora = [(owner.lora_A[a].weight, owner.lora_B[a].weight, owner.scaling[a], owner.fan_in_fan_out)
-                        for a in adapters]
-            owner = owner.get_base_layer()
-        if not hasattr(owner, leaf):
-            raise ValueError(f"the saved model's tensor {name} has no source in {type(model).__name__}")
-        sources[name] = _Source(owner, leaf, lora)
+    try:
+        for name in names:
+            path, _, leaf = name.rpartition(".")
+            owner = merged_module(base)
+            for part in path.split(".") if path else ():
+                owner = merged_module(owner.get_submodule(part))
+            lora = None
+            if BaseTunerLayer is not None and isinstance(owner, BaseTunerLayer):
+                if type(owner) is not LoraLinear:
+                    raise _Unstreamable  # conv, embedding, quantised LoRA layers: peft merges those
+                adapters = [a for a in owner.active_adapters if a in owner.lora_A]
+                if owner.merged or any(a in owner.lora_variant or owner.lora_bias[a] for a in adapters):
+                    raise _Unstreamable  # DoRA and other variants, LoRA bias: peft merges those
+                if leaf == "weight":
+                    lora = [(owner.lora_A[a].weight, owner.lora_B[a].weight, owner.scaling[a], owner.fan_in_fan_out)
+                            for a in adapters]
+                owner = owner.get_base_layer()
+            if not isinstance(getattr(owner, leaf, None), torch.Tensor):
+                raise ValueError(f"the saved model's tensor {name} has no source in {type(model).__name__}")
+            sources[name] = _Source(owner, leaf, lora)
+    except _Unstreamable:
+        return None
     return sources
 
 

@@ -199,3 +199,26 @@ def test_the_marker_callback_is_among_the_stage_callbacks_after_the_sharding_one
                    None)
     assert (tmp_path / "checkpoint-3" / COMPLETE_MARKER).is_file()
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+
+
+def test_streamed_save_of_a_lora_reward_model_takes_the_trained_score_head(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.gather import stream_save
+    from posttrain.modeling import save_checkpoint
+    from posttrain.stages import rm
+
+    def build():
+        torch.manual_seed(8)
+        peft = get_peft_model(rm.load_reward_model(tiny_model_dir),
+                              LoraConfig(r=2, target_modules=["k_proj"], task_type="SEQ_CLS", lora_dropout=0.0))
+        for n, p in peft.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:  # what training would have changed
+                torch.nn.init.normal_(p, std=0.05)
+        return peft
+
+    stream_save(build(), tiny_tokenizer, tmp_path / "streamed")
+    save_checkpoint(build().merge_and_unload(), tiny_tokenizer, tmp_path / "reference")
+    _assert_same_model(tmp_path / "streamed", tmp_path / "reference")
+    head = _tensors(tmp_path / "streamed")["score.weight"]
+    assert not torch.equal(head, build().base_model.model.score.original_module.weight.detach())
