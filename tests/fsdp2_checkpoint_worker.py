@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 import weakref
 from pathlib import Path
@@ -153,6 +154,9 @@ def main(phase: str, model_dir: str, out_dir: str) -> int:
         save_fsdp_optimizer(plugin, accel, opt, model, str(ckpt))
         if rank == 0:
             torch.save(sched.state_dict(), ckpt / "scheduler.pt")
+        if rank == 1:
+            time.sleep(1.0)  # a slow rank: the marker must wait for its RNG file
+        torch.save({"cpu": torch.random.get_rng_state()}, ckpt / f"rng_state_{rank}.pth")
         marker.on_save(SimpleNamespace(output_dir=str(work)),
                        SimpleNamespace(global_step=step, is_world_process_zero=rank == 0), None)
         return ckpt

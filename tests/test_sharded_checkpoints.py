@@ -68,6 +68,8 @@ def test_fsdp2_sharded_checkpoint_resume_and_streamed_final_save_on_gloo(tmp_pat
             shards = sorted(p.name for p in (ckpt / part).glob("*.distcp"))
             assert shards == ["__0_0.distcp", "__1_0.distcp"], (kind, part, shards)
         assert (ckpt / "COMPLETE").is_file() and not (out / "work" / kind / "checkpoint-3" / "COMPLETE").exists()
+        # Rank 1 wrote its RNG state a second late: the marker waited for it.
+        assert (ckpt / "COMPLETE").stat().st_mtime >= (ckpt / "rng_state_1.pth").stat().st_mtime
         assert all(m["calls"] == 0 for m in first[f"{kind}_save_meter"] + resume[f"{kind}_load_meter"])
         assert resume[f"{kind}_resumed_from"] == "checkpoint-2"
     # Killed after step 3's save began, resumed from step 2: the weights of the uninterrupted run.
