@@ -32,11 +32,12 @@ TORCHRUN_2 = ["torchrun", "--standalone", "--nproc_per_node", "2"]
 
 def test_launchers_resolve_to_this_python():
     plan = plan_launch(["accelerate", "launch", "--multi_gpu", "--num_processes", "2"], has_gpu=False)
-    assert plan.command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    # posttrain's agent runs the tool in its own process, so a failed rank is named (rounds.agent)
+    assert plan.command[:4] == [sys.executable, "-m", "posttrain.rounds.agent", "accelerate"]
     assert (plan.world_size, plan.parallelism) == (2, "ddp")
-    plan = plan_launch(["/some/other/env/bin/torchrun", "--nproc-per-node=4", "--nnodes", "2"], has_gpu=False)
-    assert plan.command[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    assert plan.world_size == 8
+    plan = plan_launch(["/some/other/env/bin/torchrun", "--nproc-per-node=4"], has_gpu=False)
+    assert plan.command[:4] == [sys.executable, "-m", "posttrain.rounds.agent", "torchrun"]
+    assert plan.world_size == 4  # --nnodes 2 without a node rank is refused: test_multi_node_...
     assert plan_launch(None).command == [sys.executable] and plan_launch(None).world_size == 1
 
 
@@ -51,6 +52,64 @@ def test_launchers_resolve_to_this_python():
 def test_settings_that_would_silently_run_otherwise_are_refused(launcher, message):
     with pytest.raises(LaunchError, match=message):
         plan_launch(launcher, has_gpu=False)
+
+
+TORCHRUN_NODES = ["torchrun", "--nnodes", "2", "--nproc_per_node", "4", "--node_rank", "${NODE_RANK}",
+                  "--master_addr", "${MASTER_ADDR}", "--master_port", "29511"]
+
+
+def test_multi_node_torchrun_counts_every_node_and_takes_this_nodes_rank_from_the_environment():
+    env = {"NODE_RANK": "1", "MASTER_ADDR": "head-node"}
+    plan = plan_launch(TORCHRUN_NODES, has_gpu=False, environ=env)
+    assert (plan.world_size, plan.nodes, plan.node_rank, plan.master) == (8, 2, 1, "head-node:29511")
+    assert plan.command[4:] == ["--nnodes", "2", "--nproc_per_node", "4", "--node_rank", "1",
+                                "--master_addr", "head-node", "--master_port", "29511"]
+    # the record keeps the launcher as written: node 0 and node 1 plan the same identity
+    node0 = plan_launch(TORCHRUN_NODES, has_gpu=False, environ={**env, "NODE_RANK": "0"})
+    assert plan.launcher == node0.launcher == TORCHRUN_NODES and node0.node_rank == 0
+    assert plan.identity(str) == node0.identity(str) and plan.identity(str)["nodes"] == 2
+    assert plan.spec() == {"launcher": TORCHRUN_NODES, "world_size": 8, "parallelism": "ddp", "nodes": 2}
+    assert plan.summary() == "8 procs ddp on 2 nodes"
+    # one node keeps the identity it had before multi-node launches existed (old records still match)
+    assert "nodes" not in plan_launch(TORCHRUN_2, has_gpu=False).identity(str)
+
+
+def test_multi_node_accelerate_reads_machines_from_flags_or_its_config(tmp_path):
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nnum_processes: 16\nmachine_rank: 0\n"
+                   "main_process_ip: 10.0.0.1\nmain_process_port: 29600\n")
+    plan = plan_launch(["accelerate", "launch", "--config_file", str(cfg)], has_gpu=True)
+    assert (plan.world_size, plan.nodes, plan.node_rank, plan.master) == (16, 2, 0, "10.0.0.1:29600")
+    plan = plan_launch(["accelerate", "launch", "--config_file", str(cfg), "--machine_rank", "${SLURM_NODEID}"],
+                       has_gpu=True, environ={"SLURM_NODEID": "1"})
+    assert plan.node_rank == 1 and plan.command[-2:] == ["--machine_rank", "1"]
+    plan = plan_launch(["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "--num_machines", "2",
+                        "--machine_rank", "1", "--main_process_ip", "h"], has_gpu=False)
+    assert (plan.world_size, plan.nodes, plan.node_rank, plan.master) == (4, 2, 1, "h:29500")
+
+
+@pytest.mark.parametrize("launcher, message", [
+    (["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "h"], "needs --node_rank"),
+    (["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "0"], "needs --node_rank"),
+    (["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "2", "--master_addr", "h"],
+     r"--node_rank 2 with 2 nodes \(ranks are 0 to 1\)"),
+    (["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "0", "--standalone"], "one machine"),
+    (["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "0", "--rdzv_backend", "c10d",
+      "--rdzv_endpoint", "h:1"], "order they join"),
+    (["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "${UNSET_NODE_RANK}", "--master_addr", "h"],
+     r"\$\{UNSET_NODE_RANK\} is not set"),
+    (["accelerate", "launch", "--multi_gpu", "--num_processes", "3", "--num_machines", "2", "--machine_rank", "0",
+      "--main_process_ip", "h"], "does not divide"),
+    (["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "--num_machines", "2"], "--machine_rank"),
+])
+def test_multi_node_settings_that_would_hang_or_mislead_are_refused(launcher, message):
+    with pytest.raises(LaunchError, match=message):
+        plan_launch(launcher, has_gpu=False, environ={})
+
+
+def test_validate_plans_a_multi_node_launcher_on_a_machine_that_is_none_of_the_nodes():
+    plan = plan_launch(TORCHRUN_NODES, has_gpu=False, environ={}, strict=False)
+    assert (plan.world_size, plan.nodes, plan.node_rank) == (8, 2, 0)
 
 
 def test_world_size_comes_from_the_accelerate_config_beside_the_recipe(tmp_path):
@@ -102,7 +161,7 @@ def test_a_changed_launcher_is_a_changed_input_and_shows_in_status(tmp_path, tin
     path.write_text(yaml.safe_dump(recipe))
 
     def fake_worker(self, stage, spec, command):
-        assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+        assert command[:4] == [sys.executable, "-m", "posttrain.rounds.agent", "torchrun"]
         assert spec["launch"] == {"launcher": TORCHRUN_2, "world_size": 2, "parallelism": "ddp"}
         shutil.copytree(tiny_model_dir, Path(spec["out_dir"]) / "model")  # stands in for the trained model
         return {"outputs": {"model": "round_01/rm/model"}, "metrics": {}}
@@ -392,3 +451,83 @@ def test_plain_copy_takes_a_tied_tensor_once_and_refuses_a_missing_one(tiny_toke
     del state["model.norm.weight"]
     with pytest.raises(ValueError, match="model.norm.weight"):
         plain_copy(model, state)
+
+
+# ------------------------------------------------------------------------------ 2 nodes on one machine (slow)
+
+NODE0 = """
+import sys
+from pathlib import Path
+from posttrain.recipe import load_recipe
+from posttrain.rounds.orchestrator import Round, _snapshot_recipe, setup_logging
+loaded, run_dir = load_recipe(sys.argv[1]), Path(sys.argv[2])
+setup_logging(run_dir)
+_snapshot_recipe(loaded, run_dir)  # what run_round writes first, and the other nodes wait for
+Round(1, loaded, run_dir).run_stage("rm")
+"""
+NODE1 = """
+import sys
+from posttrain.rounds.orchestrator import follow_round
+follow_round(1, sys.argv[1], sys.argv[2], stages=("rm",), poll=0.2)
+"""
+
+
+def _rm_recipe(tmp_path: Path, name: str, tiny_model_dir, prefs: Path, launcher: list[str]) -> Path:
+    import yaml
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": name, "models": {"base": str(tiny_model_dir)},
+        "data": {"preference_batches": [{"path": str(prefs), "round": 1}]},
+        "rm": {"learning_rate": 2e-3, "epochs": 1, "heldout_fraction": 0, "save_steps": 1000, "batch_size": 4,
+               "keep_unlabelled": True, "min_heldout_accuracy": 0},
+        "run": {"launcher": launcher}}))
+    return path
+
+
+def _node(script: str, recipe: Path, run_dir: Path, node: int | None) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    if node is not None:
+        env["NODE_RANK"] = str(node)
+    return subprocess.Popen([sys.executable, "-c", script, str(recipe), str(run_dir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, what: str, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{what}:\n{out[-5000:]}"
+    return out
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_the_weights_of_one_node_of_two(tmp_path, tiny_model_dir):
+    """Two launchers on 127.0.0.1 (node 0 runs the stage, node 1 follows the run folder) against
+    torchrun --standalone with 2 processes: the same ranks, the same data, the same weights."""
+    prefs = _preferences(tmp_path / "prefs.jsonl", 13)
+    one = _rm_recipe(tmp_path, "one_node", tiny_model_dir, prefs, TORCHRUN_2)
+    _finish(_node(NODE0, one, tmp_path / "one_node", None), "1 node x 2 processes")
+
+    nodes = ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "${NODE_RANK}",
+             "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    two = _rm_recipe(tmp_path, "two_nodes", tiny_model_dir, prefs, nodes)
+    run_dir = tmp_path / "two_nodes"
+    follower = _node(NODE1, two, run_dir, 1)  # started first: it waits for node 0's run folder
+    leader = _node(NODE0, two, run_dir, 0)
+    _finish(leader, "node 0")
+    out = _finish(follower, "node 1")
+    assert "node 1 starts its ranks" in out  # it took part; it did not find the record and skip
+
+    a = _weights(tmp_path / "one_node" / "round_01" / "rm" / "model")
+    b = _weights(run_dir / "round_01" / "rm" / "model")
+    base = _weights(Path(tiny_model_dir))
+    assert max((a[k] - base[k]).abs().max().item() for k in base) > 1e-3  # the steps did something
+    print(f"rm, 2 nodes x 1 process vs 1 node x 2: max weight difference {_max_diff(a, b):.2e}")
+    assert _max_diff(a, b) <= 1e-6
+    from posttrain.records import read_record
+
+    rec = read_record(run_dir, 1, "rm")
+    assert rec["launch"] == {"launcher": nodes, "world_size": 2, "parallelism": "ddp", "nodes": 2}
+    assert rec["inputs"]["launch"]["nodes"] == 2
+    assert (run_dir / "posttrain.node1.log").is_file()  # node 1 never appends to node 0's log
+    assert not list((run_dir / "round_01" / "rm").glob(".node0-*"))  # the shared-folder marker is gone
