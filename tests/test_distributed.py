@@ -179,6 +179,131 @@ def test_a_changed_launcher_is_a_changed_input_and_shows_in_status(tmp_path, tin
         Round(1, load_recipe(path), run_dir).run_stage("rm")
 
 
+# ------------------------------------------------------------------------------ failures that say what failed
+
+RANK_SCRIPT = """
+import os, signal, sys, time
+from torch.distributed.elastic.multiprocessing.errors import record
+
+@record  # as posttrain.rounds.worker records its exception under torchrun
+def main():
+    if os.environ["RANK"] == "1":
+        time.sleep(0.5)
+        if sys.argv[1] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise ValueError("no such row\\nsecond line")
+    time.sleep(30)
+
+main()
+"""
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("kill", r"^rank 1 \(node 0, host \S+, local rank 1, pid \d+\) was killed by signal 9 \(SIGKILL, often the "
+             r"out-of-memory killer: see dmesg\); the launcher then stopped the other 1 rank\(s\) of node 0$"),
+    pytest.param("raise", r"^rank 1 \(node 0, host \S+, local rank 1, pid \d+\) exited with code 1: ValueError: no such row; ",
+                 marks=pytest.mark.slow),
+])
+def test_a_failed_rank_is_one_line_naming_rank_node_and_signal(tmp_path, how, expected):
+    import re
+
+    from posttrain.rounds.agent import FAILURE_ENV, read_failure
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    plan = plan_launch(TORCHRUN_2, has_gpu=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{FAILURE_ENV: str(tmp_path / "failure.json")})
+    proc = subprocess.run([*plan.command, str(script), how], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    report = read_failure(tmp_path / "failure.json")
+    assert re.match(expected, report["message"]), report["message"]
+    assert report["failures"][0]["rank"] == 1 and report["failures"][0]["exitcode"] == (-9 if how == "kill" else 1)
+    assert proc.stderr.strip().splitlines()[-1] == f"posttrain: {report['message']}"
+
+
+@pytest.mark.slow  # about 15 s: two launchers and a 3 s wait
+def test_a_node_that_cannot_see_the_run_folder_fails_in_one_line_on_both_nodes(tmp_path):
+    """Node 1 reads its own copy of the spec (a run folder that is not node 0's): both nodes'
+    stage workers stop before any work, each naming node 1, instead of hanging."""
+    from posttrain.rounds.agent import FAILURE_ENV, read_failure
+
+    port = _free_port()
+    launcher = ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "${NODE_RANK}",
+                "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    procs = []
+    for node in (0, 1):
+        out = tmp_path / f"node{node}" / "round_01" / "rm"
+        out.mkdir(parents=True)
+        spec = {"stage": "rm", "round": 1, "run_dir": str(out.parents[1]), "out_dir": str(out), "inputs": {},
+                "extra": {}, "seed": 0, "recipe": {"name": "t", "models": {"base": "none"}},
+                "result": str(out / ".result.json"),
+                "launch": {"launcher": launcher, "world_size": 2, "parallelism": "ddp", "nodes": 2}}
+        (out / ".spec.json").write_text(json.dumps(spec))
+        plan = plan_launch(launcher, has_gpu=False, environ={"NODE_RANK": str(node)})
+        env = dict(os.environ, OMP_NUM_THREADS="1", POSTTRAIN_SHARED_FOLDER_TIMEOUT="3",
+                   **{FAILURE_ENV: str(tmp_path / f"failure{node}.json")})
+        procs.append(subprocess.Popen([*plan.command, "-m", "posttrain.rounds.worker", str(out / ".spec.json")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        p.communicate(timeout=180)
+        assert p.returncode == 1
+    for node in (0, 1):
+        message = read_failure(tmp_path / f"failure{node}.json")["message"]
+        assert f"rank {node} (node {node}" in message and "SharedFolderError: node 1 (host" in message, message
+        assert "cannot see the run folder node 0" in message and "within 3 s" in message
+
+
+def _rank_pid(marker: str, rank: int, timeout: float = 120) -> int:
+    """The pid of the stage worker of global rank `rank` whose command line names `marker`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+                env = (proc / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if marker.encode() in cmd and b"posttrain.rounds.worker" in cmd and f"RANK={rank}".encode() in env:
+                return int(proc.name)
+        time.sleep(0.2)
+    raise AssertionError(f"no rank {rank} worker for {marker}")
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_stage_is_named_by_the_round(tmp_path, tiny_model_dir):
+    """The orchestrator's message for a stage whose rank 1 is killed: rank, node, signal, pid
+    (torch's own report ends in `ChildFailedError:` with nothing after it)."""
+    import signal
+    import threading
+    import time
+
+    from posttrain.recipe import load_recipe
+    from posttrain.rounds.orchestrator import Round, RoundError
+
+    prefs = _preferences(tmp_path / "prefs.jsonl", 64)
+    recipe = _rm_recipe(tmp_path, "killed", tiny_model_dir, prefs, TORCHRUN_2)
+    run_dir = tmp_path / "killed_run"
+    killed = []
+
+    def kill_rank_1():
+        pid = _rank_pid(str(run_dir), 1)
+        time.sleep(2.0)  # past start-up: inside the stage
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_rank_1, daemon=True)
+    killer.start()
+    with pytest.raises(RoundError) as err:
+        Round(1, load_recipe(recipe), run_dir).run_stage("rm")
+    killer.join(5)
+    first = str(err.value).splitlines()[0]
+    assert first.startswith(f"round 1 stage 'rm' failed (exit code 1): rank 1 (node 0, host ")
+    assert f"local rank 1, pid {killed[0]}) was killed by signal 9 (SIGKILL" in first
+    assert "ChildFailedError" not in first
+
+
 # ------------------------------------------------------------------------------ helpers
 
 
