@@ -112,6 +112,31 @@ def test_validate_plans_a_multi_node_launcher_on_a_machine_that_is_none_of_the_n
     assert (plan.world_size, plan.nodes, plan.node_rank) == (8, 2, 0)
 
 
+@pytest.mark.parametrize("name", ["fsdp2", "zero3"])
+def test_sharding_without_gpus_is_refused_by_validate_in_one_line_by_the_rule_the_launch_applies(
+        tmp_path, monkeypatch, capsys, name):
+    import yaml
+
+    from posttrain import launch
+    from posttrain.cli import main
+
+    config = Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    launcher = ["accelerate", "launch", "--config_file", str(config), "--num_processes", "2"]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "models": {"base": "some/model"}, "run": {"launcher": launcher}}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["validate", str(path), "--skip-files"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run.launcher" in err[0] and "needs GPUs" in err[0], err
+    # run-round checks the recipe first, so it refuses in the same line before any stage starts
+    assert main(["run-round", "1", "--recipe", str(path), "--run-dir", str(tmp_path / "run")]) == 1
+    assert "needs GPUs" in capsys.readouterr().err and not (tmp_path / "run" / "round_01").exists()
+    # one rule: were sharding on the CPU supported (the predicate says so), both would accept it
+    monkeypatch.setattr(launch, "sharding_refusal", lambda parallelism, has_gpu: None)
+    assert main(["validate", str(path), "--skip-files"]) == 0
+    assert plan_launch(launcher, has_gpu=False).parallelism in ("fsdp", "deepspeed")
+
+
 def test_world_size_comes_from_the_accelerate_config_beside_the_recipe(tmp_path):
     (tmp_path / "fsdp.yaml").write_text("distributed_type: FSDP\nnum_processes: 8\n")
     plan = plan_launch(["accelerate", "launch", "--config_file", "fsdp.yaml"], base_dir=tmp_path, has_gpu=True)

@@ -735,14 +735,14 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     run_dir = Path(run_dir)
     check_round_numbers([n], loaded)
+    # Before anything is written to the run folder: reward targets that import and are rewards,
+    # a launcher that plans (data files are checked as each stage reads them: later rounds'
+    # batches may not exist yet).
+    loaded.check(files=False)
     if node_rank(loaded, n) > 0:  # another node of a multi-node launcher: node 0 runs the round
         return follow_round(n, loaded, run_dir)
     with run_lock(run_dir):  # one writer per run folder, from the first check to the last record
-        # Before anything is written to the run folder: round order, and reward targets that
-        # import and are rewards (data files are checked as each stage reads them: later
-        # rounds' batches may not exist yet).
-        check_previous_round(run_dir, n, loaded)
-        loaded.check(files=False)
+        check_previous_round(run_dir, n, loaded)  # round order, under the lock
         setup_logging(run_dir)
         _snapshot_recipe(loaded, run_dir)
         log.info("round %d of %s in %s", n, loaded.path.name, run_dir)
