@@ -681,3 +681,70 @@ def test_two_nodes_of_one_process_train_the_weights_of_one_node_of_two(tmp_path,
     assert rec["inputs"]["launch"]["nodes"] == 2
     assert (run_dir / "posttrain.node1.log").is_file()  # node 1 never appends to node 0's log
     assert not list((run_dir / "round_01" / "rm").glob(".node0-*"))  # the shared-folder marker is gone
+
+
+def _follower_setup(tmp_path: Path, stages_done: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A run folder as node 0 leaves it: its recipe snapshot, and records for `stages_done`."""
+    import yaml
+
+    from posttrain.files import atomic_write_json
+
+    launcher = ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "${NODE_RANK}",
+                "--master_addr", "127.0.0.1", "--master_port", "29599"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "t", "models": {"base": "some/model"}, "run": {"launcher": launcher}}))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(recipe.read_text())
+    for stage in stages_done:
+        atomic_write_json(run_dir / "round_01" / stage / "record.json", {"stage": stage, "round": 1})
+    return recipe, run_dir
+
+
+def test_a_follower_node_skips_what_node_0_recorded_and_starts_nothing(tmp_path, monkeypatch):
+    from posttrain.rounds import orchestrator
+
+    recipe, run_dir = _follower_setup(tmp_path, ("rm", "sample", "sft", "dpo"))
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setattr(orchestrator, "stream_worker", lambda *a: pytest.fail("started a launcher"))
+    records = orchestrator.run_round(1, recipe, run_dir)  # run_round on node 1 is follow_round
+    assert sorted(records) == ["dpo", "rm", "sft"] and records["rm"] == {"stage": "rm", "round": 1}
+    assert not (run_dir / ".lock").exists() and (run_dir / "posttrain.node1.log").is_file()
+
+
+def test_a_follower_node_stops_with_node_0s_cause(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from posttrain.files import atomic_write_json
+    from posttrain.rounds import orchestrator
+
+    recipe, run_dir = _follower_setup(tmp_path)
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setattr(orchestrator, "stream_worker", lambda *a: pytest.fail("started a launcher"))
+
+    def node0_fails_rm():
+        time.sleep(1.0)
+        now = time.time()
+        atomic_write_json(run_dir / "round_01" / "rm" / ".attempts.json",
+                          [{"started": now - 0.5, "ended": now, "outcome": "failed: DataError: prefs.jsonl row 3"}])
+
+    threading.Thread(target=node0_fails_rm, daemon=True).start()
+    from posttrain.stage import RoundError
+
+    with pytest.raises(RoundError, match=r"^node 1: node 0 stopped at round 1 rm: failed: DataError: prefs.jsonl row 3"):
+        orchestrator.follow_round(1, recipe, run_dir, poll=0.1)
+
+
+def test_a_follower_node_without_node_0s_run_folder_says_so(tmp_path, monkeypatch):
+    from posttrain.rounds import orchestrator
+
+    recipe, run_dir = _follower_setup(tmp_path)
+    from posttrain.stage import RoundError
+
+    (run_dir / "recipe.yaml").unlink()
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv(orchestrator.NODE_WAIT_ENV, "1")
+    with pytest.raises(RoundError, match=r"node 1: after 1 s the run folder .* still has no recipe.yaml from node 0 "
+                                         r"\(127.0.0.1:29599\).*mounts at the same path"):
+        orchestrator.follow_round(1, recipe, run_dir)

@@ -634,14 +634,15 @@ def _wait_for_node0(loaded: LoadedRecipe, run_dir: Path, node: int, master: str 
                      "every node runs the same recipe (one file on the shared filesystem, or identical copies)")
 
 
-def _node0_stopped(run_dir: Path, n: int, stages: list[str], since: float) -> str | None:
-    """How node 0's latest attempt at one of `stages` ended, when it failed or waits after `since`."""
-    for stage in stages:
-        path = stage_dir(run_dir, n, stage) / Attempts.FILE
+def _node0_stopped(run_dir: Path, stages: list[tuple[int, str]], since: float) -> str | None:
+    """How node 0's latest attempt at one of `stages` (round, stage) ended, when it ended after
+    `since` other than done (failed, or waiting for labels)."""
+    for m, stage in stages:
+        path = stage_dir(run_dir, m, stage) / Attempts.FILE
         items = read_json(path) if path.is_file() else []
         last = items[-1] if items else None
         if last and last.get("ended") and last["ended"] >= since and last.get("outcome") != "done":
-            return f"{stage}: {last.get('outcome')}"
+            return f"round {m} {stage}: {last.get('outcome')}"
     return None
 
 
@@ -679,17 +680,22 @@ def follow_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str 
     begun = time.time()
     wanted = [s for s in STEPS if get_stage(s).launcher and get_stage(s).enabled(current)
               and (stages is None or s in stages)]
+    previous = [] if n == 1 else [(n - 1, s) for s in STEPS if get_stage(s).required
+                                  and get_stage(s).enabled(loaded.for_round(n - 1))]
     for stage in wanted:
-        before = [s for s in STEPS[:STEPS.index(stage)] if get_stage(s).enabled(current)]
+        # Started only once node 0 has recorded everything before it (the previous round too),
+        # so a spec left by a killed attempt is used only when node 0 is about to rewrite it.
+        before = [(n, s) for s in STEPS[:STEPS.index(stage)] if get_stage(s).enabled(current)] + previous
         out_dir = stage_dir(run_dir, n, stage)
         spec_path = out_dir / ".spec.json"
         launched = waiting = False
         while read_record(run_dir, n, stage) is None:
-            stopped = _node0_stopped(run_dir, n, [*before, stage], begun)
+            stopped = _node0_stopped(run_dir, [*before, (n, stage)], begun)
             if stopped:
-                raise RoundError(f"node {node}: node 0 stopped at round {n} {stopped}; fix the cause and run the "
+                raise RoundError(f"node {node}: node 0 stopped at {stopped}; fix the cause and run the "
                                  "same command on every node again")
-            if not launched and spec_path.is_file() and all(read_record(run_dir, n, s) is not None for s in before):
+            if not launched and spec_path.is_file() and all(read_record(run_dir, m, s) is not None
+                                                            for m, s in before):
                 ff = failure_file(out_dir, node)
                 ff.unlink(missing_ok=True)
                 cmd = [*plan.command, "-m", "posttrain.rounds.worker", str(spec_path)]
