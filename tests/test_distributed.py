@@ -651,15 +651,21 @@ def _finish(proc: subprocess.Popen, what: str, timeout: float = 600) -> str:
 
 
 @pytest.mark.slow
-def test_two_nodes_of_one_process_train_the_weights_of_one_node_of_two(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("tool", ["torchrun", "accelerate"])
+def test_two_nodes_of_one_process_train_the_weights_of_one_node_of_two(tmp_path, tiny_model_dir, tool):
     """Two launchers on 127.0.0.1 (node 0 runs the stage, node 1 follows the run folder) against
     torchrun --standalone with 2 processes: the same ranks, the same data, the same weights."""
     prefs = _preferences(tmp_path / "prefs.jsonl", 13)
     one = _rm_recipe(tmp_path, "one_node", tiny_model_dir, prefs, TORCHRUN_2)
     _finish(_node(NODE0, one, tmp_path / "one_node", None), "1 node x 2 processes")
 
-    nodes = ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "${NODE_RANK}",
-             "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    if tool == "torchrun":
+        nodes = ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "${NODE_RANK}",
+                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    else:  # accelerate's --num_processes counts both machines' processes
+        nodes = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "2",
+                 "--machine_rank", "${NODE_RANK}", "--main_process_ip", "127.0.0.1", "--main_process_port",
+                 str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
     two = _rm_recipe(tmp_path, "two_nodes", tiny_model_dir, prefs, nodes)
     run_dir = tmp_path / "two_nodes"
     follower = _node(NODE1, two, run_dir, 1)  # started first: it waits for node 0's run folder
@@ -680,6 +686,9 @@ def test_two_nodes_of_one_process_train_the_weights_of_one_node_of_two(tmp_path,
     assert rec["launch"] == {"launcher": nodes, "world_size": 2, "parallelism": "ddp", "nodes": 2}
     assert rec["inputs"]["launch"]["nodes"] == 2
     assert (run_dir / "posttrain.node1.log").is_file()  # node 1 never appends to node 0's log
+    from posttrain.api import status_table
+
+    assert "[2x ddp on 2 nodes]" in status_table(run_dir)
     assert not list((run_dir / "round_01" / "rm").glob(".node0-*"))  # the shared-folder marker is gone
 
 
