@@ -382,7 +382,7 @@ def _run(tmp_path: Path, name: str, stage: str, cfg: dict, inputs: dict, launche
     spec = {"stage": stage, "round": 1, "run_dir": str(run_dir), "out_dir": str(out), "inputs": inputs,
             "extra": {}, "seed": 0, "recipe": {"name": "t", "models": {"base": base}, stage: cfg},
             "result": str(out / ".result.json"),
-            "launch": {"launcher": plan.launcher, "world_size": plan.world_size, "parallelism": plan.parallelism}}
+            "launch": plan.spec()}
     spec_path = out / ".spec.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
@@ -757,3 +757,28 @@ def test_a_follower_node_without_node_0s_run_folder_says_so(tmp_path, monkeypatc
     with pytest.raises(RoundError, match=r"node 1: after 1 s the run folder .* still has no recipe.yaml from node 0 "
                                          r"\(127.0.0.1:29599\).*mounts at the same path"):
         orchestrator.follow_round(1, recipe, run_dir)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_on_node_1_is_named_on_both_nodes(tmp_path, tiny_model_dir):
+    """Node 0's own rank only sees a peer vanish (gloo: connection closed); the message on
+    node 0 is node 1's report: the killed rank, its node, the signal."""
+    import signal
+    import time
+
+    prefs = _preferences(tmp_path / "prefs.jsonl", 64)
+    nodes = ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "${NODE_RANK}",
+             "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    recipe = _rm_recipe(tmp_path, "two_nodes", tiny_model_dir, prefs, nodes)
+    run_dir = tmp_path / "two_nodes"
+    follower = _node(NODE1, recipe, run_dir, 1)
+    leader = _node(NODE0, recipe, run_dir, 0)
+    pid = _rank_pid(str(run_dir), 1)
+    time.sleep(3.0)
+    os.kill(pid, signal.SIGKILL)
+    outs = [p.communicate(timeout=300)[0] for p in (leader, follower)]
+    assert leader.returncode != 0 and follower.returncode != 0
+    named = f"rank 1 (node 1, host {socket.gethostname()}, local rank 0, pid {pid}) was killed by signal 9 (SIGKILL"
+    assert named in outs[0], outs[0][-3000:]  # node 0: "round 1 stage 'rm' failed (exit code 1): rank 1 (node 1 ..."
+    assert "round 1 stage 'rm' failed (exit code 1): rank 1 (node 1" in outs[0]
+    assert named in outs[1], outs[1][-3000:]  # node 1: "... failed on node 1 (exit code 1): rank 1 ..."
