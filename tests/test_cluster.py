@@ -281,8 +281,9 @@ def test_every_actor_killed_keeps_finished_work_and_the_rerun_completes(tmp_path
     calls = killing(monkeypatch, ray_cluster, at_calls={3, 4})
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     ctx = make_ctx(tmp_path, eot_model_dir, prompts, LengthReward(), cluster=CLUSTER)
-    with pytest.raises(ClusterError, match=r"actor posttrain-generate-\S+ \(pid \d+, on node \S+\) died: its process died without an error "
-                                         r"\(SIGKILL.*no actor is left for its task \(.*\).*run again"):
+    with pytest.raises(ClusterError, match=r"actor posttrain-generate-\S+ \(pid \d+, on node \S+\) died: its process "
+                                         r"died without an error \(SIGKILL.*no actor is left for its task "
+                                         r"\(.*\).*run again"):
         sample_stage.run(ctx)
     work = ctx.out_dir / "samples" / ".work"
     # the two tasks sent before the kills finished and are on disk; the two killed ones are not

@@ -226,7 +226,8 @@ main()
 @pytest.mark.parametrize("how, expected", [
     ("kill", r"^rank 1 \(node 0, host \S+, local rank 1, pid \d+\) was killed by signal 9 \(SIGKILL, often the "
              r"out-of-memory killer: see dmesg\); the launcher then stopped the other 1 rank\(s\) of node 0$"),
-    pytest.param("raise", r"^rank 1 \(node 0, host \S+, local rank 1, pid \d+\) exited with code 1: ValueError: no such row; ",
+    pytest.param("raise", r"^rank 1 \(node 0, host \S+, local rank 1, pid \d+\) exited with code 1: "
+                          r"ValueError: no such row; ",
                  marks=pytest.mark.slow),
 ])
 def test_a_failed_rank_is_one_line_naming_rank_node_and_signal(tmp_path, how, expected):
@@ -635,9 +636,10 @@ def _rm_recipe(tmp_path: Path, name: str, tiny_model_dir, prefs: Path, launcher:
     return path
 
 
-def _node(script: str, recipe: Path, run_dir: Path, node: int | None) -> subprocess.Popen:
+def _node(script: str, recipe: Path, run_dir: Path, node: int | None, **extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+               **extra)
     if node is not None:
         env["NODE_RANK"] = str(node)
     return subprocess.Popen([sys.executable, "-c", script, str(recipe), str(run_dir)], env=env,
@@ -741,7 +743,8 @@ def test_a_follower_node_stops_with_node_0s_cause(tmp_path, monkeypatch):
     threading.Thread(target=node0_fails_rm, daemon=True).start()
     from posttrain.stage import RoundError
 
-    with pytest.raises(RoundError, match=r"^node 1: node 0 stopped at round 1 rm: failed: DataError: prefs.jsonl row 3"):
+    with pytest.raises(RoundError, match=r"^node 1: node 0 stopped at round 1 rm: failed: DataError: prefs.jsonl "
+                                         r"row 3"):
         orchestrator.follow_round(1, recipe, run_dir, poll=0.1)
 
 
@@ -771,8 +774,11 @@ def test_a_rank_killed_on_node_1_is_named_on_both_nodes(tmp_path, tiny_model_dir
              "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     recipe = _rm_recipe(tmp_path, "two_nodes", tiny_model_dir, prefs, nodes)
     run_dir = tmp_path / "two_nodes"
-    follower = _node(NODE1, recipe, run_dir, 1)
-    leader = _node(NODE0, recipe, run_dir, 0)
+    # rank 0 waits for node 1's answer to the shared-folder check: a rank killed before it answers
+    # would keep rank 0 there for the whole (default 120 s) wait
+    wait = {"POSTTRAIN_SHARED_FOLDER_TIMEOUT": "20"}
+    follower = _node(NODE1, recipe, run_dir, 1, **wait)
+    leader = _node(NODE0, recipe, run_dir, 0, **wait)
     pid = _rank_pid(str(run_dir), 1)
     time.sleep(3.0)
     os.kill(pid, signal.SIGKILL)

@@ -12,7 +12,8 @@ launcher's store (the TCP store torchrun's agent runs, which every rank reaches 
 MASTER_ADDR:MASTER_PORT); the first rank of every other node waits (a timeout) for that
 marker to appear in its own view of the folder and answers through the store. A node that
 does not see it fails in one line naming itself, and so does rank 0, instead of the world
-hanging in its first collective.
+hanging in its first collective. (A node whose rank dies before it answers holds rank 0 in
+that wait until the timeout; the dead rank's own node names it: posttrain.rounds.agent.)
 """
 
 from __future__ import annotations

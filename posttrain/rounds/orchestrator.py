@@ -627,9 +627,9 @@ def _wait_for_node0(loaded: LoadedRecipe, run_dir: Path, node: int, master: str 
             break
         time.sleep(1.0)
     if seen is None:
-        raise RoundError(f"node {node}: after {wait:.0f} s the run folder {run_dir} still has no recipe.yaml from node 0 "
-                         f"({master}). Start node 0 with the same command; the run folder must be one folder every "
-                         "node mounts at the same path (NFS, Lustre, ...).")
+        raise RoundError(f"node {node}: after {wait:.0f} s the run folder {run_dir} still has no recipe.yaml from "
+                         f"node 0 ({master}). Start node 0 with the same command; the run folder must be one folder "
+                         "every node mounts at the same path (NFS, Lustre, ...).")
     raise RoundError(f"node {node}: {loaded.path} is not the recipe node 0 runs ({snap} differs after {wait:.0f} s): "
                      "every node runs the same recipe (one file on the shared filesystem, or identical copies)")
 
