@@ -79,7 +79,8 @@ def _cell(run_dir: Path, n: int, step: str) -> str:
     secs = rec.get("timing", {}).get("seconds", 0)
     shown = format_headline(headline(step, rec.get("metrics", {})))
     launch = rec.get("launch") or {}
-    procs = f" [{launch['world_size']}x {launch.get('parallelism')}]" if launch.get("launcher") else ""
+    nodes = f" on {launch['nodes']} nodes" if launch.get("nodes", 1) > 1 else ""
+    procs = f" [{launch['world_size']}x {launch.get('parallelism')}{nodes}]" if launch.get("launcher") else ""
     return f"done {secs:.0f}s{procs}" + (f" {shown}" if shown else "")
 
 
@@ -90,7 +91,7 @@ dropped, and dropped by first reason (a column only in runs that curate) · sft 
 training loss · dpo acc: share of pairs whose implicit reward ranks chosen first · eval task:
 held-out task score (checker), else reward · annotate: pairs labelled, abstained (skipped), edited;
 waiting: labels still missing (run again once they are in) · times include resumed attempts · [2x ddp]: a
-training stage started by run.launcher: processes x parallelism"""
+training stage started by run.launcher: processes x parallelism (and nodes, when several)"""
 
 
 def status_table(run_dir, legend: bool = True) -> str:

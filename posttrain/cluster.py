@@ -20,9 +20,11 @@ writes each one atomically to the same file the local path writes, the moment it
 So resume, shards and records are exactly those of the local path, and a prompt's samples do
 not depend on where it ran: a transformers job runs whole on one actor with its own seed
 (as in the local child); vLLM jobs are cut into the same slices, with the same per-prompt
-seeds, as the local engines use. An actor that dies loses only its task in flight: the task
-goes back to the queue for the other actors, and when none is left the stage fails with the
-finished results on disk, and the rerun does only what is missing.
+seeds, as the local engines use. An actor that dies loses only its task in flight: one log
+line names the actor (name, pid, node) and what killed it, as far as Ray can tell; the task
+goes back to the queue for the live actors (at most `task_retries` times); when none is left,
+or a task has lost too many, the stage fails with the finished results on disk, and the rerun
+does only what is missing.
 
 Ray is imported only here and only when a recipe asks for a cluster: one machine needs no Ray.
 Paths (the policy, the reward model) must be readable at the same path on every node (a
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -77,6 +80,10 @@ class ClusterSettings(StrictModel):
     e.g. to make a custom reward's module importable on every node."""
     num_cpus: int | None = Field(None, ge=1)
     """`address: local` only: CPUs the one-machine Ray may use (default: all)."""
+    task_retries: int = Field(2, ge=0)
+    """Times a task goes to another actor after the actor running it died (each death is one
+    log line naming the actor and its cause); a task that loses more stops the stage, as one
+    that kills every actor it reaches (memory) would otherwise take the whole pool down."""
 
 
 class ClusterError(RuntimeError):
@@ -220,14 +227,61 @@ def _actor_died(ray, err: BaseException) -> bool:
     return isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
 
 
-def run_queue(ray, actors: list, tasks: list, call: Callable[[Any, Any], Any], what: str
-              ) -> Iterator[tuple[Any, Any]]:
+def _field(text: str, name: str) -> str | None:
+    m = re.search(rf"^\s*{name}: (.+)$", text, re.M)
+    return m.group(1).strip() if m else None
+
+
+def death_cause(err: BaseException) -> str:
+    """What ended an actor, in words, from what Ray says (its ActorDiedError's message: the
+    worker's exit type and detail, the node's death, the memory monitor, ray.kill). Ray sees a
+    SIGKILL only as a worker whose connection dropped, so that is what it says."""
+    text = str(getattr(err, "error_msg", None) or err)
+    exit_type = re.search(r"Worker exit type: (\w+)", text)
+    if getattr(err, "preempted", False):
+        return "its node was preempted (drained by the autoscaler)"
+    if getattr(err, "actor_init_failed", False):
+        inner = text.split("creation task, ", 1)[-1].strip().splitlines()
+        return f"its set-up raised: {inner[-1].strip() if inner else '?'}"
+    if "memory monitor" in text or "OutOfMemoryError" in text or "low on memory" in text:
+        return "Ray's memory monitor killed it: its node ran low on memory"
+    if re.search(r"node (has died|died|.*is dead|was terminated)", text, re.I):
+        return "its node died (the machine, or its raylet, went away)"
+    if "ray.kill" in text or (exit_type and exit_type.group(1) == "INTENDED_USER_EXIT"):
+        return "it was stopped by ray.kill"
+    if exit_type and exit_type.group(1) == "SYSTEM_ERROR":
+        return ("its process died without an error (SIGKILL, e.g. the kernel's out-of-memory killer, or a crash "
+                "such as SIGSEGV: Ray tells only that its connection dropped; see dmesg on its node)")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def describe_actor_death(err: BaseException, where: dict | None = None) -> str:
+    """`actor NAME (pid P on node IP) died: CAUSE`, from Ray's error and what the actor said
+    about itself when it started (`where`)."""
+    text = str(getattr(err, "error_msg", None) or err)
+    where = where or {}
+    name = _field(text, "name") or where.get("name") or _field(text, "actor_id") or getattr(err, "actor_id", None)
+    pid = _field(text, "pid") or where.get("pid")
+    node = _field(text, "ip") or where.get("node")
+    place = ", ".join(x for x in (f"pid {pid}" if pid else "", f"on node {node}" if node else "") if x)
+    return f"actor {name}" + (f" ({place})" if place else "") + f" died: {death_cause(err)}"
+
+
+TASK_RETRIES = ClusterSettings.model_fields["task_retries"].default
+
+
+def run_queue(ray, actors: list, tasks: list, call: Callable[[Any, Any], Any], what: str, *,
+              retries: int = TASK_RETRIES, label: Callable[[Any], str] = str) -> Iterator[tuple[Any, Any]]:
     """Each task to the next free actor (`call(actor, task)` returns an object ref); yields
     (task, value) as each finishes, so the caller keeps it before the next one. A task whose
-    actor died goes back to the queue; when every actor is dead, ClusterError (everything
-    finished was already yielded). An error raised inside a task is raised here as it is."""
+    actor died goes back to the queue for the live actors, at most `retries` times; every
+    death is one log line naming the actor and what killed it. When no actor is left, or a
+    task ran out of retries, ClusterError (everything finished was already yielded). An error
+    raised inside a task is raised here as it is."""
     queue, free, running = deque(tasks), list(actors), {}
     alive = len(actors)
+    lost: dict[int, int] = {}  # id(task) -> actors it lost
     while queue or running:
         while queue and free:
             actor, task = free.pop(), queue.popleft()
@@ -241,12 +295,18 @@ def run_queue(ray, actors: list, tasks: list, call: Callable[[Any, Any], Any], w
                 if not _actor_died(ray, err):
                     raise
                 alive -= 1
-                queue.appendleft(task)
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                log.warning("%s: an actor died (%s); its task goes to the %d left", what, first, alive)
+                death = describe_actor_death(err)
+                lost[id(task)] = tries = lost.get(id(task), 0) + 1
                 if alive == 0:
-                    raise ClusterError(f"{what}: every actor died ({first}); the finished results are "
-                                       "kept, run again to do the rest") from err
+                    raise ClusterError(f"{what}: {death}; no actor is left for its task ({label(task)}). The finished "
+                                       "results are kept: run again to do the rest") from err
+                if tries > retries:
+                    raise ClusterError(f"{what}: {death}; its task ({label(task)}) has now lost {tries} actors, "
+                                       "so it is likely what kills them (memory?). The finished results are kept") \
+                        from err
+                queue.appendleft(task)
+                log.warning("%s: %s; its task (%s) goes to the %d live actor(s) (retry %d of %d)", what, death,
+                            label(task), alive, tries, retries)
                 continue
             free.append(actor)
             yield task, value
@@ -345,7 +405,12 @@ def run_jobs_on_ray(model_dir: str | os.PathLike, jobs: list, *, backend: str, o
         return actor.generate.remote(job.prompt_ids[start:end], job.settings.to_dict(), start)
 
     try:
-        for (j, i, n, start, end), gens in run_queue(ray, actors, tasks, call, what=f"generation ({backend})"):
+        def label(task) -> str:
+            j, i, n, start, end = task
+            return f"{Path(jobs[j].out).name}, prompts {start}-{end - 1}"
+
+        for (j, i, n, start, end), gens in run_queue(ray, actors, tasks, call, what=f"generation ({backend})",
+                                                     label=label, retries=settings.task_retries):
             job = jobs[j]
             if len(gens) != end - start:
                 raise ClusterError(f"{backend} actor returned {len(gens)} results for {end - start} prompts "
@@ -420,7 +485,8 @@ class RewardPool:
         def call(actor, key):
             return actor.score.remote(*load(key))
 
-        yield from run_queue(self.ray, self.actors, list(keys), call, what="scoring")
+        yield from run_queue(self.ray, self.actors, list(keys), call, what="scoring",
+                             retries=self.settings.task_retries)
 
     def score(self, prompts: list, responses: list[str], metas: list[dict] | None = None) -> list[float | None]:
         """Scores of all samples, in order: contiguous chunks, one per actor."""

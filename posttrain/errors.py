@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from posttrain.annotate.base import AnnotatorError
 from posttrain.averaging import AverageError
+from posttrain.launch import LaunchError
 from posttrain.data import DataError, DataErrors
 from posttrain.modeling import GGUFError
 from posttrain.recipe import RecipeError
@@ -16,4 +17,4 @@ from posttrain.stage import RoundError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     RecipeError, RoundError, InputsChanged, FileNotFoundError, FileExistsError, DataError, DataErrors,
-    RewardError, AverageError, AnnotatorError, RunLocked, OutputsDamaged, GGUFError)
+    RewardError, AverageError, AnnotatorError, RunLocked, OutputsDamaged, GGUFError, LaunchError)

@@ -116,7 +116,11 @@ class RunSettings(StrictModel):
     config path is looked up beside the recipe, then in the current folder) or `[torchrun,
     --nproc_per_node, 8]`. Run with posttrain's own Python; part of the stage's inputs (a
     change refuses like any other); settings that would start fewer processes than asked are
-    refused. `batch_size` is per process. Default: the current Python, one process."""
+    refused. `batch_size` is per process. Several nodes: the launcher's own options (torchrun
+    `--nnodes 2 --node_rank ${NODE_RANK} --master_addr H`, accelerate `--num_machines` /
+    `--machine_rank` / `--main_process_ip`); `${VAR}` words are expanded from each node's
+    environment, the same command runs on every node, node 0 writes the run folder (which must
+    be shared; see the README's 'Several nodes'). Default: the current Python, one process."""
     keep_checkpoints: bool = False
     """Keep each training stage's `work` folder (trainer checkpoints with optimizer state,
     variant models before averaging) after the stage's record is written. Off: it is deleted
@@ -369,8 +373,10 @@ class LoadedRecipe:
     def check(self, *, files: bool = True) -> None:
         """What `posttrain validate` checks beyond the schema, for every round, without
         loading a model or calling anything: each reward/checker target imports and is a reward
-        (`posttrain.reward.check_reward_spec`), and (with `files`) each data file exists and is
-        a regular file or a folder. Raises RecipeError listing every problem by recipe key."""
+        (`posttrain.reward.check_reward_spec`), `run.launcher` plans as a stage's launch does
+        (posttrain.launch.plan_launch: the same refusals, e.g. FSDP2/ZeRO-3 without GPUs, a
+        multi-node launcher without a node rank), and (with `files`) each data file exists and
+        is a regular file or a folder. Raises RecipeError listing every problem by recipe key."""
         from posttrain.reward.base import RewardError, check_reward_spec
 
         problems: dict[str, str] = {}
@@ -390,6 +396,14 @@ class LoadedRecipe:
                     check_annotator_spec(recipe.annotate.annotator, "annotate.annotator")
                 except AnnotatorError as e:
                     problems.setdefault("annotate.annotator" + recipe.annotate.annotator.target, str(e))
+            if recipe.run.launcher:  # the launch's own refusals (posttrain.launch), before any stage starts
+                from posttrain.launch import LaunchError, plan_launch
+
+                try:
+                    # strict=False: a ${NODE_RANK} word is set on the nodes, not necessarily here
+                    plan_launch(recipe.run.launcher, base_dir=self.path.parent, strict=False)
+                except LaunchError as e:
+                    problems.setdefault("run.launcher", f"{e} (round {n})" if self.base.overrides else str(e))
             if recipe.sample.cluster is not None:  # found now, not after the rm stage trained
                 from posttrain.cluster import ClusterError, require_ray
 

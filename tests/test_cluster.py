@@ -81,6 +81,99 @@ def test_eval_runs_engines_with_samplings_settings():
     assert (opts.dtype, opts.device, opts.trust_remote_code) == ("float32", "cpu", True)
 
 
+# ---- a pool whose actors die, without Ray (what run_queue does with what Ray tells it) ----------
+
+
+class _Died(Exception):
+    """What Ray raises for a task whose actor died (its text as Ray 2.60 words it)."""
+
+    def __init__(self, name: str, pid: int, detail: str):
+        super().__init__()
+        self.preempted = self.actor_init_failed = False
+        self.error_msg = (f"The actor died unexpectedly before finishing this task.\n\tclass_name: GenerationWorker\n"
+                          f"\tactor_id: ab12\n\tpid: {pid}\n\tname: {name}\n\tnamespace: x\n\tip: 10.0.0.{pid % 9}\n"
+                          f"The actor is dead because its worker process has died. {detail}")
+
+    def __str__(self):
+        return self.error_msg
+
+
+class _FakeRay:
+    """ray.wait/ray.get over refs whose outcome `fate(actor, task)` decides: a value, or _Died."""
+
+    class exceptions:
+        RayActorError = _Died
+        ActorUnavailableError = _Died
+
+    def __init__(self, fate):
+        self.fate, self.sent = fate, []
+
+    def call(self, actor, task):
+        self.sent.append((actor, task))
+        return (actor, task)
+
+    def wait(self, refs, num_returns, timeout):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        outcome = self.fate(*ref)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+SIGKILLED = ("Worker exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error "
+             "code 2. End of file.")
+
+
+def test_a_dead_actors_task_goes_to_a_live_one_and_the_death_is_one_line(caplog):
+    import logging
+
+    dead: list[str] = []
+
+    def fate(actor, task):
+        if task == "t2" and not dead:  # the first actor handed t2 dies running it
+            dead.append(actor)
+            return _Died("posttrain-generate-7-1", 4242, SIGKILLED)
+        return f"{task} by {actor}"
+
+    ray = _FakeRay(fate)
+    with caplog.at_level(logging.WARNING, logger="posttrain.cluster"):
+        done = dict(cluster.run_queue(ray, ["a0", "a1"], ["t1", "t2", "t3", "t4"], ray.call, "generation (x)",
+                                      label=lambda t: f"job {t}"))
+    assert sorted(done) == ["t1", "t2", "t3", "t4"]  # nothing lost
+    assert done["t2"] != f"t2 by {dead[0]}"
+    sent_dead = ray.sent.index((dead[0], "t2"))
+    assert dead[0] not in [a for a, _ in ray.sent[sent_dead + 1:]]  # never used again
+    assert len(ray.sent) == 5  # t2 was sent twice, every other task once
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("generation (x): actor posttrain-generate-7-1 (pid 4242, on node 10.0.0.3) died: its "
+                           "process died without an error (SIGKILL")
+    assert line.endswith("; its task (job t2) goes to the 1 live actor(s) (retry 1 of 2)")
+
+
+def test_a_task_that_kills_every_actor_it_reaches_stops_at_the_retry_bound():
+    def fate(actor, task):
+        return _Died(f"posttrain-generate-{actor}", 100 + int(actor[1:]), SIGKILLED) if task == "poison" else task
+
+    ray = _FakeRay(fate)
+    with pytest.raises(ClusterError, match=r"its task \(poison\) has now lost 2 actors, so it is likely what kills"):
+        list(cluster.run_queue(ray, [f"a{i}" for i in range(5)], ["poison", "ok"], ray.call, "generation (x)",
+                               retries=1))
+    assert [t for _, t in ray.sent].count("poison") == 2  # tried twice (1 retry), 3 actors still alive
+
+
+@pytest.mark.parametrize("detail, cause", [
+    (SIGKILLED, "its process died without an error (SIGKILL"),
+    ("Task was killed due to the node running low on memory. OutOfMemoryError", "Ray's memory monitor killed it"),
+    ("The actor is dead because its node has died. Node Id: 12", "its node died"),
+    ("Worker exit type: INTENDED_USER_EXIT Worker exit detail: The actor is dead because it was killed by `ray.kill`",
+     "it was stopped by ray.kill"),
+])
+def test_what_killed_an_actor_is_said_in_words(detail, cause):
+    assert cluster.death_cause(_Died("n", 1, detail)).startswith(cause)
+
+
 # ---- on a local Ray cluster --------------------------------------------------------------
 
 
@@ -126,9 +219,9 @@ def killing(monkeypatch, ray, at_calls: set[int]):
     real = cluster.run_queue
     calls: list[tuple[str, tuple]] = []
 
-    def run_queue(ray_, actors, tasks, call, what):
+    def run_queue(ray_, actors, tasks, call, what, **kwargs):
         if not what.startswith("generation"):
-            return real(ray_, actors, tasks, call, what)
+            return real(ray_, actors, tasks, call, what, **kwargs)
         pids = {a._actor_id.hex(): ray_.get(a.where.remote())["pid"] for a in actors}
 
         def deadly_call(actor, task):
@@ -138,7 +231,7 @@ def killing(monkeypatch, ray, at_calls: set[int]):
                 os.kill(pids[actor._actor_id.hex()], signal.SIGKILL)
             return ref
 
-        return real(ray_, actors, tasks, deadly_call, what)
+        return real(ray_, actors, tasks, deadly_call, what, **kwargs)
 
     monkeypatch.setattr(cluster, "run_queue", run_queue)
     return calls
@@ -160,11 +253,21 @@ def test_two_actors_give_the_same_shards_as_one_machine(tmp_path, eot_model_dir,
 
 
 @pytest.mark.slow
-def test_an_actor_killed_mid_shard_loses_nothing(tmp_path, eot_model_dir, ray_cluster, local_shards, monkeypatch):
+def test_an_actor_killed_mid_shard_loses_nothing(tmp_path, eot_model_dir, ray_cluster, local_shards, monkeypatch,
+                                                 caplog):
+    import logging
+    import re
+
     calls = killing(monkeypatch, ray_cluster, at_calls={2})
     ctx = make_ctx(tmp_path, eot_model_dir, write_prompts(tmp_path / "prompts.jsonl"), LengthReward(),
                    cluster=CLUSTER)
-    sample_stage.run(ctx)
+    with caplog.at_level(logging.WARNING, logger="posttrain.cluster"):
+        sample_stage.run(ctx)
+    # one line for the death: the actor by name, pid and node, what killed it, where its task went
+    (line,) = [r.getMessage() for r in caplog.records if "died" in r.getMessage()]
+    assert re.fullmatch(r"generation \(transformers\): actor posttrain-generate-\S+ \(pid \d+, on node \S+\) died: "
+                        r"its process died without an error \(SIGKILL.*\); its task \(\S+, prompts \d+-\d+\) goes to "
+                        r"the 1 live actor\(s\) \(retry 1 of 2\)", line), line
     # the killed actor's task went again to the survivor, which did the rest; every other task ran once
     actors, tasks = [a for a, _ in calls], [t for _, t in calls]
     assert len(set(actors)) == 2 and len(calls) == N_JOBS + 1 and len(set(tasks)) == N_JOBS
@@ -178,7 +281,9 @@ def test_every_actor_killed_keeps_finished_work_and_the_rerun_completes(tmp_path
     calls = killing(monkeypatch, ray_cluster, at_calls={3, 4})
     prompts = write_prompts(tmp_path / "prompts.jsonl")
     ctx = make_ctx(tmp_path, eot_model_dir, prompts, LengthReward(), cluster=CLUSTER)
-    with pytest.raises(ClusterError, match="every actor died.*run again"):
+    with pytest.raises(ClusterError, match=r"actor posttrain-generate-\S+ \(pid \d+, on node \S+\) died: its process "
+                                         r"died without an error \(SIGKILL.*no actor is left for its task "
+                                         r"\(.*\).*run again"):
         sample_stage.run(ctx)
     work = ctx.out_dir / "samples" / ".work"
     # the two tasks sent before the kills finished and are on disk; the two killed ones are not

@@ -56,3 +56,29 @@ def test_commented_commands_parse(path, capsys):
         except SystemExit:
             pytest.fail(f"{path.relative_to(ROOT)}:{n}: `posttrain {command}` does not parse: "
                         f"{capsys.readouterr().err.strip()}")
+
+
+def fenced_commands(path: Path, names: set[str]) -> list[tuple[int, str]]:
+    """(line number, argument string) of each `posttrain <subcommand> ...` run in a ```bash block."""
+    found, inside = [], False
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            inside = line.strip() in ("```bash", "```sh")
+            continue
+        if not inside:
+            continue
+        for m in re.finditer(r"(?:^|[\s'&;])(?:\S*/)?posttrain ([a-z-]+)\b([^'#&;]*)", line):
+            if m.group(1) in names:
+                found.append((n, f"{m.group(1)}{m.group(2).rstrip()}"))
+    return found
+
+
+def test_the_readmes_shell_commands_parse(capsys):
+    parser = build_parser()
+    found = fenced_commands(ROOT / "README.md", subcommands(parser))
+    assert len(found) >= 4  # the demo, and the several-nodes commands
+    for n, command in found:
+        try:
+            parser.parse_args(shlex.split(command))
+        except SystemExit:
+            pytest.fail(f"README.md:{n}: `posttrain {command}` does not parse: {capsys.readouterr().err.strip()}")

@@ -29,7 +29,7 @@ def write_stage_spec(run_dir, stage: str, inputs: dict, recipe: dict, plan) -> s
     out.mkdir(parents=True)
     spec = {"stage": stage, "round": 1, "run_dir": str(run_dir), "out_dir": str(out), "inputs": inputs,
             "extra": {}, "seed": 0, "recipe": recipe, "result": str(out / ".result.json"),
-            "launch": {"launcher": plan.launcher, "world_size": plan.world_size, "parallelism": plan.parallelism}}
+            "launch": plan.spec()}
     (out / ".spec.json").write_text(json.dumps(spec))
     return str(out / ".spec.json")
 

@@ -98,11 +98,12 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(run_dir: Path) -> None:
+def setup_logging(run_dir: Path, name: str = "posttrain.log") -> None:
     """Log everything to RUN_DIR/posttrain.log (appending across runs); the terminal gets one
-    line per stage start and end (and everything with --verbose)."""
+    line per stage start and end (and everything with --verbose). Another node than 0 logs to
+    its own file (`name`): two machines never append to one file."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    logfile = str((run_dir / "posttrain.log").resolve())
+    logfile = str((run_dir / name).resolve())
     if any(getattr(h, "baseFilename", None) == logfile for h in log.handlers):
         return
     for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
@@ -129,6 +130,34 @@ def _child_env() -> dict[str, str]:
         # Library progress bars would only fill the log with carriage returns.
         env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     return env
+
+
+def stream_worker(cmd: list[str], env: dict[str, str], logfile: Path, label: str) -> tuple[int, collections.deque]:
+    """Run a stage's process: its output lines go to `logfile` (and to the terminal with
+    --verbose), its progress reports drive one bar labelled `label`. Returns the exit code and
+    the last 60 output lines."""
+    tail: collections.deque[bytes] = collections.deque(maxlen=60)
+    bar = progress.Bar(label)
+    show = verbose()
+    try:
+        with open(logfile, "ab") as logf:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            assert proc.stdout is not None
+            for line in iter(proc.stdout.readline, b""):
+                event = progress.parse(line)
+                if event is not None:
+                    bar.update(event)
+                    continue
+                logf.write(line)
+                logf.flush()
+                tail.append(line)
+                if show:
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.flush()
+            code = proc.wait()
+    finally:
+        bar.close()
+    return code, tail
 
 
 class Round:
@@ -312,8 +341,7 @@ class Round:
                  f"resuming (work in {out_dir})" if resumed else "starting")
         started = attempts.begin()
         spec = self._spec(defn, inputs)
-        spec["launch"] = {"launcher": launch.launcher, "world_size": launch.world_size,
-                          "parallelism": launch.parallelism}
+        spec["launch"] = launch.spec()
         try:
             if defn.uses_reward or defn.uses_annotator:
                 result = self._run_in_process(defn, spec, inputs, config)
@@ -403,38 +431,28 @@ class Round:
 
     def _run_in_worker(self, stage: str, spec: dict, command: list[str]) -> dict:
         """Run a stage in its worker process. Its output goes to the run's log (and to the
-        terminal with --verbose); its progress reports drive one bar on the terminal."""
+        terminal with --verbose); its progress reports drive one bar on the terminal. A failed
+        rank is named by the launcher's agent (posttrain.rounds.agent), on any node."""
+        from posttrain.rounds.agent import FAILURE_ENV, NODE_ENV, failure_file, root_cause
+        from posttrain.rounds.nodes import collect_failures
+
         out_dir = Path(spec["out_dir"])
         spec_path = out_dir / ".spec.json"
+        nodes = int(spec["launch"].get("nodes", 1))
+        for k in range(nodes):
+            failure_file(out_dir, k).unlink(missing_ok=True)
         atomic_write_json(spec_path, spec)
         result_path = Path(spec["result"])
         result_path.unlink(missing_ok=True)
         cmd = [*command, "-m", "posttrain.rounds.worker", str(spec_path)]
         log.debug("round %d %s: %s", self.n, stage, " ".join(cmd))
         logfile = self.run_dir / "posttrain.log"
-        tail: collections.deque[bytes] = collections.deque(maxlen=60)
-        bar = progress.Bar(f"round {self.n} {stage}")
-        show = verbose()
-        try:
-            with open(logfile, "ab") as logf:
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env())
-                assert proc.stdout is not None
-                for line in iter(proc.stdout.readline, b""):
-                    event = progress.parse(line)
-                    if event is not None:
-                        bar.update(event)
-                        continue
-                    logf.write(line)
-                    logf.flush()
-                    tail.append(line)
-                    if show:
-                        sys.stdout.buffer.write(line)
-                        sys.stdout.flush()
-                code = proc.wait()
-        finally:
-            bar.close()
+        started = time.time()
+        env = {**_child_env(), FAILURE_ENV: str(failure_file(out_dir, 0)), NODE_ENV: "0"}
+        code, tail = stream_worker(cmd, env, logfile, f"round {self.n} {stage}")
         if code != 0 or not result_path.exists():
-            cause = worker_error(tail)
+            report = root_cause(collect_failures(out_dir, nodes, started, wait=10.0 if nodes > 1 else 0.0))
+            cause = report["message"] if report else worker_error(tail)
             raise RoundError(explain_failure(
                 f"round {self.n} stage {stage!r} failed (exit code {code})" + (f": {cause}" if cause else ""),
                 logfile))
@@ -577,6 +595,131 @@ def _snapshot_recipe(loaded: LoadedRecipe, run_dir: Path) -> None:
         atomic_write_text(snap, text)
 
 
+NODE_WAIT_ENV = "POSTTRAIN_NODE_WAIT"
+"""Seconds a node other than 0 waits for node 0 to start the round in the run folder (default 600)."""
+
+
+def node_rank(loaded: LoadedRecipe, n: int) -> int:
+    """This machine's node among those round `n`'s training stages span (`run.launcher`'s
+    --node_rank / --machine_rank, posttrain.launch); 0 with one node or no launcher."""
+    from posttrain.launch import plan_launch
+
+    launcher = loaded.for_round(n).run.launcher
+    return plan_launch(launcher, base_dir=loaded.path.parent).node_rank if launcher else 0
+
+
+def _wait_for_node0(loaded: LoadedRecipe, run_dir: Path, node: int, master: str | None) -> None:
+    """Node 0 writes the recipe it runs into the run folder when a round starts; wait until it
+    is there and is this node's recipe too, or say why not."""
+    wait = float(os.environ.get(NODE_WAIT_ENV) or 600)
+    snap = run_dir / "recipe.yaml"
+    text = loaded.path.read_text(encoding="utf-8")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.listdir(run_dir)  # refresh an NFS client's view
+        except OSError:
+            pass
+        seen = snap.read_text(encoding="utf-8") if snap.is_file() else None
+        if seen == text:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if seen is None:
+        raise RoundError(f"node {node}: after {wait:.0f} s the run folder {run_dir} still has no recipe.yaml from "
+                         f"node 0 ({master}). Start node 0 with the same command; the run folder must be one folder "
+                         "every node mounts at the same path (NFS, Lustre, ...).")
+    raise RoundError(f"node {node}: {loaded.path} is not the recipe node 0 runs ({snap} differs after {wait:.0f} s): "
+                     "every node runs the same recipe (one file on the shared filesystem, or identical copies)")
+
+
+def _node0_stopped(run_dir: Path, stages: list[tuple[int, str]], since: float) -> str | None:
+    """How node 0's latest attempt at one of `stages` (round, stage) ended, when it ended after
+    `since` other than done (failed, or waiting for labels)."""
+    for m, stage in stages:
+        path = stage_dir(run_dir, m, stage) / Attempts.FILE
+        items = read_json(path) if path.is_file() else []
+        last = items[-1] if items else None
+        if last and last.get("ended") and last["ended"] >= since and last.get("outcome") != "done":
+            return f"round {m} {stage}: {last.get('outcome')}"
+    return None
+
+
+def follow_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | os.PathLike, *,
+                 stages: tuple[str, ...] | None = None, poll: float = 1.0) -> dict[str, dict]:
+    """Round `n` on a node other than 0 of a multi-node launcher: this node starts its ranks of
+    every training stage (those `run.launcher` starts), as node 0 reaches it, and nothing else.
+
+    Node 0 (`run_round` there) runs the round: it writes the records, the stages' specs and
+    every output, and runs sample, average and eval alone. Here, for each training stage in
+    order (or only `stages`), the node waits until node 0 has finished the stages before it
+    and has written the stage's spec, then runs this node's share of the launcher with it
+    (torchrun/accelerate meet node 0's at the master address); a stage node 0 recorded
+    earlier is skipped. Nothing here writes a record or takes the run lock. Returns the records
+    node 0 wrote for the stages taken part in.
+    """
+    from posttrain.launch import plan_launch
+    from posttrain.rounds.agent import FAILURE_ENV, NODE_ENV, failure_file, root_cause
+    from posttrain.rounds.nodes import collect_failures
+
+    loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
+    run_dir = Path(run_dir)
+    check_round_numbers([n], loaded)
+    current = loaded.for_round(n)
+    plan = plan_launch(current.run.launcher, base_dir=loaded.path.parent)
+    node = plan.node_rank
+    if node == 0:
+        raise RoundError("follow_round runs on nodes other than 0; node 0 runs run_round")
+    _wait_for_node0(loaded, run_dir, node, plan.master)
+    logname = f"posttrain.node{node}.log"
+    setup_logging(run_dir, logname)
+    logfile = run_dir / logname
+    log.info("round %d: node %d of %d (%s): this node's ranks of each training stage; node 0 at %s runs the "
+             "round", n, node, plan.nodes, plan.summary(), plan.master)
+    begun = time.time()
+    wanted = [s for s in STEPS if get_stage(s).launcher and get_stage(s).enabled(current)
+              and (stages is None or s in stages)]
+    previous = [] if n == 1 else [(n - 1, s) for s in STEPS if get_stage(s).required
+                                  and get_stage(s).enabled(loaded.for_round(n - 1))]
+    for stage in wanted:
+        # Started only once node 0 has recorded everything before it (the previous round too),
+        # so a spec left by a killed attempt is used only when node 0 is about to rewrite it.
+        before = [(n, s) for s in STEPS[:STEPS.index(stage)] if get_stage(s).enabled(current)] + previous
+        out_dir = stage_dir(run_dir, n, stage)
+        spec_path = out_dir / ".spec.json"
+        launched = waiting = False
+        while read_record(run_dir, n, stage) is None:
+            stopped = _node0_stopped(run_dir, [*before, (n, stage)], begun)
+            if stopped:
+                raise RoundError(f"node {node}: node 0 stopped at {stopped}; fix the cause and run the "
+                                 "same command on every node again")
+            if not launched and spec_path.is_file() and all(read_record(run_dir, m, s) is not None
+                                                            for m, s in before):
+                ff = failure_file(out_dir, node)
+                ff.unlink(missing_ok=True)
+                cmd = [*plan.command, "-m", "posttrain.rounds.worker", str(spec_path)]
+                log.info("round %d %s: node %d starts its ranks", n, stage, node)
+                log.debug("round %d %s: %s", n, stage, " ".join(cmd))
+                started = time.time()
+                env = {**_child_env(), FAILURE_ENV: str(ff), NODE_ENV: str(node)}
+                code, tail = stream_worker(cmd, env, logfile, f"round {n} {stage} (node {node})")
+                if code != 0:
+                    report = root_cause(collect_failures(out_dir, plan.nodes, started))
+                    cause = report["message"] if report else worker_error(tail)
+                    raise RoundError(explain_failure(f"round {n} stage {stage!r} failed on node {node} (exit code "
+                                                     f"{code})" + (f": {cause}" if cause else ""), logfile))
+                launched = True  # its ranks are done; node 0 verifies the outputs and writes the record
+                continue
+            if not waiting:
+                log.debug("round %d %s: waiting for node 0", n, stage)
+                waiting = True
+            time.sleep(poll)
+        if not launched:
+            log.info("round %d %s: finished earlier on node 0, skipped", n, stage)
+    return {s: read_record(run_dir, n, s) for s in wanted}
+
+
 def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | os.PathLike, *,
               reward=None, force: bool = False, evaluate: bool | None = None,
               redo: str | tuple[str, ...] | list[str] = (), annotator=None) -> dict[str, dict]:
@@ -598,12 +741,14 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     run_dir = Path(run_dir)
     check_round_numbers([n], loaded)
+    # Before anything is written to the run folder: reward targets that import and are rewards,
+    # a launcher that plans (data files are checked as each stage reads them: later rounds'
+    # batches may not exist yet).
+    loaded.check(files=False)
+    if node_rank(loaded, n) > 0:  # another node of a multi-node launcher: node 0 runs the round
+        return follow_round(n, loaded, run_dir)
     with run_lock(run_dir):  # one writer per run folder, from the first check to the last record
-        # Before anything is written to the run folder: round order, and reward targets that
-        # import and are rewards (data files are checked as each stage reads them: later
-        # rounds' batches may not exist yet).
-        check_previous_round(run_dir, n, loaded)
-        loaded.check(files=False)
+        check_previous_round(run_dir, n, loaded)  # round order, under the lock
         setup_logging(run_dir)
         _snapshot_recipe(loaded, run_dir)
         log.info("round %d of %s in %s", n, loaded.path.name, run_dir)
@@ -650,6 +795,8 @@ def check_round_numbers(rounds: list[int], loaded: LoadedRecipe) -> None:
 def run_rounds(rounds: list[int], recipe, run_dir, **kwargs) -> dict[int, dict[str, dict]]:
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     check_round_numbers(rounds, loaded)  # every one, before round 1 trains anything
+    if rounds and node_rank(loaded, rounds[0]) > 0:  # node 0 holds the lock and writes
+        return {n: run_round(n, loaded, run_dir, **kwargs) for n in rounds}
     with run_lock(run_dir):  # held between the rounds too
         return {n: run_round(n, loaded, run_dir, **kwargs) for n in rounds}
 
@@ -662,4 +809,4 @@ def list_rounds(run_dir: Path) -> list[int]:
     return sorted(int(p.name[6:]) for p in Path(run_dir).glob("round_*") if p.name[6:].isdigit())
 
 
-__all__ = ["run_round", "run_rounds", "parse_rounds", "RoundError", "Round", "round_dir", "list_rounds"]
+__all__ = ["run_round", "run_rounds", "follow_round", "parse_rounds", "RoundError", "Round", "round_dir", "list_rounds"]

@@ -4,8 +4,11 @@ One process per stage, so GPU memory is released between stages (vLLM and traini
 share a process), and so a training stage can be started with `accelerate launch -m
 posttrain.rounds.worker SPEC.json` across GPUs and nodes without changing the orchestrator.
 The spec is written by the orchestrator; it names the world size the launch plan promised
-(`posttrain.launch`), checked here first. The result is written atomically by rank 0, after
-every rank has finished.
+(`posttrain.launch`), checked here first, and, when the world spans several nodes, that every
+node sees the run folder node 0 writes (posttrain.rounds.nodes). The result is written
+atomically by rank 0, after every rank has finished. Under torch's elastic agent a rank's
+exception is also recorded in its TORCHELASTIC_ERROR_FILE, so the failure report names it
+(posttrain.rounds.agent).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from posttrain import distributed
 from posttrain.files import atomic_write_json, read_json
 from posttrain.launch import check_world_size
+from posttrain.rounds.nodes import check_shared_run_folder
 
 
 def build_context(spec: dict):
@@ -52,6 +56,14 @@ def run_spec(spec: dict, reward=None, annotator=None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m posttrain.rounds.worker SPEC.json", file=sys.stderr)
@@ -65,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     # A launcher that started another number of processes than planned would train with
     # another global batch than the record says: stop before any work.
     check_world_size(int(launch.get("world_size", 1)), launch.get("launcher"))
+    check_shared_run_folder(spec["out_dir"], spec["run_dir"], int(launch.get("nodes", 1)))
     result = run_spec(spec)
     distributed.barrier()  # every rank's share of the stage is done before rank 0 reports it
     if distributed.is_main():
