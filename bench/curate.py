@@ -10,7 +10,7 @@ base model (mean-pooled hidden states: what `curate.dedup` uses when the recipe 
 embedding model). Priority = quality x difficulty, with quality the task's checker score and
 difficulty the list length, as the stage would order rows by judge scores.
 
-1. Dedup of all rows with `posttrain.stages.curate.semantic_dedup` (FAISS spherical k-means into
+1. Dedup of all rows with `posttrain.curate.dedup.semantic_dedup` (FAISS spherical k-means into
    ceil(rows / rows_per_cluster) clusters, exact range search inside each): rows/s per run.
 2. On a random sample, side by side and alternating: the same cluster-local greedy vs the
    all-pairs greedy (one cluster: every row compared with every kept row). The ratio of
@@ -35,7 +35,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 def dialogs(n: int, seed: int) -> tuple[list[str], list[float]]:
     """n task dialogs (text) and their priority (checker score x list length / 6)."""
-    from posttrain.stages.curate import dialog_text
+    from posttrain.curate.filters import dialog_text
     from posttrain.world import task
     from posttrain.world.build import WorldConfig, noisy_answer
 
@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from posttrain.stages.curate import embed_dialogs, semantic_dedup
+    from posttrain.curate.dedup import semantic_dedup
+    from posttrain.curate.models import embed_dialogs
     from posttrain.world.build import ensure_world
 
     torch.set_num_threads(args.threads)

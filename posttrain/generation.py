@@ -186,45 +186,72 @@ def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "a
     if in_process:  # tests and notebooks: no child, one engine, the same result files
         engines = 1
     engine_gpus = _engine_gpus(engines, options.tensor_parallel_size)
+    if in_process:
+        _run_tasks(_engine_request(backend, model_dir, options, jobs, 0, engines))
+    else:
+        children = [_start_engine(python, backend, workdir, e,
+                                  _engine_request(backend, model_dir, options, jobs, e, engines),
+                                  engine_gpus[e] if engine_gpus else None)
+                    for e in range(engines)]
+        _watch(children, jobs, engines, progress, on_prompts)
+        _check_exits(children, backend)
+    _finish_jobs(jobs, engines, backend)
+    if progress is not None:
+        progress(len(jobs))
+    if on_prompts is not None:
+        on_prompts(sum(len(j.prompt_ids) for j in jobs))
+    return backend
 
-    def part(job: Job, e: int) -> str:
-        return part_path(job.out, e, engines)
 
-    procs = []
-    for e in range(engines):
-        tasks = []
-        for job in jobs:
-            start, end = even_slices(len(job.prompt_ids), engines)[e] if e < len(job.prompt_ids) else (0, 0)
-            if end > start:
-                tasks.append({"prompt_ids": job.prompt_ids[start:end], "settings": job.settings.to_dict(),
-                              "seed_offset": start, "out": part(job, e)})
-        request = {"backend": backend, "model_dir": str(model_dir), "options": asdict(options), "tasks": tasks}
-        if in_process:
-            _run_tasks(request)
-            break
-        req = workdir / f"request_{os.getpid()}_{e}.json"
-        req.write_text(json.dumps(request))
-        log = open(workdir / f"worker_{e}.log", "w+b")
-        proc = subprocess.Popen([python, "-m", "posttrain.generation", str(req)],
-                                env=_child_env(backend, workdir, engine_gpus[e] if engine_gpus else None), stdout=log,
-                                stderr=subprocess.STDOUT)
-        procs.append((proc, req, log))
+def _engine_request(backend: str, model_dir, options: EngineOptions, jobs: list[Job], e: int, engines: int) -> dict:
+    """What engine `e` of `engines` runs: slice e of every job (a job with fewer prompts than
+    engines leaves the last engines out), written to the part file of that slice."""
+    tasks = []
+    for job in jobs:
+        start, end = even_slices(len(job.prompt_ids), engines)[e] if e < len(job.prompt_ids) else (0, 0)
+        if end > start:
+            tasks.append({"prompt_ids": job.prompt_ids[start:end], "settings": job.settings.to_dict(),
+                          "seed_offset": start, "out": part_path(job.out, e, engines)})
+    return {"backend": backend, "model_dir": str(model_dir), "options": asdict(options), "tasks": tasks}
+
+
+def _start_engine(python: str, backend: str, workdir: Path, e: int, request: dict, gpus: list[str] | None):
+    """(process, request file, log file) of engine `e`: `python -m posttrain.generation REQUEST.json`."""
+    req = workdir / f"request_{os.getpid()}_{e}.json"
+    req.write_text(json.dumps(request))
+    log = open(workdir / f"worker_{e}.log", "w+b")
+    proc = subprocess.Popen([python, "-m", "posttrain.generation", str(req)],
+                            env=_child_env(backend, workdir, gpus), stdout=log, stderr=subprocess.STDOUT)
+    return proc, req, log
+
+
+def _engine_parts(job: Job, engines: int) -> list[str]:
+    """The part files of `job`'s slices (its `out` itself with one engine)."""
+    return [part_path(job.out, e, engines) for e in range(engines) if e < len(job.prompt_ids)]
+
+
+def _watch(children, jobs: list[Job], engines: int, progress, on_prompts) -> None:
+    """Report progress every half second until every child has exited; kill the children left
+    running when this is interrupted."""
     try:
-        while any(proc.poll() is None for proc, _, _ in procs):
+        while any(proc.poll() is None for proc, _, _ in children):
             if progress is not None:
-                progress(sum(all(Path(part(j, e)).exists() for e in range(engines) if e < len(j.prompt_ids))
-                             for j in jobs))
+                progress(sum(all(Path(part).exists() for part in _engine_parts(j, engines)) for j in jobs))
             if on_prompts is not None:
-                on_prompts(sum(_prompts_done(part(j, e), len(j.prompt_ids))
-                               for j in jobs for e in range(engines) if e < len(j.prompt_ids)))
+                on_prompts(sum(_prompts_done(part, len(j.prompt_ids))
+                               for j in jobs for part in _engine_parts(j, engines)))
             time.sleep(0.5)
     finally:
-        for proc, _, _ in procs:
+        for proc, _, _ in children:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def _check_exits(children, backend: str) -> None:
+    """Remove the request files; raise GenerationError with the log tail of every child that failed."""
     failures = []
-    for e, (proc, req, log) in enumerate(procs):
+    for e, (proc, req, log) in enumerate(children):
         log.seek(0)
         tail = log.read().decode("utf-8", "replace")[-4000:]
         log.close()
@@ -233,16 +260,15 @@ def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "a
             failures.append(f"{backend} worker {e} (exit {proc.returncode}):\n{tail}")
     if failures:
         raise GenerationError("generation failed:\n" + "\n".join(failures))
+
+
+def _finish_jobs(jobs: list[Job], engines: int, backend: str) -> None:
+    """Join each job's parts into its result file and check it holds one result per prompt."""
     for job in jobs:
         if engines > 1:
-            join_parts(job.out, [part(job, e) for e in range(engines) if e < len(job.prompt_ids)])
+            join_parts(job.out, _engine_parts(job, engines))
         if len(read_job_result(job.out)) != len(job.prompt_ids):
             raise GenerationError(f"{backend}: {job.out} does not hold one result per prompt")
-    if progress is not None:
-        progress(len(jobs))
-    if on_prompts is not None:
-        on_prompts(sum(len(j.prompt_ids) for j in jobs))
-    return backend
 
 
 def _engine_gpus(engines: int, tensor_parallel_size: int) -> list[list[str]] | None:

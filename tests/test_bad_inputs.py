@@ -254,7 +254,9 @@ def test_recipe_data_paths_to_special_files(capsys, tmp_path):
 
 
 def test_a_long_row_is_reported_not_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_ROW_BYTES", 100)
+    from posttrain.data import read
+
+    monkeypatch.setattr(read, "MAX_ROW_BYTES", 100)
     f = tmp_path / "long.jsonl"
     f.write_text(json.dumps({"prompt": "x" * 500}) + "\n" + json.dumps({"prompt": "ok"}) + "\n")
     rows, errors = data.read_numbered_rows(f)

@@ -190,13 +190,13 @@ def test_dedup_stays_inside_clusters():
 
 def test_chunked_neighbour_search_gives_the_same_greedy_as_one_search(monkeypatch):
     # Invariant: how many rows one range search covers changes memory, never the result.
-    from posttrain.stages import curate
+    from posttrain.curate import dedup
 
     rng = np.random.default_rng(3)
     emb = np.repeat(rng.normal(size=(60, 8)), 5, axis=0) + 0.05 * rng.normal(size=(300, 8))
     prio = list(rng.random(300))
     whole = semantic_dedup(emb, prio, 0.97, rows_per_cluster=300)
-    monkeypatch.setattr(curate, "SEARCH_CHUNK", 7)
+    monkeypatch.setattr(dedup, "SEARCH_CHUNK", 7)
     chunked = semantic_dedup(emb, prio, 0.97, rows_per_cluster=300)
     assert 50 < sum(whole.keep) < 300
     assert (chunked.keep, chunked.duplicate_of) == (whole.keep, whole.duplicate_of)

@@ -290,7 +290,9 @@ def test_injected_empty_responses_never_reach_a_file(small_worlds, tmp_path, mon
     from posttrain import data
     from posttrain.modeling import load_causal_lm, load_tokenizer
 
-    real = build.generate_messages
+    from posttrain.world import rows as world_rows
+
+    real = world_rows.generate_messages
 
     def sabotaged(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -301,7 +303,7 @@ def test_injected_empty_responses_never_reach_a_file(small_worlds, tmp_path, mon
                 gens[0] = {**gens[0], "text": "", "finished": True}
         return out
 
-    monkeypatch.setattr(build, "generate_messages", sabotaged)
+    monkeypatch.setattr(world_rows, "generate_messages", sabotaged)
     w = small_worlds[0]
     model, tokenizer = load_causal_lm(w.base_model, dtype="float32", device="cpu"), load_tokenizer(w.base_model)
     items = task.sample_items(30, random.Random(3), set())

@@ -28,16 +28,16 @@ request's `pair_sha256` (a hash of the prompt and both responses), and both are 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import Field
 
+from posttrain import loader
 from posttrain.data import STRENGTHS
 from posttrain.files import hash_json
-from posttrain.reward.base import check_kwargs, import_target
+from posttrain.loader import PluginKind, plugin_name
 from posttrain.schema import StrictModel
 
 Side = Literal["a", "b"]
@@ -173,35 +173,25 @@ class AnnotatorSpec(StrictModel):
     """Keyword arguments for the class or factory."""
 
 
-_FACTORY_MARK = "__posttrain_annotator_factory__"
+ANNOTATOR: PluginKind[Annotator] = PluginKind(
+    noun="annotator", method="annotate", signature="annotate(requests)", error=AnnotatorError,
+    spec=AnnotatorSpec, decorator="@posttrain.annotate.annotator_factory")
+"""Annotators for the one loader (posttrain.loader), the rewards' loader too."""
 
 
 def annotator_factory(fn):
     """Mark a function as an annotator factory, so that a recipe's `target` may name it."""
-    if not inspect.isfunction(fn):
-        raise TypeError(f"@annotator_factory marks functions, got {type(fn).__name__}")
-    setattr(fn, _FACTORY_MARK, True)
-    return fn
+    return loader.mark_factory(ANNOTATOR, fn)
 
 
 def annotator_name(obj: Any) -> str:
-    name = getattr(obj, "name", None)
-    return name if isinstance(name, str) and name else type(obj).__name__
+    """The name to put in error messages: the annotator's `name`, else its class name."""
+    return plugin_name(obj)
 
 
 def resolve_annotator_target(target: str) -> Any:
     """The annotator class or marked factory `target` names: imported and checked, never called."""
-    obj = import_target(target, "annotator", AnnotatorError)
-    if isinstance(obj, type):
-        if not callable(inspect.getattr_static(obj, "annotate", None)):
-            raise AnnotatorError(f"annotator target {target!r}: class {obj.__qualname__} has no "
-                                 "annotate(requests) method, so it is not an annotator (nothing was called)")
-        return obj
-    if inspect.isfunction(obj) and inspect.getattr_static(obj, _FACTORY_MARK, False) is True:
-        return obj
-    kind = "function" if inspect.isfunction(obj) or inspect.isbuiltin(obj) else type(obj).__name__
-    raise AnnotatorError(f"annotator target {target!r} is a {kind}, not an annotator class or a function "
-                         "marked @posttrain.annotate.annotator_factory (nothing was called)")
+    return loader.resolve_target(ANNOTATOR, target)
 
 
 def check_annotator_spec(spec: AnnotatorSpec | dict, where: str) -> None:
@@ -216,7 +206,7 @@ def check_annotator_spec(spec: AnnotatorSpec | dict, where: str) -> None:
         target_obj = resolve_annotator_target(spec.target)
     except AnnotatorError as e:
         raise AnnotatorError(f"{where}.target: {e}") from None
-    check_kwargs(target_obj, spec.kwargs, spec.target, f"{where}.kwargs", AnnotatorError)
+    loader.check_kwargs(target_obj, spec.kwargs, spec.target, f"{where}.kwargs", AnnotatorError)
     try:
         check_nested_reward_specs(spec.kwargs, f"{where}.kwargs")
     except RewardError as e:
@@ -225,28 +215,8 @@ def check_annotator_spec(spec: AnnotatorSpec | dict, where: str) -> None:
 
 def load_annotator(spec: AnnotatorSpec | dict | Any) -> Annotator:
     """A ready annotator from a recipe spec, an `AnnotatorSpec`, or an object that already
-    follows the protocol (returned as is)."""
-    if isinstance(spec, str):
-        raise AnnotatorError(f"annotator {spec!r}: name an annotator as {{'target': 'package.module:Name', "
-                             "'kwargs': {...}} (or pass an annotator object)")
-    if isinstance(spec, dict):
-        spec = AnnotatorSpec.model_validate(spec)
-    if not isinstance(spec, AnnotatorSpec):
-        if not callable(getattr(spec, "annotate", None)):
-            raise AnnotatorError(f"{annotator_name(spec)!r} is not an annotator: it has no annotate(requests) method")
-        return spec
-    factory = resolve_annotator_target(spec.target)
-    check_kwargs(factory, spec.kwargs, spec.target, "annotator.kwargs", AnnotatorError)
-    try:
-        annotator = factory(**spec.kwargs)
-    except TypeError as e:
-        raise AnnotatorError(f"annotator target {spec.target!r} rejected kwargs {sorted(spec.kwargs)}: {e}") from e
-    if not callable(getattr(annotator, "annotate", None)):
-        raise AnnotatorError(f"annotator target {spec.target!r} built a {type(annotator).__name__}, "
-                             "which has no annotate(requests) method")
-    if not isinstance(getattr(annotator, "name", None), str):
-        annotator.name = spec.target
-    return annotator
+    follows the protocol (returned as is); `posttrain.loader.load`, as rewards load."""
+    return loader.load(ANNOTATOR, spec)
 
 
 def checked_annotate(annotator: Annotator, requests: list[Request]) -> list[Label | None]:

@@ -24,8 +24,6 @@ means is the caller's decision (skip the sample, count it as zero, ...), never t
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import logging
 import math
 import numbers
@@ -35,6 +33,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import Field
 
+from posttrain import loader
+from posttrain.loader import PluginKind, plugin_name
 from posttrain.schema import StrictModel
 
 log = logging.getLogger(__name__)
@@ -93,31 +93,28 @@ class RewardSpec(StrictModel):
     """Keyword arguments for the class or factory."""
 
 
+REWARD: PluginKind[Reward] = PluginKind(
+    noun="reward", method="score", signature="score(prompts, responses)", error=RewardError, spec=RewardSpec,
+    decorator="@posttrain.reward.reward_factory")
+"""Rewards for the one loader (posttrain.loader)."""
+
+
 def reward_name(reward: Any) -> str:
     """The name to put in error messages: the reward's `name`, else its class name."""
-    name = getattr(reward, "name", None)
-    return name if isinstance(name, str) and name else type(reward).__name__
+    return plugin_name(reward)
 
 
 def import_target(target: str, what: str = "reward", error: type[Exception] = RewardError) -> Any:
     """The object an import path `package.module:Name` names, imported (never called).
     Failures raise `error`, naming `what` (reward, annotator) and the target."""
-    module_name, _, attr_path = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise error(f"{what} target {target!r}: cannot import module {module_name!r}: {e}") from e
-    obj: Any = module
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as e:
-            raise error(f"{what} target {target!r}: module {module_name!r} has no attribute "
-                        f"{attr_path!r}") from e
-    return obj
+    return loader.import_target(target, what, error)
 
 
-_FACTORY_MARK = "__posttrain_reward_factory__"
+def check_kwargs(target_obj: Any, kwargs: dict[str, Any], target: str, where: str,
+                 error: type[Exception] = RewardError) -> None:
+    """`posttrain.loader.check_kwargs`: do `kwargs` fit the signature of `target_obj`? Raises
+    `error` naming the recipe key `where` and what the target takes."""
+    loader.check_kwargs(target_obj, kwargs, target, where, error)
 
 
 def reward_factory(fn):
@@ -128,10 +125,7 @@ def reward_factory(fn):
 
     Without the mark a recipe can name only reward classes: `load_reward` refuses any other
     callable (`os:system`, `subprocess:run`) before calling it."""
-    if not inspect.isfunction(fn):
-        raise TypeError(f"@reward_factory marks functions, got {type(fn).__name__}")
-    setattr(fn, _FACTORY_MARK, True)
-    return fn
+    return loader.mark_factory(REWARD, fn)
 
 
 def resolve_reward_target(target: str) -> Any:
@@ -139,43 +133,7 @@ def resolve_reward_target(target: str) -> Any:
 
     A class must have a `score` method (the reward protocol); a function must carry the
     `@reward_factory` mark. Raises RewardError otherwise."""
-    obj = import_target(target)
-    if isinstance(obj, type):
-        if not callable(inspect.getattr_static(obj, "score", None)):
-            raise RewardError(f"reward target {target!r}: class {obj.__qualname__} has no score(prompts, responses) "
-                              "method, so it is not a reward (nothing was called)")
-        return obj
-    if inspect.isfunction(obj) and inspect.getattr_static(obj, _FACTORY_MARK, False) is True:
-        return obj
-    kind = "function" if inspect.isfunction(obj) or inspect.isbuiltin(obj) else type(obj).__name__
-    raise RewardError(f"reward target {target!r} is a {kind}, not a reward class or a function marked "
-                      "@posttrain.reward.reward_factory (nothing was called)")
-
-
-def check_kwargs(target_obj: Any, kwargs: dict[str, Any], target: str, where: str,
-                 error: type[Exception] = RewardError) -> None:
-    """Do `kwargs` fit the signature of `target_obj` (a class's constructor or a factory)?
-    Checked with `inspect.signature`, never by calling it: a key it does not take and a
-    required argument left out raise `error`, naming the recipe key (`where` is the kwargs'
-    key path, e.g. "reward.kwargs") and what the target takes. A target with `**kwargs`
-    takes any key; one without a readable signature (a builtin) is left to the call."""
-    try:
-        signature = inspect.signature(target_obj)
-    except (TypeError, ValueError):
-        return
-    params = list(signature.parameters.values())
-    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    takes = f"it takes: {', '.join(named)}" if named else "it takes no arguments"
-    problems = []
-    if not any(p.kind is p.VAR_KEYWORD for p in params):
-        problems += [f"{where}.{key}: not an argument of {target} ({takes})" for key in kwargs if key not in named]
-    missing = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               and (p.name not in kwargs or p.kind is p.POSITIONAL_ONLY)]
-    if missing:
-        problems.append(f"{where}: {target} needs {', '.join(map(repr, missing))}, which the kwargs do not give "
-                        f"({takes})")
-    if problems:
-        raise error("; ".join(problems))
+    return loader.resolve_target(REWARD, target)
 
 
 def nested_reward_specs(kwargs: Any, where: str) -> list[tuple[str, dict]]:
@@ -242,33 +200,9 @@ def load_reward(spec: RewardSpec | dict | Any) -> Reward:
 
     The target is imported (a module on the Python path), never executed from a file path,
     and must be a reward class or a `@reward_factory` function (`resolve_reward_target`):
-    that is checked before it is called.
+    that is checked before it is called (`posttrain.loader.load`, the annotators' loader too).
     """
-    if isinstance(spec, str):
-        raise RewardError(f"reward {spec!r}: name a reward as {{'target': 'package.module:Name', 'kwargs': {{...}}}} "
-                          "(or pass a reward object)")
-    if isinstance(spec, dict):
-        spec = RewardSpec.model_validate(spec)
-    if not isinstance(spec, RewardSpec):
-        if not callable(getattr(spec, "score", None)):
-            raise RewardError(f"{reward_name(spec)!r} is not a reward: it has no score(prompts, responses) method")
-        return spec
-    factory = resolve_reward_target(spec.target)
-    check_kwargs(factory, spec.kwargs, spec.target, "reward.kwargs")
-    try:
-        reward = factory(**spec.kwargs)
-    except TypeError as e:
-        raise RewardError(f"reward target {spec.target!r} rejected kwargs {sorted(spec.kwargs)}: {e}") from e
-    if not callable(getattr(reward, "score", None)):
-        raise RewardError(f"reward target {spec.target!r} built a {type(reward).__name__}, "
-                          "which has no score(prompts, responses) method")
-    if not isinstance(getattr(reward, "name", None), str):
-        # A reward without a name still works; errors and records then use the target.
-        try:
-            reward.name = spec.target
-        except AttributeError as e:
-            raise RewardError(f"reward target {spec.target!r}: its object has no `name` and none can be set") from e
-    return reward
+    return loader.load(REWARD, spec)
 
 
 def check_verdicts(name: str, scores: Any, n: int) -> list[Scored]:
