@@ -139,7 +139,8 @@ def resolve_inputs(rnd) -> dict:
     from posttrain.benchmarks import data_file
 
     files = [rnd.path(p.path) for p in rnd.recipe.data.eval_prompts]
-    files += [data_file(b, rnd.path) for b in rnd.recipe.eval.benchmarks]
+    # an lm_eval benchmark's prompts are its tasks' own rendering (lm-eval's doc_to_text), not a file
+    files += [data_file(b, rnd.path) for b in rnd.recipe.eval.benchmarks if b.name != "lm_eval"]
     return {"decontaminate": {"mode": cfg.mode, "n": cfg.n}, "eval_prompt_files": list(dict.fromkeys(files))}
 
 
