@@ -201,3 +201,24 @@ def test_a_hub_task_offline_fails_naming_the_task(tmp_path, tiny_model_dir, monk
                                                   "include_path": str(tasks)}], round_n=2)
     with pytest.raises(BenchmarkError, match=r"task 'arc_easy': its dataset could not be read offline"):
         eval_stage.run_benchmarks(ctx, ctx.out_dir)
+
+
+def test_report_shows_lm_evals_numbers_with_their_settings(tmp_path):
+    from posttrain.files import atomic_write_json
+    from posttrain.report import benchmark_tables, collect, write_report
+
+    settings = {**Benchmark(name="lm_eval", tasks=["sort_mc"], num_fewshot=3).model_dump(mode="json"),
+                "lm_eval_version": "0.4.13"}
+    for n, acc in ((1, 0.5), (2, 0.75)):
+        bench = {"lm_eval:sort_mc": {"numbers": {"sort_mc/acc": acc, "sort_mc/acc_stderr": 0.1},
+                                     "initial": {"sort_mc/acc": 0.25, "sort_mc/acc_stderr": 0.09} if n == 1 else None,
+                                     "problems": 20, "settings": settings}}
+        atomic_write_json(tmp_path / f"round_0{n}" / "eval" / "record.json",
+                          {"stage": "eval", "round": n, "outputs": {}, "metrics": {"benchmarks": bench},
+                           "timing": {"seconds": 1.0}})
+    how = "lm-eval 0.4.13, hf, num_fewshot=3, limit=None, chat template on"
+    assert benchmark_tables(collect(tmp_path)) == {"lm_eval:sort_mc": (["sort_mc/acc", "sort_mc/acc_stderr"], [
+        [0, 0.25, 0.09, 20, how], [1, 0.5, 0.1, 20, how], [2, 0.75, 0.1, 20, how]])}
+    text = write_report(tmp_path).read_text()
+    assert "## Benchmark: lm_eval:sort_mc" in text and "| 2 | 0.750 | 0.100 | 20 |" in text
+    assert (tmp_path / "report" / "benchmarks.png").is_file()
