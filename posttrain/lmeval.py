@@ -242,6 +242,36 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def is_task_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder of lm-eval task YAMLs (an `include_path`), not a `datasets`
+    folder of prompt rows."""
+    p = Path(path)
+    return (p.is_dir() and not (p / "dataset_info.json").exists() and not (p / "dataset_dict.json").exists()
+            and any(p.rglob("*.yaml")))
+
+
+def folder_prompts(include_path: str, work: Path) -> list[str]:
+    """The prompts of every task defined under `include_path`, as lm-eval renders them
+    (`doc_to_text` of each evaluated document, no chat template): what decontamination checks
+    training data against. Read by lm-eval in a child process (`work` holds its files)."""
+    require_lm_eval()
+    job = {"mode": "prompts", "include_path": str(Path(include_path).resolve())}
+    prompts = run_job(job, work, "prompts")
+    return [str(t) for t in prompts["prompts"]]
+
+
+def _prompts_main(job: dict, manager) -> int:
+    from posttrain.files import atomic_write_json
+
+    names = [n for n in manager.all_subtasks]
+    texts: list[str] = []
+    for task in (t for obj in _load_tasks(manager, names, os.environ.get("HF_HUB_OFFLINE") == "1")
+                 for t in ([obj] if not hasattr(obj, "get_all_tasks") else obj.get_all_tasks())):
+        texts += [str(task.doc_to_text(doc)) for doc in task.eval_docs]
+    atomic_write_json(job["results"], {"prompts": texts, "tasks": names})
+    return 0
+
+
 def child_main(job_path: str) -> int:
     with open(job_path, encoding="utf-8") as f:
         job = json.load(f)
@@ -254,6 +284,12 @@ def child_main(job_path: str) -> int:
     except ImportError as e:
         print(f"{ERROR_MARK}lm-eval does not import in {sys.executable} ({e}): {INSTALL}", flush=True)
         return 2
+    if job.get("mode") == "prompts":
+        try:
+            return _prompts_main(job, TaskManager(include_path=job["include_path"], include_defaults=False))
+        except _Refused as e:
+            print(f"{ERROR_MARK}{e}", flush=True)
+            return 2
     if job["model"] == "vllm" and importlib.util.find_spec("vllm") is None:
         print(f"{ERROR_MARK}backend vllm: vllm does not import in {sys.executable}", flush=True)
         return 2

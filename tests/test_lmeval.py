@@ -222,3 +222,38 @@ def test_report_shows_lm_evals_numbers_with_their_settings(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "## Benchmark: lm_eval:sort_mc" in text and "| 2 | 0.750 | 0.100 | 20 |" in text
     assert (tmp_path / "report" / "benchmarks.png").is_file()
+
+
+@pytest.mark.slow
+def test_decontamination_checks_an_lm_eval_task_folders_prompts(tmp_path):
+    """An lm_eval benchmark's include_path joins the prompt sets training data is checked
+    against, its documents rendered by lm-eval (doc_to_text): an SFT row that copies one of the
+    task's questions is caught; its own include_path is the set's name (about 25 s on a loaded
+    machine: lm-eval starts in a child)."""
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from posttrain.decontam import prompt_sets, resolve_inputs
+    from posttrain.recipe import Recipe
+    from posttrain.data import SFTExample
+    from posttrain.stages.sft import screen_examples
+
+    tasks = write_tasks(tmp_path / "tasks")
+    long_rows = [{**r, "question": f"Please sort these numbers for me in rising order now: {r['question'][-5:]}"}
+                 for r in ROWS]
+    (tasks / "sort.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long_rows))
+    recipe = Recipe.model_validate({"name": "t", "models": {"base": "x/y"}, "decontaminate": "drop",
+                                    "eval": {"benchmarks": [{"name": "lm_eval", "tasks": ["sort_mc"],
+                                                             "include_path": str(tasks)}]}})
+    got = resolve_inputs(SimpleNamespace(recipe=recipe, path=lambda p: p))
+    assert got["eval_prompt_files"] == [str(tasks)]
+    (name, texts), = prompt_sets(got["eval_prompt_files"])  # both tasks of the folder, 6 documents each
+    assert name == str(tasks) and len(texts) == 12 and texts[0] == long_rows[0]["question"]
+
+    def conv(user):
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": "ok"}]
+
+    rows = [SFTExample("copy", conv("Q: " + long_rows[2]["question"]), source="sft.jsonl:1"),
+            SFTExample("own", conv("Sort 3 1 2"), source="sft.jsonl:2")]
+    kept, counts = screen_examples(SimpleNamespace(**got), rows)
+    assert [r.id for r in kept] == ["own"] and counts == {"sft.jsonl": 1}
