@@ -183,21 +183,25 @@ def run_job(job: dict, out_dir: Path, name: str, python: str | None = None, samp
     root = str(Path(__file__).resolve().parent.parent)  # this posttrain, in whatever Python runs the child
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    env.setdefault("TQDM_DISABLE", "1")  # lm-eval's bars would fill the log with carriage returns
+    # bars that take tqdm's defaults stay off; lm-eval's own set `disable` themselves, so of
+    # those only each line's last state (after its last carriage return) reaches the run's log
+    env.setdefault("TQDM_DISABLE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if env.get("HF_HUB_OFFLINE") == "1":
         env.setdefault("HF_DATASETS_OFFLINE", "1")
     with open(logfile, "wb") as f:
         code = subprocess.run([python or sys.executable, "-m", "posttrain.lmeval", str(job_path)],
                               stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    text = logfile.read_text(encoding="utf-8", errors="replace")
-    for line in text.splitlines():
-        log.debug("lm-eval %s: %s", name, line.rsplit("\r", 1)[-1])
+    # str.splitlines would split at every carriage return of a progress bar
+    lines = [line.rsplit("\r", 1)[-1] for line in logfile.read_text(encoding="utf-8", errors="replace").split("\n")]
+    for line in lines:
+        if line.strip():
+            log.debug("lm-eval %s: %s", name, line)
     if code != 0 or not Path(job["results"]).is_file():
-        said = [line[len(ERROR_MARK):] for line in text.splitlines() if line.startswith(ERROR_MARK)]
+        said = [line[len(ERROR_MARK):] for line in lines if line.startswith(ERROR_MARK)]
         if said:
             raise BenchmarkError(f"eval.benchmarks: lm_eval: {said[-1]}")
-        tail = "\n".join(text.splitlines()[-20:])
+        tail = "\n".join(lines[-20:])
         raise BenchmarkError(f"eval.benchmarks: lm_eval failed (exit {code}; its output: {logfile}):\n{tail}")
     job_path.unlink(missing_ok=True)
     with open(job["results"], encoding="utf-8") as f:

@@ -177,7 +177,8 @@ def test_eval_stage_records_lm_evals_numbers(tmp_path, tiny_model_dir, monkeypat
     # lm-eval's own output: in its log file and the run's log (posttrain's logger), not on the terminal
     said = (ctx.out_dir / "benchmarks" / "model" / "lm_eval_sort_mc+sort_gen.log").read_text()
     assert "Running loglikelihood requests" in said
-    assert any("Running loglikelihood requests" in r.getMessage() for r in caplog.records)
+    bars = [r.getMessage() for r in caplog.records if "Running loglikelihood requests:" in r.getMessage()]
+    assert "100%" in bars[-1] and not any("\r" in m for m in bars)  # redraws are not one long line
     terminal = capfd.readouterr()
     assert "loglikelihood" not in terminal.out + terminal.err and "fatal" not in terminal.err
     assert dict(eval_stage._headline({"benchmarks": {"lm_eval:sort_mc+sort_gen": got}}))["lm_eval:sort_mc/acc"] == \
