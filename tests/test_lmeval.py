@@ -41,7 +41,8 @@ def write_tasks(folder: Path) -> Path:
 def test_lm_evals_numbers_parsed_by_hand():
     """Every metric and its stderr, by task; a filter other than `none` stays in the name; lm-eval's
     "N/A" stderr becomes None; a group's aggregate counts as a task."""
-    results = {"results": {"gsm": {"alias": "gsm", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
+    results = {"results": {"gsm": {"alias": "gsm",
+                                   "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
                                    "exact_match,flexible-extract": 0.5, "exact_match_stderr,flexible-extract": "N/A"},
                            "mc": {"alias": "mc", "sample_len": 10, "acc,none": 0.3, "acc_stderr,none": 0.05,
                                   "acc_norm,none": 0.4, "acc_norm_stderr,none": 0.06}},
@@ -93,7 +94,8 @@ def test_validate_knows_local_tasks_and_names_a_missing_folder(tmp_path):
     from posttrain.recipe import RecipeError, load_recipe
 
     write_tasks(tmp_path / "tasks")
-    good = load_recipe(_recipe(tmp_path, {"name": "lm_eval", "tasks": ["sort_mc", "sort_gen"], "include_path": "tasks"}))
+    good = load_recipe(_recipe(tmp_path, {"name": "lm_eval", "tasks": ["sort_mc", "sort_gen"],
+                                          "include_path": "tasks"}))
     good.check(files=False)
     assert lmeval.check(good.base.eval.benchmarks[0], str(tmp_path / "tasks"), "k") == []
     with pytest.raises(RecipeError, match=r"eval.benchmarks\[0\].include_path: .*nowhere.*: no such folder"):
@@ -109,7 +111,8 @@ def test_validate_names_an_unknown_task(tmp_path):
     from posttrain.recipe import load_recipe
 
     write_tasks(tmp_path / "tasks")
-    bad = load_recipe(_recipe(tmp_path, {"name": "lm_eval", "tasks": ["sort_mc", "sort_typo"], "include_path": "tasks"}))
+    bad = load_recipe(_recipe(tmp_path, {"name": "lm_eval", "tasks": ["sort_mc", "sort_typo"],
+                                         "include_path": "tasks"}))
     assert lmeval.check(bad.base.eval.benchmarks[0], str(tmp_path / "tasks"), "eval.benchmarks[0]") == [
         f"eval.benchmarks[0].tasks: 'sort_typo' is not a task in {tmp_path / 'tasks'} (sort_gen, sort_mc) "
         "or among lm-eval's own tasks"]
@@ -137,7 +140,8 @@ def _ctx(tmp_path, model_dir, tasks_dir, specs, round_n=1, capabilities=None):
     return StageContext(stage="eval", round=round_n, run_dir=tmp_path, out_dir=tmp_path / f"round_0{round_n}" / "eval",
                         config=cfg, recipe=recipe,
                         inputs={"final_model": str(model_dir), "reward_model": str(model_dir),
-                                "initial_model": str(model_dir), "prompt_files": [], "benchmark_files": [str(tasks_dir)],
+                                "initial_model": str(model_dir), "prompt_files": [],
+                                "benchmark_files": [str(tasks_dir)],
                                 "capabilities": capabilities or {}})
 
 
@@ -170,9 +174,11 @@ def test_eval_stage_records_lm_evals_numbers(tmp_path, tiny_model_dir, monkeypat
         assert got["numbers"][f"{task}/{metric}"] == pytest.approx(sum(verdicts) / 5)
         assert got["numbers"][f"{task}/{metric}_stderr"] == pytest.approx(_stderr_of_mean(verdicts))
     context = samples[0]["arguments"][0][0]  # the chat template's rendering, system turn first
-    assert context.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer with the numbers only.")
+    assert context.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                              "Answer with the numbers only.")
     s = got["settings"]
-    assert s["lm_eval_version"] == "0.4.13" and s["apply_chat_template"] and s["system_instruction"].startswith("Answer")
+    assert s["lm_eval_version"] == "0.4.13" and s["apply_chat_template"]
+    assert s["system_instruction"].startswith("Answer")
     assert s["model_args"] == {"dtype": "float32"} and s["seeds"]["fewshot_seed"] == 1234 and s["max_problems"] == 5
     # lm-eval's own output: in its log file and the run's log (posttrain's logger), not on the terminal
     said = (ctx.out_dir / "benchmarks" / "model" / "lm_eval_sort_mc+sort_gen.log").read_text()

@@ -231,7 +231,8 @@ def run_lm_eval(ctx: StageContext, spec, include_path: str | None, models: dict[
             entry["settings"] = {
                 **spec.model_dump(mode="json"), "include_path": include_path, "lm_eval_version": version,
                 "model_args": {k: v for k, v in job["model_args"].items() if k not in ("pretrained", "tokenizer")},
-                "device": job["device"], "system_instruction": system, "fewshot_as_multiturn": job["fewshot_as_multiturn"],
+                "device": job["device"], "system_instruction": system,
+                "fewshot_as_multiturn": job["fewshot_as_multiturn"],
                 "seeds": {k: config.get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")},
                 "bootstrap_iters": config.get("bootstrap_iters"), "user_turn": user_turn(spec)}
     return entry
