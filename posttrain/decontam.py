@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import field
+from pathlib import Path
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -99,12 +101,16 @@ def user_texts(messages: list[dict]) -> list[str]:
 def prompt_sets(eval_prompt_files: Iterable[str]) -> Iterator[tuple[str, list[str]]]:
     """(set name, texts) of every prompt set training data is checked against, named by its
     file: each eval prompt file's user turns, and each benchmark's prompts (`eval.benchmarks`:
-    HumanEval's function stubs, IFBench's or an IFEval-format file's requests)."""
-    from posttrain import benchmarks, data
+    HumanEval's function stubs, IFBench's or an IFEval-format file's requests, the documents
+    of the lm-eval tasks in an lm_eval benchmark's include_path)."""
+    from posttrain import benchmarks, data, lmeval
 
     for path in eval_prompt_files:
         if str(path).endswith(".gz"):  # a benchmark's own file (HumanEval ships gzipped JSONL)
             yield str(path), [str(row.get("prompt", "")) for _, row in benchmarks._rows(str(path))]
+        elif lmeval.is_task_folder(path):  # an lm_eval benchmark's include_path: its tasks' prompts
+            with tempfile.TemporaryDirectory(prefix="posttrain-lmeval-prompts-") as tmp:
+                yield str(path), lmeval.folder_prompts(str(path), Path(tmp))
         else:
             yield str(path), [t for p in data.load_prompts([path]) for t in user_texts(p.messages)]
 
@@ -139,7 +145,9 @@ def resolve_inputs(rnd) -> dict:
     from posttrain.benchmarks import data_file
 
     files = [rnd.path(p.path) for p in rnd.recipe.data.eval_prompts]
-    files += [data_file(b, rnd.path) for b in rnd.recipe.eval.benchmarks]
+    # an lm_eval benchmark gives its include_path (its tasks' prompts as lm-eval renders them);
+    # lm-eval's own tasks (no include_path) are not checked
+    files += [f for f in (data_file(b, rnd.path) for b in rnd.recipe.eval.benchmarks) if f is not None]
     return {"decontaminate": {"mode": cfg.mode, "n": cfg.n}, "eval_prompt_files": list(dict.fromkeys(files))}
 
 

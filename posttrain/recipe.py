@@ -263,6 +263,14 @@ class Recipe(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _benchmark_capabilities(self) -> "Recipe":
+        for i, bench in enumerate(self.eval.benchmarks):
+            if bench.capability is not None and bench.capability not in self.capabilities:
+                raise ValueError(f"eval.benchmarks[{i}].capability: {bench.capability!r} is not in capabilities "
+                                 f"({', '.join(sorted(self.capabilities)) or 'none defined'})")
+        return self
+
+    @model_validator(mode="after")
     def _batches_per_round(self) -> "Recipe":
         for cap in (p.capability for p in self.data.prompts if p.capability):
             if self.capabilities and cap not in self.capabilities:
@@ -404,6 +412,19 @@ class LoadedRecipe:
                     plan_launch(recipe.run.launcher, base_dir=self.path.parent, strict=False)
                 except LaunchError as e:
                     problems.setdefault("run.launcher", f"{e} (round {n})" if self.base.overrides else str(e))
+            for i, bench in enumerate(recipe.eval.benchmarks):
+                if bench.name == "lm_eval":  # lm-eval installed, its task names known: now, not after a round
+                    from posttrain import lmeval
+
+                    folder = self.resolve_path(bench.include_path) if bench.include_path is not None else None
+                    found = lmeval.check(bench, folder, f"eval.benchmarks[{i}]", files=files)
+                    if bench.backend == "vllm":
+                        try:
+                            lmeval.vllm_python(recipe.sample.vllm.python)
+                        except lmeval.BenchmarkError as e:
+                            found.append(f"eval.benchmarks[{i}].backend: {str(e).removeprefix('eval.benchmarks: ')}")
+                    for problem in found:
+                        problems.setdefault(problem, problem)
             if recipe.sample.cluster is not None:  # found now, not after the rm stage trained
                 from posttrain.cluster import ClusterError, require_ray
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from posttrain.benchmarks import is_stderr, settings_text
 from posttrain.files import atomic_write_text
 from posttrain.records import OutputsDamaged, check_record, output_path, read_record, recipe_in
 from posttrain.samples import iter_rows
@@ -108,8 +109,7 @@ def benchmark_tables(records: dict[int, dict[str, dict]]) -> dict[str, tuple[lis
     for n, recs in sorted(records.items()):
         for label, b in (((recs.get("eval") or {}).get("metrics") or {}).get("benchmarks") or {}).items():
             keys, rows = out.setdefault(label, (list(b["numbers"]), []))
-            s = b["settings"]
-            how = f"n={s['n']}, temperature={s['temperature']}, max_new_tokens={s['max_new_tokens']}"
+            how = settings_text(b["settings"])
             if b.get("initial") is not None:
                 rows.append([0, *(b["initial"].get(k) for k in keys), b["problems"], how])
             rows.append([n, *(b["numbers"].get(k) for k in keys), b["problems"], how])
@@ -235,13 +235,21 @@ def _plots(folder: Path, records, dists) -> list[str]:
     if tables:
         fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4.2), squeeze=False)
         for ax, (label, (keys, rows)) in zip(axes[0], tables.items()):
+            shown = []
             for i, key in enumerate(keys):
-                pts = [(r[0], r[1 + i]) for r in rows if isinstance(r[1 + i], float)]
+                if is_stderr(key):  # drawn as the error bar of its metric
+                    continue
+                err = keys.index(f"{key}_stderr") if f"{key}_stderr" in keys else None
+                pts = [(r[0], r[1 + i], r[1 + err] if err is not None and isinstance(r[1 + err], float) else 0.0)
+                       for r in rows if isinstance(r[1 + i], float)]
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+                    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                                capsize=3, label=key)
+                    shown += [p[1] for p in pts]
             ax.set_title(f"{label} (round 0: initial policy)")
             ax.set_xlabel("round")
-            ax.set_ylim(0, 1)
+            if all(0 <= v <= 1 for v in shown):  # accuracies; other numbers (perplexity) keep their own scale
+                ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.benchmarks import data_file, main_metric
+from posttrain.benchmarks import data_file, main_metric, user_turn
 from posttrain.files import atomic_write_json, hash_json, hash_path, iter_jsonl, read_json, write_jsonl
 from posttrain.stage import StageContext, StageDef, StageResult, path_field
 from posttrain.stats import mean
@@ -152,7 +152,7 @@ def run_benchmarks(ctx: StageContext, out: Path) -> dict[str, dict]:
     per benchmark its numbers, the initial policy's, the number of problems and the settings
     that produced them. Responses, with their per-sample verdicts, go to
     `benchmarks/<model|initial>/<name>.jsonl`."""
-    from posttrain.benchmarks import load_problems, score_humaneval, score_instructions, user_turn
+    from posttrain.benchmarks import load_problems, score_humaneval, score_instructions
     from posttrain.data import Prompt
 
     inp: EvalInputs = ctx.inputs
@@ -160,11 +160,14 @@ def run_benchmarks(ctx: StageContext, out: Path) -> dict[str, dict]:
     for spec, path in zip(ctx.config.benchmarks, inp.benchmark_files, strict=True):
         if not spec.runs_in(ctx.round):
             continue
+        models = {"model": inp.final_model, **({"initial": inp.initial_model} if ctx.round == 1 else {})}
+        if spec.name == "lm_eval":
+            found[spec.label] = run_lm_eval(ctx, spec, path, models, out)
+            continue
         problems = load_problems(spec, path)
         prompts = [Prompt(id=p.id, messages=[{"role": "user", "content": p.user}]) for p in problems]
         entry = {"problems": len(problems), "settings": {**spec.model_dump(mode="json"), "data_file": path,
                                                          "user_turn": user_turn(spec)}}
-        models = {"model": inp.final_model, **({"initial": inp.initial_model} if ctx.round == 1 else {})}
         gen = {"k": spec.n, "temperature": spec.temperature, "max_new_tokens": spec.max_new_tokens,
                "data": hash_path(path), "max_problems": spec.max_problems}
         for who, model in models.items():
@@ -177,6 +180,62 @@ def run_benchmarks(ctx: StageContext, out: Path) -> dict[str, dict]:
             entry["numbers" if who == "model" else "initial"] = numbers
         found[spec.label] = entry
     return found
+
+
+def run_lm_eval(ctx: StageContext, spec, include_path: str | None, models: dict[str, str], out: Path) -> dict:
+    """An `lm_eval` benchmark (posttrain.lmeval) on each of `models`: lm-eval's numbers (every
+    metric and its stderr), per task its documents, few-shot count and version, and the
+    settings (lm-eval's version, model arguments, seeds, chat template, system prompt).
+    Results, samples and lm-eval's log go to `benchmarks/<who>/`; the results are reused on
+    resume while the model (by content), the task folder, the settings and lm-eval's version
+    are the same."""
+    from importlib import metadata
+
+    from posttrain import lmeval
+    from posttrain.modeling import pick_device, pick_dtype
+    from posttrain.progress import bar
+
+    r = ctx.recipe
+    python = lmeval.vllm_python(r.sample.vllm.python) if spec.backend == "vllm" else None
+    lmeval.require_lm_eval(python)
+    system = None
+    if spec.capability is not None:
+        system = (ctx.inputs.capabilities.get(spec.capability) or {}).get("system_prompt")
+    device = pick_device(r.run.device)
+    dtype = str(pick_dtype(r.sample.dtype, device)).removeprefix("torch.")
+    version = metadata.version("lm_eval")
+    stem = Path(spec.file_name).stem
+    entry: dict[str, Any] = {}
+    for who, model in models.items():
+        job = lmeval.job_for(spec, model, include_path, device=device, dtype=dtype, system_prompt=system,
+                             trust_remote_code=ctx.trust_remote_code)
+        folder = out / "benchmarks" / who
+        same = {k: v for k, v in job.items() if k not in ("model_args", "include_path")}
+        key = hash_json({"model": hash_path(model), "tasks": hash_path(include_path) if include_path else None,
+                         "job": same, "model_args": {k: v for k, v in job["model_args"].items()
+                                                      if k not in ("pretrained", "tokenizer")},
+                         "lm_eval": version})
+        done, meta = folder / f"{stem}.results.json", folder / f"{stem}.key.json"
+        if done.is_file() and meta.is_file() and read_json(meta).get("key") == key:
+            results = read_json(done)
+        else:
+            with bar(1, f"round {ctx.round} eval: {spec.label} ({who})", unit="run") as shown:
+                results = lmeval.run_job(job, folder, stem, python, samples_file=spec.file_name)
+                shown.update(1)
+            atomic_write_json(meta, {"key": key})
+        entry["numbers" if who == "model" else "initial"] = lmeval.numbers_from_results(results)
+        if who == "model":
+            entry["tasks"] = lmeval.task_facts(results)
+            entry["problems"] = sum(t["documents"] or 0 for t in entry["tasks"].values())
+            config = results.get("config") or {}
+            entry["settings"] = {
+                **spec.model_dump(mode="json"), "include_path": include_path, "lm_eval_version": version,
+                "model_args": {k: v for k, v in job["model_args"].items() if k not in ("pretrained", "tokenizer")},
+                "device": job["device"], "system_instruction": system,
+                "fewshot_as_multiturn": job["fewshot_as_multiturn"],
+                "seeds": {k: config.get(k) for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")},
+                "bootstrap_iters": config.get("bootstrap_iters"), "user_turn": user_turn(spec)}
+    return entry
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -265,8 +324,9 @@ class EvalInputs:
     rm_heldout_accuracy: float | None = None
     variant_models: list[str] = path_field(default_factory=list)
     """The round's DPO variants, evaluated beside the averaged model (`eval.variants`)."""
-    benchmark_files: list[str] = path_field(default_factory=list)
-    """The data file of each of `eval.benchmarks`, in order (their content is hashed)."""
+    benchmark_files: list[str | None] = path_field(default_factory=list)
+    """The data file of each of `eval.benchmarks`, in order (their content is hashed); an
+    lm_eval benchmark's include_path folder (None: lm-eval's own tasks only)."""
 
 
 def _resolve(rnd) -> EvalInputs:
