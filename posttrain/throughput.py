@@ -79,8 +79,10 @@ GPU_BF16_PEAKS: tuple[tuple[str, float | None, str], ...] = (
     (r"\bh100\b.*\bnvl\b", 835.5, "NVIDIA H100 datasheet, H100 NVL: 1,671 TFLOPS bf16 with sparsity, 835.5 dense"),
     (r"\bh100\b.*\bpcie\b", 756.5, "NVIDIA H100 datasheet, H100 PCIe: 1,513 TFLOPS bf16 with sparsity, 756.5 dense"),
     (r"\bh100\b", 989.4, "NVIDIA H100 datasheet, H100 SXM: 1,979 TFLOPS bf16 with sparsity, 989 dense"),
+    (r"\bh800\b", 989.4, "NVIDIA H800 SXM (the H100 SXM's compute): 1,979 TFLOPS bf16 with sparsity, 989 dense"),
     (r"\bb200\b", 2250.0, "NVIDIA HGX B200 specifications: 4.5 PFLOPS bf16 with sparsity per GPU, 2.25 dense"),
-    (r"\ba100\b", 312.0, "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense (624 with sparsity), SXM and PCIe"),
+    (r"\ba100\b|\ba800\b", 312.0, "NVIDIA A100 datasheet: 312 TFLOPS bf16 dense (624 with sparsity), SXM and "
+                                   "PCIe (the A800 has the A100's compute)"),
     (r"\bl40s\b", 362.05, "NVIDIA L40S datasheet: 362.05 TFLOPS bf16 dense (733 with sparsity)"),
     (r"\bl40\b", 181.05, "NVIDIA L40 datasheet: 181.05 TFLOPS bf16 dense (362.1 with sparsity)"),
     (r"\bl4\b", 121.0, "NVIDIA L4 datasheet: 242 TFLOPS bf16 with sparsity, 121 dense"),

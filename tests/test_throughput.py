@@ -173,7 +173,7 @@ def test_a_tiny_sft_run_records_its_throughput_over_real_tokens(tiny_tokenizer, 
     rows = [{"messages": [{"role": "user", "content": f"sort {i} {i + 3} 1"},
                           {"role": "assistant", "content": f"1 {i} " * (i - 1)}]} for i in range(2, 9)]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = sft.SFTStageConfig(batch_size=3, learning_rate=1e-3, epochs=2, save_steps=2, logging_steps=1,
+    cfg = sft.SFTStageConfig(batch_size=3, learning_rate=1e-3, epochs=1, save_steps=2, logging_steps=1,
                              max_length=128, variants=[{}, {"seed": 4}])
     run_dir = tmp_path / "run"
     ctx = StageContext(stage="sft", round=1, run_dir=run_dir, out_dir=run_dir / "round_01" / "sft", config=cfg,
@@ -182,7 +182,7 @@ def test_a_tiny_sft_run_records_its_throughput_over_real_tokens(tiny_tokenizer, 
     encoded, _ = sft.training_rows(tiny_tokenizer, [], data.load_sft([str(tmp_path / "sft.jsonl")]), cfg)
     for v in m["variants"].values():
         _check(v["throughput"], steps=v["steps"])
-        assert v["throughput"]["tokens"] == 2 * sum(len(r["input_ids"]) for r in encoded)  # 2 epochs, no padding
+        assert v["throughput"]["tokens"] == sum(len(r["input_ids"]) for r in encoded)  # every row once, no padding
         assert v["throughput"]["tokens_with_padding"] > v["throughput"]["tokens"]  # rows of other lengths
         p = v["throughput"]["params"]
         assert p["frozen"] == p["reference"] == 0 and v["throughput"]["flops_per_token"] == 6 * p["trainable"]
