@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import re
 import time
@@ -271,7 +272,16 @@ def measure_gemm(n: int = GEMM_N, reps: int = GEMM_REPS, budget_s: float = 2.0) 
         best = min(best, time.perf_counter() - t)
         done += 1
     return {"flops_per_second": 2.0 * n ** 3 / best, "best_seconds": best, "reps": done, "n": n,
-            "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            # a machine busy with other work gives a lower "peak" (and so a higher MFU later): said, not hidden
+            "load_average": _load_average()}
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every OS
+        return None
 
 
 def _cached_peak(path, key: dict) -> dict | None:
@@ -296,7 +306,8 @@ def _cached_peak(path, key: dict) -> dict | None:
 def cpu_peak() -> Peak:
     """This CPU's fp32 matmul peak with this process's thread count, measured once per machine
     (`measure_gemm`: a few seconds at most) and cached in $POSTTRAIN_CACHE/throughput, keyed by
-    CPU model, thread count, torch version and kernel capability; written atomically."""
+    CPU model, thread count, torch version and kernel capability; written atomically. The source
+    names the machine's load average at the time: a peak measured beside other work is low."""
     key = cpu_peak_key()
     path = cpu_peak_path(key)
     data = _cached_peak(path, key)
@@ -306,7 +317,8 @@ def cpu_peak() -> Peak:
     return Peak(flops_per_second=float(data["flops_per_second"]), device=f"cpu: {key['cpu']}, {key['threads']} threads",
                 kind="cpu_fp32_matmul",
                 source=(f"measured here: best of {data['reps']} fp32 {data['n']}x{data['n']} torch.mm, "
-                        f"{key['threads']} threads, torch {key['torch']} ({data.get('measured_at', '?')}; {path})"),
+                        f"{key['threads']} threads, torch {key['torch']} ({data.get('measured_at', '?')}, load average "
+                        f"{data.get('load_average', '?')}; delete {path} to measure again)"),
                 reason=None)
 
 
