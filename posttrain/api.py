@@ -91,7 +91,8 @@ training loss · dpo acc: share of pairs whose implicit reward ranks chosen firs
 held-out task score (checker), else reward · tok/s (rm, sft, dpo): real tokens (no padding)
 trained per second of the training loop, every process together · mfu: achieved FLOP/s (6 x
 trainable parameters per token) as a share of the peak (a GPU's bf16 datasheet figure; a CPU's
-fp32 matmul, measured) · annotate: pairs labelled, abstained (skipped), edited; waiting: labels still missing (run again once they are in) · times include resumed attempts · [2x ddp]: a
+fp32 matmul, measured) · annotate: pairs labelled, abstained (skipped), edited; waiting: labels
+still missing (run again once they are in) · times include resumed attempts · [2x ddp]: a
 training stage started by run.launcher: processes x parallelism"""
 
 
