@@ -148,7 +148,7 @@ def data_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
 
 
 THROUGHPUT_HEADER = ["round", "stage", "device", "tokens (real)", "with padding", "loop seconds", "tokens/s",
-                     "tokens per CPU-second", "achieved FLOP/s", "peak FLOP/s", "MFU"]
+                     "tokens per CPU-second", "achieved FLOP/s", "peak FLOP/s", "MFU", "MFU (CPU time)"]
 
 
 def throughput_rows(records: dict[int, dict[str, dict]]) -> tuple[list[list[str]], list[str]]:
@@ -168,7 +168,7 @@ def throughput_rows(records: dict[int, dict[str, dict]]) -> tuple[list[list[str]
                          f"{t['seconds']:.1f}" if isinstance(t.get("seconds"), (int, float)) else "-",
                          _rate(t.get("tokens_per_second")), _rate(t.get("tokens_per_cpu_second")),
                          si(t.get("flops_per_second"), "FLOP/s"), si(t.get("peak_flops_per_second"), "FLOP/s"),
-                         percent(t["mfu"]) if isinstance(t.get("mfu"), (int, float)) else "-"])
+                         *(percent(t[k]) if isinstance(t.get(k), (int, float)) else "-" for k in ("mfu", "mfu_cpu_time"))])
             note = peak.get("source") or peak.get("reason")
             if note:
                 note = f"{peak.get('device', t.get('device'))}: {note}"
@@ -389,7 +389,8 @@ def write_report(run_dir: Path) -> Path:
                   "loop's wall time without model loading, checkpoint saves or the final save; achieved FLOP/s "
                   f"by {FORMULA} (LoRA: the adapters train, the base is frozen; a live DPO reference adds its "
                   "forward), and its share of the peak (MFU): a GPU's bf16 dense datasheet peak, or on a CPU its "
-                  "fp32 matmul peak measured once per machine.", ""]
+                  "fp32 matmul peak measured once per machine; on a CPU also per CPU-second (the loop's FLOPs per "
+                  "CPU-second over the matmul's), which moves less when other work shares the machine.", ""]
         lines += _table(THROUGHPUT_HEADER, speed)
         if sources:
             lines += ["", "Peaks: " + "; ".join(sources)]

@@ -36,7 +36,9 @@ What is counted, and how:
   in training) are not counted, so the figure is a lower bound, close for short sequences.
 - **Peak**: on a GPU, the device's bf16 dense tensor peak from `GPU_BF16_PEAKS` (vendors'
   datasheet figures, by `torch.cuda.get_device_name`; an unknown device gives no fraction,
-  with the reason); on a CPU, an fp32 matmul peak measured once per machine (`cpu_peak`).
+  with the reason); on a CPU, an fp32 matmul peak measured once per machine (`cpu_peak`), per
+  wall second and per CPU-second (`mfu_cpu_time`: on a machine shared with other work, the
+  wall-clock share moves with the load, the CPU-time share much less).
   Over W processes the peak is W x one device's (one GPU per rank; on a CPU, W x the peak
   measured with one rank's thread count).
 - **Several processes**: tokens, FLOPs and CPU seconds are summed over the ranks, the wall is
@@ -60,7 +62,7 @@ from posttrain import distributed, files
 
 log = logging.getLogger(__name__)
 
-CPU_PEAK_VERSION = 1
+CPU_PEAK_VERSION = 2
 """Part of the CPU peak's cache key: a change in how it is measured measures again."""
 GEMM_N = 2048
 """Side of the square fp32 matrices `cpu_peak` multiplies (2 x 2048^3 = 17.2 GFLOP each)."""
@@ -102,6 +104,9 @@ class Peak(TypedDict):
 
     flops_per_second: float | None
     """None: no peak known here (`reason` says why)."""
+    flops_per_cpu_second: float | None
+    """A CPU's: the matmul's FLOPs per CPU-second of its threads (None on a GPU). On a machine
+    shared with other work the wall-clock peak and MFU move with the load; per CPU-second less."""
     device: str
     kind: str | None
     """'gpu_bf16_dense' (a datasheet figure) or 'cpu_fp32_matmul' (measured here)."""
@@ -153,6 +158,9 @@ class Throughput(TypedDict):
     """world_size x the device's peak."""
     mfu: float | None
     """flops_per_second / peak_flops_per_second (None without a peak)."""
+    mfu_cpu_time: float | None
+    """On a CPU: FLOPs per CPU-second of the loop over the peak's FLOPs per CPU-second (the
+    share of what the CPU time the processes got could have done; less moved by other work)."""
 
 
 # ----------------------------------------------------------------------------- parameters, FLOPs
@@ -225,9 +233,11 @@ def gpu_peak(name: str) -> Peak:
     for pattern, tflops, text in GPU_BF16_PEAKS:
         if re.search(pattern, low):
             if tflops is None:
-                return Peak(flops_per_second=None, device=name, kind=None, source=None, reason=text)
-            return Peak(flops_per_second=tflops * 1e12, device=name, kind="gpu_bf16_dense", source=text, reason=None)
-    return Peak(flops_per_second=None, device=name, kind=None, source=None,
+                return Peak(flops_per_second=None, flops_per_cpu_second=None, device=name, kind=None, source=None,
+                            reason=text)
+            return Peak(flops_per_second=tflops * 1e12, flops_per_cpu_second=None, device=name, kind="gpu_bf16_dense",
+                        source=text, reason=None)
+    return Peak(flops_per_second=None, flops_per_cpu_second=None, device=name, kind=None, source=None,
                 reason=f"{name!r} is not in posttrain.throughput.GPU_BF16_PEAKS (add its bf16 dense peak and source)")
 
 
@@ -265,13 +275,15 @@ def measure_gemm(n: int = GEMM_N, reps: int = GEMM_REPS, budget_s: float = 2.0) 
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = torch.empty(n, n)
     torch.mm(a, b, out=out)  # threads started, pages touched
-    best, done, start = math.inf, 0, time.perf_counter()
+    best = best_cpu = math.inf
+    done, start = 0, time.perf_counter()
     while done < reps and (done == 0 or time.perf_counter() - start < budget_s):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t)
+        best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
         done += 1
     return {"flops_per_second": 2.0 * n ** 3 / best, "best_seconds": best, "reps": done, "n": n,
+            "flops_per_cpu_second": 2.0 * n ** 3 / max(best_cpu, 1e-9), "best_cpu_seconds": best_cpu,
             "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             # a machine busy with other work gives a lower "peak" (and so a higher MFU later): said, not hidden
             "load_average": _load_average()}
@@ -294,9 +306,11 @@ def _cached_peak(path, key: dict) -> dict | None:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         log.warning("%s: unreadable CPU peak cache (%s); measuring again", path, e)
         return None
-    value = data.get("flops_per_second") if isinstance(data, dict) else None
-    if (not isinstance(data, dict) or data.get("key") != key or isinstance(value, bool)
-            or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+    def positive(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    if (not isinstance(data, dict) or data.get("key") != key or not positive(data.get("flops_per_second"))
+            or not positive(data.get("flops_per_cpu_second"))
             or not isinstance(data.get("reps"), int) or not isinstance(data.get("n"), int)):
         log.warning("%s: CPU peak cache is not a measurement for %s; measuring again", path, key)
         return None
@@ -314,7 +328,9 @@ def cpu_peak() -> Peak:
     if data is None:
         data = {**measure_gemm(), "key": key}
         files.atomic_write_json(path, data)
-    return Peak(flops_per_second=float(data["flops_per_second"]), device=f"cpu: {key['cpu']}, {key['threads']} threads",
+    return Peak(flops_per_second=float(data["flops_per_second"]),
+                flops_per_cpu_second=float(data["flops_per_cpu_second"]),
+                device=f"cpu: {key['cpu']}, {key['threads']} threads",
                 kind="cpu_fp32_matmul",
                 source=(f"measured here: best of {data['reps']} fp32 {data['n']}x{data['n']} torch.mm, "
                         f"{key['threads']} threads, torch {key['torch']} ({data.get('measured_at', '?')}, load average "
@@ -331,7 +347,7 @@ def device_peak(device) -> Peak:
         return gpu_peak(torch.cuda.get_device_name(device))
     if device.type == "cpu":
         return cpu_peak()
-    return Peak(flops_per_second=None, device=str(device), kind=None, source=None,
+    return Peak(flops_per_second=None, flops_per_cpu_second=None, device=str(device), kind=None, source=None,
                 reason=f"no peak known for device type {device.type!r}")
 
 
@@ -461,7 +477,9 @@ def _rates(totals: dict, params: Params, device: str, peak: Peak) -> Throughput:
         tokens_per_cpu_second=round(totals["tokens"] / cpu, 3) if device == "cpu" and cpu > 0 else None,
         params=params, flops_per_token=per_token, flops=flops, flops_per_second=fps, formula=FORMULA,
         peak=peak, peak_flops_per_second=total_peak,
-        mfu=round(fps / total_peak, 6) if fps is not None and total_peak else None)
+        mfu=round(fps / total_peak, 6) if fps is not None and total_peak else None,
+        mfu_cpu_time=(round(flops / cpu / peak["flops_per_cpu_second"], 6)
+                      if device == "cpu" and cpu > 0 and peak.get("flops_per_cpu_second") else None))
 
 
 def summary(trainer) -> Throughput:
@@ -473,7 +491,7 @@ def summary(trainer) -> Throughput:
     if distributed.is_main():
         peak = device_peak(meter.device)
     else:
-        peak = Peak(flops_per_second=None, device=str(meter.device), kind=None, source=None,
+        peak = Peak(flops_per_second=None, flops_per_cpu_second=None, device=str(meter.device), kind=None, source=None,
                     reason="looked up on rank 0 only")
     return _rates(meter.totals, dict(meter.params), meter.device.type, peak)
 

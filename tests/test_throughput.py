@@ -118,12 +118,14 @@ def test_cpu_peak_is_measured_once_then_read_and_a_damaged_cache_is_measured_aga
     first = throughput.cpu_peak()
     path = throughput.cpu_peak_path(throughput.cpu_peak_key())
     assert len(calls) == 1 and path.parent == tmp_path / "throughput" and path.is_file()
-    assert first["flops_per_second"] > 0 and first["kind"] == "cpu_fp32_matmul" and str(path) in first["source"]
+    assert first["flops_per_second"] > 0 and first["flops_per_cpu_second"] > 0
+    assert first["kind"] == "cpu_fp32_matmul" and str(path) in first["source"]
     assert throughput.cpu_peak() == first and len(calls) == 1  # the second call reads the cache
     stored = json.loads(path.read_text())
     assert stored["key"]["threads"] == torch.get_num_threads() and stored["key"]["torch"] == torch.__version__
     for damaged in ("{not json", json.dumps({**stored, "flops_per_second": -1.0}),
                     json.dumps({**stored, "flops_per_second": "fast"}), json.dumps([1, 2]),
+                    json.dumps({k: v for k, v in stored.items() if k != "flops_per_cpu_second"}),  # version 1
                     json.dumps({**stored, "key": {**stored["key"], "cpu": "another"}})):
         path.write_text(damaged)
         before = len(calls)
@@ -162,7 +164,7 @@ def _check(t: dict, steps: int):
     assert t["tokens_per_cpu_second"] == pytest.approx(t["tokens"] / t["cpu_seconds"], rel=1e-3)
     assert t["flops"] == t["flops_per_token"] * t["tokens"]
     assert t["peak"]["kind"] == "cpu_fp32_matmul" and t["peak_flops_per_second"] > 0
-    assert 0 < t["mfu"] <= 1.5
+    assert 0 < t["mfu"] <= 1.5 and 0 < t["mfu_cpu_time"] <= 1.5
     assert t["mfu"] == pytest.approx(t["flops_per_second"] / t["peak_flops_per_second"], rel=1e-4)
 
 
@@ -238,6 +240,7 @@ def _tp(tokens, seconds, mfu, device="cpu", world=1, peak=None):
             "seconds": seconds, "cpu_seconds": 2 * seconds, "tokens_per_second": tokens / seconds,
             "tokens_per_cpu_second": tokens / (2 * seconds) if device == "cpu" else None,
             "flops_per_second": 1.5e11, "peak_flops_per_second": None if mfu is None else 1.5e11 / mfu, "mfu": mfu,
+            "mfu_cpu_time": 2 * mfu if device == "cpu" else None,
             "peak": peak or {"flops_per_second": 1e11, "device": "cpu: Test CPU, 2 threads", "kind": "cpu_fp32_matmul",
                              "source": "measured here: best of 5 fp32 2048x2048 torch.mm", "reason": None}}
 
@@ -261,9 +264,9 @@ def test_status_and_report_show_tokens_per_second_and_mfu(tmp_path):
     assert "mfu: achieved FLOP/s" in status_table(tmp_path)  # the legend says what it is
     rows, sources = throughput_rows({1: {s: {"metrics": m} for s, m in metrics.items()}})
     assert rows == [
-        ["1", "rm", "cpu", "52340", "52350", "10.0", "5,234.0", "2,617.0", "150 GFLOP/s", "4.84 TFLOP/s", "3.1%"],
-        ["1", "sft", "cpu", "99", "109", "1.5", "66.0", "33.0", "150 GFLOP/s", "375 TFLOP/s", "0.04%"],
-        ["1", "dpo", "cuda x2", "8000", "8010", "2.0", "4,000.0", "-", "150 GFLOP/s", "-", "-"]]
+        ["1", "rm", "cpu", "52340", "52350", "10.0", "5,234.0", "2,617.0", "150 GFLOP/s", "4.84 TFLOP/s", "3.1%", "6.2%"],
+        ["1", "sft", "cpu", "99", "109", "1.5", "66.0", "33.0", "150 GFLOP/s", "375 TFLOP/s", "0.04%", "0.08%"],
+        ["1", "dpo", "cuda x2", "8000", "8010", "2.0", "4,000.0", "-", "150 GFLOP/s", "-", "-", "-"]]
     assert sources == ["cpu: Test CPU, 2 threads: measured here: best of 5 fp32 2048x2048 torch.mm",
                        "NVIDIA A10G: 'NVIDIA A10G' is not in posttrain.throughput.GPU_BF16_PEAKS"]
     text = write_report(tmp_path).read_text()
