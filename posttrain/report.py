@@ -168,7 +168,8 @@ def throughput_rows(records: dict[int, dict[str, dict]]) -> tuple[list[list[str]
                          f"{t['seconds']:.1f}" if isinstance(t.get("seconds"), (int, float)) else "-",
                          _rate(t.get("tokens_per_second")), _rate(t.get("tokens_per_cpu_second")),
                          si(t.get("flops_per_second"), "FLOP/s"), si(t.get("peak_flops_per_second"), "FLOP/s"),
-                         *(percent(t[k]) if isinstance(t.get(k), (int, float)) else "-" for k in ("mfu", "mfu_cpu_time"))])
+                         *(percent(t[k]) if isinstance(t.get(k), (int, float)) else "-"
+                           for k in ("mfu", "mfu_cpu_time"))])
             note = peak.get("source") or peak.get("reason")
             if note:
                 note = f"{peak.get('device', t.get('device'))}: {note}"

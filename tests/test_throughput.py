@@ -67,7 +67,8 @@ def test_a_tied_embedding_multiplies_in_the_head_and_counts(tiny_tokenizer):
 def test_real_tokens_leave_padding_out():
     packed = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
               "segment_ids": torch.tensor([[0, 0, 1, 2, -1], [0, 1, -1, -1, -1]])}
-    padded = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])}
+    padded = {"input_ids": torch.zeros(2, 4, dtype=torch.long),
+              "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])}
     flat = {"input_ids": torch.zeros(1, 7, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3]])}
     assert [(int(r), n) for r, n in map(throughput.batch_tokens, (packed, padded, flat))] == [(6, 10), (4, 8), (7, 7)]
     with pytest.raises(KeyError, match="without input_ids"):
@@ -264,7 +265,8 @@ def test_status_and_report_show_tokens_per_second_and_mfu(tmp_path):
     assert "mfu: achieved FLOP/s" in status_table(tmp_path)  # the legend says what it is
     rows, sources = throughput_rows({1: {s: {"metrics": m} for s, m in metrics.items()}})
     assert rows == [
-        ["1", "rm", "cpu", "52340", "52350", "10.0", "5,234.0", "2,617.0", "150 GFLOP/s", "4.84 TFLOP/s", "3.1%", "6.2%"],
+        ["1", "rm", "cpu", "52340", "52350", "10.0", "5,234.0", "2,617.0", "150 GFLOP/s", "4.84 TFLOP/s", "3.1%",
+         "6.2%"],
         ["1", "sft", "cpu", "99", "109", "1.5", "66.0", "33.0", "150 GFLOP/s", "375 TFLOP/s", "0.04%", "0.08%"],
         ["1", "dpo", "cuda x2", "8000", "8010", "2.0", "4,000.0", "-", "150 GFLOP/s", "-", "-", "-"]]
     assert sources == ["cpu: Test CPU, 2 threads: measured here: best of 5 fp32 2048x2048 torch.mm",
