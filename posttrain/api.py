@@ -89,8 +89,11 @@ rm acc: held-out ranking accuracy · sample top1: mean reward of the kept top-1 
 recipe's reward's scale (a checker plus a small RM tie-break can exceed 1) · curate: rows kept,
 dropped, and dropped by first reason (a column only in runs that curate) · sft loss: last
 training loss · dpo acc: share of pairs whose implicit reward ranks chosen first · eval task:
-held-out task score (checker), else reward · annotate: pairs labelled, abstained (skipped), edited;
-waiting: labels still missing (run again once they are in) · times include resumed attempts · [2x ddp]: a
+held-out task score (checker), else reward · tok/s (rm, sft, dpo): real tokens (no padding)
+trained per second of the training loop, every process together · mfu: achieved FLOP/s (6 x
+trainable parameters per token) as a share of the peak (a GPU's bf16 datasheet figure; a CPU's
+fp32 matmul, measured) · annotate: pairs labelled, abstained (skipped), edited; waiting: labels
+still missing (run again once they are in) · times include resumed attempts · [2x ddp]: a
 training stage started by run.launcher: processes x parallelism (and nodes, when several)"""
 
 

@@ -61,6 +61,24 @@ def all_sum(value):
     return out
 
 
+def all_reduce_floats(values: list[float], op: str = "sum") -> list[float]:
+    """Plain numbers reduced over every rank ('sum' or 'max'), as float64; the numbers
+    themselves without a process group. Every rank must call it (a collective). On NCCL the
+    tensor goes through this rank's GPU, elsewhere (gloo) through the CPU."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    import torch
+
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    if op not in ops:
+        raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=ops[op])
+    return t.cpu().tolist()
+
+
 # ------------------------------------------------------------------------------- exact batches
 
 

@@ -162,11 +162,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _hash_cache_path() -> Path:
+def cache_root() -> Path:
+    """posttrain's per-machine cache folder: $POSTTRAIN_CACHE, else ~/.cache/posttrain (or
+    $XDG_CACHE_HOME/posttrain). The hash cache, the embedded world and the CPU's measured
+    matmul peak (posttrain.throughput) live there."""
     root = os.environ.get("POSTTRAIN_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "posttrain"
     )
-    return Path(root) / "hashes.json"
+    return Path(root)
+
+
+def _hash_cache_path() -> Path:
+    return cache_root() / "hashes.json"
 
 
 def content_files(path: str | os.PathLike) -> list[Path]:

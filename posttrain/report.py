@@ -10,6 +10,7 @@ from posttrain.records import OutputsDamaged, check_record, output_path, read_re
 from posttrain.samples import iter_rows
 from posttrain.stage import STEPS
 from posttrain.stages.annotate import next_batch_accuracy
+from posttrain.throughput import FORMULA, percent, si
 from posttrain.rounds.orchestrator import list_rounds
 
 EVAL_METRICS = [
@@ -144,6 +145,41 @@ def data_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
                 rows.append([str(n), stage, str(m.get("unit", "-")), _fmt(m.get("rows_read")), trained,
                              _reasons(m.get("dropped") or {}), _fmt(m.get("truncated"))])
     return rows
+
+
+THROUGHPUT_HEADER = ["round", "stage", "device", "tokens (real)", "with padding", "loop seconds", "tokens/s",
+                     "tokens per CPU-second", "achieved FLOP/s", "peak FLOP/s", "MFU", "MFU (CPU time)"]
+
+
+def throughput_rows(records: dict[int, dict[str, dict]]) -> tuple[list[list[str]], list[str]]:
+    """Per round and training stage: tokens trained, the loop's time, tokens per second (and per
+    CPU-second on a CPU), achieved FLOP/s and its share of the peak (posttrain.throughput); and
+    the peaks' sources (or why there is none), once each."""
+    rows, sources = [], []
+    for n, recs in sorted(records.items()):
+        for stage, rec in recs.items():
+            t = (rec.get("metrics") or {}).get("throughput")
+            if not isinstance(t, dict):
+                continue
+            peak = t.get("peak") or {}
+            world = t.get("world_size", 1)
+            device = f"{t.get('device', '-')}" + (f" x{world}" if world > 1 else "")
+            rows.append([str(n), stage, device, _fmt(t.get("tokens")), _fmt(t.get("tokens_with_padding")),
+                         f"{t['seconds']:.1f}" if isinstance(t.get("seconds"), (int, float)) else "-",
+                         _rate(t.get("tokens_per_second")), _rate(t.get("tokens_per_cpu_second")),
+                         si(t.get("flops_per_second"), "FLOP/s"), si(t.get("peak_flops_per_second"), "FLOP/s"),
+                         *(percent(t[k]) if isinstance(t.get(k), (int, float)) else "-"
+                           for k in ("mfu", "mfu_cpu_time"))])
+            note = peak.get("source") or peak.get("reason")
+            if note:
+                note = f"{peak.get('device', t.get('device'))}: {note}"
+                if note not in sources:
+                    sources.append(note)
+    return rows, sources
+
+
+def _rate(v) -> str:
+    return f"{v:,.1f}" if isinstance(v, (int, float)) else "-"
 
 
 def contaminated_cells(records: dict[int, dict[str, dict]]) -> list[str]:
@@ -355,6 +391,18 @@ def write_report(run_dir: Path) -> Path:
             header.append("contaminated")
             counts = [row + [c] for row, c in zip(counts, dirty)]
         lines += _table(header, counts)
+    speed, sources = throughput_rows(records)
+    if speed:
+        lines += ["", "## Training throughput", "",
+                  "Real tokens (padding excluded) of every batch the training loop ran, over every process; the "
+                  "loop's wall time without model loading, checkpoint saves or the final save; achieved FLOP/s "
+                  f"by {FORMULA} (LoRA: the adapters train, the base is frozen; a live DPO reference adds its "
+                  "forward), and its share of the peak (MFU): a GPU's bf16 dense datasheet peak, or on a CPU its "
+                  "fp32 matmul peak measured once per machine; on a CPU also per CPU-second (the loop's FLOPs per "
+                  "CPU-second over the matmul's), which moves less when other work shares the machine.", ""]
+        lines += _table(THROUGHPUT_HEADER, speed)
+        if sources:
+            lines += ["", "Peaks: " + "; ".join(sources)]
     lines += ["", "## Stages", "", "| round | stage | seconds | key metrics |", "|---|---|---|---|"]
     for n, recs in sorted(records.items()):
         for stage, rec in recs.items():

@@ -3,7 +3,8 @@
 1. One GPU: the rm (packed), sft and dpo stages in bf16 on a small Llama-architecture model
    (random weights, about 180M parameters, posttrain's tiny tokenizer), each through the stage
    worker with a step meter (posttrain.rounds.meter): tokens/s, peak GPU memory, and MFU
-   = 6 x parameters x tokens/s / the GPU's dense bf16 peak (where the GPU is known).
+   = 6 x parameters x tokens/s / the GPU's dense bf16 peak (where the GPU is known: the table
+   in posttrain.throughput), beside what the stage's own record says (`throughput`).
 2. With 2 or more GPUs: sft, dpo and rm again under each shipped accelerate config
    (configs/accelerate/multi_gpu.yaml, fsdp2.yaml, zero3.yaml) on every GPU, the same global
    batch, with the largest weight difference to the one-GPU output (bf16: expect ~1e-2, not 0).
@@ -32,18 +33,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 9 * 60
-# Dense bf16 peak (no sparsity), FLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-             "L4": 121e12, "A10G": 70e12, "B200": 2250e12}
-
-
 def peak_flops() -> float | None:
+    """The GPU's dense bf16 peak from posttrain's one table (posttrain.throughput.GPU_BF16_PEAKS)."""
     import torch
+
+    from posttrain.throughput import gpu_peak
 
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(0)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return gpu_peak(torch.cuda.get_device_name(0))["flops_per_second"]
 
 
 def free_port() -> int:
@@ -110,6 +108,7 @@ def run_stage(root: Path, name: str, stage: str, cfg: dict, inputs: dict, base: 
     row["wall_s"] = round(time.time() - t0, 1)
     row["out"] = str(run.model)
     row["world_size"] = plan.world_size
+    row["record_throughput"] = run.metrics.get("throughput")  # what the stage itself recorded
     return row
 
 
@@ -130,8 +129,11 @@ def describe(row: dict, n_params: int, peak: float | None) -> str:
     mfu = f"{6 * n_params * tps / (peak * row['world_size']):.1%}" if peak else "n/a"
     mem = f"{row['peak_memory_gib']:.1f} GiB" if row.get("peak_memory_gib") is not None else "n/a"
     row.update(tokens_per_s=round(tps), mfu=mfu)
+    rec = row.get("record_throughput") or {}
+    own = (f"; record: {rec['tokens_per_second']:.0f} tok/s, MFU "
+           + (f"{rec['mfu']:.1%}" if rec.get("mfu") is not None else "n/a")) if rec.get("tokens_per_second") else ""
     return (f"{tps:10.0f} tok/s  {row['steps'] / row['seconds']:6.2f} steps/s  peak mem {mem:>9}  MFU {mfu:>6}  "
-            f"({row['steps']} timed steps, {row['wall_s']} s wall)")
+            f"({row['steps']} timed steps, {row['wall_s']} s wall{own})")
 
 
 def sharded_check(root: Path) -> dict:

@@ -478,8 +478,14 @@ def test_packed_rm_on_two_processes_equals_one_when_the_data_does_not_divide(tmp
            "keep_unlabelled": True, "keep_strengths": ["significantly_better", "better"]}
     one = _run(tmp_path, "one", "rm", {**cfg, "batch_size": 16}, inputs, None, str(tiny_model_dir))
     two = _run(tmp_path, "two", "rm", {**cfg, "batch_size": 8}, inputs, TORCHRUN_2, str(tiny_model_dir))
-    steps = [json.loads((out / "variants" / "v0" / "metrics.json").read_text())["steps"] for out in (one, two)]
-    assert steps == [-(-rows // 16)] * 2
+    recorded = [json.loads((out / "variants" / "v0" / "metrics.json").read_text()) for out in (one, two)]
+    assert [m["steps"] for m in recorded] == [-(-rows // 16)] * 2
+    # throughput over every rank: the same real tokens as one process (each rank counts its own
+    # batches), the wall of the slowest rank, one device's peak per rank
+    speed = [m["throughput"] for m in recorded]
+    assert [t["world_size"] for t in speed] == [1, 2] and speed[0]["tokens"] == speed[1]["tokens"] > 0
+    assert speed[1]["tokens_per_second"] == pytest.approx(speed[1]["tokens"] / speed[1]["seconds"], rel=1e-3)
+    assert speed[1]["peak_flops_per_second"] == pytest.approx(2 * speed[1]["peak"]["flops_per_second"])
     a, b = _weights(one / "model"), _weights(two / "model")
     base = _weights(Path(tiny_model_dir))
     assert max((a[k] - base[k]).abs().max().item() for k in base) > 1e-3  # the steps did something

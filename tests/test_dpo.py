@@ -438,7 +438,7 @@ def test_lora_output_is_merged_and_reloads(tiny_model_dir, tmp_path):
                      variants=[{}, {"seed": 5, "learning_rate": 5e-3}])
     res = dpo.run(ctx)
     assert res.outputs["variants"] == ["round_01/dpo/variants/v0/model", "round_01/dpo/variants/v1/model"]
-    assert [k for k, _ in headline("dpo", res.metrics)] == ["acc", "pairs"]  # what status shows
+    assert [k for k, _ in headline("dpo", res.metrics)] == ["acc", "pairs", "tok/s", "mfu"]  # what status shows
     base = load_file(Path(tiny_model_dir) / "model.safetensors")
     assert res.metrics["ref_cache"]["computed"] == 6 and res.metrics["ref_cache"]["hits"] == 6
     for rel in res.outputs["variants"]:

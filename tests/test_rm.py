@@ -359,7 +359,7 @@ def test_trained_rm_beats_chance_on_heldout(tmp_path, tiny_model_dir, packing):
     res = rm.run(_ctx(tmp_path, cfg, tiny_model_dir, train, [held]))
     m = res.metrics
     assert res.outputs == {"model": "round_01/rm/model"}
-    assert [k for k, _ in headline("rm", m)] == ["acc", "rankings", "longer"]  # what status shows
+    assert [k for k, _ in headline("rm", m)] == ["acc", "rankings", "longer", "tok/s", "mfu"]  # what status shows
     assert (tmp_path / "run" / "round_01" / "rm" / "model" / "config.json").is_file()
     assert m["filter"]["dropped_by_reason"] == {"strength_slightly_better": m["filter"]["dropped"]}
     assert m["pairs"] == m["filter"]["kept"] and m["heldout"]["rankings"] == 40

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from posttrain import throughput
 from posttrain.stages import sft
 from posttrain.data import SFTExample
 from posttrain.stage import StageContext, headline, variant_mean
@@ -151,7 +152,8 @@ def test_two_variants_are_averaged(tiny_model_dir, tmp_path):
     assert res.outputs == {"model": "round_01/sft/model"}
     assert res.metrics["examples"] == {"kept": 9}
     assert headline("sft", res.metrics) == [("loss", pytest.approx(variant_mean(res.metrics, "loss", "last"))),
-                                            ("examples", 9)]  # the status column reads what the stage wrote
+                                            ("examples", 9), *throughput.headline(res.metrics)]  # what status shows
+    assert [k for k, _ in throughput.headline(res.metrics)] == ["tok/s", "mfu"]
     v0 = load_file(ctx.out_dir / "variants" / "v0" / "model" / "model.safetensors")
     v1 = load_file(ctx.out_dir / "variants" / "v1" / "model" / "model.safetensors")
     avg = load_file(ctx.run_dir / res.outputs["model"] / "model.safetensors")

@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -46,6 +46,8 @@ class MeteredRun:
     """One meter row per trainer the stage built (empty when a trainer ran fewer than 3 steps)."""
     log: str
     """The worker's stdout and stderr."""
+    metrics: dict = field(default_factory=dict)
+    """The stage's own metrics (its record's), `throughput` among them."""
 
 
 def run_metered(run_dir, stage: str, inputs: dict, recipe: dict, plan, env: dict | None = None) -> MeteredRun:
@@ -69,19 +71,14 @@ def run_metered(run_dir, stage: str, inputs: dict, recipe: dict, plan, env: dict
     if isinstance(model, list):
         model = model[0]
     rows = [json.loads(line) for line in meter.read_text().splitlines()] if meter.exists() else []
-    return MeteredRun(model=Path(run_dir) / model, rows=rows, log=log)
+    return MeteredRun(model=Path(run_dir) / model, rows=rows, log=log, metrics=result.get("metrics") or {})
 
 
 def batch_tokens(inputs: dict) -> int:
-    """Real (non-padding) tokens of one batch, for the batch shapes posttrain's trainers see."""
-    if "segment_ids" in inputs:  # packed reward-model rows: -1 marks padding
-        return int((inputs["segment_ids"] >= 0).sum())
-    if "attention_mask" in inputs:
-        return int(inputs["attention_mask"].sum())
-    ids = inputs.get("input_ids")
-    if ids is None:
-        ids = inputs.get("chosen_input_ids")
-    return int(ids.numel()) if ids is not None else 0
+    """Real (non-padding) tokens of one batch: the stages' own count (posttrain.throughput)."""
+    from posttrain.throughput import batch_tokens as real_tokens
+
+    return int(real_tokens(inputs)[0])
 
 
 def install(meter_file: str) -> None:

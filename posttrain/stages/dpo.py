@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from posttrain import decontam, distributed, files
+from posttrain import decontam, distributed, files, throughput
 from posttrain.packing import block_attention_mask, model_attention_mask, supports_block_mask
 from posttrain.preferences import PreferenceFilter, rank
 from posttrain.schema import BatchSize, Tokens
@@ -706,11 +706,14 @@ def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, t
         ref_cache=ref_cache if cfg.precompute_ref else None,
         mask_formatting_in_nll=cfg.mask_formatting_in_nll,
     )
+    # Precomputed reference log-probs were computed while the trainer was built, outside the loop;
+    # a live reference runs a forward on every batch.
+    throughput.attach(trainer, reference_params=0 if cfg.precompute_ref else throughput.live_reference_params(trainer))
     resume = last_complete_checkpoint(work_dir)
     trainer.train(resume_from_checkpoint=resume)
     metrics = {"pairs": len(rows), "steps": trainer.state.global_step, "packed": packed,
                "resumed_from": None if resume is None else Path(resume).name,
-               **_series(trainer.state.log_history)}
+               **_series(trainer.state.log_history), "throughput": throughput.summary(trainer)}
     return trainer, metrics
 
 
@@ -776,6 +779,7 @@ def run(ctx: StageContext) -> StageResult:
         "ref_cache": None if ref_cache is None else {"file": str(ref_cache.path), "hits": ref_cache.hits,
                                                      "computed": ref_cache.computed},
         "variants": per_variant,
+        "throughput": throughput.combine([v.get("throughput") for v in per_variant.values()]),
         **data_counts("pairs", read=pairs_read, truncated=sum(v for k, v in counts.items() if k.endswith("/truncated")),
                       dropped={**{k.replace("/dropped_", "/"): v for k, v in counts.items() if "/dropped_" in k},
                                **long_dropped, "contaminated": n_built - len(pairs)},
@@ -813,7 +817,7 @@ def _resolve(rnd) -> DPOInputs:
 def _headline(m: dict) -> list[tuple[str, Any]]:
     # the last logged reward accuracy (the share of pairs whose implicit reward ranks chosen
     # first, mean over variants); pairs trained on
-    return [("acc", variant_mean(m, "rewards/accuracies", "last")), ("pairs", m.get("pairs"))]
+    return [("acc", variant_mean(m, "rewards/accuracies", "last")), ("pairs", m.get("pairs")), *throughput.headline(m)]
 
 
 STAGE = StageDef(name="dpo", inputs=DPOInputs, resolve=_resolve, headline=_headline, model_outputs=("variants",),

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from posttrain import decontam, distributed, gather, training
+from posttrain import decontam, distributed, gather, throughput, training
 from posttrain.data import STRENGTHS
 from posttrain.packing import block_attention_mask, model_attention_mask  # noqa: F401 (rm.block_attention_mask is used by tests)
 from posttrain.preferences import PreferenceFilter, Ranking, keep_paired, rank
@@ -503,6 +503,7 @@ def train_packed(model, tokenizer, items: list[EncodedRanking], cfg: RMConfig, v
         data_collator=lambda chunk: pack_batch(chunk, pad_id, margins),
         callbacks=[*training.stage_callbacks(), *callbacks],
     )
+    throughput.attach(trainer)
     result = trainer.train(resume_from_checkpoint=training.last_complete_checkpoint(work_dir))
     return trainer, result
 
@@ -547,6 +548,7 @@ def train_pairs(model, tokenizer, items: list[EncodedRanking], cfg: RMConfig, va
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs_rows(items, margins)),
                             processing_class=tokenizer, callbacks=[*training.stage_callbacks(), *callbacks],
                             peft_config=training.peft_config(cfg.lora, task_type="SEQ_CLS"))
+    throughput.attach(trainer)
     result = trainer.train(resume_from_checkpoint=training.last_complete_checkpoint(work_dir))
     return trainer, result
 
@@ -656,7 +658,7 @@ def run(ctx: StageContext) -> StageResult:
                                 seed=run.seed, report_to=ctx.report_to, callbacks=ctx.callbacks)
         vm = {"seed": run.seed, "train_loss": result.training_loss, "steps": result.global_step,
               "seconds": round(time.time() - tv, 2), "rankings": len(vitems),
-              "pairs": sum(len(it.pairs) for it in vitems)}
+              "pairs": sum(len(it.pairs) for it in vitems), "throughput": throughput.summary(trainer)}
         # Collective: every rank takes part in gathering the weights; rank 0 writes, all wait.
         gather.save_final_model(trainer, tokenizer, run.model_dir,
                                 prepare=lambda m: setattr(m.config, "pad_token_id", tokenizer.pad_token_id))
@@ -669,6 +671,7 @@ def run(ctx: StageContext) -> StageResult:
 
     runs = training.train_variants(out_dir, cfg, ctx.seed, train_one, keep_checkpoints=ctx.keep_checkpoints)
     metrics["variants"] = {r.name: r.metrics for r in runs}
+    metrics["throughput"] = throughput.combine([v.get("throughput") for v in metrics["variants"].values()])
     model = training.average_variants(runs, out_dir / "model")
     # Only rank 0 evaluates; the other ranks' metrics are not recorded.
     if distributed.is_main() and held_items:
@@ -715,7 +718,7 @@ def _headline(m: dict) -> list[tuple[str, Any]]:
     # held-out ranking accuracy; rankings trained on; share of held-out pairs where the RM
     # prefers the longer response (0.5: no length bias)
     return [("acc", metric(m, "heldout", "accuracy")), ("rankings", m.get("rankings")),
-            ("longer", metric(m, "heldout", "prefers_longer"))]
+            ("longer", metric(m, "heldout", "prefers_longer")), *throughput.headline(m)]
 
 
 STAGE = StageDef(name="rm", inputs=RMInputs, resolve=_resolve, headline=_headline, model_outputs=("model",),

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain import decontam
+from posttrain import decontam, throughput
 from posttrain.stage import StageContext, StageDef, StageResult, path_field, variant_mean
 from posttrain.training import (
     LongContextMix,
@@ -181,6 +181,7 @@ def train_variant(*, work_dir: Path, **kwargs):
     """Train one SFT variant (arguments as `build_trainer`); resumes from the last complete
     checkpoint in `work_dir`. Returns (trainer, metrics); LoRA is not merged yet."""
     trainer = build_trainer(work_dir=work_dir, **kwargs)
+    throughput.attach(trainer)
     rows = trainer.train_dataset
     resume = last_complete_checkpoint(work_dir)
     trainer.train(resume_from_checkpoint=resume)
@@ -192,6 +193,7 @@ def train_variant(*, work_dir: Path, **kwargs):
         "steps": trainer.state.global_step,
         "resumed_from": None if resume is None else Path(resume).name,
         "loss": {"series": losses, "first": losses[0] if losses else None, "last": losses[-1] if losses else None},
+        "throughput": throughput.summary(trainer),
     }
     return trainer, metrics
 
@@ -261,6 +263,7 @@ def run(ctx: StageContext) -> StageResult:
             "init_model": str(init_model),
             "averaged_variants": len(cfg.variants),
             "variants": per_variant,
+            "throughput": throughput.combine([v.get("throughput") for v in per_variant.values()]),
         },
     )
 
@@ -297,7 +300,7 @@ def _resolve(rnd) -> SFTInputs:
 
 def _headline(m: dict) -> list[tuple[str, Any]]:
     # the last logged training loss (mean over variants); examples trained on
-    return [("loss", variant_mean(m, "loss", "last")), ("examples", m.get("rows_trained"))]
+    return [("loss", variant_mean(m, "loss", "last")), ("examples", m.get("rows_trained")), *throughput.headline(m)]
 
 
 STAGE = StageDef(name="sft", inputs=SFTInputs, resolve=_resolve, headline=_headline, model_outputs=("model",),
