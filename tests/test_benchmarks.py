@@ -110,7 +110,7 @@ def test_shipped_suites_load():
     assert len(load_problems(ifb, path)) == 294
 
 
-def test_eval_stage_records_benchmarks(tmp_path, tiny_model_dir, monkeypatch):
+def test_eval_stage_records_benchmarks(tmp_path, tiny_model_dir, monkeypatch, engines_here):
     """The tiny model through eval's benchmark step: the record's numbers equal a re-scoring of
     the responses it wrote, and the settings that produced them are recorded."""
     pytest.importorskip("if_verifiable")
@@ -124,11 +124,11 @@ def test_eval_stage_records_benchmarks(tmp_path, tiny_model_dir, monkeypatch):
     from posttrain import generation
 
     real = generation.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: real(*a, **k, in_process=True))
     ctx = StageContext(stage="eval", round=1, run_dir=tmp_path, out_dir=tmp_path / "round_01" / "eval", config=cfg,
                        inputs={"final_model": str(tiny_model_dir), "reward_model": str(tiny_model_dir),
                                "initial_model": str(tiny_model_dir), "prompt_files": [],
                                "benchmark_files": [he, ifp]}, recipe=recipe)
+    ctx.out_dir.mkdir(parents=True)  # as the orchestrator makes it
     got = eval_stage.run_benchmarks(ctx, ctx.out_dir)
     assert set(got) == {"humaneval", "ifeval_file:if.jsonl"}
     he_got = got["humaneval"]
@@ -150,7 +150,8 @@ def test_eval_stage_records_benchmarks(tmp_path, tiny_model_dir, monkeypatch):
     assert eval_stage.run_benchmarks(ctx, ctx.out_dir) == got
     ctx.round = 2  # ifeval_file runs every 2 rounds; the initial policy only in round 1
     ctx.out_dir = tmp_path / "round_02" / "eval"
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: real(*a, **k, in_process=True))
+    ctx.out_dir.mkdir(parents=True)
+    monkeypatch.setattr(generation, "generate", real)
     later = eval_stage.run_benchmarks(ctx, ctx.out_dir)
     assert set(later) == {"humaneval"} and "initial" not in later["humaneval"]
 
