@@ -15,6 +15,7 @@ from posttrain.benchmarks import (Benchmark, BenchmarkError, data_file, humaneva
 from posttrain.files import iter_jsonl
 from posttrain.recipe import EvalSettings, Recipe
 from posttrain.stage import StageContext
+from posttrain.stage import headline as stage_headline
 
 HE = [{"task_id": "T/0", "prompt": "from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    \"\"\"Sum.\"\"\"\n",
        "test": "def check(candidate):\n    assert candidate([1, 2]) == 3\n    assert candidate([]) == 0\n",
@@ -143,7 +144,7 @@ def test_eval_stage_records_benchmarks(tmp_path, tiny_model_dir, monkeypatch, en
         spec = Benchmark(**specs[1])
         again = [{"id": r["id"], "text": r["text"]} for r in rows]
         assert score_instructions(spec, load_problems(spec, ifp), again, ifp) == got["ifeval_file:if.jsonl"][key]
-    headline = dict(eval_stage._headline({"benchmarks": got}))
+    headline = dict(stage_headline("eval", {"benchmarks": got}))
     assert headline["humaneval:pass@1"] == he_got["numbers"]["pass@1"]
     # Resumed: the written responses are reused (no generation), and give the same numbers.
     monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("regenerated"))

@@ -35,6 +35,7 @@ from posttrain import decontam
 from posttrain.stage import StageContext, StageDef, StageResult, path_field, variant_mean
 from posttrain.training import (
     LongContextMix,
+    TrainingMetrics,
     TrainingSettings,
     VariantRun,
     average_variants,
@@ -44,6 +45,7 @@ from posttrain.training import (
     stage_callbacks,
     train_variants,
     trainer_common_args,
+    training_data_row,
 )
 
 
@@ -295,10 +297,10 @@ def _resolve(rnd) -> SFTInputs:
                      **decontam.resolve_inputs(rnd))
 
 
-def _headline(m: dict) -> list[tuple[str, Any]]:
+def _headline(m: TrainingMetrics) -> list[tuple[str, Any]]:
     # the last logged training loss (mean over variants); examples trained on
-    return [("loss", variant_mean(m, "loss", "last")), ("examples", m.get("rows_trained"))]
+    return [("loss", variant_mean(m, "loss", "last")), ("examples", m.rows_trained)]
 
 
 STAGE = StageDef(name="sft", inputs=SFTInputs, resolve=_resolve, headline=_headline, model_outputs=("model",),
-                 launcher=True)
+                 launcher=True, metrics=TrainingMetrics, data_row=training_data_row, legend="loss: last training loss")
