@@ -97,10 +97,10 @@ class Metrics:
     Stages return plain JSON-able dicts (`StageResult.metrics`, written as they are into the
     record); everything that reads them (the headline, `posttrain status`, the report, a later
     stage's resolve) reads `Cls.read(record_metrics)` instead of key paths. A subclass declares
-    what is read: a field without a default is one the stage always writes (`missing` lists the
-    ones a dict lacks; the orchestrator refuses to record a stage whose metrics lack one, so a
-    headline key a stage stopped writing fails its tests instead of vanishing from status); a
-    field with a default may be absent. Reading is lenient: an older record's absent field is
+    what is read: a field without a default is one the stage always writes, the headline's
+    (`missing` lists the ones a dict lacks; the orchestrator refuses to record a stage whose
+    metrics lack one, so a headline key a stage stopped writing fails its tests instead of
+    vanishing from status); a field with a default may be absent. Reading is lenient: an older record's absent field is
     None (a nested `Metrics` is an empty one), and keys no field declares stay in `raw`, so a
     stage may write more than its class declares, and declaring one more is one line."""
 

@@ -336,15 +336,16 @@ class DataCounts(TypedDict):
 @dataclass(kw_only=True)
 class TrainingMetrics(Metrics):
     """The typed part of rm's, sft's and dpo's metrics that status and the report read: the
-    `DataCounts` every training stage writes, its variants' metrics and contamination."""
+    `DataCounts` every training stage writes, its variants' metrics and contamination. Each
+    stage's subclass makes the fields its headline reads required (written every time)."""
 
-    unit: str | None
-    rows_read: int | None
-    rows_trained: int | None
-    rows_trained_by_variant: dict[str, int] | None
-    dropped: dict[str, int] | None
-    truncated: int | None
-    variants: dict[str, dict] | None
+    unit: str | None = None
+    rows_read: int | None = None
+    rows_trained: int | None = None
+    rows_trained_by_variant: dict[str, int] | None = None
+    dropped: dict[str, int] | None = None
+    truncated: int | None = None
+    variants: dict[str, dict] | None = None
     """Per variant: what its trainer logged (`loss`, `rewards/accuracies`, each {"last", ...})."""
     contaminated: dict[str, int] | None = None
     """{source file: rows sharing an n-gram with an eval prompt} (posttrain.decontam)."""

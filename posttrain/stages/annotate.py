@@ -549,14 +549,14 @@ class RMAccuracy(Metrics):
 
 @dataclass(kw_only=True)
 class AnnotateMetrics(Metrics):
-    requests: int | None
     labelled: int | None
     abstained: int | None
     edited: int | None
-    skipped: dict[str, int] | None
-    """Pairs not asked about, by reason, with `pool` (prompts there) and `drawn` (pairs drawn)."""
     rm_accuracy: RMAccuracy | None
     """None unless `annotate.rm_accuracy`."""
+    requests: int | None = None
+    skipped: dict[str, int] | None = None
+    """Pairs not asked about, by reason, with `pool` (prompts there) and `drawn` (pairs drawn)."""
     contaminated: dict[str, int] | None = None
 
 

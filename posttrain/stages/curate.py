@@ -862,12 +862,12 @@ def _resolve(rnd) -> CurateInputs:
 
 @dataclass(kw_only=True)
 class CurateMetrics(Metrics):
-    rows: int | None
     kept: int | None
     dropped: int | None
     dropped_by_reason: dict[str, int] | None
     """Rows dropped, by their first reason (rule:<name>, quality, duplicate)."""
     dry_run: bool | None
+    rows: int | None = None
     contaminated: dict[str, int] | None = None
 
 

@@ -813,6 +813,7 @@ def _resolve(rnd) -> DPOInputs:
 @dataclass(kw_only=True)
 class DPOMetrics(TrainingMetrics):
     pairs: int | None
+    variants: dict[str, dict] | None
 
 
 def _headline(m: DPOMetrics) -> list[tuple[str, Any]]:

@@ -310,14 +310,14 @@ class EvalMetrics(Metrics):
 
     task_score: float | None
     mean_reward: float | None
-    mean_length: float | None
-    eot_rate: float | None
-    win_rate_vs_initial: float | None
     win_rate_vs_previous: float | None
-    rm_heldout_accuracy: float | None
-    initial_task_score: float | None
-    initial_mean_reward: float | None
-    initial_eot_rate: float | None
+    mean_length: float | None = None
+    eot_rate: float | None = None
+    win_rate_vs_initial: float | None = None
+    rm_heldout_accuracy: float | None = None
+    initial_task_score: float | None = None
+    initial_mean_reward: float | None = None
+    initial_eot_rate: float | None = None
     variants: dict[str, dict] | None = None
     """Per DPO variant (`eval.variants`): its task_score and mean_reward."""
     average_minus_best_variant: float | None = None

@@ -517,15 +517,15 @@ def _resolve(rnd) -> SampleInputs:
 
 @dataclass(kw_only=True)
 class SampleMetrics(Metrics):
-    prompts_read: int | None
     top1: int | None
     prompts_without_top1: int | list | None
     """A count (a list of ids in older records; the ids are in `prompts_without_top1_ids`)."""
     score_best_mean: float | None
-    score_length_correlation: float | None
-    too_long: dict | None
-    skipped_by_capability: int | None
-    reasons: dict[str, int] | None
+    prompts_read: int | None = None
+    score_length_correlation: float | None = None
+    too_long: dict | None = None
+    skipped_by_capability: int | None = None
+    reasons: dict[str, int] | None = None
     """Sampled responses per scoring reason (`Scored.reason`)."""
     contaminated: dict[str, int] | None = None
 

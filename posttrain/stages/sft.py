@@ -297,10 +297,16 @@ def _resolve(rnd) -> SFTInputs:
                      **decontam.resolve_inputs(rnd))
 
 
-def _headline(m: TrainingMetrics) -> list[tuple[str, Any]]:
+@dataclass(kw_only=True)
+class SFTMetrics(TrainingMetrics):
+    rows_trained: int | None
+    variants: dict[str, dict] | None
+
+
+def _headline(m: SFTMetrics) -> list[tuple[str, Any]]:
     # the last logged training loss (mean over variants); examples trained on
     return [("loss", variant_mean(m, "loss", "last")), ("examples", m.rows_trained)]
 
 
 STAGE = StageDef(name="sft", inputs=SFTInputs, resolve=_resolve, headline=_headline, model_outputs=("model",),
-                 launcher=True, metrics=TrainingMetrics, data_row=training_data_row, legend="loss: last training loss")
+                 launcher=True, metrics=SFTMetrics, data_row=training_data_row, legend="loss: last training loss")
