@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from posttrain.recipe import dump_recipe, load_recipe
-from posttrain.records import check_record, read_record, stage_dir, verify_run
+from posttrain.records import check_record, load_record, stage_dir, verify_run
 from posttrain.rounds.orchestrator import (
     RoundError,
     list_rounds,
@@ -17,7 +17,7 @@ from posttrain.rounds.orchestrator import (
 )
 from posttrain.runlock import run_lock
 from posttrain.errors import USER_ERRORS  # noqa: F401  (the CLI reads it here)
-from posttrain.stage import STEPS, WAITING_FILE, format_headline, headline
+from posttrain.stage import WAITING_FILE, format_headline, get, headline, steps
 
 
 def run(recipe, run_dir, *, rounds: str | list[int] | None = None, **kwargs):
@@ -61,7 +61,7 @@ def validate_data(path, kind: str, *, tokenizer=None, max_prompt_tokens: int | N
 
 
 def _cell(run_dir: Path, n: int, step: str) -> str:
-    rec = read_record(run_dir, n, step)
+    rec = load_record(run_dir, n, step)
     if rec is None:
         from posttrain.rounds.orchestrator import Attempts
 
@@ -76,25 +76,30 @@ def _cell(run_dir: Path, n: int, step: str) -> str:
         return "partial" if folder.exists() and any(folder.iterdir()) else "-"
     if check_record(run_dir, rec):
         return "damaged (see posttrain verify)"
-    secs = rec.get("timing", {}).get("seconds", 0)
-    shown = format_headline(headline(step, rec.get("metrics", {})))
-    launch = rec.get("launch") or {}
+    secs = rec.timing.seconds
+    shown = format_headline(headline(step, rec.metrics))
+    launch = rec.launch or {}
     nodes = f" on {launch['nodes']} nodes" if launch.get("nodes", 1) > 1 else ""
     procs = f" [{launch['world_size']}x {launch.get('parallelism')}{nodes}]" if launch.get("launcher") else ""
     return f"done {secs:.0f}s{procs}" + (f" {shown}" if shown else "")
 
 
-STATUS_LEGEND = """\
-rm acc: held-out ranking accuracy · sample top1: mean reward of the kept top-1 samples, on the
-recipe's reward's scale (a checker plus a small RM tie-break can exceed 1) · curate: rows kept,
-dropped, and dropped by first reason (a column only in runs that curate) · sft loss: last
-training loss · dpo acc: share of pairs whose implicit reward ranks chosen first · eval task:
-held-out task score (checker), else reward · tok/s (rm, sft, dpo): real tokens (no padding)
-trained per second of the training loop, every process together · mfu: achieved FLOP/s (6 x
-trainable parameters per token) as a share of the peak (a GPU's bf16 datasheet figure; a CPU's
-fp32 matmul, measured) · annotate: pairs labelled, abstained (skipped), edited; waiting: labels
-still missing (run again once they are in) · times include resumed attempts · [2x ddp]: a
-training stage started by run.launcher: processes x parallelism (and nodes, when several)"""
+STATUS_NOTES = ("tok/s (rm, sft, dpo): real tokens (no padding) trained per second of the training loop, every "
+                "process together", "mfu: achieved FLOP/s (6 x trainable parameters per token) as a share of the "
+                "peak (a GPU's bf16 datasheet figure; a CPU's fp32 matmul, measured)",
+                "times include resumed attempts",
+                "[2x ddp]: a training stage started by run.launcher: processes x parallelism (and nodes, when several)")
+
+
+def status_legend() -> str:
+    """What the cells of `posttrain status` mean: each stage's `StageDef.legend`, in order."""
+    import textwrap
+
+    def part(name: str, text: str) -> str:  # "rm acc: ...", or "curate: ..." for a text without a label
+        return f"{name} {text}" if text.split(" ", 1)[0].endswith(":") else f"{name}: {text}"
+
+    parts = [part(name, get(name).legend) for name in steps() if get(name).legend] + list(STATUS_NOTES)
+    return textwrap.fill(" · ".join(parts), width=100, break_on_hyphens=False)
 
 
 def status_table(run_dir, legend: bool = True) -> str:
@@ -103,18 +108,18 @@ def status_table(run_dir, legend: bool = True) -> str:
     rounds = list_rounds(run_dir)
     if not rounds:
         return f"{run_dir}: no rounds yet"
-    # The annotate and curate columns only for runs that annotate or curate: other runs'
-    # tables stay as they were.
-    used = {s for s in ("annotate", "curate") if any(stage_dir(run_dir, n, s).is_dir() for n in rounds)}
-    steps = tuple(s for s in STEPS if s not in ("annotate", "curate") or s in used)
-    rows = [["round", *steps]]
+    # A step the recipe turns on (`status_column="when_run"`: curate, annotate) has a column only
+    # in runs where it ran: other runs' tables stay as they were.
+    shown = tuple(s for s in steps() if get(s).status_column == "always"
+                  or any(stage_dir(run_dir, n, s).is_dir() for n in rounds))
+    rows = [["round", *shown]]
     for n in rounds:
-        rows.append([str(n), *(_cell(run_dir, n, s) for s in steps)])
+        rows.append([str(n), *(_cell(run_dir, n, s) for s in shown)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if legend:
-        lines += ["", STATUS_LEGEND]
+        lines += ["", status_legend()]
     return "\n".join(lines)
 
 
@@ -151,19 +156,23 @@ def annotate_history(run_dir, round: int) -> str:
 
 
 def evaluate(run_dir, round: int, *, force: bool = False) -> dict:
-    """Evaluate round `round`'s final model (the recipe is the run folder's snapshot)."""
-    from posttrain.rounds.orchestrator import Round
-
+    """Evaluate round `round`'s final model (the recipe is the run folder's snapshot) with the
+    registry's evaluation stage (`StageDef.evaluation`)."""
     from posttrain.records import require_run_folder
-    from posttrain.rounds.orchestrator import setup_logging
+    from posttrain.rounds.orchestrator import Round, round_finished, setup_logging
 
     run_dir = require_run_folder(run_dir)
     loaded = load_recipe(run_dir / "recipe.yaml")
-    if read_record(run_dir, round, "average") is None:
+    if not round_finished(run_dir, round):
         raise RoundError(f"round {round} has not finished in {run_dir}: nothing to evaluate")
     with run_lock(run_dir):
         setup_logging(run_dir)  # a failure's traceback goes to the run's log
-        return Round(round, loaded, run_dir, force=force).run_stage("eval")
+        return Round(round, loaded, run_dir, force=force).run_stage(evaluation_stage())
+
+
+def evaluation_stage() -> str:
+    """The registry's evaluation stage (`StageDef.evaluation`: `eval`)."""
+    return next(s for s in steps() if get(s).evaluation)
 
 
 def verify(run_dir, *, full: bool = False) -> tuple[int, int, list[str]]:
@@ -253,10 +262,11 @@ def demo(run_dir=None, rounds: str | None = None, recipe: str = "demo", world_se
     scores = []
     initial = None
     for n in list_rounds(run_dir):
-        rec = read_record(run_dir, n, "eval")
-        if rec and isinstance(rec["metrics"].get("task_score"), float):
-            scores.append((n, rec["metrics"]["task_score"]))
-            initial = initial if initial is not None else rec["metrics"].get("initial_task_score")
+        rec = load_record(run_dir, n, evaluation_stage())
+        m = rec.typed_metrics() if rec else None
+        if m is not None and isinstance(m.task_score, float):
+            scores.append((n, m.task_score))
+            initial = initial if initial is not None else m.initial_task_score
     if initial is not None:
         print(f"initial policy task score: {initial:.3f} (world {w.root.name})")
     if scores:
@@ -266,7 +276,7 @@ def demo(run_dir=None, rounds: str | None = None, recipe: str = "demo", world_se
                   f"from the initial policy to a perfect score")
     else:
         print("no evaluation recorded")
-    accuracy = [(n, next_batch_accuracy(read_record(run_dir, n, "annotate"))) for n in list_rounds(run_dir)]
+    accuracy = [(n, next_batch_accuracy(load_record(run_dir, n, "annotate"))) for n in list_rounds(run_dir)]
     accuracy = [(n, a) for n, a in accuracy if a is not None]
     if accuracy:
         print("reward model's accuracy on the next batch (the latest models' pairs, never trained on): "

@@ -40,7 +40,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from posttrain.engines import EngineOptions, TransformersGenerator, VLLMEngine, run_vllm
+from posttrain.engines import EngineOptions, TransformersGenerator, VLLMEngine
 from posttrain.jobs import (
     Generation,
     Job,
@@ -125,12 +125,13 @@ def _child_env(backend: str, workdir: Path, gpus: list[str] | None) -> dict[str,
 
 def generate(model_dir: str | os.PathLike, prompt_ids: list[list[int]], settings: SamplingSettings, *,
              backend: str = "auto", options: EngineOptions | None = None, vllm_python: str | None = None,
-             workdir: str | os.PathLike | None = None, in_process: bool = False,
+             workdir: str | os.PathLike | None = None,
              on_prompts: Callable[[int], None] | None = None, cluster=None) -> list[Generation]:
     """K responses for each prompt (token ids, chat template already applied).
 
-    Runs the backend in child processes (one per vLLM engine; one for transformers) unless
-    `in_process`, and returns one Generation per prompt, in order. `workdir` holds the
+    Runs the backend in child processes (one per vLLM engine; one for transformers) and
+    returns one Generation per prompt, in order (for a model in this process:
+    `engines.TransformersGenerator`, `engines.generate_messages`). `workdir` holds the
     request/response files and vLLM's caches (a temporary folder inside it, removed after).
     `on_prompts(n)` is called now and then with the number of prompts done (for a bar).
     `cluster` (posttrain.cluster.ClusterSettings) runs the engines as Ray actors instead.
@@ -138,11 +139,6 @@ def generate(model_dir: str | os.PathLike, prompt_ids: list[list[int]], settings
     options = options or EngineOptions()
     if not prompt_ids:
         return []
-    if in_process:
-        backend, _ = resolve_backend(backend, vllm_python)
-        if backend == "vllm":
-            return run_vllm(model_dir, prompt_ids, settings, options)
-        return TransformersGenerator(model_dir, options=options).generate(prompt_ids, settings)
     with tempfile.TemporaryDirectory(prefix="posttrain-gen-", dir=workdir) as tmp:
         job = Job(prompt_ids, settings, str(Path(tmp) / "result.json"))
         run_jobs(model_dir, [job], backend=backend, options=options, vllm_python=vllm_python, workdir=tmp,
@@ -152,7 +148,7 @@ def generate(model_dir: str | os.PathLike, prompt_ids: list[list[int]], settings
 
 def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "auto",
              options: EngineOptions | None = None, vllm_python: str | None = None,
-             workdir: str | os.PathLike, progress=None, in_process: bool = False,
+             workdir: str | os.PathLike, progress=None,
              on_prompts: Callable[[int], None] | None = None, cluster=None) -> str:
     """Run every job whose `out` is missing with one engine load (per vLLM engine), in child processes.
 
@@ -168,7 +164,7 @@ def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "a
     other nodes, and this process writes the same result files as they report (cluster.py).
     """
     options = options or EngineOptions()
-    if cluster is not None and not in_process:
+    if cluster is not None:
         from posttrain.cluster import run_jobs_on_ray
 
         Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -183,18 +179,13 @@ def run_jobs(model_dir: str | os.PathLike, jobs: list[Job], *, backend: str = "a
     workdir.mkdir(parents=True, exist_ok=True)
     engines = options.engines if backend == "vllm" else 1
     engines = max(1, min(engines, max(len(j.prompt_ids) for j in jobs)))
-    if in_process:  # tests and notebooks: no child, one engine, the same result files
-        engines = 1
     engine_gpus = _engine_gpus(engines, options.tensor_parallel_size)
-    if in_process:
-        _run_tasks(_engine_request(backend, model_dir, options, jobs, 0, engines))
-    else:
-        children = [_start_engine(python, backend, workdir, e,
-                                  _engine_request(backend, model_dir, options, jobs, e, engines),
-                                  engine_gpus[e] if engine_gpus else None)
-                    for e in range(engines)]
-        _watch(children, jobs, engines, progress, on_prompts)
-        _check_exits(children, backend)
+    children = [_start_engine(python, backend, workdir, e,
+                              _engine_request(backend, model_dir, options, jobs, e, engines),
+                              engine_gpus[e] if engine_gpus else None)
+                for e in range(engines)]
+    _watch(children, jobs, engines, progress, on_prompts)
+    _check_exits(children, backend)
     _finish_jobs(jobs, engines, backend)
     if progress is not None:
         progress(len(jobs))
@@ -220,9 +211,7 @@ def _start_engine(python: str, backend: str, workdir: Path, e: int, request: dic
     req = workdir / f"request_{os.getpid()}_{e}.json"
     req.write_text(json.dumps(request))
     log = open(workdir / f"worker_{e}.log", "w+b")
-    proc = subprocess.Popen([python, "-m", "posttrain.generation", str(req)],
-                            env=_child_env(backend, workdir, gpus), stdout=log, stderr=subprocess.STDOUT)
-    return proc, req, log
+    return start_engine(python, req, _child_env(backend, workdir, gpus), log), req, log
 
 
 def _engine_parts(job: Job, engines: int) -> list[str]:
@@ -271,6 +260,14 @@ def _finish_jobs(jobs: list[Job], engines: int, backend: str) -> None:
             raise GenerationError(f"{backend}: {job.out} does not hold one result per prompt")
 
 
+def start_engine(python: str, request: Path, env: dict[str, str], log) -> subprocess.Popen:
+    """Start one engine's child process on its request file (`run_engine` there), its output
+    to `log`. The one place a child starts: a caller that must keep everything in one process
+    (a test without time for a child's start-up) replaces this function."""
+    return subprocess.Popen([python, "-m", "posttrain.generation", str(request)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
 def _engine_gpus(engines: int, tensor_parallel_size: int) -> list[list[str]] | None:
     """Each engine's CUDA_VISIBLE_DEVICES entries; None (inherit) for one engine or no GPU."""
     if engines == 1:
@@ -300,7 +297,9 @@ def _note_progress(out: str, done: int) -> None:
     os.replace(tmp, f"{out}.progress")
 
 
-def _run_tasks(request: dict) -> None:
+def run_engine(request: dict) -> None:
+    """What an engine's child process does with its request (`start_engine`): load the engine
+    once, run every task whose result file is missing, write each result atomically."""
     options = EngineOptions.from_dict(request["options"])
     tasks = [t for t in request["tasks"] if not Path(t["out"]).exists()]
     if not tasks:
@@ -325,4 +324,4 @@ def _run_tasks(request: dict) -> None:
 
 if __name__ == "__main__":
     # vLLM's workers re-import the main module: nothing may run outside this guard.
-    _run_tasks(json.loads(Path(sys.argv[1]).read_text()))
+    run_engine(json.loads(Path(sys.argv[1]).read_text()))

@@ -9,12 +9,13 @@ forced.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,79 @@ def stage_dir(run_dir: str | Path, n: int, stage: str) -> Path:
 
 
 def read_record(run_dir: str | Path, n: int, stage: str) -> dict | None:
+    """A stage's record as its JSON (None while unfinished); `load_record` for the typed one."""
     path = stage_dir(run_dir, n, stage) / RECORD
     return read_json(path) if path.exists() else None
+
+
+@dataclass
+class Timing:
+    started: float | None = None
+    finished: float | None = None
+    seconds: float = 0.0
+    """Wall time, earlier interrupted attempts included."""
+    earlier_attempts_seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class Record:
+    """A finished stage's record, typed. On disk it is `record.json`, written as `to_json()`:
+    the JSON is what it always was (for a record posttrain wrote, `from_json(d).to_json() ==
+    d`, key order included), and `from_json` reads any record posttrain ever wrote (a field an
+    older one lacks takes its default; a key this class does not name is kept in `extra`).
+    `metrics` is the stage's dict as written; `typed_metrics()` reads it through the stage's
+    `Metrics` class."""
+
+    stage: str = "?"
+    round: int = 0
+    input_hash: str | None = None
+    inputs: dict = field(default_factory=dict)
+    """Everything hashed into `input_hash` (`Round.stage_inputs`), paths with their hashes."""
+    outputs: dict[str, dict] = field(default_factory=dict)
+    """name -> {"path": relative path or list of them, "sha256", "files": {path: [size, mtime_ns, sha256]}}."""
+    metrics: dict = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    timing: Timing = field(default_factory=Timing)
+    command: str = ""
+    launch: dict | None = None
+    """How a training stage was started (launcher, world_size, parallelism); absent for others."""
+    extra: dict = field(default_factory=dict)
+    """Keys of the JSON this class does not name (kept as they are)."""
+
+    _KEYS = ("stage", "round", "input_hash", "inputs", "outputs", "metrics", "versions", "timing", "command", "launch")
+
+    @classmethod
+    def from_json(cls, data: dict) -> Record:
+        d = dict(data)
+        timing = d.pop("timing", None)
+        known = {k: d.pop(k) for k in cls._KEYS if k in d and k != "timing"}
+        fields = {k: v for k, v in (timing or {}).items() if k in Timing.__dataclass_fields__}
+        return cls(**known, timing=Timing(**fields), extra=d)
+
+    def to_json(self) -> dict:
+        out = {"stage": self.stage, "round": self.round, "input_hash": self.input_hash, "inputs": self.inputs,
+               "outputs": self.outputs, "metrics": self.metrics, "versions": self.versions,
+               "timing": dataclasses.asdict(self.timing), "command": self.command}
+        if self.launch is not None:
+            out["launch"] = self.launch
+        return {**out, **self.extra}
+
+    def typed_metrics(self):
+        """`metrics` as the stage's `StageDef.metrics` (posttrain.stage.Metrics)."""
+        from posttrain.stage import typed_metrics
+
+        return typed_metrics(self.stage, self.metrics)
+
+
+def load_record(run_dir: str | Path, n: int, stage: str) -> Record | None:
+    """A stage's typed record (None while unfinished)."""
+    data = read_record(run_dir, n, stage)
+    return None if data is None else Record.from_json(data)
+
+
+def as_record(value: Record | dict | None) -> Record | None:
+    """A Record from a record or its JSON (None stays None)."""
+    return value if value is None or isinstance(value, Record) else Record.from_json(value)
 
 
 def versions() -> dict[str, str]:
@@ -152,30 +224,23 @@ def write_record(run_dir: str | Path, n: int, stage: str, *, plan: Plan, outputs
         digests = [hash_path(run_dir / r) for r in rels]
         hashed_outputs[name] = {"path": rel, "sha256": digests if isinstance(rel, list) else digests[0],
                                 "files": file_stamps(run_dir, rels)}
-    record = {
-        "stage": stage,
-        "round": n,
-        "input_hash": plan.input_hash,
-        "inputs": plan.inputs,
-        "outputs": hashed_outputs,
-        "metrics": metrics,
-        "versions": versions(),
-        "timing": {"started": started, "finished": time.time(),
-                   "seconds": round(time.time() - started + earlier_seconds, 2),
-                   "earlier_attempts_seconds": round(earlier_seconds, 2)},
-        "command": " ".join(sys.argv),
-    }
-    if launch is not None:
-        record["launch"] = launch
+    finished = time.time()
+    record = Record(stage=stage, round=n, input_hash=plan.input_hash, inputs=plan.inputs, outputs=hashed_outputs,
+                    metrics=metrics, versions=versions(),
+                    timing=Timing(started=started, finished=finished,
+                                  seconds=round(finished - started + earlier_seconds, 2),
+                                  earlier_attempts_seconds=round(earlier_seconds, 2)),
+                    command=" ".join(sys.argv), launch=launch).to_json()
     atomic_write_json(stage_dir(run_dir, n, stage) / RECORD, record)
     return record
 
 
-def output_path(run_dir: str | Path, record: dict, name: str) -> Path | list[Path]:
+def output_path(run_dir: str | Path, record: dict | Record, name: str) -> Path | list[Path]:
     """An output of a finished stage, as an absolute path (a list for list outputs)."""
-    out = record["outputs"].get(name)
+    record = as_record(record)
+    out = record.outputs.get(name)
     if out is None:
-        raise KeyError(f"round {record['round']} stage {record['stage']!r} recorded no output {name!r}")
+        raise KeyError(f"round {record.round} stage {record.stage!r} recorded no output {name!r}")
     rel = out["path"]
     if isinstance(rel, list):
         return [Path(run_dir) / r for r in rel]
@@ -207,7 +272,7 @@ class Damage:
     what: str
 
 
-def check_record(run_dir: str | Path, record: dict, names: list[str] | None = None, *,
+def check_record(run_dir: str | Path, record: dict | Record, names: list[str] | None = None, *,
                  full: bool = False) -> list[Damage]:
     """The outputs of `record` (or only those in `names`) that differ from it. Each recorded
     file is stat'ed: a missing file or another size is damage at once; another mtime (or
@@ -215,6 +280,8 @@ def check_record(run_dir: str | Path, record: dict, names: list[str] | None = No
     record does not list is damaged too. Records written before per-file stamps existed are
     checked by their output's hash (cached by size and mtime in posttrain.files.hash_path)."""
     run_dir = Path(run_dir)
+    if isinstance(record, Record):
+        record = record.to_json()
     n, stage = record.get("round", 0), record.get("stage", "?")
     found: list[Damage] = []
     for name, out in (record.get("outputs") or {}).items():

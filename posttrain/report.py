@@ -6,9 +6,10 @@ from pathlib import Path
 
 from posttrain.benchmarks import is_stderr, settings_text
 from posttrain.files import atomic_write_text
-from posttrain.records import OutputsDamaged, check_record, output_path, read_record, recipe_in
+from posttrain.records import OutputsDamaged, Record, as_record, check_record, load_record, output_path, recipe_in
 from posttrain.samples import iter_rows
-from posttrain.stage import STEPS
+from posttrain.stage import fmt as _fmt
+from posttrain.stage import get, steps
 from posttrain.stages.annotate import next_batch_accuracy
 from posttrain.throughput import FORMULA, percent, si
 from posttrain.rounds.orchestrator import list_rounds
@@ -24,13 +25,24 @@ EVAL_METRICS = [
 ]
 
 
-def collect(run_dir: Path) -> dict[int, dict[str, dict]]:
+def collect(run_dir: Path) -> dict[int, dict[str, Record]]:
     """round -> step -> record, for every record present."""
-    out: dict[int, dict[str, dict]] = {}
+    out: dict[int, dict[str, Record]] = {}
     for n in list_rounds(run_dir):
-        recs = {s: read_record(run_dir, n, s) for s in STEPS}
+        recs = {s: load_record(run_dir, n, s) for s in steps()}
         out[n] = {s: r for s, r in recs.items() if r is not None}
     return out
+
+
+def _metrics(recs: dict, stage: str):
+    """Stage `stage`'s typed metrics in one round's records (its JSON or a Record; an empty
+    one when the round has no such record). The sections that read a named stage (the eval
+    tables, the RM's health, the samples' reasons) read it through its own `Metrics` class,
+    also when the registry does not hold that stage (a run without it has empty sections)."""
+    import importlib
+
+    rec = as_record(recs.get(stage))
+    return importlib.import_module(f"posttrain.stages.{stage}").STAGE.metrics.read(rec.metrics if rec else {})
 
 
 def sample_score_distributions(run_dir: Path, records: dict[int, dict[str, dict]]) -> dict[int, dict[str, list[float]]]:
@@ -42,7 +54,7 @@ def sample_score_distributions(run_dir: Path, records: dict[int, dict[str, dict]
         best, mean, worst = [], [], []
         damage = check_record(run_dir, recs["sample"], ["samples"])  # verify before trust
         if damage:
-            raise OutputsDamaged(run_dir, damage, recipe_in(recs["sample"].get("command", "")))
+            raise OutputsDamaged(run_dir, damage, recipe_in(as_record(recs["sample"]).command))
         for _, row in iter_rows(output_path(run_dir, recs["sample"], "samples")):
             scores = [s for s in row.scores if s is not None]
             if scores:
@@ -56,8 +68,7 @@ def sample_score_distributions(run_dir: Path, records: dict[int, dict[str, dict]
 def reason_rows(records: dict[int, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
     """The scoring reasons seen, and per round the share of the sampled responses that scored
     for each reason (the sample stage's `reasons` counts: "passed", "timeout", "wrong", ...)."""
-    counts = {n: (recs.get("sample", {}).get("metrics") or {}).get("reasons") or {}
-              for n, recs in sorted(records.items())}
+    counts = {n: _metrics(recs, "sample").reasons or {} for n, recs in sorted(records.items())}
     counts = {n: c for n, c in counts.items() if c}
     totals: dict[str, int] = {}
     for c in counts.values():
@@ -76,30 +87,30 @@ def rm_health_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
     annotated on this round's models, which it has not seen), and how much it follows length."""
     rows = []
     for n, recs in sorted(records.items()):
-        h = (recs.get("rm", {}).get("metrics") or {}).get("heldout") or {}
         if not recs.get("rm"):
             continue
-        shorter = h.get("accuracy_chosen_shorter")
-        rows.append([str(n), _fmt(h.get("accuracy")), str(h.get("pairs", "-")),
-                     f"{_fmt(shorter)} ({h.get('pairs_chosen_shorter', 0)} pairs)" if shorter is not None else "-",
-                     _fmt(h.get("prefers_longer")), _fmt(h.get("score_length_correlation")),
-                     _fmt((recs.get("sample", {}).get("metrics") or {}).get("score_length_correlation")),
-                     _fmt(h.get("min_accuracy")),
-                     _fmt(next_batch_accuracy(recs.get("annotate")))])
+        h = _metrics(recs, "rm").heldout
+        shorter = h.accuracy_chosen_shorter
+        rows.append([str(n), _fmt(h.accuracy), _fmt(h.pairs),
+                     f"{_fmt(shorter)} ({h.pairs_chosen_shorter or 0} pairs)" if shorter is not None else "-",
+                     _fmt(h.prefers_longer), _fmt(h.score_length_correlation),
+                     _fmt(_metrics(recs, "sample").score_length_correlation),
+                     _fmt(h.min_accuracy),
+                     _fmt(next_batch_accuracy(as_record(recs.get("annotate"))))])
     return rows
 
 
 def variant_rows(records: dict[int, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
     """The variants' names, and per round that evaluated them: the averaged model's task score
     (else mean reward), each variant's, and the averaged model minus the best variant."""
-    evals = {n: recs["eval"]["metrics"] for n, recs in sorted(records.items())
-             if ((recs.get("eval") or {}).get("metrics") or {}).get("variants")}
-    names = sorted({v for m in evals.values() for v in m["variants"]})
+    evals = {n: _metrics(recs, "eval") for n, recs in sorted(records.items())}
+    evals = {n: m for n, m in evals.items() if m.variants}
+    names = sorted({v for m in evals.values() for v in m.variants})
     rows = []
     for n, m in evals.items():
-        key = "task_score" if m.get("task_score") is not None else "mean_reward"
-        rows.append([str(n), _fmt(m.get(key)), *(_fmt((m["variants"].get(v) or {}).get(key)) for v in names),
-                     _fmt(m.get("average_minus_best_variant"))])
+        key = "task_score" if m.task_score is not None else "mean_reward"
+        rows.append([str(n), _fmt(getattr(m, key)), *(_fmt((m.variants.get(v) or {}).get(key)) for v in names),
+                     _fmt(m.average_minus_best_variant)])
     return names, rows
 
 
@@ -108,7 +119,7 @@ def benchmark_tables(records: dict[int, dict[str, dict]]) -> dict[str, tuple[lis
     (round 0: the initial policy, from round 1), with the problems and settings."""
     out: dict[str, tuple[list[str], list[list]]] = {}
     for n, recs in sorted(records.items()):
-        for label, b in (((recs.get("eval") or {}).get("metrics") or {}).get("benchmarks") or {}).items():
+        for label, b in (_metrics(recs, "eval").benchmarks or {}).items():
             keys, rows = out.setdefault(label, (list(b["numbers"]), []))
             how = settings_text(b["settings"])
             if b.get("initial") is not None:
@@ -117,48 +128,37 @@ def benchmark_tables(records: dict[int, dict[str, dict]]) -> dict[str, tuple[lis
     return out
 
 
-def data_rows(records: dict[int, dict[str, dict]]) -> list[list[str]]:
-    """Per round and stage: what was read, trained on, dropped (and why) and truncated."""
-    rows = []
+def _data_rows(records: dict[int, dict]) -> list:
+    """(round, stage, DataRow) for each record whose stage has a row (`StageDef.data_row`), in
+    the registry's order."""
+    out = []
     for n, recs in sorted(records.items()):
-        for stage, rec in recs.items():
-            m = rec.get("metrics") or {}
-            if stage == "sample":
-                rows.append([str(n), stage, "prompts", _fmt(m.get("prompts_read")), f"{_fmt(m.get('top1'))} top-1",
-                             _reasons({"no_top1": m.get("prompts_without_top1"),
-                                       "prompt_too_long": (m.get("too_long") or {}).get("count"),
-                                       "skipped_by_capability": m.get("skipped_by_capability")}), "-"])
-            elif stage == "curate":  # kept rows go on to sft ("trained" here: handed on)
-                rows.append([str(n), stage, "rows (dry run: none removed)" if m.get("dry_run") else "rows",
-                             _fmt(m.get("rows")), f"{_fmt(m.get('kept'))} kept",
-                             _reasons(m.get("dropped_by_reason") or {}), "-"])
-            elif stage == "annotate":
-                skipped = {k: v for k, v in (m.get("skipped") or {}).items() if k not in ("pool", "drawn")}
-                rows.append([str(n), stage, "pairs", _fmt((m.get("skipped") or {}).get("drawn")),
-                             f"{_fmt(m.get('labelled'))} labelled ({_fmt(m.get('edited'))} edited)",
-                             _reasons({"abstained": m.get("abstained"), **skipped}), "-"])
-            elif "rows_trained" in m:
-                per_variant = m.get("rows_trained_by_variant") or {}
-                trained = _fmt(m["rows_trained"])
-                if len(set(per_variant.values())) > 1:
-                    trained += " (" + ", ".join(f"{k} {v}" for k, v in per_variant.items()) + ")"
-                rows.append([str(n), stage, str(m.get("unit", "-")), _fmt(m.get("rows_read")), trained,
-                             _reasons(m.get("dropped") or {}), _fmt(m.get("truncated"))])
-    return rows
+        for stage in [s for s in steps() if s in recs] + [s for s in recs if s not in steps()]:
+            row_of = get(stage).data_row if stage in steps() else None
+            row = row_of(_metrics(recs, stage)) if row_of is not None else None
+            if row is not None:
+                out.append((n, stage, row))
+    return out
+
+
+def data_rows(records: dict[int, dict]) -> list[list[str]]:
+    """Per round and stage: what was read, trained on, dropped (and why) and truncated."""
+    return [[str(n), stage, str(r.unit), _fmt(r.read), r.trained, _reasons(r.dropped), _fmt(r.truncated)]
+            for n, stage, r in _data_rows(records)]
 
 
 THROUGHPUT_HEADER = ["round", "stage", "device", "tokens (real)", "with padding", "loop seconds", "tokens/s",
                      "tokens per CPU-second", "achieved FLOP/s", "peak FLOP/s", "MFU", "MFU (CPU time)"]
 
 
-def throughput_rows(records: dict[int, dict[str, dict]]) -> tuple[list[list[str]], list[str]]:
+def throughput_rows(records: dict[int, dict]) -> tuple[list[list[str]], list[str]]:
     """Per round and training stage: tokens trained, the loop's time, tokens per second (and per
     CPU-second on a CPU), achieved FLOP/s and its share of the peak (posttrain.throughput); and
     the peaks' sources (or why there is none), once each."""
     rows, sources = [], []
     for n, recs in sorted(records.items()):
         for stage, rec in recs.items():
-            t = (rec.get("metrics") or {}).get("throughput")
+            t = (as_record(rec).metrics or {}).get("throughput")
             if not isinstance(t, dict):
                 continue
             peak = t.get("peak") or {}
@@ -182,16 +182,10 @@ def _rate(v) -> str:
     return f"{v:,.1f}" if isinstance(v, (int, float)) else "-"
 
 
-def contaminated_cells(records: dict[int, dict[str, dict]]) -> list[str]:
+def contaminated_cells(records: dict[int, dict]) -> list[str]:
     """Per row of `data_rows`: the stage's contaminated rows per source file, or "-"."""
-    cells = []
-    for n, recs in sorted(records.items()):
-        for stage, rec in recs.items():
-            m = rec.get("metrics") or {}
-            if stage in ("sample", "curate", "annotate") or "rows_trained" in m:
-                c = m.get("contaminated") or {}
-                cells.append(", ".join(f"{Path(k).name} {v}" for k, v in c.items()) if c else "-")
-    return cells
+    return [", ".join(f"{Path(k).name} {v}" for k, v in r.contaminated.items()) if r.contaminated else "-"
+            for _, _, r in _data_rows(records)]
 
 
 def _reasons(counts: dict) -> str:
@@ -201,12 +195,6 @@ def _reasons(counts: dict) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return "-" if v is None else str(v)
 
 
 def _plots(folder: Path, records, dists) -> list[str]:
@@ -219,7 +207,7 @@ def _plots(folder: Path, records, dists) -> list[str]:
     rounds = [n for n in records if "eval" in records[n]]
     if rounds:
         def series(key):
-            pts = [(n, records[n]["eval"]["metrics"].get(key)) for n in rounds]
+            pts = [(n, getattr(_metrics(records[n], "eval"), key)) for n in rounds]
             return [(x, y) for x, y in pts if isinstance(y, (int, float))]
 
         # Three panels, so no two kinds of number share an axis: task score (with the initial
@@ -230,17 +218,18 @@ def _plots(folder: Path, records, dists) -> list[str]:
             pts = series(k)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        pts = [(n, next_batch_accuracy(records[n].get("annotate"))) for n in rounds]
+        pts = [(n, next_batch_accuracy(as_record(records[n].get("annotate")))) for n in rounds]
         pts = [(x, y) for x, y in pts if y is not None]
         if pts:  # the pairs annotated on this round's models, which its RM never saw
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="--", label="RM accuracy, next batch")
-        base = records[rounds[0]]["eval"]["metrics"].get("initial_task_score")
+        base = _metrics(records[rounds[0]], "eval").initial_task_score
         if isinstance(base, (int, float)):
             ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="task score of the initial policy")
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("share (0 to 1)")
         ax.set_title("held-out quality per round")
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:  # a run whose eval has no checker, eot or RM numbers: no legend
+            ax.legend(fontsize=7, loc="lower right")
         for k, label in (("win_rate_vs_previous", "vs previous round"), ("win_rate_vs_initial", "vs initial policy")):
             pts = series(k)
             if pts:
@@ -253,7 +242,7 @@ def _plots(folder: Path, records, dists) -> list[str]:
         pts = series("mean_reward")
         if pts:
             ax_r.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="tab:orange", label="this round")
-            init = records[rounds[0]]["eval"]["metrics"].get("initial_mean_reward")
+            init = _metrics(records[rounds[0]], "eval").initial_mean_reward
             if isinstance(init, (int, float)):
                 ax_r.axhline(init, color="grey", linestyle="--", linewidth=1, label="initial policy")
             ax_r.legend(fontsize=7)
@@ -340,20 +329,20 @@ def write_report(run_dir: Path) -> Path:
     plots = _plots(folder, records, dists)
 
     lines = [f"# posttrain report: {run_dir.name}", ""]
-    first_eval = next((records[n]["eval"] for n in sorted(records) if "eval" in records[n]), None)
-    if first_eval:
-        m = first_eval["metrics"]
-        lines += [f"Initial policy on the held-out prompts: task score {_fmt(m.get('initial_task_score'))}, "
-                  f"mean reward {_fmt(m.get('initial_mean_reward'))}, ends with end-of-turn "
-                  f"{_fmt(m.get('initial_eot_rate'))}.", ""]
+    first_eval = next((n for n in sorted(records) if "eval" in records[n]), None)
+    if first_eval is not None:
+        m = _metrics(records[first_eval], "eval")
+        lines += [f"Initial policy on the held-out prompts: task score {_fmt(m.initial_task_score)}, "
+                  f"mean reward {_fmt(m.initial_mean_reward)}, ends with end-of-turn "
+                  f"{_fmt(m.initial_eot_rate)}.", ""]
     scale = _reward_scale(run_dir)
     if scale:
         lines += [scale, ""]
     lines += ["## Evaluation per round", "", "| round | " + " | ".join(l for _, l in EVAL_METRICS) + " |",
               "|---|" + "---|" * len(EVAL_METRICS)]
     for n, recs in sorted(records.items()):
-        m = recs.get("eval", {}).get("metrics", {})
-        lines.append(f"| {n} | " + " | ".join(_fmt(m.get(k)) for k, _ in EVAL_METRICS) + " |")
+        m = _metrics(recs, "eval")
+        lines.append(f"| {n} | " + " | ".join(_fmt(getattr(m, k)) for k, _ in EVAL_METRICS) + " |")
     health = rm_health_rows(records)
     if health:
         lines += ["", "## Reward model health", "",
@@ -406,11 +395,11 @@ def write_report(run_dir: Path) -> Path:
     lines += ["", "## Stages", "", "| round | stage | seconds | key metrics |", "|---|---|---|---|"]
     for n, recs in sorted(records.items()):
         for stage, rec in recs.items():
-            if stage == "eval":
+            if get(stage).evaluation:  # its own table above
                 continue
-            m = rec.get("metrics", {})
+            m = rec.metrics  # the first numbers the stage wrote, whatever they are
             keys = [k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)][:6]
-            lines.append(f"| {n} | {stage} | {rec['timing']['seconds']:.0f} | "
+            lines.append(f"| {n} | {stage} | {rec.timing.seconds:.0f} | "
                          + ", ".join(f"{k}={_fmt(m[k])}" for k in keys) + " |")
     reasons, shares = reason_rows(records)
     if shares and reasons != ["scored"]:  # a reward that gives no reasons says nothing here

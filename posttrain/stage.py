@@ -3,9 +3,10 @@
 A stage is a module with `run(ctx: StageContext) -> StageResult` and a `STAGE = StageDef(...)`
 that says everything the orchestrator needs to know about it: its typed inputs and how they
 are resolved from the recipe and earlier records, where it runs, which outputs are models,
-and its headline metrics. The orchestrator (posttrain.rounds.orchestrator) only walks
-`REGISTRY`: adding a stage means writing its module in `posttrain/stages/` and adding its
-name here.
+its typed metrics (a `Metrics` dataclass), its headline, its line of the status legend and its
+row of the report's data table. The orchestrator (posttrain.rounds.orchestrator), `posttrain
+status` (posttrain.api) and the report (posttrain.report) only walk `REGISTRY`: adding a stage
+means writing its module in `posttrain/stages/` and adding its name here.
 
 The orchestrator resolves every input from earlier records (never by guessing paths),
 hashes them, runs the stage, and writes the stage's record last. The stage writes only under
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +52,12 @@ def module(name: str):
     return importlib.import_module(f"posttrain.stages.{name}")
 
 
+def steps() -> tuple[str, ...]:
+    """The registry as it is when called (what the orchestrator, status and the report walk; a
+    test may put a toy stage in it for a while)."""
+    return REGISTRY
+
+
 def get(name: str) -> StageDef:
     """The definition of stage `name`."""
     return module(name).STAGE
@@ -78,6 +86,89 @@ class Resolver(Protocol):
     def initial_policy(self) -> str: ...
 
 
+class MetricsMissing(RuntimeError):
+    """A stage's metrics lack a field its `Metrics` class says it always writes."""
+
+
+@dataclass(kw_only=True)
+class Metrics:
+    """A stage's metrics, typed (`StageDef.metrics`; subclass it beside the stage's `StageDef`).
+
+    Stages return plain JSON-able dicts (`StageResult.metrics`, written as they are into the
+    record); everything that reads them (the headline, `posttrain status`, the report, a later
+    stage's resolve) reads `Cls.read(record_metrics)` instead of key paths. A subclass declares
+    what is read: a field without a default is one the stage always writes, the headline's
+    (`missing` lists the ones a dict lacks; the orchestrator refuses to record a stage whose
+    metrics lack one, so a headline key a stage stopped writing fails its tests instead of
+    vanishing from status); a field with a default may be absent. Reading is lenient: an older record's absent field is
+    None (a nested `Metrics` is an empty one), and keys no field declares stay in `raw`, so a
+    stage may write more than its class declares, and declaring one more is one line."""
+
+    def __post_init__(self):
+        self.raw: dict = {}
+        """Every key the stage wrote, declared or not."""
+
+    @classmethod
+    def read(cls, raw: Mapping | None):
+        raw = dict(raw or {})
+        hints = _hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            nested = _metrics_type(hints[f.name])
+            if f.name in raw:
+                value = raw[f.name]
+                values[f.name] = nested.read(value) if nested and isinstance(value, Mapping) else value
+            elif _required(f):
+                values[f.name] = nested.read({}) if nested else None
+        obj = cls(**values)
+        obj.raw = raw
+        return obj
+
+    @classmethod
+    def missing(cls, raw: Mapping, prefix: str = "") -> list[str]:
+        """The always-written fields (nested ones as `a.b`) that `raw` lacks."""
+        hints = _hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            nested = _metrics_type(hints[f.name])
+            if f.name not in raw:
+                if _required(f):
+                    out.append(prefix + f.name)
+            elif nested and isinstance(raw[f.name], Mapping):
+                out += nested.missing(raw[f.name], f"{prefix}{f.name}.")
+        return out
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _metrics_type(hint: Any) -> type[Metrics] | None:
+    """The Metrics subclass a field holds (`X` or `X | None`), else None."""
+    for t in (hint, *typing.get_args(hint)):
+        if isinstance(t, type) and issubclass(t, Metrics):
+            return t
+    return None
+
+
+@dataclass
+class DataRow:
+    """A stage's row of the report's "Data per stage" table (`StageDef.data_row`)."""
+
+    unit: str
+    read: Any
+    trained: str
+    dropped: dict
+    """{reason: count}; reasons with none are left out of the table."""
+    truncated: Any = None
+    contaminated: dict | None = None
+    """{source file: rows sharing an n-gram with an eval prompt} (posttrain.decontam)."""
+
+
 def _no_settings(recipe) -> dict:
     return {}
 
@@ -95,9 +186,19 @@ class StageDef:
     """A dataclass: the stage's inputs. Fields made with `path_field` are files, hashed by content."""
     resolve: Callable[[Resolver], Any]
     """Builds the inputs from the recipe (`rnd.recipe`) and earlier records (`rnd.output`)."""
-    headline: Callable[[dict], list[tuple[str, Any]]]
+    headline: Callable[[Any], list[tuple[str, Any]]]
     """The (label, value) pairs that summarise a finished stage, most important first, read
-    from its metrics; shown at the stage's end and by `posttrain status`."""
+    from its typed metrics (`metrics`); shown at the stage's end and by `posttrain status`."""
+    metrics: type[Metrics] = Metrics
+    """The stage's typed metrics: what the headline, status and the report read."""
+    legend: str = ""
+    """What the stage's cell in `posttrain status` shows (its headline's labels), for the legend."""
+    data_row: Callable[[Any], DataRow | None] | None = None
+    """The stage's row of the report's "Data per stage" table (read, trained on, dropped), from
+    its typed metrics; None: the stage has none."""
+    status_column: str = "always"
+    """'always', or 'when_run': a column in `posttrain status` only for runs where the stage ran
+    (a step the recipe turns on), so other runs' tables stay as they were."""
     model_outputs: tuple[str, ...] = ()
     """Outputs that are model folders (a path or a list of paths): each is checked with
     `modeling.verify_model_folder` before the record is written."""
@@ -121,6 +222,12 @@ class StageDef:
     """Whether the stage runs in a round, given the round's recipe."""
     config: str | None = None
     """The recipe section holding the stage's config (default: its name)."""
+    evaluation: bool = False
+    """The round's evaluation: `run_round(evaluate=...)` overrides its `enabled`, and it is
+    not needed for the round to count as finished."""
+    round_model: str | None = None
+    """The output that is the round's final model (the next round's policy), on the one stage
+    that makes it; its record means the round has finished."""
 
     def config_of(self, recipe) -> Any:
         return getattr(recipe, self.config or self.name)
@@ -194,16 +301,40 @@ def metric(metrics: dict, *path: str) -> Any:
     return metrics
 
 
-def variant_mean(metrics: dict, *path: str) -> float | None:
+def variant_mean(metrics: Mapping | Metrics, *path: str) -> float | None:
     """The mean over a training stage's variants of one metric (None if none has it)."""
-    vals = [metric(v, *path) for v in (metrics.get("variants") or {}).values()]
+    variants = getattr(metrics, "variants", None) if isinstance(metrics, Metrics) else metrics.get("variants")
+    vals = [metric(v, *path) for v in (variants or {}).values()]
     vals = [v for v in vals if isinstance(v, (int, float))]
     return sum(vals) / len(vals) if vals else None
 
 
-def headline(step: str, metrics: dict) -> list[tuple[str, Any]]:
-    """Stage `step`'s headline pairs from its metrics, without the values it did not write."""
-    return [(k, v) for k, v in get(step).headline(metrics or {}) if v is not None]
+def typed_metrics(step: str, metrics: Mapping | None) -> Metrics:
+    """A stage's metrics (a record's `metrics` dict) as its `StageDef.metrics` class."""
+    return get(step).metrics.read(metrics)
+
+
+def headline(step: str, metrics: Mapping | None) -> list[tuple[str, Any]]:
+    """Stage `step`'s headline pairs from its metrics. A value that is None (the stage wrote
+    None: nothing to measure this time, or an older record lacks an optional field) is left
+    out; a key the stage must write and did not is refused when its record is written
+    (`Metrics.missing`), and a headline reading an undeclared field raises AttributeError."""
+    return [(k, v) for k, v in get(step).headline(typed_metrics(step, metrics)) if v is not None]
+
+
+def round_model_stage() -> StageDef:
+    """The stage whose output is the round's final model (`StageDef.round_model`)."""
+    found = [d for d in map(get, steps()) if d.round_model]
+    if len(found) != 1:
+        raise RuntimeError(f"the registry needs exactly one stage with a round_model, found {len(found)}")
+    return found[0]
+
+
+def fmt(v) -> str:
+    """A metric as a table cell: floats to 3 places, None as "-"."""
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "-" if v is None else str(v)
 
 
 def format_headline(pairs: list[tuple[str, Any]]) -> str:

@@ -25,6 +25,7 @@ from pydantic import Field, field_validator, model_serializer
 
 from posttrain.files import atomic_write_text
 from posttrain.schema import BatchSize, Count, Epochs, StrictModel, Tokens
+from posttrain.stage import DataRow, Metrics, fmt
 
 COMPLETE_MARKER = "COMPLETE"
 WORK = "work"
@@ -380,6 +381,37 @@ class DataCounts(TypedDict):
     """Rows removed by a filter, by reason (reasons with none left out)."""
     truncated: int
     """Rows kept but cut at max_length."""
+
+
+@dataclass(kw_only=True)
+class TrainingMetrics(Metrics):
+    """The typed part of rm's, sft's and dpo's metrics that status and the report read: the
+    `DataCounts` every training stage writes, its variants' metrics and contamination. Each
+    stage's subclass makes the fields its headline reads required (written every time)."""
+
+    unit: str | None = None
+    rows_read: int | None = None
+    rows_trained: int | None = None
+    rows_trained_by_variant: dict[str, int] | None = None
+    dropped: dict[str, int] | None = None
+    truncated: int | None = None
+    variants: dict[str, dict] | None = None
+    """Per variant: what its trainer logged (`loss`, `rewards/accuracies`, each {"last", ...})."""
+    contaminated: dict[str, int] | None = None
+    """{source file: rows sharing an n-gram with an eval prompt} (posttrain.decontam)."""
+    throughput: dict | None = None
+    """The training loop's tokens/s and share of peak (posttrain.throughput.combine)."""
+
+
+def training_data_row(m: TrainingMetrics) -> DataRow | None:
+    """A training stage's row of the report's data table: per variant when they differ."""
+    if m.rows_trained is None:
+        return None
+    per_variant = m.rows_trained_by_variant or {}
+    trained = fmt(m.rows_trained)
+    if len(set(per_variant.values())) > 1:
+        trained += " (" + ", ".join(f"{k} {v}" for k, v in per_variant.items()) + ")"
+    return DataRow(m.unit or "-", m.rows_read, trained, m.dropped or {}, m.truncated, m.contaminated)
 
 
 def data_counts(unit: str, *, read: int, dropped: Mapping[str, int], truncated: int,

@@ -27,6 +27,38 @@ def _isolated_caches(tmp_path_factory):
     yield
 
 
+class _FinishedEngine:
+    """What `generation.start_engine` returns when the engine already ran in this process."""
+
+    returncode = 0
+
+    def poll(self):
+        return 0
+
+    def kill(self):
+        pass
+
+    def wait(self):
+        return 0
+
+
+@pytest.fixture
+def engines_here(monkeypatch):
+    """Generation engines run in this process, not in a child (whose start-up costs seconds):
+    the same requests, engine and result files (`generation.start_engine` replaced; the
+    child-process path is tested in test_generation)."""
+    import json
+    from pathlib import Path
+
+    from posttrain import generation
+
+    def start_engine(python, request, env, log):
+        generation.run_engine(json.loads(Path(request).read_text()))
+        return _FinishedEngine()
+
+    monkeypatch.setattr(generation, "start_engine", start_engine)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from posttrain.world.tiny import build_tokenizer

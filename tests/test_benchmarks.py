@@ -15,6 +15,7 @@ from posttrain.benchmarks import (Benchmark, BenchmarkError, data_file, humaneva
 from posttrain.files import iter_jsonl
 from posttrain.recipe import EvalSettings, Recipe
 from posttrain.stage import StageContext
+from posttrain.stage import headline as stage_headline
 
 HE = [{"task_id": "T/0", "prompt": "from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    \"\"\"Sum.\"\"\"\n",
        "test": "def check(candidate):\n    assert candidate([1, 2]) == 3\n    assert candidate([]) == 0\n",
@@ -110,7 +111,7 @@ def test_shipped_suites_load():
     assert len(load_problems(ifb, path)) == 294
 
 
-def test_eval_stage_records_benchmarks(tmp_path, tiny_model_dir, monkeypatch):
+def test_eval_stage_records_benchmarks(tmp_path, tiny_model_dir, monkeypatch, engines_here):
     """The tiny model through eval's benchmark step: the record's numbers equal a re-scoring of
     the responses it wrote, and the settings that produced them are recorded."""
     pytest.importorskip("if_verifiable")
@@ -124,11 +125,11 @@ def test_eval_stage_records_benchmarks(tmp_path, tiny_model_dir, monkeypatch):
     from posttrain import generation
 
     real = generation.generate
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: real(*a, **k, in_process=True))
     ctx = StageContext(stage="eval", round=1, run_dir=tmp_path, out_dir=tmp_path / "round_01" / "eval", config=cfg,
                        inputs={"final_model": str(tiny_model_dir), "reward_model": str(tiny_model_dir),
                                "initial_model": str(tiny_model_dir), "prompt_files": [],
                                "benchmark_files": [he, ifp]}, recipe=recipe)
+    ctx.out_dir.mkdir(parents=True)  # as the orchestrator makes it
     got = eval_stage.run_benchmarks(ctx, ctx.out_dir)
     assert set(got) == {"humaneval", "ifeval_file:if.jsonl"}
     he_got = got["humaneval"]
@@ -143,14 +144,15 @@ def test_eval_stage_records_benchmarks(tmp_path, tiny_model_dir, monkeypatch):
         spec = Benchmark(**specs[1])
         again = [{"id": r["id"], "text": r["text"]} for r in rows]
         assert score_instructions(spec, load_problems(spec, ifp), again, ifp) == got["ifeval_file:if.jsonl"][key]
-    headline = dict(eval_stage._headline({"benchmarks": got}))
+    headline = dict(stage_headline("eval", {"benchmarks": got}))
     assert headline["humaneval:pass@1"] == he_got["numbers"]["pass@1"]
     # Resumed: the written responses are reused (no generation), and give the same numbers.
     monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("regenerated"))
     assert eval_stage.run_benchmarks(ctx, ctx.out_dir) == got
     ctx.round = 2  # ifeval_file runs every 2 rounds; the initial policy only in round 1
     ctx.out_dir = tmp_path / "round_02" / "eval"
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: real(*a, **k, in_process=True))
+    ctx.out_dir.mkdir(parents=True)
+    monkeypatch.setattr(generation, "generate", real)
     later = eval_stage.run_benchmarks(ctx, ctx.out_dir)
     assert set(later) == {"humaneval"} and "initial" not in later["humaneval"]
 

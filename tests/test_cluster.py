@@ -46,18 +46,11 @@ def test_validate_refuses_a_cluster_without_ray_before_anything_runs(tmp_path, m
         loaded.check(files=False)  # what `posttrain validate` and run_round call first
 
 
-def test_sampling_on_one_machine_never_imports_ray(tmp_path, eot_model_dir, monkeypatch):
+def test_sampling_on_one_machine_never_imports_ray(tmp_path, eot_model_dir, monkeypatch, engines_here):
     monkeypatch.setitem(sys.modules, "ray", None)
     ctx = make_ctx(tmp_path, eot_model_dir, write_prompts(tmp_path / "prompts.jsonl"), LengthReward())
-    monkeypatch.setattr(sample_stage, "run_jobs", _in_process_run_jobs)
     sample_stage.run(ctx)
     assert len(read_shards(ctx.out_dir)) == 7
-
-
-def _in_process_run_jobs(*args, **kwargs):
-    from posttrain import generation
-
-    return generation.run_jobs(*args, **kwargs, in_process=True)
 
 
 def test_cluster_settings_are_strict():
@@ -328,13 +321,14 @@ def test_a_reward_error_on_the_cluster_is_the_rewards_error(ray_cluster):
 def test_eval_generation_on_the_cluster_equals_this_machine(tmp_path, eot_model_dir, ray_cluster, tiny_tokenizer):
     """Evaluation calls generation.generate (one job); on the cluster it gives the same samples."""
     from posttrain import generation
+    from posttrain.engines import TransformersGenerator
     from posttrain.jobs import SamplingSettings
     from test_generation import encode_prompts, eot_id
 
     ids = encode_prompts(tiny_tokenizer)
     settings = SamplingSettings(k=2, temperature=1.0, max_new_tokens=10, seed=3,
                                 stop_token_ids=(eot_id(tiny_tokenizer),))
-    here = generation.generate(eot_model_dir, ids, settings, backend="transformers", in_process=True)
+    here = TransformersGenerator(eot_model_dir).generate(ids, settings)  # in this process
     there = generation.generate(eot_model_dir, ids, settings, backend="transformers", workdir=tmp_path,
                                 cluster=ClusterSettings(engines=2))
     assert there == here and len(there) == len(ids)

@@ -340,7 +340,9 @@ def test_dry_run_reports_but_hands_sft_nothing(tmp_path, tiny_model_dir):
     result = curate.run(ctx)
     assert set(result.outputs) == {"dropped", "report"}  # sft then reads the uncurated files
     assert [d["id"] for d in iter_jsonl(ctx.out_dir / "dropped.jsonl")] == ["a"]
-    assert ("dry_run", "yes") in curate.STAGE.headline(result.metrics)
+    from posttrain.stage import headline
+
+    assert ("dry_run", "yes") in headline("curate", result.metrics)
 
 
 def test_duplicate_ids_across_top1_and_sft_are_refused(tmp_path, tiny_model_dir):

@@ -189,7 +189,7 @@ def test_a_changed_launcher_is_a_changed_input_and_shows_in_status(tmp_path, tin
         assert command[:4] == [sys.executable, "-m", "posttrain.rounds.agent", "torchrun"]
         assert spec["launch"] == {"launcher": TORCHRUN_2, "world_size": 2, "parallelism": "ddp"}
         shutil.copytree(tiny_model_dir, Path(spec["out_dir"]) / "model")  # stands in for the trained model
-        return {"outputs": {"model": "round_01/rm/model"}, "metrics": {}}
+        return {"outputs": {"model": "round_01/rm/model"}, "metrics": {"rankings": 4, "heldout": {}}}
 
     monkeypatch.setattr(Round, "_run_in_worker", fake_worker)
     run_dir = tmp_path / "run"

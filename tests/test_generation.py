@@ -192,7 +192,7 @@ def test_generate_in_child_process_matches_in_process(tiny_tokenizer, tmp_path):
     seen = []
     child = gen.generate(model_dir, prompts, settings, backend="transformers", workdir=tmp_path,
                          on_prompts=seen.append)
-    here = gen.generate(model_dir, prompts, settings, backend="transformers", in_process=True)
+    here = TransformersGenerator(model_dir).generate(prompts, settings)
     assert seen and seen[-1] == 3 and seen == sorted(seen)  # progress for a bar, ending at every prompt
     assert [g.token_ids for g in child] == [g.token_ids for g in here]
     assert [g.texts for g in child] == [g.texts for g in here]

@@ -15,6 +15,7 @@ import yaml
 from posttrain.benchmarks import Benchmark, BenchmarkError, main_metric, settings_text
 from posttrain.files import iter_jsonl, read_json
 from posttrain.lmeval import numbers_from_results, task_facts
+from posttrain.stage import headline
 
 ROWS = [{"question": f"Sort these numbers: {a} {b} {c}", "answer": " ".join(map(str, sorted((a, b, c)))),
          "choices": [" ".join(map(str, sorted((a, b, c)))), f"{a} {b} {c}", f"{c} {b} {a}"], "label": 0}
@@ -187,8 +188,9 @@ def test_eval_stage_records_lm_evals_numbers(tmp_path, tiny_model_dir, monkeypat
     assert "100%" in bars[-1] and not any("\r" in m for m in bars)  # redraws are not one long line
     terminal = capfd.readouterr()
     assert "loglikelihood" not in terminal.out + terminal.err and "fatal" not in terminal.err
-    assert dict(eval_stage._headline({"benchmarks": {"lm_eval:sort_mc+sort_gen": got}}))["lm_eval:sort_mc/acc"] == \
-        got["numbers"]["sort_mc/acc"]
+    shown = dict(headline("eval", {"task_score": None, "mean_reward": 0.5, "win_rate_vs_previous": None,
+                                   "benchmarks": {"lm_eval:sort_mc+sort_gen": got}}))
+    assert shown["lm_eval:sort_mc/acc"] == got["numbers"]["sort_mc/acc"]
     monkeypatch.setattr(lmeval, "run_job", lambda *a, **k: pytest.fail("ran lm-eval again"))
     assert eval_stage.run_benchmarks(ctx, ctx.out_dir)["lm_eval:sort_mc+sort_gen"] == got
     assert read_json(ctx.out_dir / "benchmarks" / "model" / "lm_eval_sort_mc+sort_gen.results.json")["results"]

@@ -110,13 +110,14 @@ def make_ctx(run_dir: Path, model_dir: Path, prompts: Path, reward, **cfg) -> St
 
 
 @pytest.fixture
-def in_process_jobs(monkeypatch):
-    """Generation in this process (the child-process path is tested in test_generation)."""
+def in_process_jobs(monkeypatch, engines_here):
+    """Generation in this process (the child-process path is tested in test_generation); the
+    result files each call still had to make."""
     calls = []
 
     def run_jobs(*args, **kwargs):
         calls.append([j.out for j in args[1] if not Path(j.out).exists()])
-        return generation.run_jobs(*args, **kwargs, in_process=True)
+        return generation.run_jobs(*args, **kwargs)
 
     monkeypatch.setattr(sample_stage, "run_jobs", run_jobs)
     return calls

@@ -7,7 +7,7 @@ The reads are found, not listed:
 - in the stage's `run(ctx)` statically, since it trains and cannot run here: an AST walk of
   the stage module collects every attribute chain on `ctx.recipe` (and on names bound to
   it), follows a recipe section passed to a function into that function, and maps the
-  context fields the worker sets from the recipe (`posttrain.rounds.worker.build_context`)
+  context fields the worker sets from the recipe (`posttrain.rounds.worker.make_context`)
   back to their recipe fields; for a stage that gets the round's reward, the same walk over
   `Round.build_reward`.
 Each field is then changed alone to another valid value, and the stage's hash computed as
@@ -108,7 +108,7 @@ def derived_context_fields() -> dict[str, str]:
     """StageContext fields the worker sets from a recipe field: {ctx field: recipe path}."""
     from posttrain.rounds import worker
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(worker.build_context)))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(worker.make_context)))
     out = {}
     for call in ast.walk(tree):
         if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "StageContext":

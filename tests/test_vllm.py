@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from posttrain import generation as gen
-from posttrain.engines import EngineOptions
+from posttrain.engines import EngineOptions, TransformersGenerator
 from posttrain.jobs import SamplingSettings
 from test_generation import encode_prompts, eot_id, eot_prone_model
 
@@ -65,7 +65,7 @@ def test_vllm_greedy_agrees_with_transformers_shared_prefill(eot_model_dir, tiny
     settings = SamplingSettings(k=2, temperature=0.0, max_new_tokens=8, stop_token_ids=(eot,))
     v = gen.generate(eot_model_dir, prompts, settings, backend="vllm", workdir=tmp_path,
                      options=EngineOptions(enable_prefix_caching=False))
-    t = gen.generate(eot_model_dir, prompts, settings, backend="transformers", in_process=True)
+    t = TransformersGenerator(eot_model_dir).generate(prompts, settings)
     for gv, gt in zip(v, t):
         assert gv.token_ids[0] == gv.token_ids[1]
         assert gv.token_ids[0][:2] == gt.token_ids[0][:2]

@@ -28,6 +28,8 @@ from posttrain.recipe import LoadedRecipe, Recipe, load_recipe
 from posttrain.records import (
     InputHasher,
     OutputsDamaged,
+    Record,
+    as_record,
     check_record,
     discard_stage,
     output_path,
@@ -38,14 +40,16 @@ from posttrain.records import (
     write_record,
 )
 from posttrain.stage import (
-    STEPS,
     WAITING_FILE,
+    MetricsMissing,
     RoundError,
     StageDef,
     StageWaiting,
     format_headline,
     hashed_inputs,
     headline,
+    round_model_stage,
+    steps,
 )
 from posttrain.runlock import run_lock
 from posttrain.stage import get as get_stage
@@ -178,7 +182,7 @@ class Round:
         self.records: dict[str, dict] = {}
         self.verified: set[tuple[int, str, str]] = set()  # (round, stage, output) checked against its record
         for m in range(1, n):
-            for stage in STEPS:
+            for stage in steps():
                 rec = read_record(run_dir, m, stage)
                 if rec:
                     self.hasher.learn(rec)
@@ -188,11 +192,11 @@ class Round:
     def path(self, value: str) -> str:
         return self.loaded.resolve_path(value)
 
-    def record(self, stage: str, n: int | None = None) -> dict | None:
+    def record(self, stage: str, n: int | None = None) -> Record | None:
         """Stage `stage`'s record in round `n` (default: this round), or None if unfinished."""
         if n is None or n == self.n:
-            return self.records.get(stage) or read_record(self.run_dir, self.n, stage)
-        return read_record(self.run_dir, n, stage)
+            return as_record(self.records.get(stage) or read_record(self.run_dir, self.n, stage))
+        return as_record(read_record(self.run_dir, n, stage))
 
     def output(self, stage: str, name: str, n: int | None = None) -> Any:
         """An output of a finished stage as an absolute path (a list for list outputs)."""
@@ -208,7 +212,7 @@ class Round:
         recipe's fixed batches and those stages made in earlier rounds (the annotate step's
         labelled batches; `StageDef.preference_batches`, from their records)."""
         batches = [(b.round, self.path(b.path)) for b in self.recipe.data.preference_batches if b.round <= self.n]
-        for step in STEPS:
+        for step in steps():
             made = get_stage(step).preference_batches
             if made is not None:
                 batches += made(self)
@@ -218,8 +222,11 @@ class Round:
         return [path for _, path in batches]
 
     def previous_model(self) -> str | None:
-        """The previous round's model (None in round 1)."""
-        return None if self.n == 1 else self.output("average", "model", self.n - 1)
+        """The previous round's model (None in round 1): its `StageDef.round_model` output."""
+        if self.n == 1:
+            return None
+        defn = round_model_stage()
+        return self.output(defn.name, defn.round_model, self.n - 1)
 
     def initial_policy(self) -> str:
         return self.path(self.recipe.models.initial_policy or self.recipe.models.base)
@@ -272,12 +279,13 @@ class Round:
             return rm()
         return load_reward({"target": spec.target, "kwargs": fill_rm_placeholders(spec.kwargs, rm)})
 
-    def check_outputs(self, record: dict, names: list[str] | None = None) -> None:
+    def check_outputs(self, record: Record | dict, names: list[str] | None = None) -> None:
         """Verify before trust: a recorded output is used only while its files are what the
         record says (posttrain.records.check_record); else OutputsDamaged names the file and
         the command that makes it again."""
-        names = list(record.get("outputs", {})) if names is None else names
-        keys = {(record.get("round", self.n), record.get("stage", "?"), name) for name in names}
+        record = as_record(record)
+        names = list(record.outputs) if names is None else names
+        keys = {(record.round or self.n, record.stage, name) for name in names}
         if keys <= self.verified:
             return
         damage = check_record(self.run_dir, record, names)
@@ -340,12 +348,13 @@ class Round:
         log.info("round %d %s: %s", self.n, stage,
                  f"resuming (work in {out_dir})" if resumed else "starting")
         started = attempts.begin()
-        spec = self._spec(defn, inputs)
-        spec["launch"] = launch.spec()
+        launched = launch.spec()
         try:
             if defn.uses_reward or defn.uses_annotator:
-                result = self._run_in_process(defn, spec, inputs, config)
+                result = self._run_in_process(defn, inputs, config)
             else:
+                spec = self._spec(defn, inputs)
+                spec["launch"] = launched
                 result = self._run_in_worker(stage, spec, launch.command)
         except StageWaiting as waiting:  # not a failure: the round waits (for people labelling)
             attempts.end("waiting")
@@ -360,9 +369,14 @@ class Round:
             attempts.end(f"failed: {first_line(err)}")
             raise RoundError(f"round {self.n} {stage}: its output is incomplete, so no record was written: "
                              f"{err}. Run again with --redo {stage} to start it from scratch.") from None
+        unwritten = defn.metrics.missing(result["metrics"])
+        if unwritten:  # what status and the report read must be there: a bug in the stage, not the input
+            attempts.end("failed: metrics missing")
+            raise MetricsMissing(f"round {self.n} {stage}: its metrics lack {', '.join(unwritten)}, which "
+                                 f"{defn.metrics.__name__} says it always writes, so no record was written")
         record = write_record(self.run_dir, self.n, stage, plan=plan, outputs=result["outputs"],
                               metrics=result["metrics"], started=started,
-                              earlier_seconds=attempts.earlier_seconds(), launch=spec["launch"])
+                              earlier_seconds=attempts.earlier_seconds(), launch=launched)
         attempts.end("done")
         self.hasher.learn(record)
         self._remove_work(stage)
@@ -404,21 +418,25 @@ class Round:
             if freed:
                 log.debug("round %d %s: removed its work folder (%.2f GB)", self.n, stage, freed / 1e9)
 
-    def _run_in_process(self, defn: StageDef, spec: dict, inputs, config) -> dict:
+    def _run_in_process(self, defn: StageDef, inputs, config) -> dict:
         """A stage that gets the reward or the annotator runs here, so objects passed from
-        Python work; it starts its own child processes for generation."""
-        from posttrain.rounds.worker import run_spec
+        Python work; it starts its own child processes for generation. It gets this round's
+        typed recipe and inputs as they are (the worker's spec is for another process)."""
+        from posttrain.rounds.worker import make_context
+        from posttrain.stage import module
 
-        objects = {}
+        ctx = make_context(defn, self.n, self.run_dir.resolve(), stage_dir(self.run_dir, self.n, defn.name).resolve(),
+                           self.recipe, inputs, self.stage_seed())
         if defn.uses_reward:
-            objects["reward"] = self.build_reward(inputs.reward_model)
+            ctx.reward = self.build_reward(inputs.reward_model)
         if defn.uses_annotator:
             from posttrain.annotate.base import load_annotator
 
-            objects["annotator"] = load_annotator(self.annotator_override if self.annotator_override is not None
-                                                  else config.annotator)
+            ctx.annotator = load_annotator(self.annotator_override if self.annotator_override is not None
+                                           else config.annotator)
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
         with progress.library_bars_off():
-            result = run_spec(spec, **objects)
+            result = module(defn.name).run(ctx)
         return {"outputs": result.outputs, "metrics": result.metrics}
 
     def launch_plan(self, defn: StageDef):
@@ -462,15 +480,16 @@ class Round:
 
     def run(self, evaluate: bool | None = None) -> dict[str, dict]:
         """Every registered stage the round's recipe enables, in order. `evaluate` overrides
-        whether `eval` runs (default: `eval.enabled`)."""
+        whether the evaluation (`StageDef.evaluation`: `eval`) runs (default: `eval.enabled`)."""
         if self.n > 1:  # what this round builds on is checked before any work
-            for stage in STEPS:
+            for stage in steps():
                 rec = read_record(self.run_dir, self.n - 1, stage)
                 if rec is not None and get_stage(stage).required:
                     self.check_outputs(rec)
-        for stage in STEPS:
-            enabled = get_stage(stage).enabled(self.recipe)
-            if stage == "eval" and evaluate is not None:
+        for stage in steps():
+            defn = get_stage(stage)
+            enabled = defn.enabled(self.recipe)
+            if defn.evaluation and evaluate is not None:
                 enabled = evaluate
             if enabled:
                 self.records[stage] = self.run_stage(stage)
@@ -574,7 +593,7 @@ def check_previous_round(run_dir: Path, n: int, loaded: LoadedRecipe | None = No
     if n == 1:
         return
     previous = loaded.for_round(n - 1) if loaded is not None else None
-    missing = [s for s in STEPS if get_stage(s).required and read_record(run_dir, n - 1, s) is None
+    missing = [s for s in steps() if get_stage(s).required and read_record(run_dir, n - 1, s) is None
                and (previous is None or get_stage(s).enabled(previous))]
     waiting = [s for s in missing if (stage_dir(run_dir, n - 1, s) / WAITING_FILE).is_file()]
     if waiting and waiting == missing:
@@ -678,14 +697,15 @@ def follow_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str 
     log.info("round %d: node %d of %d (%s): this node's ranks of each training stage; node 0 at %s runs the "
              "round", n, node, plan.nodes, plan.summary(), plan.master)
     begun = time.time()
-    wanted = [s for s in STEPS if get_stage(s).launcher and get_stage(s).enabled(current)
+    order = steps()
+    wanted = [s for s in order if get_stage(s).launcher and get_stage(s).enabled(current)
               and (stages is None or s in stages)]
-    previous = [] if n == 1 else [(n - 1, s) for s in STEPS if get_stage(s).required
+    previous = [] if n == 1 else [(n - 1, s) for s in order if get_stage(s).required
                                   and get_stage(s).enabled(loaded.for_round(n - 1))]
     for stage in wanted:
         # Started only once node 0 has recorded everything before it (the previous round too),
         # so a spec left by a killed attempt is used only when node 0 is about to rewrite it.
-        before = [(n, s) for s in STEPS[:STEPS.index(stage)] if get_stage(s).enabled(current)] + previous
+        before = [(n, s) for s in order[:order.index(stage)] if get_stage(s).enabled(current)] + previous
         out_dir = stage_dir(run_dir, n, stage)
         spec_path = out_dir / ".spec.json"
         launched = waiting = False
@@ -735,9 +755,9 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
     rerun too (without it they would refuse, as under a changed recipe).
     """
     redo = (redo,) if isinstance(redo, str) else tuple(redo)
-    unknown = sorted(set(redo) - set(STEPS))
+    unknown = sorted(set(redo) - set(steps()))
     if unknown:
-        raise RoundError(f"--redo {', '.join(unknown)}: not a stage (stages: {', '.join(STEPS)})")
+        raise RoundError(f"--redo {', '.join(unknown)}: not a stage (stages: {', '.join(steps())})")
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe)
     run_dir = Path(run_dir)
     check_round_numbers([n], loaded)
@@ -802,7 +822,7 @@ def run_rounds(rounds: list[int], recipe, run_dir, **kwargs) -> dict[int, dict[s
 
 
 def round_finished(run_dir: Path, n: int) -> bool:
-    return read_record(run_dir, n, "average") is not None
+    return read_record(run_dir, n, round_model_stage().name) is not None
 
 
 def list_rounds(run_dir: Path) -> list[int]:

@@ -23,21 +23,21 @@ from posttrain.launch import check_world_size
 from posttrain.rounds.nodes import check_shared_run_folder
 
 
-def build_context(spec: dict):
-    from posttrain.recipe import Recipe
-    from posttrain.stage import StageContext, get
+def make_context(defn, n: int, run_dir: Path, out_dir: Path, recipe, inputs, seed: int):
+    """The context a stage runs with: its typed config section and inputs, and the recipe's
+    settings every stage reads. The orchestrator builds it directly for a stage in its own
+    process; a worker builds it from its spec (`build_context`)."""
+    from posttrain.stage import StageContext
 
-    recipe = Recipe.model_validate(spec["recipe"])
-    defn = get(spec["stage"])
     return StageContext(
-        stage=spec["stage"],
-        round=spec["round"],
-        run_dir=Path(spec["run_dir"]),
-        out_dir=Path(spec["out_dir"]),
+        stage=defn.name,
+        round=n,
+        run_dir=run_dir,
+        out_dir=out_dir,
         config=defn.config_of(recipe),
-        inputs=defn.inputs(**spec["inputs"]),
+        inputs=inputs,
         recipe=recipe,
-        seed=spec["seed"],
+        seed=seed,
         trust_remote_code=recipe.models.trust_remote_code,
         formatting_tokens=recipe.chat.formatting_tokens,
         report_to=list(recipe.run.report_to) or "none",
@@ -45,10 +45,18 @@ def build_context(spec: dict):
     )
 
 
-def run_spec(spec: dict, reward=None, annotator=None):
+def build_context(spec: dict):
+    """The context from a worker's spec (JSON written by the orchestrator)."""
+    from posttrain.recipe import Recipe
+    from posttrain.stage import get
+
+    defn = get(spec["stage"])
+    return make_context(defn, spec["round"], Path(spec["run_dir"]), Path(spec["out_dir"]),
+                        Recipe.model_validate(spec["recipe"]), defn.inputs(**spec["inputs"]), spec["seed"])
+
+
+def run_spec(spec: dict):
     ctx = build_context(spec)
-    ctx.reward = reward
-    ctx.annotator = annotator
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     from posttrain.stage import module
 

@@ -58,12 +58,14 @@ from posttrain.data import STRENGTHS
 from posttrain.schema import BatchSize, Count, StrictModel, Tokens
 from posttrain.stage import (
     WAITING_FILE,
+    DataRow,
+    Metrics,
     RoundError,
     StageContext,
     StageDef,
     StageResult,
     StageWaiting,
-    metric,
+    fmt,
     path_field,
 )
 
@@ -376,10 +378,14 @@ def ranking_accuracy(chosen: list[float | None], rejected: list[float | None],
                             if any(t == s for *_, t in scored)}}
 
 
-def next_batch_accuracy(record: dict | None) -> float | None:
-    """From an annotate record: the round's RM's accuracy on the batch labelled on its own
-    models (`rm_accuracy`, which it never trained on); None when not measured."""
-    value = (((record or {}).get("metrics") or {}).get("rm_accuracy") or {}).get("accuracy")
+def next_batch_accuracy(record) -> float | None:
+    """From an annotate record (a `records.Record`, or its JSON): the round's RM's accuracy on
+    the batch labelled on its own models (`rm_accuracy`, which it never trained on); None when
+    not measured."""
+    if record is None:
+        return None
+    m = AnnotateMetrics.read(record.get("metrics") if isinstance(record, dict) else record.metrics)
+    value = m.rm_accuracy.accuracy if m.rm_accuracy is not None else None
     return value if isinstance(value, float) else None
 
 
@@ -525,7 +531,7 @@ def annotated_batches(rnd) -> list[tuple[int, str]]:
                 raise WaitingForLabels(m, files.read_json(waiting))
             raise RoundError(f"round {rnd.n} needs the preference batch that round {m}'s annotate step labels, "
                              f"but that step has not finished (run round {m} again)")
-        if rec["metrics"].get("labelled", 0) > 0:
+        if (AnnotateMetrics.read(rec.metrics).labelled or 0) > 0:
             out.append((m + 1, rnd.output("annotate", "preferences", m)))
     return out
 
@@ -534,11 +540,37 @@ def enabled(recipe) -> bool:
     return recipe.annotate is not None and recipe.annotate.enabled
 
 
-def _headline(m: dict) -> list[tuple[str, Any]]:
+@dataclass(kw_only=True)
+class RMAccuracy(Metrics):
+    """This round's RM on the batch it never trained on (`reward_model_accuracy`)."""
+
+    accuracy: float | None = None
+
+
+@dataclass(kw_only=True)
+class AnnotateMetrics(Metrics):
+    labelled: int | None
+    abstained: int | None
+    edited: int | None
+    rm_accuracy: RMAccuracy | None
+    """None unless `annotate.rm_accuracy`."""
+    requests: int | None = None
+    skipped: dict[str, int] | None = None
+    """Pairs not asked about, by reason, with `pool` (prompts there) and `drawn` (pairs drawn)."""
+    contaminated: dict[str, int] | None = None
+
+
+def _headline(m: AnnotateMetrics) -> list[tuple[str, Any]]:
     # pairs labelled (a judgement), abstained (skipped), and edited
     # and how often this round's RM, which never saw the batch, ranks its pairs as they did
-    return [("labelled", m.get("labelled")), ("abstained", m.get("abstained")), ("edited", m.get("edited")),
-            ("rm_acc", metric(m, "rm_accuracy", "accuracy"))]
+    return [("labelled", m.labelled), ("abstained", m.abstained), ("edited", m.edited),
+            ("rm_acc", m.rm_accuracy.accuracy if m.rm_accuracy is not None else None)]
+
+
+def _data_row(m: AnnotateMetrics) -> DataRow:
+    skipped = {k: v for k, v in (m.skipped or {}).items() if k not in ("pool", "drawn")}
+    return DataRow("pairs", (m.skipped or {}).get("drawn"), f"{fmt(m.labelled)} labelled ({fmt(m.edited)} edited)",
+                   {"abstained": m.abstained, **skipped}, None, m.contaminated)
 
 
 def _settings(recipe) -> dict:
@@ -547,7 +579,10 @@ def _settings(recipe) -> dict:
 
 
 STAGE = StageDef(name="annotate", inputs=AnnotateInputs, resolve=_resolve, headline=_headline, settings=_settings,
-                 uses_annotator=True, enabled=enabled, preference_batches=annotated_batches)
+                 uses_annotator=True, enabled=enabled, preference_batches=annotated_batches, metrics=AnnotateMetrics,
+                 data_row=_data_row, status_column="when_run",
+                 legend="pairs labelled, abstained (skipped), edited; waiting: labels still missing (run again "
+                        "once they are in)")
 
 
 # ----------------------------------------------------------------------------- export / import (posttrain annotate)

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from posttrain.averaging import AverageError, average_checkpoints, is_lora, normalise_weights, read_checkpoint
 from posttrain.schema import StrictModel
-from posttrain.stage import StageContext, StageDef, StageResult, path_field
+from posttrain.stage import Metrics, StageContext, StageDef, StageResult, path_field
 
 
 class AverageConfig(StrictModel):
@@ -96,9 +96,14 @@ def _resolve(rnd) -> AverageInputs:
     return AverageInputs(models=rnd.output("dpo", "variants"), weights=[v.weight for v in rnd.recipe.dpo.variants])
 
 
-def _headline(m: dict) -> list[tuple[str, Any]]:
-    return [("models", m.get("n_inputs"))]
+@dataclass(kw_only=True)
+class AverageMetrics(Metrics):
+    n_inputs: int | None
+
+
+def _headline(m: AverageMetrics) -> list[tuple[str, Any]]:
+    return [("models", m.n_inputs)]
 
 
 STAGE = StageDef(name="average", inputs=AverageInputs, resolve=_resolve, headline=_headline,
-                 model_outputs=("model",))
+                 model_outputs=("model",), metrics=AverageMetrics, round_model="model")

@@ -49,7 +49,7 @@ from posttrain.curate.filters import (
     rule_violations,
 )
 from posttrain.curate.models import embed_dialogs, judge_prompt_ids
-from posttrain.stage import StageDef, path_field
+from posttrain.stage import DataRow, Metrics, StageDef, fmt, path_field
 
 log = logging.getLogger("posttrain")
 
@@ -362,20 +362,37 @@ def _resolve(rnd) -> CurateInputs:
         preference_files=rnd.preference_files(only_latest=rnd.recipe.dpo.latest_batch_only) if c.preferences else [])
 
 
-def _headline(m: dict) -> list[tuple[str, Any]]:
+@dataclass(kw_only=True)
+class CurateMetrics(Metrics):
+    kept: int | None
+    dropped: int | None
+    dropped_by_reason: dict[str, int] | None
+    """Rows dropped, by their first reason (rule:<name>, quality, duplicate)."""
+    dry_run: bool | None
+    rows: int | None = None
+    contaminated: dict[str, int] | None = None
+
+
+def _headline(m: CurateMetrics) -> list[tuple[str, Any]]:
     # rows kept and dropped, then the drops by their first reason (rule:<name>, quality, duplicate)
-    pairs = [("kept", m.get("kept")), ("dropped", m.get("dropped"))]
-    pairs += list((m.get("dropped_by_reason") or {}).items())
-    if m.get("dry_run"):
+    pairs = [("kept", m.kept), ("dropped", m.dropped)]
+    pairs += list((m.dropped_by_reason or {}).items())
+    if m.dry_run:
         pairs.append(("dry_run", "yes"))
     return pairs
+
+
+def _data_row(m: CurateMetrics) -> DataRow:
+    # kept rows go on to sft ("trained" here: handed on)
+    return DataRow("rows (dry run: none removed)" if m.dry_run else "rows", m.rows, f"{fmt(m.kept)} kept",
+                   m.dropped_by_reason or {}, None, m.contaminated)
 
 
 def curated(rnd, name: str, n: int | None = None) -> str | None:
     """The curate stage's output `name` in round `n` when that round curated (and not as a dry
     run), else None: sft and dpo then read the uncurated rows."""
     rec = rnd.record("curate", n)
-    if rec is None or name not in rec.get("outputs", {}):
+    if rec is None or name not in rec.outputs:
         return None
     return rnd.output("curate", name, n)
 
@@ -386,4 +403,6 @@ def _settings(recipe) -> dict:
 
 
 STAGE = StageDef(name="curate", inputs=CurateInputs, resolve=_resolve, headline=_headline, required=False,
-                 settings=_settings, enabled=lambda recipe: recipe.curate.enabled)
+                 settings=_settings, enabled=lambda recipe: recipe.curate.enabled, metrics=CurateMetrics,
+                 data_row=_data_row, status_column="when_run",
+                 legend="rows kept, dropped, and dropped by first reason (a column only in runs that curate)")

@@ -53,6 +53,7 @@ from posttrain.schema import BatchSize, Tokens
 from posttrain.stage import StageContext, StageDef, StageResult, path_field, variant_mean
 from posttrain.training import (
     WORK,
+    TrainingMetrics,
     TrainingSettings,
     VariantRun,
     data_counts,
@@ -61,6 +62,7 @@ from posttrain.training import (
     stage_callbacks,
     train_variants,
     trainer_common_args,
+    training_data_row,
 )
 
 
@@ -663,7 +665,7 @@ def use_packed_rows(cfg: DPOStageConfig, model) -> bool:
 
 def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, tokenizer, rows: list[dict],
                   work_dir: Path, ref_cache: RefLogpCache | None, trust_remote_code: bool = False,
-                  report_to="none", callbacks=(), max_steps: int | None = None):
+                  report_to="none", callbacks=()):
     """Train one DPO variant; resumes from the last complete checkpoint in `work_dir`.
 
     Returns (trainer, metrics). The trained model is `trainer.model` (LoRA not yet merged).
@@ -678,8 +680,6 @@ def train_variant(*, cfg: DPOStageConfig, variant, seed: int, sft_model: Path, t
         rows = random.Random(seed).sample(rows, n)
     dataset = Dataset.from_list([{k: v for k, v in r.items() if k != "source"} for r in rows])
     common = trainer_common_args(cfg, variant, output_dir=work_dir, seed=seed, report_to=report_to)
-    if max_steps is not None:
-        common["max_steps"] = max_steps
     args = DPOConfig(
         **common,
         beta=cfg.beta,
@@ -814,11 +814,18 @@ def _resolve(rnd) -> DPOInputs:
                      samples=rnd.output("sample", "samples"), **decontam.resolve_inputs(rnd))
 
 
-def _headline(m: dict) -> list[tuple[str, Any]]:
+@dataclass(kw_only=True)
+class DPOMetrics(TrainingMetrics):
+    pairs: int | None
+    variants: dict[str, dict] | None
+
+
+def _headline(m: DPOMetrics) -> list[tuple[str, Any]]:
     # the last logged reward accuracy (the share of pairs whose implicit reward ranks chosen
     # first, mean over variants); pairs trained on
-    return [("acc", variant_mean(m, "rewards/accuracies", "last")), ("pairs", m.get("pairs")), *throughput.headline(m)]
+    return [("acc", variant_mean(m, "rewards/accuracies", "last")), ("pairs", m.pairs), *throughput.headline(m.raw)]
 
 
 STAGE = StageDef(name="dpo", inputs=DPOInputs, resolve=_resolve, headline=_headline, model_outputs=("variants",),
-                 launcher=True)
+                 launcher=True, metrics=DPOMetrics, data_row=training_data_row,
+                 legend="acc: share of pairs whose implicit reward ranks chosen first")

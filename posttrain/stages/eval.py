@@ -29,7 +29,7 @@ from typing import Any
 
 from posttrain.benchmarks import data_file, main_metric, user_turn
 from posttrain.files import atomic_write_json, hash_json, hash_path, iter_jsonl, read_json, write_jsonl
-from posttrain.stage import StageContext, StageDef, StageResult, path_field
+from posttrain.stage import Metrics, StageContext, StageDef, StageResult, path_field
 from posttrain.stats import mean
 
 log = logging.getLogger("posttrain")
@@ -339,9 +339,16 @@ def _resolve(rnd) -> EvalInputs:
         previous_responses=_output_or_none(rnd, previous, "responses"),
         capabilities={name: c.model_dump() for name, c in r.capabilities.items()},
         prompt_capabilities={rnd.path(p.path): p.capability for p in r.data.eval_prompts if p.capability},
-        rm_heldout_accuracy=((rnd.record("rm") or {}).get("metrics", {}).get("heldout") or {}).get("accuracy"),
+        rm_heldout_accuracy=_rm_heldout_accuracy(rnd),
         variant_models=_variant_models(rnd),
         benchmark_files=[data_file(b, rnd.path) for b in r.eval.benchmarks])
+
+
+def _rm_heldout_accuracy(rnd) -> float | None:
+    from posttrain.stage import typed_metrics
+
+    rec = rnd.record("rm")
+    return typed_metrics("rm", rec.metrics).heldout.accuracy if rec is not None else None
 
 
 def _variant_models(rnd) -> list[str]:
@@ -350,18 +357,40 @@ def _variant_models(rnd) -> list[str]:
     return rnd.output("dpo", "variants")
 
 
-def _output_or_none(rnd, record: dict | None, name: str) -> str | None:
-    if record is None or name not in record.get("outputs", {}):
+def _output_or_none(rnd, record, name: str) -> str | None:
+    if record is None or name not in record.outputs:
         return None
-    return rnd.output(record["stage"], name, record["round"])
+    return rnd.output(record.stage, name, record.round)
 
 
-def _headline(m: dict) -> list[tuple[str, Any]]:
+@dataclass(kw_only=True)
+class EvalMetrics(Metrics):
+    """Eval's numbers on the held-out prompts (see the module docstring); `initial_*` are the
+    initial policy's."""
+
+    task_score: float | None
+    mean_reward: float | None
+    win_rate_vs_previous: float | None
+    mean_length: float | None = None
+    eot_rate: float | None = None
+    win_rate_vs_initial: float | None = None
+    rm_heldout_accuracy: float | None = None
+    initial_task_score: float | None = None
+    initial_mean_reward: float | None = None
+    initial_eot_rate: float | None = None
+    variants: dict[str, dict] | None = None
+    """Per DPO variant (`eval.variants`): its task_score and mean_reward."""
+    average_minus_best_variant: float | None = None
+    benchmarks: dict[str, dict] | None = None
+    """Per benchmark label: numbers, initial, problems, settings (`run_benchmarks`)."""
+
+
+def _headline(m: EvalMetrics) -> list[tuple[str, Any]]:
     # the held-out task score (the checker) or else the mean reward; win rate vs the
     # previous round's model
-    first = ("task", m.get("task_score")) if m.get("task_score") is not None else ("reward", m.get("mean_reward"))
-    shown = [first, ("win_vs_prev", m.get("win_rate_vs_previous"))]
-    for label, b in list((m.get("benchmarks") or {}).items())[:1]:  # the first benchmark's main number
+    first = ("task", m.task_score) if m.task_score is not None else ("reward", m.mean_reward)
+    shown = [first, ("win_vs_prev", m.win_rate_vs_previous)]
+    for label, b in list((m.benchmarks or {}).items())[:1]:  # the first benchmark's main number
         key = main_metric(label.split(":")[0], b["numbers"])
         shown.append((f"{label.split(':')[0]}:{key}", b["numbers"][key]))
     return shown
@@ -378,4 +407,5 @@ def _settings(recipe) -> dict:
 
 
 STAGE = StageDef(name="eval", inputs=EvalInputs, resolve=_resolve, headline=_headline, settings=_settings,
-                 uses_reward=True, required=False, enabled=lambda recipe: recipe.eval.enabled)
+                 uses_reward=True, required=False, enabled=lambda recipe: recipe.eval.enabled, metrics=EvalMetrics,
+                 evaluation=True, legend="task: held-out task score (checker), else reward")

@@ -36,10 +36,10 @@ from pydantic import Field, field_validator, model_validator
 
 from posttrain import decontam, distributed, gather, throughput, training
 from posttrain.data import STRENGTHS
-from posttrain.packing import block_attention_mask, model_attention_mask  # noqa: F401 (rm.block_attention_mask is used by tests)
+from posttrain.packing import block_attention_mask, model_attention_mask
 from posttrain.preferences import PreferenceFilter, Ranking, keep_paired, rank
 from posttrain.schema import BatchSize, Tokens
-from posttrain.stage import StageContext, StageDef, StageResult, metric, path_field
+from posttrain.stage import Metrics, StageContext, StageDef, StageResult, path_field
 from posttrain.stats import mean, pearson
 
 
@@ -714,12 +714,32 @@ def _resolve(rnd) -> RMInputs:
                     **decontam.resolve_inputs(rnd))
 
 
-def _headline(m: dict) -> list[tuple[str, Any]]:
+@dataclass(kw_only=True)
+class RMHeldout(Metrics):
+    """The reward model on held-out rankings (`rm_health`, `evaluate_rankings`); absent without any."""
+
+    accuracy: float | None = None
+    pairs: int | None = None
+    accuracy_chosen_shorter: float | None = None
+    pairs_chosen_shorter: int | None = None
+    prefers_longer: float | None = None
+    score_length_correlation: float | None = None
+    min_accuracy: float | None = None
+
+
+@dataclass(kw_only=True)
+class RMMetrics(training.TrainingMetrics):
+    rankings: int | None
+    heldout: RMHeldout
+
+
+def _headline(m: RMMetrics) -> list[tuple[str, Any]]:
     # held-out ranking accuracy; rankings trained on; share of held-out pairs where the RM
     # prefers the longer response (0.5: no length bias)
-    return [("acc", metric(m, "heldout", "accuracy")), ("rankings", m.get("rankings")),
-            ("longer", metric(m, "heldout", "prefers_longer")), *throughput.headline(m)]
+    return [("acc", m.heldout.accuracy), ("rankings", m.rankings), ("longer", m.heldout.prefers_longer),
+            *throughput.headline(m.raw)]
 
 
 STAGE = StageDef(name="rm", inputs=RMInputs, resolve=_resolve, headline=_headline, model_outputs=("model",),
-                 launcher=True)
+                 launcher=True, metrics=RMMetrics, data_row=training.training_data_row,
+                 legend="acc: held-out ranking accuracy")

@@ -41,7 +41,7 @@ from posttrain.jobs import Job, SamplingSettings, read_job_result
 from posttrain.samples import SampleRow, read_shard, shard_path, write_shard
 from posttrain.stats import mean, pearson
 from posttrain.schema import BatchSize, Count, Samples, StrictModel, Tokens
-from posttrain.stage import StageContext, StageDef, StageResult, path_field
+from posttrain.stage import DataRow, Metrics, StageContext, StageDef, StageResult, fmt, path_field
 
 log = logging.getLogger(__name__)
 
@@ -515,12 +515,36 @@ def _resolve(rnd) -> SampleInputs:
         **decontam.resolve_inputs(rnd))
 
 
-def _headline(m: dict) -> list[tuple[str, Any]]:
+@dataclass(kw_only=True)
+class SampleMetrics(Metrics):
+    top1: int | None
+    prompts_without_top1: int | list | None
+    """A count (a list of ids in older records; the ids are in `prompts_without_top1_ids`)."""
+    score_best_mean: float | None
+    prompts_read: int | None = None
+    score_length_correlation: float | None = None
+    too_long: dict | None = None
+    skipped_by_capability: int | None = None
+    reasons: dict[str, int] | None = None
+    """Sampled responses per scoring reason (`Scored.reason`)."""
+    contaminated: dict[str, int] | None = None
+
+    @property
+    def without_top1(self) -> int | None:
+        p = self.prompts_without_top1
+        return len(p) if isinstance(p, list) else p
+
+
+def _headline(m: SampleMetrics) -> list[tuple[str, Any]]:
     # the mean reward of the kept top-1 (on the recipe's reward's own scale, so a checker plus
     # a reward-model tie-break can exceed 1); prompts with a top-1; prompts without one
-    no_top1 = m.get("prompts_without_top1")  # a list of ids in older records
-    return [("top1", m.get("score_best_mean")), ("prompts", m.get("top1")),
-            ("no_top1", len(no_top1) if isinstance(no_top1, list) else no_top1)]
+    return [("top1", m.score_best_mean), ("prompts", m.top1), ("no_top1", m.without_top1)]
+
+
+def _data_row(m: SampleMetrics) -> DataRow:
+    return DataRow("prompts", m.prompts_read, f"{fmt(m.top1)} top-1",
+                   {"no_top1": m.without_top1, "prompt_too_long": (m.too_long or {}).get("count"),
+                    "skipped_by_capability": m.skipped_by_capability}, None, m.contaminated)
 
 
 def _settings(recipe) -> dict:
@@ -529,4 +553,6 @@ def _settings(recipe) -> dict:
 
 
 STAGE = StageDef(name="sample", inputs=SampleInputs, resolve=_resolve, headline=_headline, settings=_settings,
-                 uses_reward=True)
+                 uses_reward=True, metrics=SampleMetrics, data_row=_data_row,
+                 legend="top1: mean reward of the kept top-1 samples, on the recipe's reward's scale (a checker "
+                        "plus a small RM tie-break can exceed 1)")

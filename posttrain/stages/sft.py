@@ -35,6 +35,7 @@ from posttrain import decontam, throughput
 from posttrain.stage import StageContext, StageDef, StageResult, path_field, variant_mean
 from posttrain.training import (
     LongContextMix,
+    TrainingMetrics,
     TrainingSettings,
     VariantRun,
     average_variants,
@@ -44,6 +45,7 @@ from posttrain.training import (
     stage_callbacks,
     train_variants,
     trainer_common_args,
+    training_data_row,
 )
 
 
@@ -298,10 +300,16 @@ def _resolve(rnd) -> SFTInputs:
                      **decontam.resolve_inputs(rnd))
 
 
-def _headline(m: dict) -> list[tuple[str, Any]]:
+@dataclass(kw_only=True)
+class SFTMetrics(TrainingMetrics):
+    rows_trained: int | None
+    variants: dict[str, dict] | None
+
+
+def _headline(m: SFTMetrics) -> list[tuple[str, Any]]:
     # the last logged training loss (mean over variants); examples trained on
-    return [("loss", variant_mean(m, "loss", "last")), ("examples", m.get("rows_trained")), *throughput.headline(m)]
+    return [("loss", variant_mean(m, "loss", "last")), ("examples", m.rows_trained), *throughput.headline(m.raw)]
 
 
 STAGE = StageDef(name="sft", inputs=SFTInputs, resolve=_resolve, headline=_headline, model_outputs=("model",),
-                 launcher=True)
+                 launcher=True, metrics=SFTMetrics, data_row=training_data_row, legend="loss: last training loss")
