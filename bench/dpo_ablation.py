@@ -59,12 +59,12 @@ def chosen_logps(model_dir: Path, rows: list[dict]) -> tuple[float, float]:
 
 def evaluate(model_dir: Path, prompts, *, n: int, max_new_tokens: int, seed: int) -> dict:
     from posttrain.modeling import load_causal_lm, load_tokenizer
+    from posttrain.engines import generate_messages
     from posttrain.world import build
 
     model = load_causal_lm(model_dir, dtype="float32", device="cpu")
     tok = load_tokenizer(model_dir)
-    gens = build.generate_messages(model, tok, prompts, n=n, temperature=1.0, max_new_tokens=max_new_tokens,
-                                    seed=seed)
+    gens = generate_messages(model, tok, prompts, n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
     res = build.summarize_scores(prompts, gens)
     flat = [g for gs in gens for g in gs]
     res["never_stop"] = sum(not g["finished"] for g in flat) / len(flat)

@@ -50,7 +50,8 @@ def main() -> None:
 
     from posttrain.modeling import load_causal_lm, load_tokenizer
     from posttrain.world import task
-    from posttrain.world.build import ensure_world, evaluate_model, generate_messages, read_prompts
+    from posttrain.engines import generate_messages
+    from posttrain.world.build import ensure_world, evaluate_model, read_prompts
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="seconds (what CI runs): 1 round, 16 prompts, K=4")
