@@ -99,6 +99,19 @@ class PaddingCount:
         return batch
 
 
+def no_checkpoints():
+    """A TrainerCallback that cancels every checkpoint save (the stage's trainer saves at its
+    last step, which would put seconds of writing inside the timed loop)."""
+    from transformers import TrainerCallback
+
+    class NoSave(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_save = False
+            return control
+
+    return NoSave()
+
+
 def train_one(path: str, *, model_dir: Path, tok, rows: list[dict], a, seed: int, work: Path) -> dict:
     import torch
     from datasets import Dataset
@@ -122,10 +135,11 @@ def train_one(path: str, *, model_dir: Path, tok, rows: list[dict], a, seed: int
             args = SFTConfig(**common, max_length=None, padding_free=True, packing=False,
                              completion_only_loss=False, assistant_only_loss=False)
             trainer = SFTTrainer(model=load_causal_lm_for_training(model_dir), args=args,
-                                 train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[clock])
+                                 train_dataset=Dataset.from_list(rows), processing_class=tok,
+                                 callbacks=[clock, no_checkpoints()])
         else:
             trainer = sft.build_trainer(cfg=cfg, variant=Variant(), seed=seed, init_model=model_dir, tokenizer=tok,
-                                        rows=rows, work_dir=work, callbacks=[clock])
+                                        rows=rows, work_dir=work, callbacks=[clock, no_checkpoints()])
         if path == "padded":
             trainer.data_collator = PaddingCount(trainer.data_collator)
         trainer.train()
@@ -240,9 +254,11 @@ def main(argv=None) -> int:
                          unit, "plain TRL padding_free vs padded",
                          wall=([r["per_s"] for r in res["trl-padding-free"]], [r["per_s"] for r in res["padded"]])))
         print(ratio_line("packed vs trl-padding-free", [r[k] for r in res["packed"]],
-                         [r[k] for r in res["trl-padding-free"]], unit, "the stage's packing vs plain TRL padding_free"))
+                         [r[k] for r in res["trl-padding-free"]], unit,
+                         "the stage's packing vs plain TRL padding_free"))
+    wall = ([r["per_s"] for r in res["packed"]], [r["per_s"] for r in res["padded"]])
     print(ratio_line("sft_packing", [r[k] for r in res["packed"]], [r[k] for r in res["padded"]], unit,
-                     "packed vs padded", wall=([r["per_s"] for r in res["packed"]], [r["per_s"] for r in res["padded"]])))
+                     "packed vs padded", wall=wall))
     return 0
 
 

@@ -63,7 +63,7 @@ PRIVATE_SOURCE: dict[str, tuple[str, ...]] = {
     "trl:DPOTrainer.__init__": ("hash_module(", "self._precompute_ref_logps(", "self.precompute_ref_logps =",
                                 "self._metrics =", "self._precompute_engine = None", "add_fused_lm_head("),
     # SFTTrainer counts a batch's tokens as its attention mask's sum (packed_sft_token_count)
-    "trl:SFTTrainer.compute_loss": ('num_tokens_in_batch = self.accelerator.gather_for_metrics(inputs["attention_mask"]',
+    "trl:SFTTrainer.compute_loss": ('self.accelerator.gather_for_metrics(inputs["attention_mask"].sum())',
                                     "self._total_train_tokens += num_tokens_in_batch",
                                     'self._metrics[mode]["num_tokens"] = [self._total_train_tokens]'),
     # the fused forward scores pre-shifted labels when given them
