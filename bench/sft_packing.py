@@ -142,11 +142,15 @@ def train_one(path: str, *, model_dir: Path, tok, rows: list[dict], a, seed: int
                                         rows=rows, work_dir=work, callbacks=[clock, no_checkpoints()])
         if path == "padded":
             trainer.data_collator = PaddingCount(trainer.data_collator)
+        before = os.times()
         trainer.train()
+        after = os.times()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     tokens = sum(len(r["input_ids"]) for r in rows)
+    # the kernel's share of the CPU time (page faults of fresh activation memory show up there)
+    sys_share = (after.system - before.system) / max(1e-9, (after.user + after.system) - (before.user + before.system))
     out = {"per_s": tokens / clock.wall, "per_cpu_s": tokens / clock.cpu, "losses": losses,
-           "steps": trainer.state.global_step}
+           "steps": trainer.state.global_step, "sys_share": sys_share}
     collator = trainer.data_collator
     if isinstance(collator, sft.PackedCollator):
         s = collator.summary()
@@ -238,6 +242,7 @@ def main(argv=None) -> int:
                 diff = max(abs(x - y) for x, y in zip(r["losses"], padded_losses, strict=True))
                 extra = (f", {r['examples_per_row']:.2f} rows per sequence, {100 * r['padding_share']:.0f}% padding"
                          if "examples_per_row" in r else "")
+                extra += f", {100 * r['sys_share']:.0f}% of CPU in the kernel"
                 parts.append(f"{p} {r['per_cpu_s']:.1f} tok/CPU-s ({r['per_s']:.1f} tok/s wall{extra}"
                              + ("" if p == "padded" else f", step losses within {diff:.1e} of padded") + ")")
             print(f"  run {rep} ({sum(len(r['input_ids']) for r in draw)} tokens, {res['padded'][-1]['steps']} "
