@@ -1,10 +1,11 @@
-"""Several sequences that share a prompt in one row, under a block attention mask.
+"""Several sequences in one row, under a block attention mask.
 
-Used by the reward model (`rm`: a ranking's responses after one prompt) and by `dpo` (chosen and
-rejected after one prompt). A row holds segments: 0 = the shared prefix, k >= 1 = the k-th
-branch, -1 = padding. Each branch attends to the prefix and to itself (causally), never to another
-branch, and its position ids continue from the prefix's, so every branch is computed exactly as
-in a row of its own while the prefix is computed once.
+Used by the reward model (`rm`: a ranking's responses after one prompt), by `dpo` (chosen and
+rejected after one prompt) and by `sft` (whole examples side by side, `pack_examples`). A row holds
+segments: 0 = a shared prefix, k >= 1 = the k-th branch, -1 = padding. Each branch attends to the
+prefix and to itself (causally), never to another branch, and its position ids continue from the
+prefix's, so every branch is computed exactly as in a row of its own while the prefix is computed
+once. Rows without a prefix (sft) are independent sequences whose positions restart at 0.
 
 The mask is a custom 4D mask, which only the 'sdpa' and 'eager' attention implementations take;
 `supports_block_mask` says whether a model can be fed packed rows.
@@ -56,3 +57,67 @@ def model_attention_mask(visible: torch.Tensor, model, dtype: torch.dtype) -> to
     raise ValueError(f"packed rows need attn_implementation 'sdpa' or 'eager' (a custom 4D mask); the model uses "
                      f"{impl!r}. Load it with attn_implementation='sdpa', or turn packing off "
                      "(rm.packing: false, dpo.packed: false)")
+
+
+def first_fit_bins(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins whose lengths sum to at most `budget`.
+
+    First-fit decreasing: the longest first, each into the first open bin with room (ties by
+    index, so the grouping is a function of the lengths alone); a length over the budget gets a
+    bin of its own. Each bin lists its indices in their original order.
+    """
+    if budget < 1:
+        raise ValueError(f"budget must be at least 1 token, got {budget}")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(budget - n)
+    return [sorted(b) for b in bins]
+
+
+def pack_examples(examples: list[dict], pad_token_id: int, budget: int | None = None) -> dict[str, torch.Tensor]:
+    """B tokenized examples {input_ids, labels} as R <= B packed rows, right-padded.
+
+    The examples go into rows of at most `budget` tokens (`first_fit_bins`; None: the longest
+    example, so no packed row is longer than the padded batch's rows). In a row, example k is
+    segment k + 1 with position ids 0 .. n_k - 1, as in a row of its own, and attends only to
+    itself (`block_attention_mask`). Its first label becomes -100: in a row of its own nothing
+    predicts that token, and here the previous example's last token would. So every example's
+    logits and loss terms equal its own row's, and the batch has the same target tokens (the
+    Trainer counts `labels[..., 1:]`, which skips exactly those first labels unpacked).
+
+    Returns input_ids, labels, position_ids, segment_ids [R, L] (segment -1 = padding, label
+    -100 there; a row holds `segment_ids[r].max()` examples).
+    """
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    if not lengths or min(lengths) == 0:
+        raise ValueError("pack_examples needs at least one example and no empty one")
+    for ex, n in zip(examples, lengths):
+        if len(ex["labels"]) != n:
+            raise ValueError(f"an example has {n} input_ids but {len(ex['labels'])} labels")
+    bins = first_fit_bins(lengths, budget or max(lengths))
+    R, L = len(bins), max(sum(lengths[i] for i in b) for b in bins)
+    input_ids = torch.full((R, L), pad_token_id, dtype=torch.long)
+    labels = torch.full((R, L), -100, dtype=torch.long)
+    position_ids = torch.zeros((R, L), dtype=torch.long)
+    segment_ids = torch.full((R, L), -1, dtype=torch.long)
+    for r, members in enumerate(bins):
+        start = 0
+        for k, i in enumerate(members):
+            n = lengths[i]
+            seg = slice(start, start + n)
+            input_ids[r, seg] = torch.tensor(examples[i]["input_ids"], dtype=torch.long)
+            labels[r, seg] = torch.tensor(examples[i]["labels"], dtype=torch.long)
+            labels[r, start] = -100
+            position_ids[r, seg] = torch.arange(n)
+            segment_ids[r, seg] = k + 1
+            start += n
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segment_ids": segment_ids}

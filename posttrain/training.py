@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Mapping, TypedDict
+from typing import ClassVar, Literal, Mapping, TypedDict
 
 from pydantic import Field, field_validator, model_serializer
 
@@ -118,13 +118,19 @@ class TrainingSettings(StrictModel):
     are averaged (each variant's `weight`) into the stage's model: by the stage itself for rm
     and sft, by the `average` stage for dpo (the round's model)."""
 
+    UNDUMPED_DEFAULTS: ClassVar[dict] = {"precision": "auto"}
+    """Settings left out of the dump (and so of stage hashes) while at these values: added after
+    runs were recorded, at defaults that compute what those runs computed (to float rounding)."""
+
     @model_serializer(mode="wrap")
-    def _no_precision_key_when_auto(self, handler):
-        # The default dumps (and hashes, in stage records) as before the setting existed, so runs
+    def _no_key_of_a_later_setting_at_its_default(self, handler):
+        # These defaults dump (and hash, in stage records) as before the settings existed, so runs
         # recorded earlier are not seen as having other inputs.
         out = handler(self)
-        if isinstance(out, dict) and out.get("precision") == "auto":
-            out.pop("precision")
+        if isinstance(out, dict):
+            for key, default in self.UNDUMPED_DEFAULTS.items():
+                if key in out and out[key] == default:
+                    out.pop(key)
         return out
 
     @field_validator("variants")

@@ -17,6 +17,8 @@ What lives here:
   posttrain.stages.dpo implements (pre-tokenized rows, the collator's columns, our reference pass and
   our loss), plus helpers over TRL's private state (metrics, the DeepSpeed reference engine, the
   LoRA reference context).
+- `packed_sft_token_count(trainer, tokens)`: TRL's SFTTrainer token count kept true for a packed
+  batch (posttrain.stages.sft), whose attention mask is 4D.
 - `preallocated_cache(model, extra)`: a transformers KV cache whose layers (a subclass of the
   internal `DynamicLayer`) write into preallocated buffers (used by posttrain.engines).
 """
@@ -63,6 +65,10 @@ PRIVATE_SOURCE: dict[str, tuple[str, ...]] = {
     # runs our reference pass through `_precompute_ref_logps`, and keeps the state our helpers read.
     "trl:DPOTrainer.__init__": ("hash_module(", "self._precompute_ref_logps(", "self.precompute_ref_logps =",
                                 "self._metrics =", "self._precompute_engine = None", "add_fused_lm_head("),
+    # SFTTrainer counts a batch's tokens as its attention mask's sum (packed_sft_token_count)
+    "trl:SFTTrainer.compute_loss": ('self.accelerator.gather_for_metrics(inputs["attention_mask"].sum())',
+                                    "self._total_train_tokens += num_tokens_in_batch",
+                                    'self._metrics[mode]["num_tokens"] = [self._total_train_tokens]'),
     # the fused forward scores pre-shifted labels when given them
     "trl.trainer.utils:add_fused_lm_head": ("shift_labels", "labels = shift_labels"),
 }
@@ -154,6 +160,22 @@ def _skipped_model_hash():
         yield
     finally:
         module.hash_module = original
+
+
+@contextlib.contextmanager
+def packed_sft_token_count(trainer, tokens: int | None):
+    """TRL's SFTTrainer.compute_loss, for a packed batch, with its token count kept true.
+
+    TRL adds a training batch's `attention_mask.sum()` (over ranks) to `_total_train_tokens`, the
+    `num_tokens` it logs; a packed batch's mask is 4D, whose sum counts visible (query, key) pairs.
+    Around the call, the count is restored and `tokens` (the batch's real tokens over every rank)
+    added instead; None (not training) leaves it alone, as TRL does.
+    """
+    before = trainer._total_train_tokens
+    yield
+    if tokens is not None:
+        trainer._total_train_tokens = before + tokens
+        trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
 
 
 _DPO_BASE = None

@@ -494,11 +494,13 @@ def test_packed_rm_on_two_processes_equals_one_when_the_data_does_not_divide(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rows", [127, 113])
-def test_sft_on_two_processes_equals_one_when_the_data_does_not_divide(tmp_path, tiny_model_dir, rows):
+@pytest.mark.parametrize("rows,packing", [(127, True), (113, True), (127, False)])
+def test_sft_on_two_processes_equals_one_when_the_data_does_not_divide(tmp_path, tiny_model_dir, rows, packing):
+    """Packed (the default: each rank packs its own per-device batch) and padded rows alike."""
     data = _sft_rows(tmp_path / "sft.jsonl", rows)
     inputs = {"init_model": str(tiny_model_dir), "sft_files": [str(data)]}
-    cfg = {"learning_rate": 1e-3, "epochs": 1, "save_steps": 1000, "logging_steps": 1, "max_length": 64}
+    cfg = {"learning_rate": 1e-3, "epochs": 1, "save_steps": 1000, "logging_steps": 1, "max_length": 64,
+           "packing": packing}
     one = _run(tmp_path, "one", "sft", {**cfg, "batch_size": 16}, inputs, None, str(tiny_model_dir))
     two = _run(tmp_path, "two", "sft", {**cfg, "batch_size": 8}, inputs, TORCHRUN_2, str(tiny_model_dir))
     a, b = _weights(one / "model"), _weights(two / "model")

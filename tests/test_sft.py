@@ -235,3 +235,168 @@ def test_the_stage_counts_what_it_trained_on_per_variant(tiny_model_dir, tmp_pat
     assert m["truncated"] == 1
     assert (ctx.out_dir / "variants" / "v1" / "model" / "model.safetensors").exists()
     assert not (ctx.out_dir / "work" / "v1").exists()  # a finished variant's checkpoints are gone
+
+
+# ---------------------------------------------------------------------------------------- packing
+
+
+def _mixed_examples(n: int, seed: int = 0) -> list:
+    """Conversations of mixed lengths (prompts of 1-30 numbers, answers of 1-40), one multi-turn."""
+    import random
+
+    rng = random.Random(seed)
+
+    def numbers(k):
+        return " ".join(str(rng.randrange(10)) for _ in range(k))
+
+    out = [SFTExample(f"e{i}", [{"role": "user", "content": f"sort {numbers(rng.randrange(1, 30))}"},
+                                {"role": "assistant", "content": numbers(rng.randrange(1, 40))}]) for i in range(n - 1)]
+    return out + [SFTExample("multi", MULTI_TURN)]
+
+
+def test_first_fit_bins_by_hand():
+    from posttrain.packing import first_fit_bins
+
+    # longest first: 9 opens bin 0 (room 1), 6 bin 1 (room 4), 5 bin 2 (room 5), 4 fits bin 1, 3 bin 2, 1 bin 0
+    assert first_fit_bins([5, 9, 1, 6, 4, 3], 10) == [[1, 2], [3, 4], [0, 5]]
+    assert first_fit_bins([12, 3], 10) == [[0], [1]]  # over the budget: a bin of its own
+    assert first_fit_bins([4, 4, 4], 4) == [[0], [1], [2]]
+    with pytest.raises(ValueError, match="budget"):
+        first_fit_bins([1], 0)
+
+
+def test_pack_examples_lays_out_segments_positions_and_labels_by_hand():
+    from posttrain.packing import pack_examples
+
+    a = {"input_ids": [10, 11, 12], "labels": [-100, 11, 12]}
+    b = {"input_ids": [20, 21], "labels": [20, 21]}  # a first label that is a target: nothing predicts it
+    c = {"input_ids": [30, 31, 32, 33], "labels": [-100, -100, 32, 33]}
+    out = pack_examples([a, b, c], pad_token_id=0)  # budget: the longest example, 4 tokens: no two fit
+    assert out["input_ids"].tolist() == [[30, 31, 32, 33], [10, 11, 12, 0], [20, 21, 0, 0]]
+    out = pack_examples([a, b, c], pad_token_id=0, budget=6)
+    # c (4) opens row 0, a (3) row 1, b (2) fits row 0; a row keeps its examples in batch order
+    assert out["input_ids"].tolist() == [[20, 21, 30, 31, 32, 33], [10, 11, 12, 0, 0, 0]]
+    assert out["position_ids"].tolist() == [[0, 1, 0, 1, 2, 3], [0, 1, 2, 0, 0, 0]]
+    assert out["segment_ids"].tolist() == [[1, 1, 2, 2, 2, 2], [1, 1, 1, -1, -1, -1]]
+    assert out["labels"].tolist() == [[-100, 21, -100, -100, 32, 33], [-100, 11, 12, -100, -100, -100]]
+    with pytest.raises(ValueError, match="labels"):
+        pack_examples([{"input_ids": [1, 2], "labels": [1]}], 0)
+
+
+def _trainer(tiny_tokenizer, tiny_model_dir, tmp_path, rows, **cfg):
+    trainer = sft.build_trainer(cfg=sft.SFTStageConfig(**cfg), variant=Variant(), seed=0,
+                                init_model=Path(tiny_model_dir), tokenizer=tiny_tokenizer, rows=rows,
+                                work_dir=tmp_path / "w")
+    trainer.model.train()
+    return trainer
+
+
+@pytest.mark.parametrize("packing_length", [None, 100, 400])
+def test_packed_loss_and_gradients_equal_padded_rows(tiny_tokenizer, tiny_model_dir, tmp_path, packing_length):
+    """One batch of 8 examples of mixed lengths: packed into fewer rows, the loss (the token mean
+    over the batch's targets) and every gradient equal the padded batch's."""
+    rows, _ = sft.encode_sft_examples(tiny_tokenizer, _mixed_examples(8), max_length=512)
+    assert len({len(r["input_ids"]) for r in rows}) > 4  # mixed lengths
+    results = {}
+    for packing in (True, False):
+        extra = {"packing_length": packing_length} if packing else {}
+        trainer = _trainer(tiny_tokenizer, tiny_model_dir, tmp_path, rows, batch_size=8, packing=packing, **extra)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+        results[packing] = (loss.item(), grads, batch, trainer._metrics["train"]["num_tokens"])
+    (p_loss, p_grads, p_batch, p_tokens), (u_loss, u_grads, u_batch, u_tokens) = results[True], results[False]
+    assert "segment_ids" in p_batch and p_batch["input_ids"].shape[0] < 8  # it packed
+    assert p_loss == pytest.approx(u_loss, abs=1e-4)
+    scale = max(g.abs().max().item() for g in u_grads.values())
+    assert scale > 0
+    for name, g in u_grads.items():
+        assert (p_grads[name] - g).abs().max().item() <= 1e-4 * scale, name
+    # the same target tokens count, and the logged token count is the real tokens in both
+    assert (p_batch["labels"][:, 1:] != -100).sum() == (u_batch["labels"][:, 1:] != -100).sum()
+    assert p_tokens == u_tokens == [sum(len(r["input_ids"]) for r in rows)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_the_block_mask_keeps_packed_examples_apart(tiny_tokenizer, tiny_model_dir, attn):
+    """Changing example A's tokens leaves example B's logits in the same packed row unchanged, and
+    B's logits are those of B in a row of its own (positions restarted)."""
+    from posttrain.modeling import load_causal_lm
+    from posttrain.packing import block_attention_mask, model_attention_mask, pack_examples
+
+    model = load_causal_lm(tiny_model_dir, dtype="float32", device="cpu")
+    model.set_attn_implementation(attn)
+    a = {"input_ids": [5, 17, 23, 42, 8], "labels": [-100] * 5}
+    b = {"input_ids": [9, 31, 7, 12], "labels": [-100] * 4}
+    a2 = {"input_ids": [61, 3, 88, 14, 70], "labels": [-100] * 5}
+
+    def logits(examples):
+        batch = pack_examples(examples, pad_token_id=0, budget=9)
+        assert batch["input_ids"].shape == (1, 9)
+        mask = model_attention_mask(block_attention_mask(batch["segment_ids"]), model, torch.float32)
+        with torch.no_grad():
+            return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                         use_cache=False).logits[0]
+
+    first, changed = logits([a, b]), logits([a2, b])
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([b["input_ids"]]), use_cache=False).logits[0]
+    assert (first[:5] - changed[:5]).abs().max() > 1e-3  # A's own logits did change
+    assert torch.allclose(first[5:], changed[5:], atol=1e-6)
+    assert torch.allclose(first[5:], alone, atol=1e-5)
+
+
+def test_the_packing_keys_are_validated_and_stay_out_of_the_hash_at_their_defaults():
+    from pydantic import ValidationError
+
+    from posttrain.recipe import Recipe
+
+    assert sft.SFTStageConfig().packing and sft.SFTStageConfig().packing_length is None
+    with pytest.raises(ValidationError, match="packing_length is set but sft.packing is false"):
+        sft.SFTStageConfig(packing=False, packing_length=512)
+    with pytest.raises(ValidationError, match="packing_length"):
+        sft.SFTStageConfig(packing_length=0)
+    with pytest.raises(ValidationError, match="packing_len"):
+        Recipe.model_validate({"name": "t", "models": {"base": "m"}, "sft": {"packing_len": 512}})
+    # The defaults dump as before the keys existed (a run recorded then keeps its sft hash) ...
+    assert "packing" not in sft.SFTStageConfig().model_dump()
+    assert "packing_length" not in sft.SFTStageConfig().model_dump()
+    # ... any other value is in the dump, so in the stage's hash
+    assert sft.SFTStageConfig(packing=False).model_dump()["packing"] is False
+    assert sft.SFTStageConfig(packing_length=256).model_dump()["packing_length"] == 256
+
+
+def test_packing_falls_back_to_padded_rows_without_a_block_mask(caplog):
+    from types import SimpleNamespace
+
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    sdpa = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    assert sft.use_packing(sft.SFTStageConfig(), sdpa)
+    assert not sft.use_packing(sft.SFTStageConfig(packing=False), sdpa)
+    with caplog.at_level("WARNING", logger="posttrain.stages.sft"):
+        assert not sft.use_packing(sft.SFTStageConfig(), flash)
+    assert "flash_attention_2" in caplog.text and "padded" in caplog.text
+
+
+def test_a_packed_stage_trains_the_weights_a_padded_one_does_and_records_its_packing(tiny_model_dir, tmp_path):
+    """The stage end to end, 2 epochs of 3 steps (batch 3 of 9 examples, one multi-turn): packed
+    and padded runs end with the same weights, and the record says how it packed."""
+    from safetensors.torch import load_file
+
+    weights, records = {}, {}
+    for packing in (True, False):
+        (tmp_path / str(packing)).mkdir()
+        ctx = _ctx(tmp_path / str(packing), tiny_model_dir, packing=packing)
+        records[packing] = sft.run(ctx).metrics["variants"]["v0"]
+        weights[packing] = load_file(ctx.run_dir / "round_01" / "sft" / "model" / "model.safetensors")
+    base = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert max((weights[False][k] - base[k]).abs().max().item() for k in base) > 1e-3  # it trained
+    assert max((weights[True][k] - weights[False][k]).abs().max().item() for k in base) < 1e-5
+    packed, padded = records[True], records[False]
+    assert packed["packed"] and not padded["packed"] and padded["packing"] is None
+    assert packed["packing"]["examples"] == 2 * 9 and packed["packing"]["rows"] < 2 * 9
+    assert packed["examples_per_row"] == pytest.approx(18 / packed["packing"]["rows"])
+    assert packed["examples_per_row"] > 1
+    assert padded["examples_per_row"] == 1.0
+    assert packed["loss"]["series"] == pytest.approx(padded["loss"]["series"], abs=1e-4)

@@ -17,7 +17,16 @@ target: a model that never sees it as one forgets to stop.
 We tokenize ourselves with `chat.encode_conversation` / `chat.encode_example` (one rendering,
 one tokenization, the masks derived from the template) and hand TRL's SFTTrainer a dataset with `input_ids` and
 `labels`; TRL uses such labels as they are (trl/trainer/sft_trainer.py: "A dataset that
-already provides a 'labels' column is left as is"). No packing: examples stay separate.
+already provides a 'labels' column is left as is").
+
+Packing (`sft.packing`, default on): the examples of each batch (the same examples, in the same
+seeded batches, as unpacked) are laid side by side in fewer rows (`posttrain.packing.pack_examples`:
+positions restart at 0 for each example, a block mask keeps attention within it), instead of
+each padded to the batch's longest. The loss is the same sum over target tokens divided by the
+same count as unpacked, the target tokens of the whole optimizer step (every micro-batch and
+rank: the Trainer's `num_items_in_batch`), so every step's loss and gradient equal the padded
+batch's to float rounding (tests/test_sft.py, 1e-4). Needs attention 'sdpa' or 'eager'; with
+another implementation the stage pads instead and says so in its log and record.
 
 Inputs: `SFTInputs`. Output: `model` (variants averaged, LoRA merged). Intermediate work
 (checkpoints, variant models before averaging) lies under `work/`.
@@ -25,13 +34,17 @@ Inputs: `SFTInputs`. Output: `model` (variants averaged, LoRA merged). Intermedi
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from pydantic import model_validator
 
 from posttrain import decontam, throughput
+from posttrain.schema import Tokens
 from posttrain.stage import StageContext, StageDef, StageResult, path_field, variant_mean
 from posttrain.training import (
     LongContextMix,
@@ -48,7 +61,7 @@ from posttrain.training import (
     training_data_row,
 )
 
-
+log = logging.getLogger(__name__)
 
 Targets = Literal["all_turns", "last_turn"]
 
@@ -68,6 +81,25 @@ class SFTStageConfig(TrainingSettings):
     """Which assistant turns of the recipe's SFT data (`data.sft`) are trained on: every one
     ('all_turns', as TRL's assistant_only_loss) or the last one ('last_turn'). Top-1 rows from
     sampling always train on their last turn only: the earlier ones are part of the prompt."""
+    packing: bool = True
+    """Lay each batch's examples side by side in fewer rows (positions restarted, attention kept
+    within each example by a block mask) instead of padding each to the batch's longest: the same
+    batches and the same loss, fewer padding tokens computed. False: padded rows, one per example."""
+    packing_length: Tokens | None = None
+    """Most tokens in one packed row; examples are never split, so a longer one gets a row of its
+    own. None: the batch's longest example, so no packed row is longer than a padded one."""
+
+    # Packing trains what padded rows train (the same batches and loss, to float rounding): at
+    # their defaults these keys stay out of the stage's hash, so runs recorded before them resume.
+    UNDUMPED_DEFAULTS: ClassVar[dict] = {**TrainingSettings.UNDUMPED_DEFAULTS, "packing": True,
+                                         "packing_length": None}
+
+    @model_validator(mode="after")
+    def _packing_length_needs_packing(self):
+        if self.packing_length is not None and not self.packing:
+            raise ValueError("sft.packing_length is set but sft.packing is false: set packing: true, or drop "
+                             "packing_length")
+        return self
 
 
 def encode_sft_examples(tokenizer, examples, max_length: int, formatting_tokens: list[str] | None = None,
@@ -130,9 +162,50 @@ def sft_labels(input_ids: list[int], response_mask: list[int], ignore_index: int
 
 
 
+class PackedCollator:
+    """A batch of examples {input_ids, labels} as packed rows (`packing.pack_examples`), counting
+    what it packed: examples, rows, and real and padded tokens."""
+
+    def __init__(self, pad_token_id: int, packing_length: int | None = None):
+        self.pad_token_id, self.packing_length = pad_token_id, packing_length
+        self.examples = self.rows = self.tokens = self.padded_tokens = 0
+
+    def __call__(self, examples: list[dict]) -> dict:
+        from posttrain.packing import pack_examples
+
+        batch = pack_examples(examples, self.pad_token_id, self.packing_length)
+        segments = batch["segment_ids"]
+        self.examples += len(examples)
+        self.rows += segments.shape[0]
+        self.tokens += int((segments >= 0).sum())
+        self.padded_tokens += segments.numel()
+        return batch
+
+    def summary(self) -> dict:
+        """Examples per packed row and the share of computed tokens that were padding, over the
+        batches this process collated (after a resume: the resumed part only)."""
+        return {"examples": self.examples, "rows": self.rows,
+                "examples_per_row": self.examples / self.rows if self.rows else None,
+                "padding_share": 1 - self.tokens / self.padded_tokens if self.padded_tokens else None}
+
+
+def use_packing(cfg: SFTStageConfig, model) -> bool:
+    """Whether this model trains on packed rows: `cfg.packing`, and its attention takes a block mask."""
+    from posttrain.packing import supports_block_mask
+
+    if not cfg.packing:
+        return False
+    if supports_block_mask(model):
+        return True
+    log.warning("sft: packing: true, but attention %r takes no block mask ('sdpa' and 'eager' do); "
+                "training on padded rows instead", getattr(model.config, "_attn_implementation", None))
+    return False
+
+
 def build_trainer(*, cfg: SFTStageConfig, variant, seed: int, init_model: Path, tokenizer, rows: list[dict],
                   work_dir: Path, trust_remote_code: bool = False, report_to="none", callbacks=()):
-    """A TRL SFTTrainer for one variant over pre-tokenized rows {input_ids, labels}."""
+    """A TRL SFTTrainer for one variant over pre-tokenized rows {input_ids, labels}; its batches
+    are packed (`PackedCollator`, the trainer's `data_collator`) when `use_packing` says so."""
     from datasets import Dataset
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -145,15 +218,23 @@ def build_trainer(*, cfg: SFTStageConfig, variant, seed: int, init_model: Path, 
     args = TRLSFTConfig(
         **trainer_common_args(cfg, variant, output_dir=work_dir, seed=seed, report_to=report_to),
         max_length=cfg.max_length,  # already truncated by encode_conversation; TRL's cut is a no-op
-        packing=False,
+        packing=False,  # TRL's packing regroups examples across batches; ours packs within each batch
         completion_only_loss=False,
         assistant_only_loss=False,
     )
+    model = load_causal_lm_for_training(init_model, trust_remote_code=trust_remote_code)
+    collator = None
+    if use_packing(cfg, model):
+        from posttrain import trl_compat
+
+        trl_compat.check_private_api()  # the packed loss corrects TRL's token count (trl_compat)
+        collator = PackedCollator(tokenizer.pad_token_id, cfg.packing_length)
     return _exact_sft_trainer_class(SFTTrainer)(
-        model=load_causal_lm_for_training(init_model, trust_remote_code=trust_remote_code),
+        model=model,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
+        data_collator=collator,
         peft_config=peft_config(cfg.lora),
         callbacks=[*stage_callbacks(), *callbacks],
     )
@@ -168,13 +249,34 @@ def _exact_sft_trainer_class(base):
     class ExactSFTTrainer(base):
         """TRL's SFTTrainer whose W processes see exactly one process's global batches
         (`distributed.exact_train_dataloader`); the token mean is global already (the Trainer's
-        `num_items_in_batch` over every rank, `average_tokens_across_devices`)."""
+        `num_items_in_batch` over every rank, `average_tokens_across_devices`). A packed batch
+        (`PackedCollator`: it has `segment_ids`) gets its block mask here, on the model's device,
+        in the form the model's attention takes; TRL's loss is then computed as for padded rows."""
 
         def get_train_dataloader(self):
             from posttrain import distributed
 
             return distributed.exact_train_dataloader(super().get_train_dataloader(), self.accelerator.num_processes,
                                                       _without_targets)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if "segment_ids" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            from posttrain import trl_compat
+            from posttrain.packing import block_attention_mask, model_attention_mask
+
+            inputs = dict(inputs)
+            segments = inputs.pop("segment_ids")
+            param = next(model.parameters())
+            inputs["attention_mask"] = model_attention_mask(block_attention_mask(segments.to(param.device)), model,
+                                                            param.dtype)
+            tokens = None
+            if model.training:  # TRL counts training tokens only; every rank gathers, as TRL's own count does
+                tokens = int(self.accelerator.gather((segments >= 0).sum().reshape(1)).sum())
+            with trl_compat.packed_sft_token_count(self, tokens):
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
 
     return ExactSFTTrainer
 
@@ -189,10 +291,14 @@ def train_variant(*, work_dir: Path, **kwargs):
     trainer.train(resume_from_checkpoint=resume)
     history = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     losses = [h["loss"] for h in history]
+    packing = trainer.data_collator.summary() if isinstance(trainer.data_collator, PackedCollator) else None
     metrics = {
         "examples": len(rows),
         "target_tokens": sum(sum(1 for t in labels if t != -100) for labels in rows["labels"]),
         "steps": trainer.state.global_step,
+        "packed": packing is not None,
+        "examples_per_row": packing["examples_per_row"] if packing else 1.0,
+        "packing": packing,
         "resumed_from": None if resume is None else Path(resume).name,
         "loss": {"series": losses, "first": losses[0] if losses else None, "last": losses[-1] if losses else None},
         "throughput": throughput.summary(trainer),
