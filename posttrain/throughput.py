@@ -43,6 +43,9 @@ What is counted, and how:
   measured with one rank's thread count).
 - **Several processes**: tokens, FLOPs and CPU seconds are summed over the ranks, the wall is
   the slowest rank's (`distributed.all_reduce_floats` in `on_train_end`, which every rank runs).
+  A rank left without data in the last step runs one row at weight 0 (`distributed.ZeroWeight`,
+  exact data parallelism); its forward and backward are computed, so its tokens count: W
+  processes may count up to W - 1 such rows more than one process.
 
 Heavy libraries (torch, transformers) are imported inside the functions that need them.
 """
