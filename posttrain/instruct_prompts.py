@@ -288,20 +288,27 @@ def _own_wording(kind: Kind, kwargs: dict, rng: random.Random) -> str:
     return rng.choice(kind.wordings).format(**kwargs, words=", ".join(names))
 
 
-def _pick(rng: random.Random, count: int) -> list[Kind]:
-    first = rng.choice(KINDS)
-    if count == 1 or first.group == "alone":
+def _pick(rng: random.Random, count: int, pool: tuple[Kind, ...]) -> list[Kind]:
+    first = rng.choice(pool)
+    others = [k for k in pool if k.group not in ("alone", first.group)]
+    if count == 1 or first.group == "alone" or not others:
         return [first]
-    others = [k for k in KINDS if k.group not in ("alone", first.group)]
     return [first, rng.choice(others)]
 
 
-def make_prompts(n: int, split: str = "train", seed: int = 0, two_share: float = 0.3) -> list[dict]:
+def make_prompts(n: int, split: str = "train", seed: int = 0, two_share: float = 0.3,
+                 kinds: list[str] | None = None) -> list[dict]:
     """`n` prompt rows of `split` (see the module docstring); `two_share` of them carry two
     instructions, the rest one. The base requests are cycled in a seeded order, so `n` up to
-    the split's number of requests uses each at most once."""
+    the split's number of requests uses each at most once. `kinds`: only these instruction
+    ids (default: every one in `KINDS`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    unknown = sorted(set(kinds or ()) - set(BY_ID))
+    if unknown or kinds == []:
+        raise ValueError(f"kinds: {unknown or 'empty'}: not among the generator's instructions "
+                         f"({', '.join(BY_ID)})")
+    pool = KINDS if kinds is None else tuple(k for k in KINDS if k.id in kinds)
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     if not 0 <= two_share <= 1:
@@ -314,9 +321,8 @@ def make_prompts(n: int, split: str = "train", seed: int = 0, two_share: float =
         if not order:
             order = rng.sample(requests, len(requests))
         request = order.pop()
-        kinds = _pick(rng, 2 if rng.random() < two_share else 1)
         ids, kwargs, texts = [], [], []
-        for kind in kinds:
+        for kind in _pick(rng, 2 if rng.random() < two_share else 1, pool):
             kw = kind.draw(rng, request, split)
             ids.append(kind.id)
             kwargs.append(kw)
@@ -334,9 +340,10 @@ def ordinary_rows() -> list[dict]:
     return [{"id": f"ordinary-{i}", "prompt": q} for i, q in enumerate(ORDINARY_QUESTIONS)]
 
 
-def write_prompt_files(out_dir: str | os.PathLike, n_train: int, n_heldout: int, seed: int = 0) -> dict[str, str]:
+def write_prompt_files(out_dir: str | os.PathLike, n_train: int, n_heldout: int, seed: int = 0,
+                       train_kinds: list[str] | None = None) -> dict[str, str]:
     """Write `train.jsonl`, `heldout.jsonl` and `ordinary.jsonl` into `out_dir` (atomically);
-    returns their paths by name."""
+    returns their paths by name. `train_kinds` restricts the training prompts' instructions."""
     from pathlib import Path
 
     from posttrain.files import write_jsonl
@@ -344,7 +351,8 @@ def write_prompt_files(out_dir: str | os.PathLike, n_train: int, n_heldout: int,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, rows in (("train", make_prompts(n_train, "train", seed)), ("heldout", make_prompts(n_heldout, "heldout", seed)),
+    for name, rows in (("train", make_prompts(n_train, "train", seed, kinds=train_kinds)),
+                       ("heldout", make_prompts(n_heldout, "heldout", seed)),
                        ("ordinary", ordinary_rows())):
         paths[name] = str(out / f"{name}.jsonl")
         write_jsonl(paths[name], rows)

@@ -114,6 +114,15 @@ def test_generated_rows_score_through_the_reward_as_prompt_rows(tmp_path):
     assert len(load_prompts([paths["heldout"]])) == 5 and len(load_prompts([paths["ordinary"]])) == len(ip.ORDINARY_QUESTIONS)
 
 
+def test_kinds_restrict_the_instructions():
+    rows = ip.make_prompts(20, "train", seed=0, kinds=["punctuation:no_comma", "detectable_format:title"])
+    assert {i for r in rows for i in r["instruction_id_list"]} == {"punctuation:no_comma", "detectable_format:title"}
+    only = ip.make_prompts(5, "train", seed=0, kinds=["punctuation:no_comma"])
+    assert all(r["instruction_id_list"] == ["punctuation:no_comma"] for r in only)  # no second of its group
+    with pytest.raises(ValueError, match="'punctuation:no_commas'"):
+        ip.make_prompts(3, kinds=["punctuation:no_commas"])
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="split must be one of train, heldout"):
         ip.make_prompts(3, "test")
