@@ -211,8 +211,9 @@ def run(a: argparse.Namespace, run_dir: Path, tmp: Path) -> int:
         "wall_seconds": round(time.perf_counter() - t0), "rises_every_round": rises})
     steps = " -> ".join(f"{x['prompt_level_strict']:.3f}" for x in accuracy)
     print(f"real_loop: {ratio:.2f}x held-out strict prompt accuracy, round {a.rounds} vs initial ({steps}; "
-          f"instruction-level {accuracy[0]['instruction_level_strict']:.3f} -> {accuracy[-1]['instruction_level_strict']:.3f}; "
-          f"{'rises every round' if rises else 'does not rise every round'}; {a.heldout} held-out prompts, seed {a.seed}, "
+          f"instruction-level {accuracy[0]['instruction_level_strict']:.3f} -> "
+          f"{accuracy[-1]['instruction_level_strict']:.3f}; {'rises' if rises else 'does not rise'} every round; "
+          f"{a.heldout} held-out prompts, seed {a.seed}, "
           f"1 run, {(time.perf_counter() - t0) / 60:.0f} min"
           + (", initial 0 taken as 1 prompt" if first < floor else "") + ")")
     return 0

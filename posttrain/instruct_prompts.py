@@ -207,49 +207,53 @@ KINDS: tuple[Kind, ...] = (
     Kind("startend:quotation", "wrap", _none, (
         "Put your complete reply inside one pair of double quotes.",
         "Start your answer with a double quote mark and finish it with another one.")),
-    Kind("startend:end_checker", "wrap", lambda rng, r, split: {"end_phrase": rng.choice(END_PHRASES[split])}, (
+    Kind("startend:end_checker", "wrap", lambda rng, r, s: {"end_phrase": rng.choice(END_PHRASES[s])}, (
         "Close your reply with this exact sentence, adding nothing after it: {end_phrase}",
         "The last words of your answer must be exactly: {end_phrase}")),
-    Kind("detectable_content:postscript", "wrap", lambda rng, r, split: {"postscript_marker": rng.choice(("P.S.", "P.P.S"))}, (
+    Kind("detectable_content:postscript", "wrap",
+         lambda rng, r, s: {"postscript_marker": rng.choice(("P.S.", "P.P.S"))}, (
         "After the main text, add a final note that begins with {postscript_marker}",
         "Finish with a short afterthought introduced by {postscript_marker}")),
     Kind("detectable_format:title", "marks", _none, (
         "Give your text a title and put it between double angle brackets, for example <<my title>>.",
         "Begin with a heading wrapped like this: <<heading here>>.")),
-    Kind("detectable_format:number_bullet_lists", "layout", lambda rng, r, split: {"num_bullets": rng.randint(2, 5)}, (
+    Kind("detectable_format:number_bullet_lists", "layout", lambda rng, r, s: {"num_bullets": rng.randint(2, 5)}, (
         "Format the answer as a list of exactly {num_bullets} markdown bullets, each line starting with '* '.",
         "Reply with {num_bullets} bullet points and nothing else, using '* ' at the start of each one.")),
-    Kind("detectable_format:number_highlighted_sections", "marks", lambda rng, r, split: {"num_highlights": rng.randint(1, 3)}, (
+    Kind("detectable_format:number_highlighted_sections", "marks",
+         lambda rng, r, s: {"num_highlights": rng.randint(1, 3)}, (
         "Mark at least {num_highlights} phrases in your reply as highlighted with single asterisks, like *this*.",
         "Emphasise {num_highlights} or more parts of the text using markdown italics, for example *key idea*.")),
     Kind("detectable_format:multiple_sections", "layout",
-         lambda rng, r, split: {"section_spliter": rng.choice(("Section", "PART")), "num_sections": rng.randint(2, 3)}, (
+         lambda rng, r, s: {"section_spliter": rng.choice(("Section", "PART")), "num_sections": rng.randint(2, 3)}, (
         "Split the reply into {num_sections} parts, each one opening with the label {section_spliter} and its "
         "number, such as {section_spliter} 1.",
         "Organise your answer in {num_sections} numbered blocks headed {section_spliter} 1, {section_spliter} 2 "
         "and so on.")),
-    Kind("length_constraints:number_paragraphs", "layout", lambda rng, r, split: {"num_paragraphs": rng.randint(2, 4)}, (
+    Kind("length_constraints:number_paragraphs", "layout", lambda rng, r, s: {"num_paragraphs": rng.randint(2, 4)}, (
         "Write exactly {num_paragraphs} paragraphs and put a line with three asterisks (***) between them.",
         "Your text needs {num_paragraphs} paragraphs, separated from one another by the markdown divider ***.")),
     Kind("length_constraints:number_words", "length", _number_words, (
         "Keep the word count of your reply {relation} {num_words}.",
         "Use {relation} {num_words} words in total.")),
-    Kind("detectable_content:number_placeholders", "marks", lambda rng, r, split: {"num_placeholders": rng.randint(1, 3)}, (
+    Kind("detectable_content:number_placeholders", "marks", lambda rng, r, s: {"num_placeholders": rng.randint(1, 3)}, (
         "Include at least {num_placeholders} blanks to fill in later, written in square brackets like [name].",
         "Leave {num_placeholders} or more placeholders in square brackets, such as [date], for the reader to "
         "complete.")),
-    Kind("keywords:existence", "words", lambda rng, r, split: {"keywords": rng.sample(KEYWORDS, rng.randint(1, 2))}, (
+    Kind("keywords:existence", "words", lambda rng, r, s: {"keywords": rng.sample(KEYWORDS, rng.randint(1, 2))}, (
         "Make sure these words appear in your reply: {words}.",
         "Work the following words into the text: {words}.")),
-    Kind("keywords:forbidden_words", "words", lambda rng, r, split: {"forbidden_words": rng.sample(AVOIDED, rng.randint(1, 2))}, (
+    Kind("keywords:forbidden_words", "words",
+         lambda rng, r, s: {"forbidden_words": rng.sample(AVOIDED, rng.randint(1, 2))}, (
         "Never use these words: {words}.",
         "The words {words} must not appear anywhere in what you write.")),
     Kind("keywords:frequency", "words",
-         lambda rng, r, split: {"keyword": rng.choice(KEYWORDS), "frequency": rng.randint(2, 3), "relation": "at least"}, (
+         lambda rng, r, s: {"keyword": rng.choice(KEYWORDS), "frequency": rng.randint(2, 3), "relation": "at least"}, (
         "Use the word {keyword} {relation} {frequency} times.",
         "The word {keyword} should come up {relation} {frequency} times in your answer.")),
     Kind("keywords:letter_frequency", "words",
-         lambda rng, r, split: {"letter": rng.choice(LETTERS), "let_frequency": rng.randint(3, 8), "let_relation": "at least"}, (
+         lambda rng, r, s: {"letter": rng.choice(LETTERS), "let_frequency": rng.randint(3, 8),
+                            "let_relation": "at least"}, (
         "The letter {letter} has to occur {let_relation} {let_frequency} times in the reply.",
         "Write something in which the letter {letter} shows up {let_relation} {let_frequency} times.")),
     Kind("detectable_format:json_format", "alone", _none, (
@@ -262,7 +266,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("combination:two_responses", "alone", _none, (
         "Write two different answers and put a line of six asterisks (******) between them, nothing else.",
         "Offer two separate versions of the reply, divided by ******.")),
-    Kind("combination:repeat_prompt", "alone", lambda rng, r, split: {"prompt_to_repeat": r}, (
+    Kind("combination:repeat_prompt", "alone", lambda rng, r, s: {"prompt_to_repeat": r}, (
         "Copy the request above word for word first, then give your answer after it.",
         "Begin by restating the request exactly as written, without changes, and only then respond.")),
 )

@@ -387,10 +387,10 @@ class LoadedRecipe:
 
             users = rm_users(recipe)
             if users and not has_preference_data(recipe):
-                problems.setdefault("rm-data", f"{', '.join(users)} use(s) the round's reward model, but the recipe has no "
-                                    "preference data to train it on (data.preference_batches is empty and there is no "
-                                    "annotate step): add preference batches, or rank with a checker alone (a reward "
-                                    "without \"@rm\") so the round runs without an rm stage")
+                problems.setdefault("rm-data", f"{', '.join(users)} use(s) the round's reward model, but the "
+                                    "recipe has no preference data to train it on (data.preference_batches is empty "
+                                    "and there is no annotate step): add preference batches, or rank with a checker "
+                                    "alone (a reward without \"@rm\") so the round runs without an rm stage")
             if recipe.annotate is not None:
                 from posttrain.annotate.base import AnnotatorError, check_annotator_spec
 

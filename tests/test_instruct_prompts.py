@@ -111,7 +111,8 @@ def test_generated_rows_score_through_the_reward_as_prompt_rows(tmp_path):
     reward = InstructionReward(mode="strict", registry="ifeval")
     scores = checked_verdicts(reward, [p.messages for p in prompts], ["Sure."] * 6, [p.meta for p in prompts])
     assert all(s.value is not None and 0 <= s.value <= 1 for s in scores)
-    assert len(load_prompts([paths["heldout"]])) == 5 and len(load_prompts([paths["ordinary"]])) == len(ip.ORDINARY_QUESTIONS)
+    assert len(load_prompts([paths["heldout"]])) == 5
+    assert len(load_prompts([paths["ordinary"]])) == len(ip.ORDINARY_QUESTIONS)
 
 
 def test_kinds_restrict_the_instructions():

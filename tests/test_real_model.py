@@ -326,6 +326,7 @@ def test_the_real_instruct_recipe_runs_a_round_without_a_reward_model(smollm2, t
         assert {"prompt_level_strict", "instruction_level_strict", "prompt_level_loose",
                 "instruction_level_loose"} <= got.keys(), got
         assert 0 <= got["prompt_level_strict"] <= got["prompt_level_loose"] <= 1
-    answers = list(files.iter_jsonl(run_dir / "round_01" / "eval" / "benchmarks" / "model" / "ifeval_file_heldout.jsonl"))
+    answers = list(files.iter_jsonl(run_dir / "round_01" / "eval" / "benchmarks" / "model"
+                                    / "ifeval_file_heldout.jsonl"))
     assert len(answers) == 3 and all("strict" in a["followed"] for a in answers)
     assert records["eval"]["metrics"]["prompts"] == 2 and records["eval"]["metrics"]["mean_reward"] is None

@@ -382,8 +382,8 @@ def run(ctx: StageContext) -> StageResult:
     files.write_jsonl(Path(ctx.out_dir) / "top1.jsonl", top1)
     metrics = _metrics(rows, top1, too_long, skipped, n_read)
     if cfg.min_top1_score is not None:
-        metrics["below_min_top1_score"] = sum(r.best is not None and not _good_enough(r.scores[r.best], cfg.min_top1_score)
-                                              for r in rows)
+        metrics["below_min_top1_score"] = sum(
+            r.best is not None and not _good_enough(r.scores[r.best], cfg.min_top1_score) for r in rows)
     metrics["contaminated"] = contaminated
     metrics.update({
         "backend": backend, "seconds": time.perf_counter() - started, "generation_seconds": gen_seconds,
