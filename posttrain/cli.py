@@ -136,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight dtype of the checkpoint (default: float32)")
 
+    p = sub.add_parser("make-prompts", help="write prompts with verifiable instructions (train, held-out)",
+                       description="Write OUT/train.jsonl and OUT/heldout.jsonl (base requests x IFEval instructions "
+                                   "x kwargs, no request shared between them; posttrain.instruct_prompts) and "
+                                   "OUT/ordinary.jsonl (plain questions), deterministic from --seed.")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--train", type=int, default=112, help="training prompts (default: 112)")
+    p.add_argument("--heldout", type=int, default=120, help="held-out prompts (default: 120)")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("average", help="average the weights of checkpoints (model soup)",
                        description="Average checkpoints of one architecture, streaming one tensor at a time.")
     p.add_argument("out", type=Path, help="output folder")
@@ -279,6 +288,13 @@ def _dispatch(args, api) -> int:
 
         out = import_gguf(args.file, args.out, dtype=args.dtype)
         print(f"imported {args.file} into {out}")
+        return 0
+    if cmd == "make-prompts":
+        from posttrain.instruct_prompts import write_prompt_files
+
+        paths = write_prompt_files(args.out, args.train, args.heldout, seed=args.seed)
+        print(f"wrote {args.train} training, {args.heldout} held-out prompts and the ordinary questions: "
+              + ", ".join(paths.values()))
         return 0
     if cmd == "average":
         out = api.average(args.out, args.inputs, weights=args.weights)

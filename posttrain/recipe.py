@@ -397,6 +397,14 @@ class LoadedRecipe:
                         check_reward_spec(spec, key)
                     except RewardError as e:
                         problems.setdefault(key + spec.target, f"{e} (round {n})" if self.base.overrides else str(e))
+            from posttrain.stages.rm import has_preference_data, rm_users
+
+            users = rm_users(recipe)
+            if users and not has_preference_data(recipe):
+                problems.setdefault("rm-data", f"{', '.join(users)} use(s) the round's reward model, but the "
+                                    "recipe has no preference data to train it on (data.preference_batches is empty "
+                                    "and there is no annotate step): add preference batches, or rank with a checker "
+                                    "alone (a reward without \"@rm\") so the round runs without an rm stage")
             if recipe.annotate is not None:
                 from posttrain.annotate.base import AnnotatorError, check_annotator_spec
 

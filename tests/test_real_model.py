@@ -274,3 +274,59 @@ def test_one_whole_round_on_smollm2(smollm2, tokenizer, tmp_path):
                              pad_token_id=tokenizer.pad_token_id)
     answer = out[0, ids.shape[1]:].tolist()
     assert answer[-1] == eot and "Paris" in tokenizer.decode(answer[:-1])
+
+
+# ------------------------------------------------------------------------- recipes/real_instruct.yaml
+
+
+def test_the_real_instruct_recipe_runs_a_round_without_a_reward_model(smollm2, tmp_path):
+    """The shipped recipe, shrunk (4 training prompts, 3 held-out, K=4, 24 tokens), for one round:
+    checker-ranked samples with their reasons, SFT on the top-1, DPO on on-policy pairs, the
+    held-out benchmark in eval's record for both models, and no reward model anywhere."""
+    pytest.importorskip("if_verifiable", reason="needs requirements/ifeval.txt")
+    import yaml
+
+    import posttrain
+    from posttrain import files
+    from posttrain.instruct_prompts import write_prompt_files
+    from posttrain.records import output_path
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = yaml.safe_load((root / "recipes" / "real_instruct.yaml").read_text())
+    # instructions that 24-token samples follow about half the time: the K samples differ, DPO gets pairs
+    paths = write_prompt_files(tmp_path / "prompts", 4, 3, seed=0,
+                               train_kinds=["punctuation:no_comma", "keywords:forbidden_words"])
+    recipe.update(rounds=1)
+    recipe["models"]["base"] = str(smollm2)
+    recipe["data"] = {"prompts": [{"path": paths["train"]}], "eval_prompts": [{"path": paths["ordinary"]}]}
+    # 24 tokens rarely finish or pass: every path still gets rows
+    recipe["sample"].update(k=4, max_new_tokens=24, require_finished=False, min_top1_score=0.0, temperature=1.0)
+    recipe["dpo"].update(on_policy_require_finished=False, batch_size=2, max_length=160)
+    recipe["sft"].update(batch_size=2, max_length=160)
+    recipe["eval"].update(max_new_tokens=24, max_prompts=2)
+    recipe["eval"]["benchmarks"][0].update(path=paths["heldout"], max_new_tokens=24)
+    path = tmp_path / "recipe.yaml"
+    path.write_text("# posttrain run-round 1 --recipe recipe.yaml --run-dir run\n" + yaml.safe_dump(recipe))
+    run_dir = tmp_path / "run"
+    records = posttrain.run_round(1, path, run_dir)
+
+    assert "rm" not in records and not (run_dir / "round_01" / "rm").exists()
+    assert records["sample"]["inputs"]["inputs"]["reward_model"] is None
+    rows = [r for s in sorted(output_path(run_dir, records["sample"], "samples").glob("shard_*.jsonl"))
+            for r in files.iter_jsonl(s)]
+    assert len(rows) == 4 and all(len(r["reasons"]) == 4 for r in rows)
+    assert {reason for r in rows for reason in r["reasons"]} <= {"passed", "failed"}
+    assert all(d.endswith("instructions followed (strict)") or "(strict);" in d for r in rows for d in r["details"])
+    assert records["sample"]["metrics"]["contaminated"] == {}
+    assert records["dpo"]["metrics"]["rows_trained"] > 0
+    bench = records["eval"]["metrics"]["benchmarks"]["ifeval_file:heldout.jsonl"]
+    assert bench["problems"] == 3
+    for who in ("numbers", "initial"):
+        got = bench[who]
+        assert {"prompt_level_strict", "instruction_level_strict", "prompt_level_loose",
+                "instruction_level_loose"} <= got.keys(), got
+        assert 0 <= got["prompt_level_strict"] <= got["prompt_level_loose"] <= 1
+    answers = list(files.iter_jsonl(run_dir / "round_01" / "eval" / "benchmarks" / "model"
+                                    / "ifeval_file_heldout.jsonl"))
+    assert len(answers) == 3 and all("strict" in a["followed"] for a in answers)
+    assert records["eval"]["metrics"]["prompts"] == 2 and records["eval"]["metrics"]["mean_reward"] is None

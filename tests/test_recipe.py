@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,58 @@ def test_narrower_overrides_win_whatever_their_order(tmp_path):
     loaded = load_recipe(write(tmp_path, data))
     # Narrower ranges win: "5" over everything in round 5; "2-6" over the open "5-" in round 6.
     assert [loaded.for_round(n).sample.k for n in (1, 2, 5, 6)] == [8, 26, 5, 26]
+
+
+# ------------------------------------------------------------------ a round without a reward model
+
+
+@pytest.mark.parametrize("name", [n for n in shipped_recipes() if n != "real_instruct"])
+def test_every_recipe_with_preference_data_still_trains_a_reward_model_every_round(name):
+    from posttrain.stages.rm import enabled
+
+    loaded = load_recipe(name)
+    assert all(enabled(loaded.for_round(n)) for n in range(1, loaded.base.rounds + 1))
+
+
+def test_a_checker_ranked_recipe_without_preference_data_has_no_rm_stage():
+    from posttrain.stages.rm import enabled, rm_users
+
+    loaded = load_recipe("real_instruct")
+    recipe = loaded.for_round(1)
+    assert not recipe.data.preference_batches and rm_users(recipe) == [] and not enabled(recipe)
+    loaded.check(files=False)
+
+
+CHECKER = {"target": "posttrain.reward.instructions:InstructionReward"}
+
+
+@pytest.mark.parametrize("reward, key", [
+    ("rm", "reward"),
+    ({"target": "posttrain.reward:WeightedReward", "kwargs": {"components": [[CHECKER, 1.0], ["@rm", 0.01]]}},
+     'reward.kwargs ("@rm")'),
+])
+def test_validate_refuses_a_reward_that_needs_the_rm_when_there_is_no_preference_data(tmp_path, reward, key):
+    pytest.importorskip("if_verifiable", reason="needs requirements/ifeval.txt")
+    from posttrain.stages.rm import enabled
+
+    loaded = load_recipe(write(tmp_path, {**MINIMAL, "reward": reward}))
+    assert enabled(loaded.for_round(1))  # it would run, and fail on no data: validate says so first
+    with pytest.raises(RecipeError, match=rf"{re.escape(key)} use\(s\) the round's reward model, but the recipe "
+                                          r"has no preference data"):
+        loaded.check(files=False)
+    with_data = {**MINIMAL, "reward": reward, "data": {"preference_batches": [{"path": "p.jsonl", "round": 1}]}}
+    load_recipe(write(tmp_path, with_data)).check(files=False)
+
+
+def test_curate_by_rm_quality_needs_the_rm_too(tmp_path):
+    from posttrain.stages.rm import rm_users
+
+    data = {**MINIMAL, "reward": CHECKER, "curate": {"enabled": True, "rm_quality": {"enabled": True}}}
+    assert rm_users(load_recipe(write(tmp_path, data)).for_round(1)) == ["curate.rm_quality"]
+
+
+def test_min_top1_score_is_left_out_of_the_dumped_config_while_unset():
+    from posttrain.stages.sample import SampleConfig
+
+    assert "min_top1_score" not in SampleConfig().model_dump(mode="json")  # records hash as before it existed
+    assert SampleConfig(min_top1_score=1.0).model_dump(mode="json")["min_top1_score"] == 1.0

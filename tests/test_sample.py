@@ -306,3 +306,19 @@ def test_shards_keep_each_samples_reason_and_the_metrics_count_them(tmp_path, eo
             counts[reason] = counts.get(reason, 0) + 1
     assert m["reasons"] == dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     assert sum(m["reasons"].values()) == m["samples"]
+
+
+def test_min_top1_score_keeps_only_good_enough_bests_as_sft_rows(tmp_path, eot_model_dir, in_process_jobs):
+    # LengthReward scores -|len - 12|: a best of -2 or better becomes a top-1 row, the others
+    # keep their best and worst in the shards (on-policy DPO pairs) but make no SFT row
+    ctx = make_ctx(tmp_path, eot_model_dir, write_prompts(tmp_path / "prompts.jsonl"), LengthReward(),
+                   min_top1_score=-2.0)
+    m = sample_stage.run(ctx).metrics
+    rows = read_shards(ctx.out_dir)
+    top1 = list(files.iter_jsonl(ctx.out_dir / "top1.jsonl"))
+    kept = [r["id"] for r in rows if r["best"] is not None and r["scores"][r["best"]] >= -2.0]
+    below = [r["id"] for r in rows if r["best"] is not None and r["scores"][r["best"]] < -2.0]
+    assert [t["prompt_id"] for t in top1] == kept and all(t["score"] >= -2.0 for t in top1)
+    assert below, "the tiny model's samples should not all be near 12 characters"
+    assert m["top1"] == len(kept) and m["below_min_top1_score"] == len(below)
+    assert all(r["best"] is not None for r in rows if r["id"] in below)  # still in the shards

@@ -310,8 +310,8 @@ def run(ctx: StageContext) -> StageResult:
 class EvalInputs:
     final_model: str = path_field()
     """The round's model (the `average` stage's)."""
-    reward_model: str = path_field()
-    """The round's RM: what `reward: rm` (or "@rm") scores with."""
+    reward_model: str | None = path_field()
+    """The round's RM: what `reward: rm` (or "@rm") scores with; None when the round trains none."""
     initial_model: str = path_field()
     """The initial policy, the baseline of `win_rate_vs_initial`."""
     prompt_files: list[str] = path_field()
@@ -330,10 +330,12 @@ class EvalInputs:
 
 
 def _resolve(rnd) -> EvalInputs:
+    from posttrain.stages.rm import rm_model
+
     r = rnd.recipe
     first, previous = rnd.record("eval", 1), rnd.record("eval", rnd.n - 1) if rnd.n > 1 else None
     return EvalInputs(
-        final_model=rnd.output("average", "model"), reward_model=rnd.output("rm", "model"),
+        final_model=rnd.output("average", "model"), reward_model=rm_model(rnd),
         initial_model=rnd.initial_policy(), prompt_files=[rnd.path(p.path) for p in r.data.eval_prompts],
         initial_responses=_output_or_none(rnd, first, "initial_responses") if rnd.n > 1 else None,
         previous_responses=_output_or_none(rnd, previous, "responses"),

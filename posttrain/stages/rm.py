@@ -740,6 +740,51 @@ def _headline(m: RMMetrics) -> list[tuple[str, Any]]:
             *throughput.headline(m.raw)]
 
 
+def _mentions_rm(value: Any) -> bool:
+    """Whether a reward spec's kwargs hold the "@rm" placeholder anywhere."""
+    if value == "@rm":
+        return True
+    if isinstance(value, dict):
+        return any(_mentions_rm(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_mentions_rm(v) for v in value)
+    return False
+
+
+def rm_users(recipe) -> list[str]:
+    """The recipe keys that use the round's reward model (empty: nothing does)."""
+    users = []
+    if recipe.reward == "rm":
+        users.append("reward")
+    elif _mentions_rm(recipe.reward.kwargs):
+        users.append("reward.kwargs (\"@rm\")")
+    c = recipe.curate
+    if c.enabled and c.rm_quality.enabled:
+        users.append("curate.rm_quality")
+    if c.enabled and c.dedup.enabled and c.dedup.embedding_model is None and c.dedup.embed_with == "rm":
+        users.append("curate.dedup.embed_with")
+    if recipe.annotate is not None and recipe.annotate.enabled and recipe.annotate.rm_accuracy:
+        users.append("annotate.rm_accuracy")
+    return users
+
+
+def has_preference_data(recipe) -> bool:
+    """Whether any preference data can reach the stage: the recipe's batches or the annotate step's."""
+    return bool(recipe.data.preference_batches) or recipe.annotate is not None
+
+
+def enabled(recipe) -> bool:
+    """The reward model is trained when something uses it or there is preference data to train it
+    on (every recipe with preference batches, as always). A loop ranked by a checker alone, with
+    no preference data (recipes/real_instruct.yaml), has no `rm` stage."""
+    return has_preference_data(recipe) or bool(rm_users(recipe))  # the data first: it decides for every recipe before
+
+
+def rm_model(rnd) -> str | None:
+    """This round's reward model for a stage that may use it; None when the round trains none."""
+    return rnd.output("rm", "model") if enabled(rnd.recipe) else None
+
+
 STAGE = StageDef(name="rm", inputs=RMInputs, resolve=_resolve, headline=_headline, model_outputs=("model",),
                  launcher=True, metrics=RMMetrics, data_row=training.training_data_row,
-                 legend="acc: held-out ranking accuracy")
+                 legend="acc: held-out ranking accuracy", enabled=enabled)

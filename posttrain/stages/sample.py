@@ -92,6 +92,10 @@ class SampleConfig(StrictModel):
     require_finished: bool = True
     """Only responses that ended with an end-of-turn token can be the top-1 (a response cut
     at max_new_tokens would teach SFT to stop mid-answer). They can still be the worst."""
+    min_top1_score: float | None = None
+    """Only a best response scoring at least this becomes a top-1 SFT row (e.g. 1.0 with a
+    checker: only responses that follow every instruction); the prompt's samples, best and worst
+    stay in the shards (on-policy DPO pairs). None: the best response always does (the paper)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Generation precision: `auto` is bf16 on a GPU that has it, fp32 elsewhere."""
     max_batch_sequences: BatchSize = 64
@@ -109,6 +113,8 @@ class SampleConfig(StrictModel):
         out = handler(self)
         if isinstance(out, dict) and out.get("cluster", ...) is None:
             out.pop("cluster")
+        if isinstance(out, dict) and out.get("min_top1_score", ...) is None:  # likewise
+            out.pop("min_top1_score")
         return out
 
     @model_validator(mode="after")
@@ -151,6 +157,10 @@ def select_best(scores: list[float | None], lengths: list[int],
     best = min(eligible, key=lambda i: (-scores[i], lengths[i], i)) if eligible else None
     worst = min(scored, key=lambda i: (scores[i], -lengths[i], i))
     return best, worst
+
+
+def _good_enough(score: float, minimum: float | None) -> bool:
+    return minimum is None or score >= minimum
 
 
 def score_summary(scores: list[float | None]) -> dict[str, float | None]:
@@ -368,9 +378,12 @@ def run(ctx: StageContext) -> StageResult:
     top1 = [{"id": f"round_{ctx.round:02d}/{r.id}", "prompt_id": r.id,
              "messages": r.prompt + [{"role": "assistant", "content": r.responses[r.best]}],
              "score": r.scores[r.best], "capability": r.capability}
-            for r in rows if r.best is not None]
+            for r in rows if r.best is not None and _good_enough(r.scores[r.best], cfg.min_top1_score)]
     files.write_jsonl(Path(ctx.out_dir) / "top1.jsonl", top1)
     metrics = _metrics(rows, top1, too_long, skipped, n_read)
+    if cfg.min_top1_score is not None:
+        metrics["below_min_top1_score"] = sum(
+            r.best is not None and not _good_enough(r.scores[r.best], cfg.min_top1_score) for r in rows)
     metrics["contaminated"] = contaminated
     metrics.update({
         "backend": backend, "seconds": time.perf_counter() - started, "generation_seconds": gen_seconds,
@@ -502,6 +515,8 @@ class SampleInputs:
 
 
 def _resolve(rnd) -> SampleInputs:
+    from posttrain.stages.rm import rm_model
+
     r = rnd.recipe
     if r.sample.policy:
         policy = rnd.path(r.sample.policy)
@@ -509,7 +524,7 @@ def _resolve(rnd) -> SampleInputs:
         policy = rnd.previous_model() or rnd.initial_policy()
     return SampleInputs(
         policy_model=policy, prompt_files=[rnd.path(p.path) for p in r.data.prompts],
-        reward_model=rnd.output("rm", "model"),
+        reward_model=rm_model(rnd),
         capabilities={name: c.model_dump() for name, c in r.capabilities.items()},
         prompt_capabilities={rnd.path(p.path): p.capability for p in r.data.prompts if p.capability},
         **decontam.resolve_inputs(rnd))
