@@ -378,14 +378,17 @@ class LoadedRecipe:
                 starts.add(hi + 1)
         return sorted(n for n in starts if n <= self.base.rounds)
 
-    def check(self, *, files: bool = True) -> None:
+    def check(self, *, files: bool = True, reward_given: bool = False) -> None:
         """What `posttrain validate` checks beyond the schema, for every round, without
         loading a model or calling anything: each reward/checker target imports and is a reward
         (`posttrain.reward.check_reward_spec`), `run.launcher` plans as a stage's launch does
         (posttrain.launch.plan_launch: the same refusals, e.g. FSDP2/ZeRO-3 without GPUs, a
         multi-node launcher without a node rank), and (with `files`) each data file exists and
-        is a regular file or a folder. Raises RecipeError listing every problem by recipe key."""
+        is a regular file or a folder. `reward_given`: the caller ranks with its own reward (the
+        Python API's `reward=`), so the recipe's `reward` key needs no reward model. Raises
+        RecipeError listing every problem by recipe key."""
         from posttrain.reward.base import RewardError, check_reward_spec
+        from posttrain.stage import steps
 
         problems: dict[str, str] = {}
         for n in self.distinct_rounds():
@@ -399,8 +402,8 @@ class LoadedRecipe:
                         problems.setdefault(key + spec.target, f"{e} (round {n})" if self.base.overrides else str(e))
             from posttrain.stages.rm import has_preference_data, rm_users
 
-            users = rm_users(recipe)
-            if users and not has_preference_data(recipe):
+            users = [u for u in rm_users(recipe) if not (reward_given and u.startswith("reward"))]
+            if "rm" in steps() and users and not has_preference_data(recipe):
                 problems.setdefault("rm-data", f"{', '.join(users)} use(s) the round's reward model, but the "
                                     "recipe has no preference data to train it on (data.preference_batches is empty "
                                     "and there is no annotate step): add preference batches, or rank with a checker "

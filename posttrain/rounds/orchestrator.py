@@ -764,7 +764,7 @@ def run_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str | o
     # Before anything is written to the run folder: reward targets that import and are rewards,
     # a launcher that plans (data files are checked as each stage reads them: later rounds'
     # batches may not exist yet).
-    loaded.check(files=False)
+    loaded.check(files=False, reward_given=reward is not None)
     if node_rank(loaded, n) > 0:  # another node of a multi-node launcher: node 0 runs the round
         return follow_round(n, loaded, run_dir)
     with run_lock(run_dir):  # one writer per run folder, from the first check to the last record
