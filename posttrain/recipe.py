@@ -403,7 +403,8 @@ class LoadedRecipe:
             from posttrain.stages.rm import has_preference_data, rm_users
 
             users = [u for u in rm_users(recipe) if not (reward_given and u.startswith("reward"))]
-            if "rm" in steps() and users and not has_preference_data(recipe):
+            # with the data checks: `--skip-files` and run-round's early check skip it (rm then stops at its data)
+            if files and "rm" in steps() and users and not has_preference_data(recipe):
                 problems.setdefault("rm-data", f"{', '.join(users)} use(s) the round's reward model, but the "
                                     "recipe has no preference data to train it on (data.preference_batches is empty "
                                     "and there is no annotate step): add preference batches, or rank with a checker "

@@ -157,8 +157,10 @@ def test_lengths_past_the_models_positions(capsys, tmp_path):
             f"(512, from {model / 'config.json'})") in err
     assert "sample.max_prompt_length + sample.max_new_tokens: 600 tokens" in err
     assert "rm.max_length" in err and "dpo.max_length" in err  # their 2048 default
+    (tmp_path / "p.jsonl").write_text("")  # the rm needs preference data (validate checks it is named)
     recipe.write_text("name: r\nmodels: {base: model}\nrm: {max_length: 512}\nsft: {max_length: 512}\n"
-                      "dpo: {max_length: 512}\nsample: {max_prompt_length: 256, max_new_tokens: 256}\n")
+                      "dpo: {max_length: 512}\nsample: {max_prompt_length: 256, max_new_tokens: 256}\n"
+                      "data: {preference_batches: [{path: p.jsonl, round: 1}]}\n")
     assert main(["validate", str(recipe)]) == 0
     capsys.readouterr()
 

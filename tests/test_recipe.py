@@ -181,9 +181,13 @@ def test_validate_refuses_a_reward_that_needs_the_rm_when_there_is_no_preference
     assert enabled(loaded.for_round(1))  # it would run, and fail on no data: validate says so first
     with pytest.raises(RecipeError, match=rf"{re.escape(key)} use\(s\) the round's reward model, but the recipe "
                                           r"has no preference data"):
-        loaded.check(files=False)
+        loaded.check()
+    loaded.check(files=False)  # run-round's early check: the rm stage itself stops at its missing data
     with_data = {**MINIMAL, "reward": reward, "data": {"preference_batches": [{"path": "p.jsonl", "round": 1}]}}
-    load_recipe(write(tmp_path, with_data)).check(files=False)
+    (tmp_path / "p.jsonl").write_text("")
+    with pytest.raises(RecipeError) as err:  # MINIMAL's base model is not on this machine: that alone
+        load_recipe(write(tmp_path, with_data)).check()
+    assert "models.base" in str(err.value) and "preference data" not in str(err.value)
 
 
 def test_curate_by_rm_quality_needs_the_rm_too(tmp_path):

@@ -18,9 +18,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from posttrain import progress
 from posttrain.files import atomic_write_json, atomic_write_text, read_json
@@ -136,10 +137,13 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def stream_worker(cmd: list[str], env: dict[str, str], logfile: Path, label: str) -> tuple[int, collections.deque]:
+def stream_worker(cmd: list[str], env: dict[str, str], logfile: Path, label: str,
+                  peers_failed: Callable[[], bool] | None = None) -> tuple[int, collections.deque]:
     """Run a stage's process: its output lines go to `logfile` (and to the terminal with
     --verbose), its progress reports drive one bar labelled `label`. Returns the exit code and
-    the last 60 output lines."""
+    the last 60 output lines. `peers_failed` (several nodes): polled every second; once it is
+    true the process is stopped (SIGTERM), since this node's ranks may be waiting for a dead
+    node's ranks in a collective or the process group's set-up (gloo and NCCL wait 30 minutes)."""
     tail: collections.deque[bytes] = collections.deque(maxlen=60)
     bar = progress.Bar(label)
     show = verbose()
@@ -147,6 +151,8 @@ def stream_worker(cmd: list[str], env: dict[str, str], logfile: Path, label: str
         with open(logfile, "ab") as logf:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
             assert proc.stdout is not None
+            if peers_failed is not None:
+                threading.Thread(target=_stop_when, args=(proc, peers_failed), daemon=True).start()
             for line in iter(proc.stdout.readline, b""):
                 event = progress.parse(line)
                 if event is not None:
@@ -162,6 +168,26 @@ def stream_worker(cmd: list[str], env: dict[str, str], logfile: Path, label: str
     finally:
         bar.close()
     return code, tail
+
+
+def _failed_since(files: list[Path], since: float) -> bool:
+    """Whether another node's agent wrote a failure report during this launch."""
+    for f in files:
+        try:
+            if f.stat().st_mtime >= since - 1.0:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _stop_when(proc: subprocess.Popen, peers_failed: Callable[[], bool]) -> None:
+    while proc.poll() is None:
+        if peers_failed():
+            log.info("another node's ranks failed: stopping this node's")
+            proc.terminate()
+            return
+        time.sleep(1.0)
 
 
 class Round:
@@ -467,7 +493,9 @@ class Round:
         logfile = self.run_dir / "posttrain.log"
         started = time.time()
         env = {**_child_env(), FAILURE_ENV: str(failure_file(out_dir, 0)), NODE_ENV: "0"}
-        code, tail = stream_worker(cmd, env, logfile, f"round {self.n} {stage}")
+        others = [failure_file(out_dir, k) for k in range(1, nodes)]
+        code, tail = stream_worker(cmd, env, logfile, f"round {self.n} {stage}",
+                                   (lambda: _failed_since(others, started)) if others else None)
         if code != 0 or not result_path.exists():
             report = root_cause(collect_failures(out_dir, nodes, started, wait=10.0 if nodes > 1 else 0.0))
             cause = report["message"] if report else worker_error(tail)
@@ -723,7 +751,9 @@ def follow_round(n: int, recipe: str | os.PathLike | LoadedRecipe, run_dir: str 
                 log.debug("round %d %s: %s", n, stage, " ".join(cmd))
                 started = time.time()
                 env = {**_child_env(), FAILURE_ENV: str(ff), NODE_ENV: str(node)}
-                code, tail = stream_worker(cmd, env, logfile, f"round {n} {stage} (node {node})")
+                others = [failure_file(out_dir, k) for k in range(plan.nodes) if k != node]
+                code, tail = stream_worker(cmd, env, logfile, f"round {n} {stage} (node {node})",
+                                           lambda: _failed_since(others, started))
                 if code != 0:
                     report = root_cause(collect_failures(out_dir, plan.nodes, started))
                     cause = report["message"] if report else worker_error(tail)
